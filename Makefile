@@ -6,7 +6,7 @@ export HYDRA_FULL_ERROR ?= 0
 
 # Datasets for `make table1` (config names in conf/dataset/) and Hydra overrides for any stage.
 DATASETS ?= alpaca_data,alpaca_data_cleaned,alpaca_data_short,dolly,ultrafeedback,dolly_short,ultrafeedback_short
-SHARED_DATASETS ?= shared_alpaca_gpt4,shared_alpaca_gpt4_short,shared_alpaca_gpt4_medium,shared_alpaca_gpt4_tiny,shared_alpaca52k,shared_alpaca52k_short,shared_dolly_hhrlhf,shared_dolly_hhrlhf_short
+SHARED_DATASETS ?= shared_alpaca52k,shared_alpaca52k_short,shared_alpaca_gpt4,shared_alpaca_gpt4_short,shared_alpaca_gpt4_medium,shared_alpaca_gpt4_tiny,shared_dolly_hhrlhf,shared_dolly_hhrlhf_short,shared_seed_tasks
 OVERRIDES ?=
 PYTEST_ARGS ?=
 

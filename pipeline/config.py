@@ -88,12 +88,18 @@ class ModelConfig:
     local_path: Optional[str] = None  # a local folder used instead of the hub (offline clusters)
     package: Optional[str] = None  # python package holding a GGUF file (source=package_gguf)
     gguf_file: Optional[str] = None
+    gguf_sha256: Optional[str] = None  # expected checksum of the GGUF file (verified when set)
     tokenizer: Optional[str] = None  # hub id or folder; default: the model's own
     tokenizer_revision: Optional[str] = None
     architecture: Optional[Dict[str, Any]] = None  # source=scratch: LlamaConfig kwargs
-    fsdp_wrap_class: Optional[str] = None  # decoder layer class for FSDP auto wrap
+    # source=scratch: seed of the (deterministic) initialisation. Part of the model's definition
+    # hash, independent of the training seed (every run of a grid starts from the same weights).
+    init_seed: int = 0
+    # Decoder layer class for FSDP auto wrap: a bare transformers class name (as HF Trainer's
+    # fsdp_transformer_layer_cls_to_wrap takes it) or a dotted path; see pipeline.models.
+    fsdp_wrap_class: Optional[str] = None
     params_billion: float = 0.0  # for FLOP / GPU-hour estimates
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"  # weights' dtype when loaded (float32 for the CPU models)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
 
     def __post_init__(self) -> None:
@@ -105,11 +111,21 @@ class ModelConfig:
         if self.source == "package_gguf":
             _check(bool(self.package) and bool(self.gguf_file), "model.gguf_file",
                    "model.package and model.gguf_file are required when model.source=package_gguf")
+        if self.gguf_sha256 is not None:
+            _check(len(self.gguf_sha256) == 64 and all(c in "0123456789abcdef" for c in self.gguf_sha256),
+                   "model.gguf_sha256", "must be 64 lowercase hex digits")
         if self.source == "scratch":
             _check(bool(self.architecture), "model.architecture", "required when model.source=scratch")
             _check(bool(self.tokenizer), "model.tokenizer", "required when model.source=scratch")
         _one_of(self.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
         _check(self.params_billion >= 0, "model.params_billion", "must be >= 0")
+        _check(self.init_seed >= 0, "model.init_seed", "must be >= 0")
+        if self.fsdp_wrap_class is not None:
+            _check(all(part.isidentifier() for part in self.fsdp_wrap_class.split(".")),
+                   "model.fsdp_wrap_class",
+                   f"must be a class name or a dotted path, got {self.fsdp_wrap_class!r}")
+        if self.revision is not None and self.source == "hub":
+            _check(bool(self.revision.strip()), "model.revision", "must not be empty (null = unpinned)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,6 +326,98 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# analysis/  (python -m pipeline.analysis; see analysis/README.md)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GlmmConfig:
+    """Per-dataset beta GLMM (glmmTMB) of min-max scaled scores on w_p."""
+
+    raw_poly: bool = True  # raw polynomial (the paper's Table 3 coefficients); False = orthogonal
+    conf_level: float = 0.95
+    alpha: float = 0.05  # significance level used in the report and the recommendations
+    squeeze: bool = True  # (y (n - 1) + 0.5) / n into the open interval
+    n_sim: int = 250  # simulated responses for the residual checks (0 = no checks)
+    seed: int = 1
+    optimizer: str = "nlminb"
+    fallback_optimizer: Optional[str] = "BFGS"  # optim() method tried after a convergence problem
+    min_plw_levels: int = 3
+
+    def __post_init__(self) -> None:
+        _check(0 < self.conf_level < 1, "analysis.glmm.conf_level", "must be in (0, 1)")
+        _check(0 < self.alpha < 1, "analysis.glmm.alpha", "must be in (0, 1)")
+        _check(self.n_sim >= 0, "analysis.glmm.n_sim", "must be >= 0")
+        _check(self.min_plw_levels >= 3, "analysis.glmm.min_plw_levels", "must be >= 3 (quadratic)")
+
+
+@dataclass
+class GamConfig:
+    """GAM across datasets (mgcv): optimal PLW per R_g (paper appendix D)."""
+
+    formula: str = "score ~ te(w, r, k = 3) + factor(b)"
+    k: int = 3
+    method: str = "GCV.Cp"  # mgcv's default smoothing-parameter method
+    scaling: str = "across_datasets"  # across_datasets | within_dataset | none
+    subsets: List[str] = field(default_factory=lambda: ["all", "mc", "gen"])
+    gen_benchmarks: List[str] = field(default_factory=lambda: ["truthfulqa_gen", "alpaca_eval", "pandalm"])
+    r_values: List[float] = field(default_factory=lambda: [0.042, 0.082, 0.16, 0.25, 0.5, 0.75, 1.0,
+                                                           1.25, 1.5, 2.0, 3.27, 5.0, 7.83])
+    w_grid: int = 201  # PLW grid points over [0, 1] for the optimum search
+    flat_fraction: float = 0.05  # "flat" when max - min over PLW < this x score range (Table 5's *)
+    tolerance: float = 0.01  # near-optimal PLW range: within this x score range of the optimum
+    rds_dir: str = MISSING  # fitted GAMs (saveRDS bundles gam_<subset>.rds)
+
+    def __post_init__(self) -> None:
+        _one_of(self.scaling, ["across_datasets", "within_dataset", "none"], "analysis.gam.scaling")
+        for s in self.subsets:
+            _one_of(s, ["all", "mc", "gen"], "analysis.gam.subsets")
+        _check(self.k >= 3, "analysis.gam.k", "must be >= 3")
+        _check(self.w_grid >= 11, "analysis.gam.w_grid", "must be >= 11")
+        _check(0 < self.flat_fraction < 1, "analysis.gam.flat_fraction", "must be in (0, 1)")
+        _check(0 < self.tolerance < 1, "analysis.gam.tolerance", "must be in (0, 1)")
+        for i, r in enumerate(self.r_values):
+            _check(r > 0 and math.isfinite(r), f"analysis.gam.r_values[{i}]", "must be > 0")
+
+
+@dataclass
+class SuggestConfig:
+    """`make suggest`: recommended PLW for a dataset from a fitted GAM."""
+
+    gam_file: str = MISSING  # a bundle written by `make regress` (saveRDS)
+    data: Optional[str] = None  # the dataset (.json / .jsonl / .parquet)
+    format: str = "alpaca"  # alpaca | dolly | ultrafeedback
+    tokenizer: Optional[str] = None  # default: paths.llama_tokenizer
+    r_g: Optional[float] = None  # skip tokenisation and use this R_g
+
+    def __post_init__(self) -> None:
+        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback"], "analysis.suggest.format")
+        if self.r_g is not None:
+            _check(self.r_g > 0 and math.isfinite(self.r_g), "analysis.suggest.r_g", "must be > 0")
+
+
+@dataclass
+class AnalysisConfig:
+    name: str = MISSING
+    runs_dir: str = MISSING  # the run store read by `regress`
+    output_dir: str = MISSING  # tables, figures, report, fitted GAMs
+    power: float = 0.30103  # w_p = PLW ** power
+    # Benchmark -> metric used as its score when it reports several metrics.
+    primary_metrics: Dict[str, str] = field(default_factory=dict)
+    mechanism_prefix: str = "mech_"  # benchmarks named so are mechanism metrics (Fig. 2)
+    incomplete: str = "skip"  # runs lacking benchmarks: skip the dataset | intersect the benchmarks
+    figure_formats: List[str] = field(default_factory=lambda: ["png", "pdf"])
+    dpi: int = 150
+    glmm: GlmmConfig = field(default_factory=GlmmConfig)
+    gam: GamConfig = field(default_factory=GamConfig)
+    suggest: SuggestConfig = field(default_factory=SuggestConfig)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.power <= 1, "analysis.power", "must be in (0, 1]")
+        _one_of(self.incomplete, ["skip", "intersect"], "analysis.incomplete")
+        for f in self.figure_formats:
+            _one_of(f, ["png", "pdf", "svg"], "analysis.figure_formats")
+
+
+# --------------------------------------------------------------------------------------------
 # top level
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -323,6 +431,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     experiment: Optional[ExperimentConfig] = None
     # Extra datasets for stage commands that take several (e.g. the statistics table).
     stats_datasets: List[str] = field(default_factory=list)

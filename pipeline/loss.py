@@ -346,8 +346,15 @@ def step_normalisers(micro_batches: Sequence[Mapping[str, torch.Tensor]], mode: 
 # --------------------------------------------------------------------------------------------
 # Model glue
 # --------------------------------------------------------------------------------------------
+def _unwrap(model):
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module  # DDP and similar wrappers
+    return model
+
+
 def lm_head_weight(model) -> torch.Tensor:
-    head = model.get_output_embeddings()
+    """The LM-head weight (V, H) of a Hugging Face causal LM (DDP-style wrappers are unwrapped)."""
+    head = _unwrap(model).get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise NotImplementedError("LM heads with a bias are not supported by the chunked loss")
     return head.weight

@@ -139,11 +139,16 @@ def tokenize_instance(record: Mapping[str, Any], tokenizer, model_max_length: in
 
     Returns ``None`` when the policy is ``drop`` and the instance lost every completion token.
     """
-    if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     source, target = render(record, tokenizer.eos_token)
     full = _ids(tokenizer, source + target, model_max_length)
     n_src = len(_ids(tokenizer, source, model_max_length))
+    return _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
+
+
+def _finish_instance(source: str, target: str, full: List[int], n_src: int, tokenizer,
+                     model_max_length: int, truncation: str) -> Optional[TokenizedInstance]:
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     n_prompt = min(n_src, len(full))
     lost = n_prompt >= len(full)
     # Right truncation cut something iff the sequence fills the budget and the untruncated one is
@@ -153,10 +158,8 @@ def tokenize_instance(record: Mapping[str, Any], tokenizer, model_max_length: in
     if len(full) >= model_max_length:
         untrunc = _ids(tokenizer, source + target, None)
         truncated = len(untrunc) > len(full)
-    inst = TokenizedInstance(full, n_prompt, truncated=truncated, lost_completion=lost)
-    if not lost:
-        return inst
-    if truncation == "keep":
+    inst = TokenizedInstance(list(full), n_prompt, truncated=truncated, lost_completion=lost)
+    if not lost or truncation == "keep":
         return inst
     if truncation == "drop":
         return None
@@ -175,14 +178,40 @@ def tokenize_instance(record: Mapping[str, Any], tokenizer, model_max_length: in
                              prompt_tokens_dropped_left=len(body) - len(kept_body))
 
 
+def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int,
+                      batch_size: int):
+    """Yield ``(source, target, full_ids, n_source_ids)``; batched calls give the same ids as single ones."""
+    buf: List[Tuple[str, str]] = []
+
+    def flush():
+        srcs = [s for s, _ in buf]
+        fulls = [s + t for s, t in buf]
+        f_ids = tokenizer(fulls, max_length=model_max_length, truncation=True).input_ids
+        s_ids = tokenizer(srcs, max_length=model_max_length, truncation=True).input_ids
+        for (s, t), f, si in zip(buf, f_ids, s_ids):
+            yield s, t, list(f), len(si)
+
+    for rec in records:
+        buf.append(render(rec, tokenizer.eos_token))
+        if len(buf) >= batch_size:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
 def tokenize_records(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int = 512,
-                     truncation: str = "keep") -> Tuple[List[TokenizedInstance], TruncationReport]:
-    """Tokenise many records; returns the kept instances and a :class:`TruncationReport`."""
+                     truncation: str = "keep", batch_size: int = 512,
+                     ) -> Tuple[List[TokenizedInstance], TruncationReport]:
+    """Tokenise many records (batched); returns the kept instances and a :class:`TruncationReport`."""
     report = TruncationReport(policy=truncation, model_max_length=model_max_length)
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     out: List[TokenizedInstance] = []
-    for i, rec in enumerate(records):
+    for i, (source, target, full, n_src) in enumerate(
+            _batched_tokenize(records, tokenizer, model_max_length, batch_size)):
         report.n_instances += 1
-        inst = tokenize_instance(rec, tokenizer, model_max_length, truncation)
+        inst = _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
         if inst is None:
             report.n_truncated += 1
             report.n_lost_completion += 1

@@ -50,7 +50,8 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
     if spec.startswith(PACKAGE_GGUF):
         package, filename = parse_package_gguf(spec)
         path = package_file(package, filename)
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _apply_gguf_special_tokens(tok, path)
     if Path(spec).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
     if spec.startswith((".", "/", "~")):
@@ -63,6 +64,36 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
         raise TokenizerError(
             f"cannot load tokenizer '{spec}':{hint} {e}. Point the config at a local folder instead, "
             f"e.g. paths.llama_tokenizer=../shared/tokenizers/llama") from e
+
+
+def _apply_gguf_special_tokens(tok, path: Path):
+    """Take BOS/EOS/pad and add-BOS from the GGUF metadata itself.
+
+    transformers (4.57) reads the EOS token of some GGUF files from the BOS id (SmolLM2 came out with
+    EOS = <|im_start|> and a BOS prepended, while the file says EOS = <|im_end|>, pad = <|im_end|>,
+    no BOS). Alpaca-style training appends EOS to every completion, so this must be right.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key):
+        f = fields.get(key)
+        return None if f is None or not f.data else f.parts[f.data[0]][0].item()
+
+    names = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+             "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+    for attr, key in names.items():
+        token_id = value(key)
+        if token_id is not None:
+            setattr(tok, attr, tok.convert_ids_to_tokens(int(token_id)))
+    add_bos = value("tokenizer.ggml.add_bos_token")
+    if add_bos is not None and hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = bool(add_bos)
+    add_eos = value("tokenizer.ggml.add_eos_token")
+    if add_eos is not None and hasattr(tok, "add_eos_token"):
+        tok.add_eos_token = bool(add_eos)
+    return tok
 
 
 def tokenizer_fingerprint(tok) -> str:

@@ -22,7 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 # Bump when parsing, field mapping or validation changes what records come out of a raw file
 # (it is part of the processed-dataset hash, see store.py).
@@ -316,20 +316,3 @@ def load_records(path: Path, fmt: str = "alpaca", empty_output: str = "error",
     """Read, map and validate a raw file (see module docstring)."""
     path = Path(path)
     return records_from_items(read_raw(path), fmt, str(path), empty_output, max_records)
-
-
-def record_key(rec: Record) -> str:
-    """Canonical text of a record's content (stable across Python versions)."""
-    return json.dumps([rec["instruction"], rec["input"], rec["output"]], ensure_ascii=False)
-
-
-def iter_jsonl(path: Path) -> Iterator[Record]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
-def split_for_fields(records: Sequence[Record]) -> Tuple[List[str], List[str], List[str]]:
-    return ([r["instruction"] for r in records], [r["input"] for r in records],
-            [r["output"] for r in records])

@@ -119,7 +119,7 @@ def resolve_source(source, raw_dir) -> RawFile:
     """The raw file of a ``SourceConfig`` (typed config object or DictConfig), fetched if needed."""
     kind = source.kind
     if kind == "local":
-        p = Path(source.path).expanduser()
+        p = Path(source.path).expanduser().resolve()
         if not p.is_file():
             raise SourceError(f"dataset.source.path: file not found: {p}")
         return RawFile(p, _verify(p, source.sha256, str(p), cached=False), str(p))

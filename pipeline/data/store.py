@@ -26,8 +26,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from pipeline.data.inversion import TRANSFORM_VERSION
-from pipeline.data.records import RECORDS_VERSION, sha256_file
+from pipeline.data import inversion
+from pipeline.data import records as records_mod
+from pipeline.data.records import sha256_file
 
 STORE_VERSION = 1
 DATA_FILE = "data.jsonl"
@@ -48,7 +49,7 @@ def definition(raw_sha256: str, fmt: str, empty_output: str, max_records: Option
     elif transform_kind == "invert":
         if tokenizer_fingerprint is None:
             raise ValueError("prompt inversion needs the tokenizer fingerprint in the definition")
-        tr = {"kind": "invert", "version": TRANSFORM_VERSION, "tokenizer": tokenizer_fingerprint,
+        tr = {"kind": "invert", "version": inversion.TRANSFORM_VERSION, "tokenizer": tokenizer_fingerprint,
               "target_rg": None if target_rg is None else float(target_rg)}
         if target_rg is not None:
             tr.update(tolerance=float(tolerance), seed=int(seed))
@@ -56,7 +57,7 @@ def definition(raw_sha256: str, fmt: str, empty_output: str, max_records: Option
         raise ValueError(f"unknown transform kind {transform_kind!r}")
     return {
         "store_version": STORE_VERSION,
-        "records_version": RECORDS_VERSION,
+        "records_version": records_mod.RECORDS_VERSION,
         "raw_sha256": raw_sha256,
         "format": fmt,
         "empty_output": empty_output,

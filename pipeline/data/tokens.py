@@ -7,6 +7,7 @@ Repeated texts are tokenized once; long batches show a tqdm progress bar.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from pipeline.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -37,8 +38,9 @@ def length_fn(tok, desc: Optional[str] = None):
 
 
 def resolve_tokenizer_spec(cfg) -> str:
-    """dataset.transform.tokenizer, else paths.llama_tokenizer."""
-    return cfg.dataset.transform.tokenizer or cfg.paths.llama_tokenizer
+    """dataset.transform.tokenizer, else paths.llama_tokenizer (a local folder as an absolute path)."""
+    spec = cfg.dataset.transform.tokenizer or cfg.paths.llama_tokenizer
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().is_dir() else spec
 
 
 @functools.lru_cache(maxsize=16)

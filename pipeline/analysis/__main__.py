@@ -1,0 +1,124 @@
+"""``python -m pipeline.analysis <command> [options] [key=value overrides]``
+
+Commands:
+  regress   collect the run store, aggregates, GLMM per dataset, GAMs, figures, report
+            (``make regress``); output in ``analysis.output_dir``.
+  collect   only collect the run store into collected.csv / collected.parquet.
+  suggest   recommended PLW for a dataset from a fitted GAM (``make suggest DATA=... TOKENIZER=...``):
+            --data FILE [--format alpaca|dolly|ultrafeedback] [--tokenizer SPEC] [--r-g X] [--gam FILE]
+
+Overrides are Hydra-style (e.g. ``paths.runs_dir=/scratch/runs analysis.incomplete=intersect``).
+Exit status: 0 done, 1 failed, 2 bad configuration or arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _load(overrides: List[str]):
+    from pipeline.config import load_config
+
+    return load_config(overrides)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.analysis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=["regress", "collect", "suggest"])
+    ap.add_argument("--data", help="suggest: dataset file (.json/.jsonl/.parquet)")
+    ap.add_argument("--format", help="suggest: field mapping (alpaca | dolly | ultrafeedback)")
+    ap.add_argument("--tokenizer", help="suggest: tokenizer spec (default paths.llama_tokenizer)")
+    ap.add_argument("--r-g", type=float, dest="r_g", help="suggest: use this R_g (no tokenisation)")
+    ap.add_argument("--gam", help="suggest: fitted GAM bundle (default analysis.suggest.gam_file)")
+    ap.add_argument("--no-figures", action="store_true", help="regress: skip the figures")
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        ap.error(f"unrecognised arguments {bad} (overrides are key=value)")
+
+    from pipeline.config import ConfigError
+
+    try:
+        cfg = _load(overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    a = cfg.analysis
+
+    if args.command == "collect":
+        from pipeline.analysis.collect import collect_runs, write_collected
+        from pathlib import Path
+
+        df, log = collect_runs(Path(a.runs_dir), p=a.power)
+        paths = write_collected(df, Path(a.output_dir))
+        for i in log:
+            print(i, file=sys.stderr)
+        print(f"collected {df['run_id'].nunique() if len(df) else 0} run(s) from {a.runs_dir} -> "
+              + ", ".join(map(str, paths)))
+        return 0 if len(df) else 1
+
+    if args.command == "regress":
+        from pipeline.analysis.rbridge import RUnavailable
+        from pipeline.analysis.stage import run_analysis
+
+        try:
+            out = run_analysis(a, figures=not args.no_figures)
+        except RUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        for i in out.issues:
+            print(i, file=sys.stderr)
+        n = out.tidy["run_id"].nunique() if len(out.tidy) else 0
+        print(f"analysed {n} run(s) from {out.runs_dir}; report: {out.out_dir / 'report.md'}")
+        for ds, r in out.glmm.items():
+            row = r.table_row()
+            print(f"  GLMM {ds}: {r.status}" + (
+                f", p = {row['p_value']:.3g}, b = {row['b_wp']:.3f}, a = {row['a_wp2']:.3f}, "
+                f"converged = {r.converged}; {r.critical.message if r.critical else ''}"
+                if r.status == "fitted" else ""))
+        for s, g in out.gam.items():
+            print(f"  GAM {s}: {g.status}" + (f" -> {g.rds_path}" if g.rds_path else
+                                               f" ({'; '.join(g.errors)})" if g.errors else ""))
+        return 0 if n else 1
+
+    # suggest
+    from pathlib import Path
+
+    from pipeline.analysis.suggest import dataset_rg, recommend
+
+    s = a.suggest
+    data = args.data or s.data
+    r_g = args.r_g if args.r_g is not None else s.r_g
+    gam_file = Path(args.gam or s.gam_file)
+    try:
+        if r_g is None:
+            if not data:
+                print("error: give the dataset (make suggest DATA=my.jsonl, or --data) or its R_g "
+                      "(--r-g)", file=sys.stderr)
+                return 2
+            tok = args.tokenizer or s.tokenizer or cfg.paths.llama_tokenizer
+            fmt = args.format or s.format
+            stats = dataset_rg(Path(data), tok, fmt)
+            r_g = stats["r_g"]
+            print(f"{data}: {stats['n']} instances, {stats['prompt_tokens']} prompt tokens, "
+                  f"{stats['completion_tokens']} completion tokens (tokenizer {tok}, fields alone, "
+                  f"no special tokens)")
+            print(f"R_g = {r_g:.4g} (mean per-instance ratio {stats['mean_ratio']:.4g}, geometric "
+                  f"mean {stats['geomean_ratio']:.4g})")
+        rec = recommend(gam_file, float(r_g), w_grid=a.gam.w_grid, tolerance=a.gam.tolerance,
+                        flat_fraction=a.gam.flat_fraction)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # DataError, TokenizerError, RUnavailable: their messages say what to do
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(rec.text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Read every run folder of the run store into one tidy table.
+
+Each ``<runs_dir>/<run_id>/`` holds ``run.json`` (the run's factors) and ``results.csv`` (one row
+per benchmark x metric; written by the evaluation stage). The collected table has one row per
+run x benchmark x metric with the factors joined in and ``w_p = plw ** 0.30103`` added.
+
+A folder whose files are missing or malformed is reported (an :class:`Issue` naming the folder and
+the file) and skipped; the other runs are still collected. Hidden folders (name starting with
+'.' or '_') without a run.json are ignored; every other folder is either collected or reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pandas as pd
+
+from pipeline.analysis.common import GROUPS, P_EXP, IssueLog
+
+RUN_FIELDS_REQUIRED = ("run_id", "model", "dataset", "plw", "seed", "r_g")
+RESULT_COLUMNS_REQUIRED = ("benchmark", "metric", "value", "group")
+RESULT_COLUMNS = ("run_id", "benchmark", "metric", "value", "stderr", "n", "group")
+FACTOR_COLUMNS = ["run_id", "dataset", "model", "plw", "w_p", "regularizer", "seed", "r_g"]
+COLUMNS = FACTOR_COLUMNS + ["benchmark", "group", "metric", "value", "stderr", "n", "run_dir"]
+
+
+def _read_run_json(folder: Path, log: IssueLog) -> Optional[dict]:
+    f = folder / "run.json"
+    where = str(folder)
+    if not f.is_file():
+        log.add("run", where, "missing run.json (the run's factors); run skipped")
+        return None
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.add("run", where, f"run.json is not valid JSON ({e}); run skipped")
+        return None
+    if not isinstance(meta, dict):
+        log.add("run", where, "run.json must hold a JSON object; run skipped")
+        return None
+    missing = [k for k in RUN_FIELDS_REQUIRED if meta.get(k) is None]
+    if missing:
+        log.add("run", where, f"run.json lacks {missing}; run skipped")
+        return None
+    try:
+        plw = float(meta["plw"])
+        r_g = float(meta["r_g"])
+        seed = int(meta["seed"])
+    except (TypeError, ValueError):
+        log.add("run", where, "run.json: plw and r_g must be numbers and seed an integer; run skipped")
+        return None
+    if not (math.isfinite(plw) and plw >= 0):
+        log.add("run", where, f"run.json: plw must be a number >= 0, got {meta['plw']!r}; run skipped")
+        return None
+    if not (math.isfinite(r_g) and r_g > 0):
+        log.add("run", where, f"run.json: r_g must be a number > 0, got {meta['r_g']!r}; run skipped")
+        return None
+    reg = meta.get("regularizer")
+    reg = "none" if reg is None or str(reg).strip() == "" else str(reg)
+    if str(meta["run_id"]) != folder.name:
+        log.add("run", where, f"run.json run_id {meta['run_id']!r} differs from the folder name; "
+                              f"the run_id in run.json is used", level="warning")
+    return {"run_id": str(meta["run_id"]), "dataset": str(meta["dataset"]), "model": str(meta["model"]),
+            "plw": plw, "regularizer": reg, "seed": seed, "r_g": r_g}
+
+
+def _read_results(folder: Path, run_id: str, log: IssueLog) -> Optional[pd.DataFrame]:
+    f = folder / "results.csv"
+    where = str(folder)
+    if not f.is_file():
+        log.add("run", where, "missing results.csv (not evaluated yet?); run skipped")
+        return None
+    try:
+        df = pd.read_csv(f)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        log.add("run", where, f"results.csv cannot be read ({type(e).__name__}: {e}); run skipped")
+        return None
+    missing = [c for c in RESULT_COLUMNS_REQUIRED if c not in df.columns]
+    if missing:
+        log.add("run", where, f"results.csv lacks column(s) {missing}; run skipped")
+        return None
+    if df.empty:
+        log.add("run", where, "results.csv has no rows; run skipped")
+        return None
+    for c in ("stderr", "n"):
+        if c not in df.columns:
+            df[c] = np.nan
+    if "run_id" in df.columns:
+        other = sorted(set(df["run_id"].astype(str)) - {run_id})
+        if other:
+            log.add("run", where, f"results.csv run_id {other} differs from run.json's {run_id!r}; "
+                                  f"run.json wins", level="warning")
+    df["benchmark"] = df["benchmark"].astype(str)
+    df["metric"] = df["metric"].astype(str)
+    df["group"] = df["group"].astype(str)
+    vals = pd.to_numeric(df["value"], errors="coerce")
+    bad = df.loc[vals.isna() | ~np.isfinite(vals.fillna(0)), ["benchmark", "metric"]]
+    if len(bad):
+        rows = ", ".join(f"{b}/{m}" for b, m in bad.head(5).itertuples(index=False))
+        log.add("run", where, f"results.csv: non-numeric or missing value for {rows}"
+                              f"{' ...' if len(bad) > 5 else ''}; those rows dropped", level="warning")
+    df["value"] = vals
+    df = df[vals.notna() & np.isfinite(vals.fillna(0))].copy()
+    dup = df.duplicated(["benchmark", "metric"], keep=False)
+    if dup.any():
+        pairs = sorted(set(map(tuple, df.loc[dup, ["benchmark", "metric"]].values)))
+        log.add("run", where, f"results.csv: duplicate benchmark/metric rows {pairs[:5]}; run skipped")
+        return None
+    unknown = sorted(set(df.loc[~df["benchmark"].str.startswith("mech_"), "group"]) - set(GROUPS))
+    if unknown:
+        log.add("run", where, f"results.csv: unknown group(s) {unknown} (expected {list(GROUPS)})",
+                level="warning")
+    df["stderr"] = pd.to_numeric(df["stderr"], errors="coerce")
+    df["n"] = pd.to_numeric(df["n"], errors="coerce")
+    return df[["benchmark", "metric", "value", "stderr", "n", "group"]]
+
+
+def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueLog]:
+    """Collect every run folder below ``runs_dir`` (see the module docstring)."""
+    log = IssueLog()
+    runs_dir = Path(runs_dir)
+    frames: List[pd.DataFrame] = []
+    if not runs_dir.is_dir():
+        log.add("run", str(runs_dir), "the run store does not exist; nothing collected")
+        return pd.DataFrame(columns=COLUMNS), log
+    seen = {}
+    for folder in sorted(x for x in runs_dir.iterdir() if x.is_dir()):
+        if folder.name.startswith((".", "_")) and not (folder / "run.json").exists():
+            continue
+        meta = _read_run_json(folder, log)
+        if meta is None:
+            continue
+        if meta["run_id"] in seen:
+            log.add("run", str(folder), f"run_id {meta['run_id']!r} already collected from "
+                                        f"{seen[meta['run_id']]}; run skipped")
+            continue
+        res = _read_results(folder, meta["run_id"], log)
+        if res is None:
+            continue
+        seen[meta["run_id"]] = str(folder)
+        for k, v in meta.items():
+            res[k] = v
+        res["w_p"] = np.power(res["plw"].astype(float), p)
+        res["run_dir"] = str(folder)
+        frames.append(res)
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS), log
+    df = pd.concat(frames, ignore_index=True)[COLUMNS]
+    # R_g is a property of the dataset: runs disagreeing are reported (the mean is used).
+    for ds, g in df.groupby("dataset"):
+        vals = g["r_g"].unique()
+        if len(vals) > 1 and (vals.max() - vals.min()) > 1e-6 * max(1.0, abs(vals.max())):
+            log.add("dataset", ds, f"runs disagree on r_g ({sorted(vals.tolist())}); their mean "
+                                   f"{vals.mean():.4g} is used", level="warning")
+            df.loc[g.index, "r_g"] = float(vals.mean())
+    return df, log
+
+
+def write_collected(df: pd.DataFrame, out_dir: Path) -> List[Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv, pq = out_dir / "collected.csv", out_dir / "collected.parquet"
+    df.to_csv(csv, index=False)
+    df.to_parquet(pq, index=False)
+    return [csv, pq]

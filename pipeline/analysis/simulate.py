@@ -1,0 +1,133 @@
+"""Synthetic data with known structure, for tests and for checking the analysis end to end.
+
+- :func:`simulate_beta_glmm`: responses in (0, 1) from the paper's beta GLMM with known fixed
+  effects (default truth: the paper's AlpacaDataShort fit), benchmark random slopes and a PTLM
+  random intercept.
+- :func:`simulate_gam_scores`: scores over (PLW, R_g) with a planted optimum PLW.
+- :func:`write_run_folders`: a run store (run.json + results.csv per run) in the evaluation
+  stage's format, from a long table of scores.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from pipeline.analysis.common import P_EXP, to_wp
+
+PLW_LEVELS = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
+# The paper's AlpacaDataShort fixed effects (Table 3): intercept, w_p, w_p^2.
+PAPER_SHORT = (-1.043, 5.590, -4.284)
+
+MC = ["arc_challenge", "piqa", "truthfulqa_mc2", "winogrande"]
+SHORT_GEN = ["truthfulqa_gen", "wmt14_en_fr", "wmt14_fr_en", "wmt16_en_de", "wmt16_de_en",
+             "wmt16_en_ro", "wmt16_ro_en"]
+LONG_GEN = ["alpaca_eval", "pandalm"]
+BENCHMARKS = MC + SHORT_GEN + LONG_GEN
+GROUP_OF = {**{b: "mc" for b in MC}, **{b: "short_gen" for b in SHORT_GEN},
+            **{b: "long_gen" for b in LONG_GEN}}
+
+
+def _expit(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def simulate_beta_glmm(coef: Tuple[float, float, float] = PAPER_SHORT, *,
+                       benchmarks: Sequence[str] = tuple(BENCHMARKS),
+                       models: Sequence[str] = ("llama1_7b", "llama2_7b"),
+                       plw_levels: Sequence[float] = tuple(PLW_LEVELS),
+                       phi: float = 12.0, slope_sd: Tuple[float, float] = (1.5, 1.5),
+                       slope_corr: float = -0.6, model_sd: float = 0.3,
+                       model_effects: Optional[Sequence[float]] = None,
+                       seed: int = 0) -> pd.DataFrame:
+    """One observation per (PLW, benchmark, model) from
+    logit(mu) = c + v_m + (b + u_1k) w_p + (a + u_2k) w_p^2,  y ~ Beta(mu phi, (1 - mu) phi),
+    with (u_1k, u_2k) ~ N(0, Sigma) per benchmark and v_m ~ N(0, model_sd^2) per PTLM, or the
+    given ``model_effects`` (e.g. +-0.25: with two PTLMs a drawn pair mostly shifts the intercept,
+    which no fit can tell apart from the fixed intercept).
+    ``coef`` = (intercept c, b for w_p, a for w_p^2)."""
+    rng = np.random.default_rng(seed)
+    c, b, a = coef
+    s1, s2 = slope_sd
+    cov = np.array([[s1 * s1, slope_corr * s1 * s2], [slope_corr * s1 * s2, s2 * s2]])
+    u = rng.multivariate_normal([0.0, 0.0], cov, size=len(benchmarks))
+    v = rng.normal(0.0, model_sd, size=len(models))
+    if model_effects is not None:
+        v = np.asarray(model_effects, dtype=float)
+        if len(v) != len(models):
+            raise ValueError("model_effects needs one value per model")
+    rows = []
+    for k, bench in enumerate(benchmarks):
+        for m, model in enumerate(models):
+            for plw in plw_levels:
+                w = to_wp(plw)
+                eta = c + v[m] + (b + u[k, 0]) * w + (a + u[k, 1]) * w * w
+                mu = _expit(eta)
+                y = rng.beta(mu * phi, (1 - mu) * phi)
+                rows.append((bench, model, float(plw), float(w), float(np.clip(y, 1e-6, 1 - 1e-6))))
+    return pd.DataFrame(rows, columns=["benchmark", "model", "plw", "w_p", "score"])
+
+
+def planted_surface(plw, r_g, peak: float = 0.2, r_scale: float = 1.0):
+    """A w-r surface with its maximum over PLW at ``peak`` for every R_g; the effect size decays
+    with R_g (strong for short-completion data, nearly flat for long-completion data)."""
+    plw = np.asarray(plw, dtype=float)
+    amp = 1.0 / (1.0 + np.asarray(r_g, dtype=float) / r_scale)
+    return -amp * (plw - peak) ** 2
+
+
+def simulate_gam_scores(r_values: Sequence[float] = (0.04, 0.08, 0.2, 0.5, 1.0, 1.8, 3.3, 7.8), *,
+                        peak: float = 0.2, plw_levels: Sequence[float] = tuple(PLW_LEVELS),
+                        benchmarks: Sequence[str] = tuple(BENCHMARKS[:6]),
+                        models: Sequence[str] = ("llama1_7b", "llama2_7b"),
+                        noise_sd: float = 0.02, seed: int = 0) -> pd.DataFrame:
+    """Raw scores: benchmark level + model offset + planted_surface(PLW, R_g) + noise.
+    Dataset names are ``ds_r<R_g>``."""
+    rng = np.random.default_rng(seed)
+    level = dict(zip(benchmarks, rng.uniform(0.3, 0.7, size=len(benchmarks))))
+    moff = dict(zip(models, rng.normal(0, 0.02, size=len(models))))
+    rows = []
+    for r in r_values:
+        ds = f"ds_r{r:g}"
+        for bench in benchmarks:
+            for model in models:
+                for plw in plw_levels:
+                    s = level[bench] + moff[model] + float(planted_surface(plw, r, peak)) \
+                        + rng.normal(0, noise_sd)
+                    rows.append((ds, float(r), bench, GROUP_OF.get(bench, "mc"), model, float(plw), s))
+    return pd.DataFrame(rows, columns=["dataset", "r_g", "benchmark", "group", "model", "plw", "value"])
+
+
+def write_run_folders(runs_dir: Path, scores: pd.DataFrame, *, metric: str = "score",
+                      r_g: Optional[Dict[str, float]] = None) -> Dict[str, Path]:
+    """Write one folder per (dataset, model, plw, seed, regularizer) combination of ``scores``
+    (columns dataset, model, plw, benchmark, value [, group, seed, regularizer, r_g, metric]) in
+    the evaluation stage's format. Returns run_id -> folder."""
+    runs_dir = Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    df = scores.copy()
+    for col, default in (("seed", 42), ("regularizer", "none"), ("metric", metric)):
+        if col not in df.columns:
+            df[col] = default
+    if "group" not in df.columns:
+        df["group"] = df["benchmark"].map(lambda b: GROUP_OF.get(b, "mc"))
+    if "r_g" not in df.columns:
+        df["r_g"] = df["dataset"].map(r_g or {})
+    out = {}
+    keys = ["dataset", "model", "plw", "seed", "regularizer"]
+    for i, (key, g) in enumerate(df.groupby(keys, sort=True)):
+        ds, model, plw, seed, reg = key
+        run_id = f"run{i:04d}_{ds}_{model}_{plw:g}_{reg}".replace("=", "-")
+        folder = runs_dir / run_id
+        folder.mkdir(exist_ok=True)
+        meta = {"run_id": run_id, "model": model, "dataset": ds, "plw": float(plw),
+                "regularizer": reg, "seed": int(seed), "r_g": float(g["r_g"].iloc[0])}
+        (folder / "run.json").write_text(json.dumps(meta, indent=1))
+        res = pd.DataFrame({"run_id": run_id, "benchmark": g["benchmark"], "metric": g["metric"],
+                            "value": g["value"], "stderr": 0.01, "n": 100, "group": g["group"]})
+        res.to_csv(folder / "results.csv", index=False)
+        out[run_id] = folder
+    return out
