@@ -214,8 +214,10 @@ class TrainConfig:
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 2e-5
+    # The recipe fixes the global batch (examples per optimizer step); how it is split is runtime:
+    # accumulation steps = global_batch_size / (per_device_batch_size x data-parallel processes).
+    global_batch_size: int = 128
     per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 8
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
@@ -240,7 +242,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        for k in ("per_device_batch_size", "gradient_accumulation_steps", "model_max_length",
+        for k in ("global_batch_size", "per_device_batch_size", "model_max_length",
                   "logging_steps", "save_steps"):
             _check(getattr(self, k) >= 1, f"train.{k}", "must be >= 1")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
@@ -255,6 +257,17 @@ class TrainConfig:
         _check(0 <= self.attention_dropout < 1, "train.attention_dropout", "must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(0 <= self.eval_fraction < 1, "train.eval_fraction", "must be in [0, 1)")
+        _check(self.global_batch_size % self.per_device_batch_size == 0, "train.global_batch_size",
+               f"must be a multiple of train.per_device_batch_size ({self.per_device_batch_size})")
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each of `world_size` data-parallel processes."""
+        per_step = self.per_device_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"config key 'train.global_batch_size': {self.global_batch_size} is not divisible by "
+                f"train.per_device_batch_size x processes = {self.per_device_batch_size} x {world_size}")
+        return self.global_batch_size // per_step
 
 
 # --------------------------------------------------------------------------------------------

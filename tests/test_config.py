@@ -6,7 +6,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from pipeline.config import CONF_DIR, PLW_LEVELS, ConfigError, load_config
+from pipeline.config import CONF_DIR, PLW_LEVELS, ConfigError, load_config, validate
 
 GROUPS = ["model", "dataset", "train", "eval", "experiment", "launcher", "paths"]
 # Configs that need a value from the user to be complete.
@@ -39,7 +39,8 @@ def test_default_config_is_the_paper_setting():
     assert cfg.plw == 0.0 and cfg.completion_weight == 1.0 and cfg.seed == 42
     t = cfg.train
     # SPEC.md section 3: the Alpaca recipe
-    assert (t.epochs, t.learning_rate, t.per_device_batch_size, t.gradient_accumulation_steps) == (3, 2e-5, 4, 8)
+    assert (t.epochs, t.learning_rate, t.global_batch_size, t.per_device_batch_size) == (3, 2e-5, 128, 4)
+    assert validate(cfg).train.accumulation_steps(world_size=4) == 8
     assert (t.weight_decay, t.warmup_ratio, t.lr_scheduler, t.model_max_length) == (0.0, 0.03, "cosine", 512)
     assert t.loss_normaliser == "weight_sum" and t.distributed == "fsdp"
 
@@ -107,3 +108,11 @@ def test_missing_mandatory_value_names_the_key():
 def test_experiment_naming_an_unknown_model_fails():
     with pytest.raises(ConfigError, match="experiment.models"):
         load_config(["experiment=main", "experiment.models=[llama9_70b]"])
+
+
+def test_global_batch_must_split_evenly():
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        load_config(["train.global_batch_size=10", "train.per_device_batch_size=4"])
+    train = validate(load_config()).train
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        train.accumulation_steps(world_size=3)
