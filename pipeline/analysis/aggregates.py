@@ -43,6 +43,7 @@ def select_primary(tidy: pd.DataFrame, primary_metrics: Dict[str, str],
     mech = tidy[is_mech].copy()
     bench = tidy[~is_mech]
     keep = []
+    substituted: List[str] = []
     for b, g in bench.groupby("benchmark", sort=True):
         metrics = sorted(g["metric"].unique())
         want = primary_metrics.get(b)
@@ -50,8 +51,7 @@ def select_primary(tidy: pd.DataFrame, primary_metrics: Dict[str, str],
             chosen = want
         elif want is not None and len(metrics) == 1:
             chosen = metrics[0]
-            log.add("benchmark", b, f"configured primary metric {want!r} is not reported; the "
-                                    f"only reported metric {chosen!r} is used", level="warning")
+            substituted.append(f"{b} ({want!r} -> {chosen!r})")
         elif want is not None:
             log.add("benchmark", b, f"configured primary metric {want!r} is not among the "
                                     f"reported metrics {metrics}; benchmark left out")
@@ -63,6 +63,10 @@ def select_primary(tidy: pd.DataFrame, primary_metrics: Dict[str, str],
                                     f"(analysis.primary_metrics.{b}); benchmark left out")
             continue
         keep.append(g[g["metric"] == chosen])
+    if substituted:
+        log.add("benchmark", ", ".join(s.split(" ")[0] for s in substituted),
+                "configured primary metric not reported, the benchmark's only metric is used: "
+                + ", ".join(substituted), level="warning")
     scores = pd.concat(keep, ignore_index=True) if keep else bench.iloc[0:0]
     return scores[SCORE_COLUMNS].reset_index(drop=True), mech.reset_index(drop=True), log
 

@@ -71,11 +71,12 @@ def simulate_beta_glmm(coef: Tuple[float, float, float] = PAPER_SHORT, *,
     return pd.DataFrame(rows, columns=["benchmark", "model", "plw", "w_p", "score"])
 
 
-def planted_surface(plw, r_g, peak: float = 0.2, r_scale: float = 1.0):
+def planted_surface(plw, r_g, peak: float = 0.2, r_scale: float = 1.0, amplitude: float = 1.0):
     """A w-r surface with its maximum over PLW at ``peak`` for every R_g; the effect size decays
-    with R_g (strong for short-completion data, nearly flat for long-completion data)."""
+    with R_g (strong for short-completion data, nearly flat for long-completion data).
+    ``amplitude`` = 0 gives no PLW effect at all."""
     plw = np.asarray(plw, dtype=float)
-    amp = 1.0 / (1.0 + np.asarray(r_g, dtype=float) / r_scale)
+    amp = amplitude / (1.0 + np.asarray(r_g, dtype=float) / r_scale)
     return -amp * (plw - peak) ** 2
 
 
@@ -83,7 +84,7 @@ def simulate_gam_scores(r_values: Sequence[float] = (0.04, 0.08, 0.2, 0.5, 1.0, 
                         peak: float = 0.2, plw_levels: Sequence[float] = tuple(PLW_LEVELS),
                         benchmarks: Sequence[str] = tuple(BENCHMARKS[:6]),
                         models: Sequence[str] = ("llama1_7b", "llama2_7b"),
-                        noise_sd: float = 0.02, seed: int = 0) -> pd.DataFrame:
+                        noise_sd: float = 0.02, amplitude: float = 1.0, seed: int = 0) -> pd.DataFrame:
     """Raw scores: benchmark level + model offset + planted_surface(PLW, R_g) + noise.
     Dataset names are ``ds_r<R_g>``."""
     rng = np.random.default_rng(seed)
@@ -95,7 +96,7 @@ def simulate_gam_scores(r_values: Sequence[float] = (0.04, 0.08, 0.2, 0.5, 1.0, 
         for bench in benchmarks:
             for model in models:
                 for plw in plw_levels:
-                    s = level[bench] + moff[model] + float(planted_surface(plw, r, peak)) \
+                    s = level[bench] + moff[model] + float(planted_surface(plw, r, peak, amplitude=amplitude)) \
                         + rng.normal(0, noise_sd)
                     rows.append((ds, float(r), bench, GROUP_OF.get(bench, "mc"), model, float(plw), s))
     return pd.DataFrame(rows, columns=["dataset", "r_g", "benchmark", "group", "model", "plw", "value"])
