@@ -218,3 +218,12 @@ def glmm_rscript(data: pd.DataFrame, *, random_slopes: bool = True, random_model
             sc = pd.read_csv(tmp / "scalars.csv", dtype=str)
             out["scalars"] = dict(zip(sc["key"], sc["value"]))
         return out
+
+
+def r_unavailable_reason() -> Optional[str]:
+    """None when the embedded R with the analysis packages works, else why not (for test skips)."""
+    try:
+        r_env()
+    except RUnavailable as e:
+        return str(e)
+    return None
