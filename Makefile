@@ -39,3 +39,21 @@ inspect-config: setup ## print the composed config: make inspect-config OVERRIDE
 
 clean-processed: ## delete processed datasets (downloads in data/raw are kept)
 	rm -rf data/processed
+
+.PHONY: regress suggest
+regress: setup ## GLMM per dataset, GAMs, figures and report from paths.runs_dir (-> paths.reports_dir/analysis)
+	$(PY) -m pipeline.analysis regress $(OVERRIDES)
+
+suggest: setup ## recommended PLW for a dataset from the fitted GAM: make suggest DATA=my.jsonl TOKENIZER=<folder|hub id> [FORMAT=alpaca]
+	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(OVERRIDES)
+
+.PHONY: fetch-data eval
+fetch-data: setup ## the offline benchmark mirror in eval.data_dir (needs internet once; data/benchmarks by default)
+	$(PY) -m pipeline.eval.fetch $(OVERRIDES)
+
+eval: setup ## evaluate finished runs lacking results (OVERRIDES: eval.run_dir=<run>, eval.pretrained=true model=..., eval=cpu_small)
+	$(PY) -m pipeline.eval $(OVERRIDES)
+
+.PHONY: train
+train: setup ## one training run: make train OVERRIDES="plw=0.1 model=tiny dataset=shared_alpaca52k train=cpu_small"
+	$(PY) -m pipeline.train $(OVERRIDES)

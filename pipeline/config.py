@@ -238,6 +238,27 @@ class TrainConfig:
     save_steps: int = 500
     eval_fraction: float = 0.0  # held-out validation split
     report_to: List[str] = field(default_factory=list)
+    # --- trainer (pipeline/train.py, pipeline/trainer/) ---------------------------------------
+    # HF Trainer defaults, which the Alpaca recipe ran with (its train.py does not change them).
+    max_grad_norm: float = 1.0  # clip the step's global gradient norm; <= 0: no clipping
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1.0e-8
+    # Minkowski (p = 1) penalty: each tensor's distance is `sum` |theta - theta_0| (the p = 1 Minkowski
+    # distance, the paper's wording) or its `mean`; the penalty is minkowski_coef x the mean over tensors.
+    minkowski_reduction: str = "sum"
+    # Where the pre-trained reference weights live: `device` (beside the trained weights, sharded
+    # like them under FSDP) or `cpu` (offloaded; slower steps, no accelerator memory).
+    minkowski_reference: str = "device"
+    save_dtype: Optional[str] = None  # dtype of the saved final model; null = model.dtype
+    # Runtime settings (not part of a run's identity; see pipeline.runs.TRAIN_RUNTIME_FIELDS):
+    nproc: int = 0  # processes (GPUs) on this node; 0 = all visible GPUs when distributed != none, else 1
+    launcher: str = "auto"  # how >1 processes start: auto | torchrun | accelerate
+    eval_steps: int = 0  # validation every N optimizer steps (0: only at the end)
+    save_total_limit: int = 2  # complete checkpoints kept in <run>/checkpoints (older ones deleted)
+    resume: bool = True  # resume from the latest complete checkpoint
+    loss_chunk_size: int = 1024  # tokens per chunk of the fused LM-head + loss (memory vs speed)
+    num_threads: Optional[int] = None  # torch CPU threads per process (null: torch's default)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -259,6 +280,22 @@ class TrainConfig:
         _check(0 <= self.eval_fraction < 1, "train.eval_fraction", "must be in [0, 1)")
         _check(self.global_batch_size % self.per_device_batch_size == 0, "train.global_batch_size",
                f"must be a multiple of train.per_device_batch_size ({self.per_device_batch_size})")
+        _check(self.max_steps == -1 or self.max_steps >= 1, "train.max_steps", "must be >= 1 or -1 (use epochs)")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "train.adam_beta1",
+               "train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+        _check(self.adam_epsilon > 0, "train.adam_epsilon", "must be > 0")
+        _one_of(self.optimizer, ["adamw_torch"], "train.optimizer")
+        _one_of(self.minkowski_reduction, ["sum", "mean"], "train.minkowski_reduction")
+        _one_of(self.minkowski_reference, ["device", "cpu"], "train.minkowski_reference")
+        if self.save_dtype is not None:
+            _one_of(self.save_dtype, ["float32", "bfloat16", "float16"], "train.save_dtype")
+        _check(self.nproc >= 0, "train.nproc", "must be >= 0 (0 = auto)")
+        _one_of(self.launcher, ["auto", "torchrun", "accelerate"], "train.launcher")
+        _check(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
+        _check(self.save_total_limit >= 1, "train.save_total_limit", "must be >= 1")
+        _check(self.loss_chunk_size >= 1, "train.loss_chunk_size", "must be >= 1")
+        if self.num_threads is not None:
+            _check(self.num_threads >= 1, "train.num_threads", "must be >= 1 or null")
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Micro-batches per optimizer step on each of `world_size` data-parallel processes."""
@@ -275,15 +312,55 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class EvalConfig:
+    """Evaluation stage (``python -m pipeline.eval``; see pipeline/eval/__init__.py and README_EVAL.md).
+
+    What is evaluated: every finished run in ``paths.runs_dir`` lacking results (default), one run
+    (``run_dir``), or the pre-trained model of ``model`` (``pretrained=true``: baselines). Benchmarks
+    and mechanism metrics are the names in pipeline/eval/benchmarks.py; per-benchmark shots and
+    metrics override the registry's defaults (SPEC.md section 5).
+    """
+
     name: str = MISSING
-    data_dir: Optional[str] = None  # offline mirror of benchmark JSONL files (HF schemas)
+    # Offline mirror of the benchmark data (JSONL in the Hugging Face schemas; `make fetch-data`
+    # writes it). null: lm-eval's built-in tasks read the hub (WMT then needs the mirror: skipped).
+    data_dir: Optional[str] = None
     benchmarks: List[str] = field(default_factory=list)
+    mechanisms: List[str] = field(default_factory=list)  # mech_* metrics (runs only)
     limit: Optional[int] = None  # items per benchmark (quick runs); null = all
     batch_size: int = 8
-    max_new_tokens: int = 512
-    judge: str = "mixtral_8x7b_instruct"
-    pandalm_comparator: str = "pretrained"
+    max_new_tokens: int = 512  # AlpacaEval, PandaLM candidates and memorization (greedy)
+    # --- lm-evaluation-harness
+    shots: Dict[str, int] = field(default_factory=dict)  # benchmark -> num_fewshot (registry default otherwise)
+    metrics: Dict[str, List[str]] = field(default_factory=dict)  # benchmark -> reported metrics
+    fewshot_seed: int = 1234  # lm-eval's default few-shot sampler seed
+    bootstrap_iters: int = 100000  # lm-eval stderr bootstrap (corpus metrics use min(this, 100))
+    add_bos_token: Optional[bool] = None  # null: the tokenizer's default (lm-eval HFLM semantics)
+    # generation settings overriding the generate_until tasks' own (e.g. max_gen_toks for CPU smoke
+    # runs); empty: each task's (recorded in results.csv's evaluator column either way)
+    gen_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # --- AlpacaEval 1
+    judge: str = "mixtral_8x7b_instruct"  # evaluator config in pipeline/eval/evaluators/<judge>/
+    judge_model: Optional[str] = None  # replaces the evaluator's model (hub id or local folder)
+    judge_chunksize: Optional[int] = None  # annotations per alpaca_eval chunk (null: one chunk)
+    alpaca_eval_reference: Optional[str] = None  # JSON/JSONL of reference outputs; null: see README_EVAL.md
+    # --- PandaLM
+    pandalm_judge: str = "pandalm_7b"  # judge config in pipeline/eval/pandalm_judges/<name>.yaml
+    pandalm_judge_model: Optional[str] = None  # replaces the judge's model (hub id or local folder)
+    pandalm_comparator: str = "pretrained"  # pretrained | a model folder | a JSON/JSONL file of outputs
+    pandalm_unparsable: str = "exclude"  # judgments without 1/2/Tie: exclude | tie (PandaLM's own parser)
+    pandalm_testset: Optional[str] = None  # testset-inference-v1.json; null: data_dir/pandalm/...
+    # --- mechanism metrics
     memorization_prompts: int = 10000
+    memorization_seed: int = 0
+    rsd_window: int = 5
+    rsd_windows: str = "tumbling"  # tumbling (non-overlapping) | rolling
+    # --- what to evaluate, where, how
+    run_dir: Optional[str] = None  # evaluate this run only
+    pretrained: bool = False  # evaluate the pre-trained `model` (no run): a baseline
+    output_dir: Optional[str] = None  # pretrained=true: where results go (default runs_dir/_baselines/<model>)
+    force: bool = False  # recompute benchmarks that already have results
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Optional[str] = None  # weights' dtype for evaluation; null: model.dtype
 
     def __post_init__(self) -> None:
         if self.limit is not None:
@@ -291,6 +368,29 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.memorization_prompts >= 0, "eval.memorization_prompts", "must be >= 0")
+        _check(self.rsd_window >= 2, "eval.rsd_window", "must be >= 2")
+        _one_of(self.rsd_windows, ["tumbling", "rolling"], "eval.rsd_windows")
+        _one_of(self.pandalm_unparsable, ["exclude", "tie"], "eval.pandalm_unparsable")
+        _check(self.bootstrap_iters >= 0, "eval.bootstrap_iters", "must be >= 0")
+        if self.judge_chunksize is not None:
+            _check(self.judge_chunksize >= 1, "eval.judge_chunksize", "must be >= 1 or null")
+        if self.dtype is not None:
+            _one_of(self.dtype, ["float32", "bfloat16", "float16"], "eval.dtype")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "eval.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if _VALIDATING.get():
+            from pipeline.eval.benchmarks import BENCHMARKS, MECHANISMS
+
+            for i, b in enumerate(self.benchmarks):
+                _one_of(b, sorted(BENCHMARKS), f"eval.benchmarks[{i}]")
+            for i, m in enumerate(self.mechanisms):
+                _one_of(m, sorted(MECHANISMS), f"eval.mechanisms[{i}]")
+            for b, k in self.shots.items():
+                _one_of(b, sorted(BENCHMARKS), "eval.shots")
+                _check(k >= 0, f"eval.shots.{b}", "must be >= 0")
+            for b in self.metrics:
+                _one_of(b, sorted(BENCHMARKS), "eval.metrics")
+                _check(len(self.metrics[b]) >= 1, f"eval.metrics.{b}", "must list at least one metric")
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,18 +398,55 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LauncherConfig:
+    """Where and how the runs of a sweep execute (``python -m pipeline.sweep``; README_SWEEP.md).
+
+    Nothing here changes a run's identity: a run started locally resumes on a cluster.
+    """
+
     name: str = MISSING
     kind: str = "local"  # local | slurm
+    # local: runs at a time (subprocesses); slurm: array tasks running at a time (%N of --array).
     max_parallel: int = 1
+    # Failed attempts after which a run is no longer relaunched (attempts count in status.json;
+    # a stale run -- status running, process gone -- counts as a failed attempt).
     max_retries: int = 2
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
+    # Liveness: a running worker rewrites <run>/heartbeat.json every heartbeat_s; a run whose
+    # status says running is stale when no process holds its lock (same host), SLURM says its job
+    # ended (sacct), or, where neither can be checked, its heartbeat is older than stale_after_s.
+    heartbeat_s: float = 30.0
+    stale_after_s: float = 600.0
+    # GPU-hour estimates (DRY_RUN): peak dense TFLOPs of one GPU (A100 bf16: 312) x model FLOPs
+    # utilisation; FLOPs = 6 x params x trained tokens.
+    gpu_peak_tflops: float = 312.0
+    mfu: float = 0.35
+    # slurm: submitit's folder (one subfolder per sweep invocation), requeues after a time limit,
+    # seconds between the warning signal and the kill, extra sbatch keys, shell lines run first.
+    submitit_dir: Optional[str] = None  # default: <paths.runs_dir>/_submitit
+    max_num_timeout: int = 20
+    signal_delay_s: int = 120
+    additional_parameters: Dict[str, Any] = field(default_factory=dict)
+    setup: List[str] = field(default_factory=list)
+    # Wait for the runs to end (progress shown) instead of returning after submission. Local runs
+    # always wait. On a cluster, submit from a login node and follow with `make status`.
+    wait: bool = False
+    poll_s: float = 10.0
+    python: Optional[str] = None  # interpreter for the workers (default: the current one)
 
     def __post_init__(self) -> None:
         _one_of(self.kind, ["local", "slurm"], "launcher.kind")
         _check(self.max_parallel >= 1, "launcher.max_parallel", "must be >= 1")
         _check(self.max_retries >= 0, "launcher.max_retries", "must be >= 0")
+        _check(self.heartbeat_s > 0, "launcher.heartbeat_s", "must be > 0")
+        _check(self.stale_after_s > self.heartbeat_s, "launcher.stale_after_s",
+               "must be larger than launcher.heartbeat_s")
+        _check(self.gpu_peak_tflops > 0, "launcher.gpu_peak_tflops", "must be > 0")
+        _check(0 < self.mfu <= 1, "launcher.mfu", "must be in (0, 1]")
+        _check(self.max_num_timeout >= 0, "launcher.max_num_timeout", "must be >= 0")
+        _check(self.signal_delay_s >= 10, "launcher.signal_delay_s", "must be >= 10")
+        _check(self.poll_s > 0, "launcher.poll_s", "must be > 0")
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,10 +462,24 @@ class ExperimentConfig:
     models: List[str] = field(default_factory=list)
     datasets: List[str] = field(default_factory=list)
     seeds: List[int] = field(default_factory=lambda: [42])
-    # Named training variants (e.g. regularizers): name -> overrides of train.*; empty = the recipe.
+    # Named training variants (e.g. regularizers): name -> overrides of train.* (a bare key such as
+    # `weight_decay` means train.weight_decay; a dotted key such as `dataset.max_records` is taken
+    # as it is); empty = the recipe only.
     variants: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # With variants: also run the plain recipe (variant `none`, the same run as in the main grid).
+    include_baseline: bool = True
+    # Hydra overrides applied to every run of the grid before the command line's (e.g. train=cpu_small).
+    overrides: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        _check(bool(self.models), "experiment.models", "must list at least one model config")
+        _check(bool(self.datasets), "experiment.datasets", "must list at least one dataset config")
+        _check(bool(self.plw), "experiment.plw", "must list at least one PLW")
+        _check(bool(self.seeds), "experiment.seeds", "must list at least one seed")
+        for name in self.variants:
+            _check(name != "none" and name.replace("_", "").replace(".", "").replace("-", "").isalnum(),
+                   f"experiment.variants.{name}",
+                   "a variant name is letters, digits, '_', '-' or '.', and not 'none'")
         for i, v in enumerate(self.plw):
             _check(v >= 0 and math.isfinite(v), f"experiment.plw[{i}]", f"PLW must be >= 0, got {v}")
         for k in ("models", "datasets"):

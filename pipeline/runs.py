@@ -10,25 +10,34 @@ Folder layout (``paths.runs_dir/<run_id>/``)::
 
     config.yaml      the resolved config the run was started with
     run.json         its identity: the factors (model, dataset, plw, variant, seed, ...) and the hash
-    status.json      pending | running | done | failed, with the error, attempts and timestamps
+    status.json      pending | running | done | failed, with the error, attempts (starts), failures
+                     (failed attempts), host/pid/SLURM job of the latest start, timestamps
     metrics.jsonl    one line per optimizer step (training) and per evaluation
     checkpoints/     intermediate checkpoints (resume)
     final/           the fine-tuned model (safetensors + tokenizer)
-    logs/            stdout/stderr of each attempt
+    logs/            stdout/stderr of each attempt (attempt-<n>.log, written by the sweep's workers)
+    launch.json      how the sweep last launched it: variant, overrides, the launcher (pipeline.sweep)
+    launch.yaml      the resolved config of the latest launch (runtime settings may differ from
+                     config.yaml, which is the config the run was first created with)
+    heartbeat.json   rewritten every few seconds by the process executing the run (liveness)
+    .lock            held (flock) by the process executing the run
 
 Every status change and result file is written atomically (write to a temporary file, then rename),
 so a crash never leaves a half-written file that looks complete.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,6 +54,9 @@ STATES = ("pending", "running", "done", "failed")
 TRAIN_RUNTIME_FIELDS = {
     "name", "per_device_batch_size", "distributed", "gradient_checkpointing", "logging_steps",
     "save_steps", "report_to",
+    # trainer runtime settings (pipeline/train.py): processes, launcher, cadence, memory placement
+    "nproc", "launcher", "eval_steps", "save_total_limit", "resume", "loss_chunk_size", "num_threads",
+    "minkowski_reference",
 }
 # model.* fields that say where weights come from or what a cluster should give the run.
 MODEL_RUNTIME_FIELDS = {"local_path", "resources", "fsdp_wrap_class", "params_billion"}
@@ -142,6 +154,43 @@ def read_jsonl(path: Path) -> list:
     return rows
 
 
+def read_jsonl_tail(path: Path, max_bytes: int = 16384) -> list:
+    """The complete lines among the last ``max_bytes`` of a JSONL file (fast progress reads)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return []
+    with open(path, "rb") as f:
+        start = max(0, size - max_bytes)
+        f.seek(start)
+        blob = f.read()
+    lines = blob.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first line may be cut
+    rows = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line (being written, or left by a crash)
+    return rows
+
+
+def slurm_job_id_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``<array job>_<task>`` for an array task, else ``SLURM_JOB_ID``; None outside SLURM."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 # ------------------------------------------------------------------------------------------------
 # run folders
 # ------------------------------------------------------------------------------------------------
@@ -177,26 +226,160 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    @property
+    def heartbeat_file(self) -> Path:
+        return self.path / "heartbeat.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    @property
+    def launch_json(self) -> Path:
+        return self.path / "launch.json"
+
+    @property
+    def launch_config(self) -> Path:
+        return self.path / "launch.yaml"
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    def info(self) -> Dict[str, Any]:
+        """run.json (``{}`` when the folder has not been created yet)."""
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+
     def status(self) -> Dict[str, Any]:
         """The current status (``pending`` when the folder or file does not exist yet)."""
         if not self.status_file.exists():
             return {"state": "pending", "attempts": 0}
-        return json.loads(self.status_file.read_text(encoding="utf-8"))
+        try:
+            return json.loads(self.status_file.read_text(encoding="utf-8"))
+        except ValueError as e:  # written atomically, so this means someone edited it by hand
+            raise ValueError(f"{self.status_file}: not valid JSON ({e})") from e
+
+    @contextlib.contextmanager
+    def _status_lock(self) -> Iterator[None]:
+        """Serialise read-modify-write of status.json between processes (trainer, worker, sweep)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".status.lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def set_status(self, state: str, error: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
+        """Change the state (atomically). ``running`` counts an attempt, clears the error and
+        records where it runs (host, pid, SLURM job); ``failed`` counts a failure."""
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}; one of {STATES}")
-        status = self.status()
-        status.update(extra)
-        status["state"] = state
-        status["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        if state == "running":
-            status["attempts"] = int(status.get("attempts", 0)) + 1
-            status.pop("error", None)
-        if error is not None:
-            status["error"] = error
-        atomic_write_json(self.status_file, status)
+        with self._status_lock():
+            status = self.status()
+            status.update(extra)
+            status["state"] = state
+            status["updated"] = now_iso()
+            if state == "running":
+                status["attempts"] = int(status.get("attempts", 0)) + 1
+                status.pop("error", None)
+                status.pop("interrupted", None)
+                if "host" not in extra:
+                    status["host"] = socket.gethostname()
+                if "pid" not in extra:
+                    status["pid"] = os.getpid()
+                if "slurm_job_id" not in extra:
+                    status["slurm_job_id"] = slurm_job_id_from_env()
+                status["started"] = status["updated"]
+            if state == "failed":
+                status["failures"] = int(status.get("failures", 0)) + 1
+            if state == "done":
+                status.pop("error", None)
+            if error is not None:
+                status["error"] = error
+            atomic_write_json(self.status_file, status)
         return status
+
+    def update_status(self, **fields: Any) -> Dict[str, Any]:
+        """Add or change fields without changing the state (e.g. the SLURM job of a submission)."""
+        with self._status_lock():
+            status = self.status()
+            status.update(fields)
+            atomic_write_json(self.status_file, status)
+        return status
+
+    # -- liveness ---------------------------------------------------------------------------------
+    def write_heartbeat(self, **info: Any) -> None:
+        atomic_write_json(self.heartbeat_file, {"time": time.time(), "iso": now_iso(),
+                                                "host": socket.gethostname(), "pid": os.getpid(), **info})
+
+    def heartbeat(self) -> Optional[Dict[str, Any]]:
+        try:
+            return json.loads(self.heartbeat_file.read_text(encoding="utf-8"))
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def try_lock(self) -> Optional[int]:
+        """Take the run's execution lock (non-blocking): a file descriptor, or None when another
+        process holds it. Released by :meth:`unlock` or when the process ends (even by SIGKILL)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        return fd
+
+    @staticmethod
+    def unlock(fd: Optional[int]) -> None:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            finally:
+                os.close(fd)
+
+    def lock_held(self) -> bool:
+        """Whether some process holds the execution lock right now."""
+        if not self.lock_file.exists():
+            return False
+        fd = os.open(self.lock_file, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- progress ---------------------------------------------------------------------------------
+    def progress(self) -> Dict[str, Any]:
+        """``{step, total, loss}`` of the latest training line of metrics.jsonl (None where unknown);
+        ``total`` from the metrics line or status.json (``total_steps``/``max_steps``)."""
+        step = total = loss = None
+        for row in reversed(read_jsonl_tail(self.metrics)):
+            if "step" in row and ("loss" in row or "train_loss" in row):
+                step = row.get("step")
+                loss = row.get("loss", row.get("train_loss"))
+                total = row.get("total_steps", row.get("max_steps"))
+                break
+        if total is None:
+            st = self.status() if self.status_file.exists() else {}
+            total = st.get("total_steps", st.get("max_steps"))
+        return {"step": step, "total": total, "loss": loss}
+
+
+def list_runs(runs_dir: Path) -> List[RunDir]:
+    """Every run folder (one with a run.json) in the store, sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(runs_dir.iterdir()) if (p / "run.json").is_file()]
 
 
 def create_run(cfg: DictConfig, variant: str = "none") -> RunDir:

@@ -90,7 +90,8 @@ def test_collect_drops_non_numeric_values_with_a_warning(tmp_path):
 
 def test_missing_run_store_is_reported(tmp_path):
     df, log = collect_runs(tmp_path / "nowhere")
-    assert df.empty and "does not exist" in list(log)[0].message
+    (issue,) = list(log)
+    assert df.empty and issue.scope == "store" and "does not exist" in issue.message
 
 
 # ------------------------------------------------------------------------------ scores

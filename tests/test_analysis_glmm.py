@@ -11,8 +11,13 @@ from pipeline.analysis import rbridge as rb
 from pipeline.analysis.glmm import fit_glmm, prepare_glmm_data
 from pipeline.analysis.simulate import PAPER_SHORT, simulate_beta_glmm
 
-_REASON = rb.r_unavailable_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"R analysis stack unavailable: {_REASON}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _need_r():
+    reason = rb.r_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"R analysis stack unavailable (R, glmmTMB, mgcv, car, rpy2): {reason}")
 
 TRUTH = dict(zip(("intercept", "w_p", "w_p2"), PAPER_SHORT))  # -1.043, 5.590, -4.284
 # Two PTLMs with symmetric offsets: with two levels a drawn pair would mostly shift the intercept.

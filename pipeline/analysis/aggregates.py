@@ -137,6 +137,16 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
                            plw_levels=sorted(g["plw"].unique().tolist()),
                            models=sorted(g["model"].unique().tolist()), r_g=float(g["r_g"].iloc[0]))
         status[ds] = st
+        n_levels = len(st.plw_levels)
+        if n_levels < min_plw_levels:
+            what = (f"a single PLW level ({st.plw_levels[0]:g}): no PLW effect can be estimated"
+                    if n_levels == 1 else
+                    f"only {n_levels} PLW levels ({', '.join(f'{x:g}' for x in st.plw_levels)}): "
+                    f"a quadratic in w_p needs at least {min_plw_levels}")
+            msg = f"{what}; no GLMM for this dataset"
+            log.add("dataset", ds, msg)
+            st.glmm = False
+            st.reasons.append(msg)
         all_b = sorted(g["benchmark"].unique())
         per_run = g.groupby("run_id")["benchmark"].apply(set)
         lacking = {r: sorted(set(all_b) - s) for r, s in per_run.items() if set(all_b) - s}
@@ -177,16 +187,6 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
             log.add("dataset", ds, f"constant scores on {const}: left out of the relative "
                                    f"aggregate and the GLMM", level="warning")
             g = g[~g["benchmark"].isin(const)]
-        n_levels = len(st.plw_levels)
-        if n_levels < min_plw_levels:
-            what = (f"a single PLW level ({st.plw_levels[0]:g}): no PLW effect can be estimated"
-                    if n_levels == 1 else
-                    f"only {n_levels} PLW levels ({', '.join(f'{x:g}' for x in st.plw_levels)}): "
-                    f"a quadratic in w_p needs at least {min_plw_levels}")
-            msg = f"{what}; no GLMM for this dataset (aggregates only)"
-            log.add("dataset", ds, msg)
-            st.glmm = False
-            st.reasons.append(msg)
         st.benchmarks = sorted(g["benchmark"].unique())
         keep.append(g)
     usable = pd.concat(keep, ignore_index=True) if keep else scores.iloc[0:0]

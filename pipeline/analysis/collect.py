@@ -124,7 +124,7 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
     runs_dir = Path(runs_dir)
     frames: List[pd.DataFrame] = []
     if not runs_dir.is_dir():
-        log.add("run", str(runs_dir), "the run store does not exist; nothing collected")
+        log.add("store", str(runs_dir), "the run store does not exist; nothing collected")
         return pd.DataFrame(columns=COLUMNS), log
     seen = {}
     for folder in sorted(x for x in runs_dir.iterdir() if x.is_dir()):

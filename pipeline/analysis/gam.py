@@ -140,7 +140,7 @@ def optimal_plw_table(surf: pd.DataFrame, score_range: float, *, flat_fraction: 
         t = g["term"].to_numpy(float)
         i = int(np.nanargmax(t))
         tmax, tmin = float(t[i]), float(np.nanmin(t))
-        tol = tolerance * score_range
+        tol = tolerance * score_range + 1e-12 * max(1.0, abs(tmax))  # float round-off at the edge
         lo = hi = i
         while lo > 0 and t[lo - 1] >= tmax - tol:
             lo -= 1

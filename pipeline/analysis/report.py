@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import List
 
-import numpy as np
 import pandas as pd
 
 from pipeline.analysis.common import to_wp
@@ -270,8 +269,10 @@ def write_report(o, acfg) -> Path:
     L += ["## 8. Recommendations", ""]
     for ds, r in o.glmm.items():
         if r.status != "fitted":
-            L += [f"- **{ds}**: no regression result ({'; '.join(r.errors) or r.status}); "
-                  f"see the aggregates in section 3."]
+            st = o.status.get(ds)
+            where = ("see its aggregates in section 3" if st is not None and st.analysable
+                     else "fix the input and rerun (section 9)")
+            L += [f"- **{ds}**: no regression result ({'; '.join(r.errors) or r.status}); {where}."]
             continue
         caveat = "" if r.converged else " (caution: the fit reported a convergence problem)"
         if not (r.p_value < alpha):
@@ -287,11 +288,14 @@ def write_report(o, acfg) -> Path:
                   f"{r.critical.message if r.critical else 'no critical PLW'}."]
     if "all" in fitted:
         op = fitted["all"].optimum
-        inside = op[~op["extrapolated"]]
+        inside = op[op["in_data"]] if "in_data" in op.columns else op[~op["extrapolated"]]
         if len(inside):
-            L += [f"- Across datasets (GAM, all benchmarks): optimal PLW "
+            L += [f"- Across datasets (GAM, all benchmarks), at the R_g of the analysed datasets: "
+                  f"optimal PLW "
                   + ", ".join(f"{_f(x.optimal_plw)} at R_g {_f(x.r_g)}{'*' if x.flat else ''}"
-                              for x in inside.itertuples()) + "."]
+                              for x in inside.itertuples())
+                  + " (* flat). Between datasets the surface is an interpolation: with few "
+                    "datasets, read Table 5 with care."]
         L += [f"- For a new dataset: `make suggest DATA=my.jsonl TOKENIZER=<tokenizer>` computes its "
               f"R_g and reads the recommended PLW off the fitted GAM (`{fitted['all'].rds_path}`)."]
     L += [""]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from pipeline.analysis.common import P_EXP, to_wp
+from pipeline.analysis.common import to_wp
 
 PLW_LEVELS = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
 # The paper's AlpacaDataShort fixed effects (Table 3): intercept, w_p, w_p^2.

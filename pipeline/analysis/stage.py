@@ -128,8 +128,16 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
     agg.to_csv(out_dir / "aggregates.csv", index=False)
     files["tables"] = [out_dir / "scores.csv", out_dir / "aggregates.csv"]
 
-    glmm = _glmm_stage(usable, status, acfg, log) if len(usable) or status else {}
-    gam = _gam_stage(usable, acfg, log) if len(usable) else {}
+    from pipeline.analysis.rbridge import r_unavailable_reason
+
+    no_r = r_unavailable_reason() if len(usable) else None
+    if no_r is not None:  # aggregates, figures and report still come out
+        log.add("R", "analysis", f"R is unavailable, no GLMM and no GAM: {no_r}")
+        glmm = {ds: skipped(ds, [f"R unavailable: {no_r}"]) for ds in status}
+        gam = {}
+    else:
+        glmm = _glmm_stage(usable, status, acfg, log) if len(usable) or status else {}
+        gam = _gam_stage(usable, acfg, log) if len(usable) else {}
 
     # Regularizers: datasets with regularised runs, scaled over all of their runs.
     reg_ds = sorted(scores.loc[scores["regularizer"] != "none", "dataset"].unique())

@@ -1,0 +1,143 @@
+"""Optimizer-step time with the PLW loss (pipeline.loss) against transformers' own masked loss.
+
+Same model weights, same batch, same AdamW; one optimizer step =
+forward + loss + backward + ``optimizer.step()``:
+
+* ``HF``:  ``model(input_ids, attention_mask, labels=labels).loss`` (full logits, mean CE over labels);
+* ``PLW``: ``pipeline.loss.model_weighted_loss(model, batch)`` (hidden states + chunked weighted CE).
+
+The batch is real instruction data (``dataset=shared_alpaca52k``, rendered and weighted by
+``pipeline.preprocess`` with the model's tokenizer, PLW 0.1) when ../shared is present, otherwise random
+tokens of the same shape. The two variants alternate step by step (A B A B ...) after a warm-up
+step each, so machine load affects both alike; the table shows medians. Target: PLW step time within
+2% of HF's (ratio <= 1.02).
+
+    .venv/bin/python benchmarks/train_step.py --quick                 # tiny + SmolLM2-135M, CPU
+    .venv/bin/python benchmarks/train_step.py --models tiny --steps 10 --batch 8 --max-length 512
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TARGET = 1.02
+
+
+def make_batch(model_name: str, tokenizer, batch: int, max_length: int, plw: float, seed: int):
+    import torch
+
+    from pipeline.preprocess import Collator, build_example, preprocess_records
+
+    g = torch.Generator().manual_seed(seed)
+    examples, source = None, "random tokens"
+    try:
+        from pipeline.config import load_config
+        from pipeline.data.build import load_dataset
+
+        cfg = load_config(["dataset=shared_alpaca52k", f"model={model_name}"])
+        records, _ = load_dataset(cfg)
+        pick = torch.randperm(len(records), generator=g)[:batch].tolist()
+        examples, _ = preprocess_records([records[i] for i in pick], tokenizer, plw=plw,
+                                         model_max_length=max_length)
+        source = f"shared_alpaca52k ({len(examples)} random records)"
+    except Exception as e:  # no ../shared: synthetic data of a typical shape
+        print(f"# real data unavailable ({type(e).__name__}: {e}); using random tokens", file=sys.stderr)
+    if not examples:
+        examples = []
+        for _ in range(batch):
+            n = int(torch.randint(max_length // 4, max_length + 1, (1,), generator=g))
+            ids = torch.randint(0, len(tokenizer), (n,), generator=g).tolist()
+            examples.append(build_example(ids, n // 3, plw))
+    return Collator(tokenizer.pad_token_id)(examples), source
+
+
+def bench_model(name: str, args) -> dict:
+    import torch
+
+    from pipeline import loss as L
+    from pipeline.config import load_config
+    from pipeline.models import load_pretrained
+
+    cfg = load_config([f"model={name}"])
+    base, tok = load_pretrained(cfg.model, cfg.paths)
+    batch, source = make_batch(name, tok, args.batch, args.max_length, args.plw, args.seed)
+    models = {"HF": copy.deepcopy(base).train(), "PLW": copy.deepcopy(base).train()}
+    del base
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
+
+    def step(kind):
+        m, opt = models[kind], opts[kind]
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        if kind == "HF":
+            loss = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"], use_cache=False).loss
+        else:
+            loss = L.model_weighted_loss(m, batch).loss
+        loss.backward()
+        opt.step()
+        return time.perf_counter() - t0
+
+    for kind in models:  # warm-up
+        step(kind)
+    times = {k: [] for k in models}
+    for i in range(args.steps):
+        order = ("HF", "PLW") if i % 2 == 0 else ("PLW", "HF")
+        for kind in order:
+            times[kind].append(step(kind))
+    hf, plw = statistics.median(times["HF"]), statistics.median(times["PLW"])
+    n_params = sum(p.numel() for p in models["HF"].parameters())
+    return {"model": name, "params": n_params, "shape": tuple(batch["input_ids"].shape),
+            "real": int(batch["attention_mask"].sum()), "hf": hf, "plw": plw, "source": source,
+            "spread_hf": (min(times["HF"]), max(times["HF"])), "spread_plw": (min(times["PLW"]), max(times["PLW"]))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny,smollm2_135m", help="model config names (conf/model/)")
+    ap.add_argument("--batch", type=int, default=4, help="examples per step (default 4, the recipe's per device)")
+    ap.add_argument("--max-length", type=int, default=512, help="model_max_length (default 512)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (default 6)")
+    ap.add_argument("--plw", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="batch 2, max length 256, 3 timed steps")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.max_length, args.steps = 2, 256, 3
+
+    import torch
+    torch.set_num_threads(args.threads)
+    print(f"# optimizer-step time, CPU threads={args.threads}, AdamW, PLW={args.plw:g}, "
+          f"{args.steps} timed steps per variant (alternating), medians")
+    header = (f"| {'model':<13} | {'params':>7} | {'batch':>8} | {'real tok':>8} | {'HF masked s':>11} | "
+              f"{'PLW s':>8} | {'ratio PLW/HF':>12} | target |")
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
+    sources = set()
+    for name in [m for m in args.models.split(",") if m]:
+        r = bench_model(name, args)
+        sources.add(r["source"])
+        ratio = r["plw"] / r["hf"]
+        verdict = "PASS" if ratio <= TARGET else "MISS"
+        print(f"| {r['model']:<13} | {r['params'] / 1e6:>6.1f}M | {r['shape'][0]:>3}x{r['shape'][1]:<4} | "
+              f"{r['real']:>8} | {r['hf']:>11.3f} | {r['plw']:>8.3f} | {ratio:>11.3f}x | {verdict:>6} |", flush=True)
+        print(f"#   {name}: HF min/max {r['spread_hf'][0]:.3f}/{r['spread_hf'][1]:.3f} s, "
+              f"PLW min/max {r['spread_plw'][0]:.3f}/{r['spread_plw'][1]:.3f} s", flush=True)
+    print(f"\ndata: {'; '.join(sorted(sources))}. target: PLW step time <= {TARGET:g} x HF's")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

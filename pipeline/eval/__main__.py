@@ -1,0 +1,86 @@
+"""``python -m pipeline.eval [hydra overrides]`` (``make eval``): evaluate runs or a pre-trained model.
+
+    python -m pipeline.eval                                  # every finished run lacking results
+    python -m pipeline.eval eval.run_dir=runs/<run_id>       # one run
+    python -m pipeline.eval eval.pretrained=true model=smollm2_135m   # a baseline
+    python -m pipeline.eval eval=cpu_small ...               # the CPU smoke setting (TEST DOUBLE judges)
+
+Prints one line per evaluated folder and a summary per benchmark. Exit status: 0 every benchmark ok
+or skipped, 1 some benchmark failed (see results.csv's status/message) or a run could not be
+evaluated, 2 bad configuration or arguments.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _summary(csv_path: Path) -> str:
+    from pipeline.eval.results import read_results
+
+    rows = read_results(csv_path)
+    lines = [f"{csv_path}"]
+    for r in rows:
+        v = "" if r["value"] is None else f"{r['value']:.4g}"
+        se = "" if r["stderr"] is None else f" ± {r['stderr']:.3g}"
+        n = "" if r["n"] is None else f" (n={r['n']})"
+        msg = f"  [{r['status']}] {r['message'][:160]}" if r["status"] != "ok" else ""
+        lines.append(f"  {r['benchmark']:<24} {r['metric']:<20} {v}{se}{n}{msg}")
+    return "\n".join(lines)
+
+
+def _errors(csv_path: Path) -> int:
+    from pipeline.eval.results import read_results
+
+    return sum(1 for r in read_results(csv_path) if r["status"] == "error")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config import ConfigError, load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(argv)
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pipeline.eval.stage import EvalError, evaluate_all, evaluate_pretrained, evaluate_run
+
+    e = cfg.eval
+    try:
+        if e.pretrained:
+            paths = [evaluate_pretrained(cfg)]
+            failed: List[str] = []
+        elif e.run_dir:
+            paths = [evaluate_run(e.run_dir, cfg)]
+            failed = []
+        else:
+            res = evaluate_all(cfg)
+            if not res:
+                print(f"no finished runs in {cfg.paths.runs_dir}")
+            paths = [p for _, p, err in res if p is not None]
+            failed = [f"{name}: {err}" for name, p, err in res if err]
+    except (EvalError, ConfigError) as ex:
+        print(f"error: {ex}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(_summary(p))
+    for f in failed:
+        print(f"error: {f}", file=sys.stderr)
+    return 1 if failed or any(_errors(p) for p in paths) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

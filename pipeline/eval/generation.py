@@ -1,0 +1,153 @@
+"""Batched generation with a Hugging Face causal LM (AlpacaEval, PandaLM, memorization, HF judges).
+
+Generation left-pads a batch of prompts (the model's tokenizer adds BOS as it did in
+training: Alpaca tokenizes ``source + target`` with the tokenizer's defaults), decodes greedily
+by default and returns the text of the new tokens (special tokens skipped, stripped) and the number
+of new tokens before EOS. Prompts are sorted by length so batches pad little; results come back
+in the input order. Progress is shown with tqdm.
+
+:func:`load_for_eval` loads a saved model folder (a run's ``final/`` or a pre-trained checkpoint)
+with its tokenizer, on the requested device and dtype.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelMissing(RuntimeError):
+    """The checkpoint to evaluate does not exist or cannot be loaded."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_for_eval(folder: Path, dtype: Optional[str] = None, device: str = "auto"):
+    """``(model, tokenizer)`` from a saved Hugging Face folder, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelMissing(f"checkpoint folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ModelMissing(f"checkpoint folder {folder} has no config.json (not a saved model)")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise ModelMissing(f"checkpoint folder {folder} holds no weights (*.safetensors / *.bin)")
+    dt = _DTYPES[dtype] if dtype else "auto"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt)
+    except (OSError, ValueError) as e:
+        raise ModelMissing(f"cannot load the checkpoint in {folder}: {e}") from e
+    model.to(resolve_device(device))
+    return model.eval(), tok
+
+
+def release() -> None:
+    """Collect garbage and free cached accelerator memory (after ``del`` of the last references)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def pad_id(tokenizer) -> int:
+    """The id generation pads with (on the left): the pad token, else EOS, else UNK, else 0."""
+    for v in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if v is not None:
+            return int(v)
+    return 0
+
+
+@dataclass
+class Generation:
+    text: str
+    n_tokens: int  # new tokens before (not counting) EOS / pad
+    finished: bool  # stopped at EOS (False: hit max_new_tokens)
+
+
+def _eos_ids(model, tokenizer) -> List[int]:
+    ids = set()
+    for v in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
+              tokenizer.eos_token_id):
+        if v is None:
+            continue
+        ids.update(v if isinstance(v, (list, tuple)) else [v])
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
+             gen_kwargs: Optional[Mapping[str, Any]] = None, desc: str = "generating",
+             max_prompt_tokens: Optional[int] = None, show_progress: bool = True) -> List[Generation]:
+    """Greedy (unless ``gen_kwargs`` says otherwise) batched generation; results in input order.
+
+    ``max_prompt_tokens`` left-truncates prompts (keeping the end, next to the answer) so that
+    prompt + ``max_new_tokens`` fits the model's context; by default the model's
+    ``max_position_embeddings`` minus ``max_new_tokens``.
+    """
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    tok = tokenizer
+    device = next(model.parameters()).device
+    limit = max_prompt_tokens
+    if limit is None:
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        limit = max(1, ctx - max_new_tokens) if ctx else None
+    eos = _eos_ids(model, tok)
+    kwargs: Dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
+                              "pad_token_id": pad_id(tok), "eos_token_id": eos or None}
+    kwargs.update(dict(gen_kwargs or {}))
+    if not kwargs.get("do_sample"):
+        for k in ("temperature", "top_p", "top_k"):
+            kwargs.pop(k, None)
+    encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    truncated = 0
+    if limit is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                keep_bos = ids[:1] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
+                encoded[i] = keep_bos + ids[len(ids) - (limit - len(keep_bos)):]
+                truncated += 1
+    if truncated:
+        log.warning("%s: %d prompt(s) longer than %d tokens were left-truncated", desc, truncated, limit)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    out: List[Optional[Generation]] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not show_progress, leave=False)
+    pad = pad_id(tok)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attn[r, width - len(ids):] = 1
+        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+        new = seqs[:, width:].tolist()
+        for r, i in enumerate(idx):
+            toks = new[r]
+            n, finished = len(toks), False
+            for j, t in enumerate(toks):
+                if t in eos:
+                    n, finished = j, True
+                    break
+            text = tok.decode(toks[:n], skip_special_tokens=True).strip()
+            out[i] = Generation(text=text, n_tokens=n, finished=finished)
+        bar.update(len(idx))
+    bar.close()
+    return [g for g in out if g is not None]

@@ -1,0 +1,406 @@
+"""PandaLM: pairwise judging of the model against a comparator on PandaLM's 170-item test set.
+
+The paper used PandaLM (commit eb758c4) on ``data/testset-inference-v1.json`` without saying what
+each model was compared with; here the comparator is a config value (``eval.pandalm_comparator``):
+
+- ``pretrained`` (default): the run's own pre-trained model (the PTLM it was fine-tuned from), so
+  the score measures what fine-tuning changed. Its outputs are generated once per PTLM and cached in
+  ``<runs_dir>/_baselines/<model>/eval/pandalm/candidates.json``;
+- a model folder (any saved Hugging Face model);
+- a JSON/JSONL file of outputs (a list of strings, or records with ``output``), 170 in test-set order.
+
+Steps:
+
+1. candidates: each item (instruction, input) rendered in the Alpaca template the models were
+   trained with (:func:`pipeline.preprocess.render_source`), greedy, ``eval.max_new_tokens``,
+   batched; cached.
+2. judging: :func:`build_prompt` is PandaLM's ``build_pandalm_prompt`` (special tokens removed from
+   the responses, ``### Evaluation:`` at the end); every item is judged in BOTH orders (model as
+   Response 1, then as Response 2) to cancel position bias. The judge (``eval.pandalm_judge``,
+   ``pipeline/eval/pandalm_judges/<name>.yaml``): PandaLM-7B (``WeOpenML/PandaLM-7B-v1``, PandaLM's
+   decoding: 4 beams, repetition penalty 1.2, up to 512 new tokens), Mixtral-8x7B-Instruct (the
+   same task text in Mixtral's [INST] format, asked to answer 1, 2 or Tie on the first line), or
+   the test double. Judgments are cached (``judgments.jsonl``) so an interrupted run resumes.
+3. parsing (:func:`parse_judgment`): the first line of the answer is ``1``, ``2`` or ``Tie`` (PandaLM's
+   ``parse_pandalm_response``); anything else is *unparsable*: excluded and counted
+   (``eval.pandalm_unparsable=exclude``, default) or a tie (``=tie``, what PandaLM's own parser does).
+4. tallies (:func:`tally`): per judgment the model gets 1 (win), 0.5 (tie) or 0 (loss); an item's
+   points are the mean over its parsable judgments; ``score`` = 100 x mean item points (50 = on par
+   with the comparator; stderr over items). Item verdicts: win if its two judgments sum to a win
+   (win+win, win+tie), loss likewise, tie otherwise (tie+tie, or the orders disagree).
+   ``position_consistency`` = share of items whose two judgments agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import yaml
+
+from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
+from pipeline.eval.results import Row
+from pipeline.runs import append_jsonl, atomic_write_json, read_jsonl
+
+log = logging.getLogger(__name__)
+
+JUDGES_DIR = Path(__file__).resolve().parent / "pandalm_judges"
+MIRROR_FILE = "pandalm/testset-inference-v1.json"
+SPECIAL = re.compile(r"<unk>|<pad>|<s>|</s>|\[PAD\]|<\|endoftext\|>|\[UNK\]|\[CLS\]|\[MASK\]|<\|startofpiece\|>"
+                     r"|<\|endofpiece\|>|\[gMASK\]|\[sMASK\]")  # PandaLM's pattern, verbatim
+
+
+class PandaLMError(RuntimeError):
+    """Bad or missing PandaLM input (the message names the file, record and field)."""
+
+
+class DataUnavailable(PandaLMError):
+    """The test set cannot be found offline (recorded as status=skipped)."""
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# test set
+# --------------------------------------------------------------------------------------------
+def testset_path(explicit: Optional[str], data_dir: Optional[str]) -> Path:
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise DataUnavailable(f"eval.pandalm_testset: {p} does not exist")
+        return p
+    if data_dir and (Path(data_dir).expanduser() / MIRROR_FILE).is_file():
+        return Path(data_dir).expanduser() / MIRROR_FILE
+    where = Path(data_dir).expanduser() / MIRROR_FILE if data_dir else "eval.data_dir (not set)"
+    raise DataUnavailable(f"PandaLM test set not available offline (looked at {where}); set "
+                          f"eval.pandalm_testset=<testset-inference-v1.json> or run `make fetch-data`")
+
+
+def load_testset(path: Path) -> List[Dict[str, str]]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise PandaLMError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, list) or not data:
+        raise PandaLMError(f"{path}: expected a non-empty JSON array")
+    out = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict):
+            raise PandaLMError(f"{path}: record {i} is not an object")
+        if not isinstance(r.get("instruction"), str):  # may be blank: item 161 of v1 is ' '
+            raise PandaLMError(f"{path}: record {i}: field 'instruction' is missing or not a string")
+        inp = r.get("input", "")
+        if inp is None:
+            inp = ""
+        if not isinstance(inp, str):
+            raise PandaLMError(f"{path}: record {i}: field 'input' is not a string")
+        out.append({"instruction": r["instruction"], "input": inp, "motivation_app": str(r.get("motivation_app", ""))})
+    return out
+
+
+def candidate_prompts(items: Sequence[Dict[str, str]]) -> List[str]:
+    from pipeline.preprocess import render_source
+
+    return [render_source({"instruction": it["instruction"], "input": it["input"]}) for it in items]
+
+
+# --------------------------------------------------------------------------------------------
+# prompts and parsing (pure)
+# --------------------------------------------------------------------------------------------
+def clean(resp: str) -> str:
+    return SPECIAL.sub("", resp.strip()).strip()
+
+
+def build_prompt(instruction: str, input: str, resp1: str, resp2: str) -> str:
+    """PandaLM's ``build_pandalm_prompt`` (pandalm/utils/pandalm_inference.py), verbatim."""
+    resp1, resp2 = clean(resp1), clean(resp2)
+    rsp = f"### Response 1:\n{resp1}\n\n### Response 2:\n{resp2}"
+    if input:
+        return ("Below are two responses for a given task. The task is defined by the Instruction with an Input "
+                "that provides further context. Evaluate the responses and generate a reference answer for the "
+                f"task.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{rsp}\n\n### Evaluation:\n")
+    return ("Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
+            "responses and generate a reference answer for the task.\n\n"
+            f"### Instruction:\n{instruction}\n\n{rsp}\n\n### Evaluation:\n")
+
+
+MIXTRAL_FORMAT = ("Answer on the first line with exactly one of: 1 (Response 1 is better), 2 (Response 2 is "
+                  "better) or Tie. Then give the reason after \"### Reason:\" and a reference answer after "
+                  "\"### Reference:\".")
+
+
+def wrap_prompt(prompt: str, style: str) -> str:
+    """``pandalm``: as is (PandaLM-7B was trained on it); ``mixtral``: in [INST] ... [/INST] with the
+    answer format spelt out (the tokenizer adds <s>)."""
+    if style == "pandalm":
+        return prompt
+    if style == "mixtral":
+        body = prompt[: -len("### Evaluation:\n")] if prompt.endswith("### Evaluation:\n") else prompt
+        return f"[INST] {body}{MIXTRAL_FORMAT} [/INST]"
+    raise PandaLMError(f"unknown prompt style {style!r} (pandalm | mixtral)")
+
+
+def parse_judgment(text: str) -> Optional[int]:
+    """1 or 2 (that response is better), 0 (tie) or None (unparsable): the first line of the answer."""
+    if text is None:
+        return None
+    first = SPECIAL.sub("", str(text)).strip().split("\n")[0].strip()
+    if first in ("1", "2"):
+        return int(first)
+    if first.lower() == "tie":
+        return 0
+    return None
+
+
+@dataclass
+class Tally:
+    score: Optional[float]  # 100 x mean item points
+    stderr: Optional[float]
+    n: int  # items with at least one parsable judgment
+    wins: int
+    ties: int
+    losses: int
+    position_consistency: Optional[float]
+    unparsable: int  # judgments
+    judgments: int
+
+
+def points(verdict: Optional[int], model_is_first: bool) -> Optional[float]:
+    if verdict is None:
+        return None
+    if verdict == 0:
+        return 0.5
+    return 1.0 if (verdict == 1) == model_is_first else 0.0
+
+
+def tally(pairs: Sequence[Tuple[Optional[int], Optional[int]]], unparsable: str = "exclude") -> Tally:
+    """Tallies from per-item (verdict with the model as Response 1, verdict with it as Response 2)."""
+    item_points, wins, ties, losses, agree, both, bad = [], 0, 0, 0, 0, 0, 0
+    for v1, v2 in pairs:
+        bad += (v1 is None) + (v2 is None)
+        if unparsable == "tie":
+            v1 = 0 if v1 is None else v1
+            v2 = 0 if v2 is None else v2
+        p = [x for x in (points(v1, True), points(v2, False)) if x is not None]
+        if not p:
+            continue
+        item_points.append(sum(p) / len(p))
+        s = sum(x - 0.5 for x in p)
+        wins += s > 0
+        losses += s < 0
+        ties += s == 0
+        if len(p) == 2:
+            both += 1
+            agree += p[0] == p[1]
+    n = len(item_points)
+    score = 100.0 * sum(item_points) / n if n else None
+    stderr = None
+    if n > 1:
+        m = sum(item_points) / n
+        sd = math.sqrt(sum((x - m) ** 2 for x in item_points) / (n - 1))
+        stderr = 100.0 * sd / math.sqrt(n)
+    return Tally(score, stderr, n, wins, ties, losses, (agree / both) if both else None, bad, 2 * len(pairs))
+
+
+# --------------------------------------------------------------------------------------------
+# judges
+# --------------------------------------------------------------------------------------------
+def judge_config(name: str, model_override: Optional[str] = None) -> Dict[str, Any]:
+    path = JUDGES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in JUDGES_DIR.glob("*.yaml"))
+        raise PandaLMError(f"config key 'eval.pandalm_judge': no judge config {path} (known: {known})")
+    with open(path, encoding="utf-8") as f:
+        conf = yaml.safe_load(f)
+    conf["name"] = name
+    if model_override:
+        conf["model"] = str(model_override)
+        conf["revision"] = None
+    return conf
+
+
+class HFJudge:
+    """A causal LM judge (PandaLM-7B, Mixtral) generating with pipeline.eval.generation."""
+
+    def __init__(self, conf: Dict[str, Any], device: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.eval.generation import resolve_device
+
+        self.conf = conf
+        model_id, rev = conf["model"], conf.get("revision")
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[conf.get("dtype", "bfloat16")]
+        dev = resolve_device(device)
+        kw: Dict[str, Any] = {"dtype": dtype}
+        if dev.startswith("cuda"):
+            kw["device_map"] = "auto"
+        try:
+            if conf.get("tokenizer") == "pandalm":
+                try:
+                    tok = AutoTokenizer.from_pretrained(model_id, revision=rev)
+                except Exception:
+                    tok = AutoTokenizer.from_pretrained(model_id, revision=rev, use_fast=False)
+            else:
+                tok = AutoTokenizer.from_pretrained(model_id, revision=rev)
+            model = AutoModelForCausalLM.from_pretrained(model_id, revision=rev, **kw)
+        except OSError as e:
+            raise PandaLMError(f"PandaLM judge '{conf['name']}': cannot load {model_id} (revision {rev}): "
+                               f"{str(e).splitlines()[0]}. Download it where the hub is reachable or set "
+                               f"eval.pandalm_judge_model=<local folder>") from e
+        if conf.get("tokenizer") == "pandalm":  # PandaLM's own set-up (pandalm_inference.py)
+            from pipeline.models import ensure_pad_token
+
+            model, tok = ensure_pad_token(model, tok)
+            tok.add_special_tokens({"eos_token": "</s>", "bos_token": "</s>", "unk_token": "</s>"})
+            model.config.pad_token_id = tok.pad_token_id = 0
+            model.config.bos_token_id, model.config.eos_token_id = 1, 2
+        if "device_map" not in kw:
+            model.to(dev)
+        self.model, self.tok = model.eval(), tok
+
+    def __call__(self, prompts: Sequence[str]) -> List[str]:
+        from pipeline.eval.generation import generate
+
+        dec = dict(self.conf.get("decoding") or {})
+        max_new = int(dec.pop("max_new_tokens", 512))
+        gens = generate(self.model, self.tok, prompts, max_new_tokens=max_new,
+                        batch_size=int(self.conf.get("batch_size", 1)), gen_kwargs=dec, desc="PandaLM judging")
+        return [g.text for g in gens]
+
+
+def make_judge(conf: Dict[str, Any], device: str = "auto") -> Callable[[Sequence[str]], List[str]]:
+    if conf.get("kind") == "test_double":
+        module, _, attr = str(conf["function"]).partition(":")
+        import importlib
+
+        return getattr(importlib.import_module(module), attr)
+    if conf.get("kind") == "hf":
+        return HFJudge(conf, device)
+    raise PandaLMError(f"PandaLM judge '{conf.get('name')}': unknown kind {conf.get('kind')!r} (hf | test_double)")
+
+
+def evaluator_info(judge_name: str, judge_model: Optional[str], testset: Path, comparator: str, *,
+                   max_new_tokens: int, limit: Optional[int], unparsable: str) -> Dict[str, Any]:
+    conf = judge_config(judge_name, judge_model)
+    return {"framework": "pandalm (reimplemented prompt/parser of WeOpenML/PandaLM eb758c4)",
+            "judge": conf.get("model") or conf.get("function"), "judge_config": judge_name,
+            "judge_revision": conf.get("revision"), "judge_decoding": conf.get("decoding"),
+            "prompt_style": conf.get("prompt", "pandalm"), "orders": "both", "unparsable": unparsable,
+            "comparator": comparator, "testset": {"file": testset.name, "sha256": _sha(testset.read_bytes())[:16]},
+            "limit": limit, "generation": {"template": "alpaca (pipeline.preprocess.render_source)",
+                                           "decoding": "greedy", "max_new_tokens": int(max_new_tokens)}}
+
+
+# --------------------------------------------------------------------------------------------
+# candidates (cached) and judging (cached)
+# --------------------------------------------------------------------------------------------
+def generate_candidates(model, tokenizer, items: Sequence[Dict[str, str]], *, out_file: Path, who: str,
+                        max_new_tokens: int, batch_size: int) -> List[str]:
+    from pipeline.eval.generation import generate
+
+    settings = {"who": who, "max_new_tokens": int(max_new_tokens), "decoding": "greedy",
+                "prompts": _sha(json.dumps(candidate_prompts(items)).encode())}
+    if out_file.is_file():
+        try:
+            cached = json.loads(out_file.read_text(encoding="utf-8"))
+            if cached.get("settings") == settings:
+                return cached["outputs"]
+        except (ValueError, KeyError):
+            pass
+    gens = generate(model, tokenizer, candidate_prompts(items), max_new_tokens=max_new_tokens,
+                    batch_size=batch_size, desc=f"PandaLM candidates ({who})")
+    outputs = [g.text for g in gens]
+    atomic_write_json(out_file, {"settings": settings, "outputs": outputs})
+    return outputs
+
+
+def load_outputs_file(path: Path, n: int) -> List[str]:
+    """Comparator outputs from a JSON array / JSONL of strings or of records with ``output``."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = ([json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl"
+                else json.loads(text))
+    except json.JSONDecodeError as e:
+        raise PandaLMError(f"{path}: not valid JSON ({e})") from e
+    if isinstance(data, dict) and "outputs" in data:
+        data = data["outputs"]
+    if not isinstance(data, list):
+        raise PandaLMError(f"{path}: expected a list of outputs")
+    out = []
+    for i, r in enumerate(data):
+        if isinstance(r, str):
+            out.append(r)
+        elif isinstance(r, dict) and isinstance(r.get("output"), str):
+            out.append(r["output"])
+        else:
+            raise PandaLMError(f"{path}: record {i}: expected a string or an object with a string field 'output'")
+    if len(out) < n:
+        raise PandaLMError(f"{path}: {len(out)} outputs for {n} test items")
+    return out[:n]
+
+
+def judge_pairs(judge: Callable[[Sequence[str]], List[str]], items: Sequence[Dict[str, str]],
+                model_out: Sequence[str], comp_out: Sequence[str], *, style: str, cache: Path,
+                chunk: int = 16) -> Tuple[List[Tuple[Optional[int], Optional[int]]], List[Dict[str, Any]]]:
+    """Judge every item in both orders; answers cached in ``cache`` (JSONL keyed by prompt hash)."""
+    from tqdm.auto import tqdm
+
+    prompts = []
+    for it, m, c in zip(items, model_out, comp_out):
+        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], m, c), style))  # model first
+        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], c, m), style))  # model second
+    keys = [_sha(p.encode())[:24] for p in prompts]
+    done = {r["key"]: r["answer"] for r in read_jsonl(cache) if "key" in r}
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    bar = tqdm(total=len(todo), desc="PandaLM judging", leave=False)
+    for s in range(0, len(todo), chunk):
+        idx = todo[s:s + chunk]
+        answers = judge([prompts[i] for i in idx])
+        if len(answers) != len(idx):
+            raise PandaLMError(f"the judge returned {len(answers)} answers for {len(idx)} prompts")
+        for i, a in zip(idx, answers):
+            done[keys[i]] = a
+            append_jsonl(cache, {"key": keys[i], "answer": a})
+        bar.update(len(idx))
+    bar.close()
+    answers = [done[k] for k in keys]
+    verdicts = [parse_judgment(a) for a in answers]
+    pairs = [(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(items))]
+    records = [{"instruction": it["instruction"], "input": it["input"], "model": m, "comparator": c,
+                "answer_model_first": answers[2 * i], "answer_model_second": answers[2 * i + 1],
+                "verdict_model_first": pairs[i][0], "verdict_model_second": pairs[i][1]}
+               for i, (it, m, c) in enumerate(zip(items, model_out, comp_out))]
+    return pairs, records
+
+
+def rows_from(t: Tally, metrics: Sequence[str], judge_name: str, comparator: str) -> List[Row]:
+    notes = [f"vs {comparator}: {t.wins} wins, {t.ties} ties, {t.losses} losses over {t.n} items "
+             f"(both orders)"]
+    if t.unparsable:
+        notes.append(f"{t.unparsable} of {t.judgments} judgments could not be parsed (first line not 1/2/Tie)")
+    if judge_name == TEST_DOUBLE:
+        notes.append(TEST_DOUBLE_NOTE)
+    msg = "; ".join(notes)
+    values = {"score": (t.score, t.stderr), "wins": (t.wins, None), "ties": (t.ties, None),
+              "losses": (t.losses, None), "position_consistency": (t.position_consistency, None)}
+    rows = []
+    for m in metrics:
+        if m not in values:
+            rows.append(Row("pandalm", m, None, None, None, "skipped",
+                            f"unknown metric {m!r} (available: {sorted(values)})"))
+        elif t.n == 0:
+            rows.append(Row("pandalm", m, None, None, 0, "error", f"no judgment could be parsed; {msg}"))
+        else:
+            v, se = values[m]
+            rows.append(Row("pandalm", m, v, se, t.n, "ok", msg))
+    return rows

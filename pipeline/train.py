@@ -1,0 +1,323 @@
+"""Fine-tune one run: ``python -m pipeline.train [hydra overrides]`` or :func:`run` from Python.
+
+Examples::
+
+    make train OVERRIDES="plw=0.1 model=tiny dataset=shared_alpaca52k train=cpu_small"
+    HF_HUB_OFFLINE=1 python -m pipeline.train plw=0.1 model=llama2_7b dataset=alpaca_data_short
+    python -m pipeline.train model=tiny dataset=shared_alpaca52k train=cpu_small train.nproc=2 train.distributed=fsdp
+
+The run goes to ``paths.runs_dir/<run id>/`` (:mod:`pipeline.runs`); running the same command again
+resumes it from its latest checkpoint, or returns at once when it is done.
+
+Contract (other stages build on it)
+-----------------------------------
+:func:`run` ``(cfg, variant="none") -> RunDir``:
+
+1. creates/finds the run folder (:func:`pipeline.runs.create_run`); status ``done`` -> returns it
+   (a folder whose ``train_summary.json`` says training finished is marked done without training);
+2. sets status ``running`` and trains -- in this process when one process is configured
+   (``train.nproc``), otherwise by launching ``train.nproc`` worker processes
+   (``torchrun``/``accelerate launch ... -m pipeline.worker <run>``, see :func:`launch_command`) and
+   waiting for them; training resumes from the latest complete checkpoint in ``<run>/checkpoints``;
+3. appends one line per optimizer step to ``<run>/metrics.jsonl`` (fields: :mod:`pipeline.trainer.loop`);
+4. saves the model to ``<run>/final/`` (``save_pretrained``: safetensors, config, tokenizer; loads with
+   ``AutoModelForCausalLM.from_pretrained``) and ``<run>/train_summary.json`` (final loss, steps,
+   tokens, weight distances to the pre-trained model, truncation report, validation losses, batch
+   layout, resumes);
+5. sets status ``done``. On an exception: status ``failed`` with the error (message and the end of
+   the traceback), and the exception is re-raised. On SIGTERM/SIGUSR1 (or a callback's stop
+   request): a checkpoint at the next step boundary, status ``pending`` with ``interrupted``
+   (signal, step, checkpoint), and :class:`Preempted` (``SystemExit`` code 75) is raised; the CLI
+   exits with 75, so a launcher knows to requeue.
+
+``variant`` names a training variant of an experiment (a regularizer); its ``train.*`` overrides
+are already in ``cfg``. It is part of the run's identity.
+
+:func:`train` is the linear entry point every training process runs (in-process, or in each worker):
+load model, load data, build the trainer, train, save.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.runs import RunDir, atomic_write_json, atomic_write_text, create_run
+from pipeline.trainer.loop import (PREEMPTED_EXIT_CODE, SUMMARY_FILE, Preempted, Trainer,
+                                   TrainerCallback)
+
+log = logging.getLogger("pipeline.train")
+
+__all__ = ["run", "train", "main", "Preempted", "TrainerCallback", "PREEMPTED_EXIT_CODE", "SUMMARY_FILE",
+           "WORKER_CONFIG", "launch_command", "resolve_nproc"]
+
+REPO = Path(__file__).resolve().parent.parent
+DISTRIBUTED_DIR = REPO / "conf" / "distributed"
+WORKER_CONFIG = "worker.yaml"  # the config the worker processes of the current attempt read
+PREEMPTED_MARKER = "preempted.json"  # logs/: written by rank 0 of a stopped multi-process attempt
+ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", "ddp": "ddp.yaml",
+                      "none": "ddp.yaml"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the linear entry point (every training process)
+# ------------------------------------------------------------------------------------------------
+def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
+          callbacks: Sequence[TrainerCallback] = ()) -> Dict[str, Any]:
+    """Load model, load data, build the trainer, train (resuming), save; returns the summary (rank 0)."""
+    from pipeline.data.build import load_dataset
+    from pipeline.models import load_pretrained, pretrained_dir
+    from pipeline.trainer.data import prepare_examples
+    from pipeline.trainer.dist import Backend
+
+    if cfg.train.num_threads:
+        torch.set_num_threads(int(cfg.train.num_threads))
+    backend = Backend.from_env(cfg.train)
+    try:
+        # 1. model: fp32 master weights (bf16 is a compute precision, train.bf16); rank 0 builds any
+        #    cached checkpoint (scratch / GGUF) and the processed dataset first.
+        if backend.is_main:
+            pretrained_dir(cfg.model, cfg.paths)
+            load_dataset(cfg)
+        backend.barrier()
+        lm, tokenizer = load_pretrained(cfg.model, cfg.paths, dtype=torch.float32)
+        # 2. data
+        records, meta = load_dataset(cfg)
+        t = cfg.train
+        data = prepare_examples(records, tokenizer, plw=float(cfg.plw), completion_weight=float(cfg.completion_weight),
+                                model_max_length=int(t.model_max_length), truncation=str(t.truncation),
+                                eval_fraction=float(t.eval_fraction), seed=int(cfg.seed))
+        if backend.is_main:
+            log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())
+        # 3. trainer, 4. train (resumes from the latest checkpoint)
+        trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks)
+        trainer.train()
+        # 5. save: final model, summary
+        return trainer.finalize({**data.summary(), "dataset_dir": str(meta.get("dir"))}, variant)
+    finally:
+        backend.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# run(): status, in-process or multi-process
+# ------------------------------------------------------------------------------------------------
+def resolve_nproc(train_cfg: Any) -> int:
+    """``train.nproc``, or (0 = auto) every visible GPU when ``train.distributed`` != none, else 1."""
+    n = int(train_cfg.nproc)
+    if n > 0:
+        return n
+    if str(train_cfg.distributed) != "none" and torch.cuda.is_available():
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+def _summary(rd: RunDir) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads((rd.path / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _finished(rd: RunDir) -> Optional[Dict[str, Any]]:
+    """The summary of a run whose training completed (final model written), else None."""
+    s = _summary(rd)
+    if s and s.get("steps") == s.get("total_steps") and (rd.final / "config.json").is_file():
+        return s
+    return None
+
+
+def error_text(exc: BaseException, lines: int = 25) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    tail = "".join(tb).rstrip().splitlines()[-lines:]
+    return f"{type(exc).__name__}: {exc}\n" + "\n".join(tail)
+
+
+def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallback] = ()) -> RunDir:
+    """Train the run defined by ``cfg`` (and ``variant``) to completion; see the module docstring."""
+    from pipeline.config import validate
+
+    typed = validate(cfg)
+    rd = create_run(cfg, variant)
+    if rd.status().get("state") == "done":
+        log.info("run %s is done: nothing to do", rd.path.name)
+        return rd
+    done = _finished(rd)
+    if done is not None:
+        rd.set_status("done", final=str(rd.final), steps=done["steps"], final_loss=done.get("final_loss"))
+        return rd
+    rd.set_status("running")
+    try:
+        nproc = resolve_nproc(typed.train)
+        if nproc <= 1:
+            summary = train(cfg, rd, variant, callbacks)
+        else:
+            if callbacks:
+                raise ValueError("callbacks need training in this process (train.nproc=1)")
+            summary = _run_workers(cfg, rd, variant, nproc)
+        rd.set_status("done", final=str(rd.final), steps=summary.get("steps"), final_loss=summary.get("final_loss"))
+        log.info("run %s done: %d steps, final loss %.4f -> %s", rd.path.name, summary.get("steps", 0),
+                 summary.get("final_loss") or float("nan"), rd.final)
+        return rd
+    except Preempted as e:
+        rd.set_status("pending", interrupted={"reason": e.reason, "step": e.step, "checkpoint": e.checkpoint,
+                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        log.warning("%s", e)
+        raise
+    except BaseException as e:
+        rd.set_status("failed", error=error_text(e))
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-process: launch the workers and wait
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch_command(cfg: DictConfig, run_dir: Path, nproc: int) -> List[str]:
+    """The command that starts ``nproc`` workers on this node for ``run_dir``.
+
+    ``train.launcher``: ``torchrun`` -> ``torchrun --standalone --nproc_per_node N -m pipeline.worker RUN``;
+    ``accelerate`` -> ``accelerate launch --config_file conf/distributed/<fsdp|deepspeed_zero3|ddp>.yaml
+    --num_processes N [--fsdp_transformer_layer_cls_to_wrap <model.fsdp_wrap_class>] -m pipeline.worker RUN``;
+    ``auto`` -> accelerate on GPU machines, torchrun on CPU (accelerate cannot start several CPU processes).
+    """
+    t = cfg.train
+    launcher = str(t.launcher)
+    if launcher == "auto":
+        launcher = "accelerate" if torch.cuda.is_available() else "torchrun"
+    tail = ["-m", "pipeline.worker", str(run_dir)]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *tail]
+    mode = str(t.distributed)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(DISTRIBUTED_DIR / ACCELERATE_CONFIGS[mode]),
+           "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    if mode != "deepspeed":  # DeepSpeed takes precision from ds_zero3.json ("auto" = train.bf16)
+        cmd += ["--mixed_precision", "bf16" if bool(t.bf16) else "no"]
+    if mode == "fsdp" and cfg.model.fsdp_wrap_class:
+        cmd += ["--fsdp_transformer_layer_cls_to_wrap", str(cfg.model.fsdp_wrap_class).rsplit(".", 1)[-1]]
+    return cmd + tail
+
+
+def _error_files(rd: RunDir) -> List[Path]:
+    return sorted(rd.logs.glob("worker-rank*.err")) if rd.logs.is_dir() else []
+
+
+def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[str, Any]:
+    """Write ``<run>/worker.yaml``, launch the workers, forward stop signals, map the outcome."""
+    rd.logs.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(rd.path / WORKER_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    for p in _error_files(rd) + [rd.logs / PREEMPTED_MARKER]:
+        p.unlink(missing_ok=True)
+    cmd = launch_command(cfg, rd.path, nproc)
+    env = dict(os.environ)
+    env["PLW_STATUS_OWNER"] = "parent"  # this process keeps status.json; workers do not touch it
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("OMP_NUM_THREADS", str(int(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // nproc))))
+    log.info("launching %d workers: %s", nproc, " ".join(cmd))
+
+    def _ignore_usr1():  # the launcher's agent must not die of the SIGUSR1 meant for the workers
+        os.setsid()
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO), preexec_fn=_ignore_usr1)
+    old = {}
+
+    def _forward(signum, frame):
+        log.warning("%s received: asking the workers to checkpoint and stop", signal.Signals(signum).name)
+        try:
+            os.killpg(proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+    in_main = __import__("threading").current_thread() is __import__("threading").main_thread()
+    if in_main:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            old[sig] = signal.signal(sig, _forward)
+    try:
+        rc = proc.wait()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=60)
+        except Exception:
+            pass
+        raise
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    marker = rd.logs / PREEMPTED_MARKER
+    if marker.is_file():
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        raise Preempted(int(info["step"]), str(info["reason"]), info.get("checkpoint"))
+    summary = _finished(rd)
+    if rc == 0 and summary is not None:
+        return summary
+    errors = [p.read_text(encoding="utf-8", errors="replace").strip() for p in _error_files(rd)]
+    detail = ("\n".join(e for e in errors if e)[-4000:] if errors else
+              "no worker wrote an error (killed? out of memory?); see the launcher output above")
+    raise RuntimeError(f"training workers exited with code {rc} ({' '.join(cmd)}):\n{detail}")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config import ConfigError, load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    setup_logging()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    variant = "none"
+    for a in list(argv):
+        if a.startswith("+variant=") or a.startswith("variant="):
+            variant = a.split("=", 1)[1]
+            argv.remove(a)
+    try:
+        cfg = load_config(argv)
+    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        rd = run(cfg, variant)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except Exception as e:  # status.json keeps the traceback too
+        log.error("run failed", exc_info=True)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(rd.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""The training loop: optimizer steps, checkpoints, resume, validation, final model and summary.
+
+One optimizer step (every rank, in lockstep)::
+
+    examples of the step   = step_examples(N, global_batch, seed, step)        (pipeline.trainer.data)
+    this rank's micro-batches (fillers where a rank has none)
+    denominators           = step_normalisers(micro_batches, train.loss_normaliser)   # all-reduced, BEFORE
+    for each micro-batch:  loss_k = model(batch, normaliser=D_k)["loss"]; backward   # the forward passes
+    Minkowski penalty gradient added (train.minkowski_coef > 0)                 (pipeline.regularizers)
+    grad_norm = clip(max_grad_norm); AdamW step; LR scheduler step; zero grads
+    one line in metrics.jsonl (rank 0); checkpoint every train.save_steps steps
+
+Metrics (``metrics.jsonl``, ``"kind": "train"``, one line per optimizer step):
+
+==================  ===================================================================================
+``step``            optimizer step (1-based); ``total_steps``; ``epoch`` = step / steps per epoch
+``loss``            the step's objective: sum_k loss_k averaged over ranks (``weight_sum``: sum w*CE /
+                    sum w over the whole step), before the Minkowski penalty
+``penalty``         Minkowski penalty at the step's weights (0 when off); ``total_loss`` = loss + penalty
+``prompt_loss``     unweighted mean CE over the step's prompt-target tokens (NaN if none)
+``completion_loss`` unweighted mean CE over its completion-target tokens (NaN if none)
+``prompt_tokens``, ``completion_tokens``, ``weight_sum``: the step's target counts and sum of weights
+``lr``              learning rate used by this step's update
+``grad_norm``       global gradient norm before clipping (data loss + penalty)
+``tokens``          real (non-pad) input tokens of the step, all ranks; ``examples``
+``tokens_per_s``    tokens / wall time of the step; ``step_time_s``; ``elapsed_s`` (all attempts)
+==================  ===================================================================================
+
+``"kind": "eval"`` lines (validation split, at ``train.eval_steps`` and at the end): ``step``,
+``eval_loss`` (sum w*CE / sum w over the split), ``eval_prompt_loss``, ``eval_completion_loss``
+(unweighted means), ``eval_prompt_tokens``, ``eval_completion_tokens``, ``eval_examples``.
+
+Resume: the latest complete checkpoint (:mod:`pipeline.trainer.checkpoint`) restores model,
+optimizer, scheduler, RNG states and the step counter; the data position follows from the step
+(:func:`~pipeline.trainer.data.step_examples`), and lines of ``metrics.jsonl`` after the checkpoint's
+step (written before a kill) are dropped, so the file always has one line per step. On CPU a resumed
+run ends bit-identical to an uninterrupted one (tested).
+
+Stopping: SIGTERM or SIGUSR1 (SLURM's warning before a time limit, ``scancel``) set a flag; at the
+next step boundary every rank agrees (one all-reduce), a checkpoint is written and
+:class:`Preempted` is raised (a ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE`, 75) so that
+the launcher can requeue the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.loss import step_normalisers
+from pipeline.preprocess import Collator
+from pipeline.regularizers import (MinkowskiPenalty, decay_parameter_names, optimizer_groups,
+                                   set_attention_dropout, trainable_parameters)
+from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.trainer import checkpoint as ckpt
+from pipeline.trainer.data import (TrainData, batch_tokens, filler_example, rank_micro_batches,
+                                   step_epoch, step_examples, steps_per_epoch, total_steps)
+from pipeline.trainer.dist import Backend, seed_everything
+from pipeline.trainer.reporting import Trackers, format_row
+from pipeline.trainer.wrapper import WeightedLossModel
+
+log = logging.getLogger("pipeline.train")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" (a checkpoint was saved; requeue and resume)
+SUMMARY_FILE = "train_summary.json"
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(SystemExit):
+    """Training stopped at a step boundary on request (signal or callback), after a checkpoint."""
+
+    def __init__(self, step: int, reason: str, checkpoint: Optional[str]):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step, self.reason, self.checkpoint = step, reason, checkpoint
+
+    def __str__(self) -> str:
+        return (f"training stopped by {self.reason} at step {self.step} (checkpoint {self.checkpoint}); "
+                f"exit code {PREEMPTED_EXIT_CODE}: requeue to resume")
+
+
+class TrainerCallback:
+    """Hooks for tests and tools (all optional). ``on_step_end`` returning True requests a stop
+    (handled like SIGTERM: checkpoint, then :class:`Preempted`)."""
+
+    def on_train_begin(self, trainer: "Trainer", start_step: int) -> None: ...
+
+    def on_gradients(self, trainer: "Trainer", step: int) -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", step: int, row: Mapping[str, Any]) -> Optional[bool]: ...
+
+    def on_checkpoint(self, trainer: "Trainer", step: int, path: Path) -> None: ...
+
+
+def _f(x: torch.Tensor | float) -> float:
+    return float(x)
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
+class Trainer:
+    """Trains ``lm`` on ``data`` as ``cfg.train`` says, in ``run_dir`` (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: RunDir, backend: Backend, lm: torch.nn.Module, tokenizer,
+                 data: TrainData, callbacks: Sequence[TrainerCallback] = ()):
+        from pipeline.config import validate
+
+        self.cfg = cfg
+        self.typed = validate(cfg)
+        self.tc = self.typed.train
+        self.rd = run_dir
+        self.backend = backend
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.data = data
+        self.callbacks = list(callbacks)
+        self.seed = int(cfg.seed)
+        self.accumulation = self.tc.accumulation_steps(backend.world)
+        self.n_train = len(data.train)
+        self.global_batch = int(self.tc.global_batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.n_train, self.global_batch)
+        self.total_steps = total_steps(self.n_train, self.global_batch, float(self.tc.epochs), int(self.tc.max_steps))
+        self.warmup_steps = math.ceil(self.total_steps * float(self.tc.warmup_ratio))
+        self.step = 0
+        self.counters = {"tokens": 0, "examples": 0, "elapsed_s": 0.0}
+        self.resumed_from: List[int] = []
+        self._stop_reason: Optional[str] = None
+        self._old_handlers: Dict[int, Any] = {}
+        self.last_row: Optional[Dict[str, Any]] = None
+        self.last_eval: Optional[Dict[str, Any]] = None
+        self.penalty: Optional[MinkowskiPenalty] = None
+        self.model = self.optimizer = self.scheduler = None
+        if self.tc.packing:
+            from pipeline.packing import PackedCollator  # another engineer's module; lazy
+
+            self.collate = PackedCollator(tokenizer, int(self.tc.model_max_length))
+        else:
+            self.collate = Collator(pad_token_id=int(tokenizer.pad_token_id))
+        self.filler = filler_example(int(tokenizer.pad_token_id))
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        tc, b = self.tc, self.backend
+        seed_everything(self.seed)
+        if tc.attention_dropout > 0:
+            set_attention_dropout(self.lm, float(tc.attention_dropout))
+        if tc.gradient_checkpointing or b.settings.get("activation_checkpointing"):
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(self.lm, "config", None) is not None:
+            self.lm.config.use_cache = False
+        if b.device.type == "cuda" and tc.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.lm.train()
+        mp = b.mixed_precision(tc) if b.device.type == "cuda" else None
+        self.compute_dtype = mp or next(self.lm.parameters()).dtype
+        wrapper = WeightedLossModel(self.lm, label_smoothing=float(tc.label_smoothing),
+                                    chunk_size=int(tc.loss_chunk_size))
+        decay = decay_parameter_names(wrapper)
+        self.model = b.wrap(wrapper, self.cfg.model, self.cfg.train)
+        self.optimizer = torch.optim.AdamW(
+            optimizer_groups(self.model, float(tc.weight_decay), decay), lr=float(tc.learning_rate),
+            betas=(float(tc.adam_beta1), float(tc.adam_beta2)), eps=float(tc.adam_epsilon))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer, num_warmup_steps=self.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        if b.mode == "deepspeed":
+            if tc.minkowski_coef > 0:
+                raise NotImplementedError("train.minkowski_coef > 0 is not supported with "
+                                          "train.distributed=deepspeed (use fsdp)")
+            self.model, self.optimizer, self.scheduler = b.init_deepspeed(
+                self.model, self.optimizer, self.scheduler, self.tc, self.accumulation)
+        if tc.minkowski_coef > 0:
+            # theta_0 = the weights training starts from (taken before any checkpoint is loaded)
+            self.penalty = MinkowskiPenalty(trainable_parameters(self.model), float(tc.minkowski_coef),
+                                            tc.minkowski_reduction, tc.minkowski_reference)
+            log.info("Minkowski penalty: coef %g, %s per tensor, %d tensors, reference %.1f MiB on %s "
+                     "(this rank's shard)", tc.minkowski_coef, tc.minkowski_reduction, self.penalty.n_tensors,
+                     self.penalty.reference_bytes() / 2 ** 20, tc.minkowski_reference)
+
+    def resume(self) -> Optional[Path]:
+        """Load the latest complete checkpoint (if any and ``train.resume``); returns it."""
+        b = self.backend
+        if b.is_main:
+            gone = ckpt.remove_debris(self.rd.checkpoints)
+            if gone:
+                log.info("removed incomplete checkpoint folders %s", gone)
+        b.barrier()
+        latest = ckpt.latest_checkpoint(self.rd.checkpoints) if self.tc.resume else None
+        if latest is None:
+            if b.is_main:
+                self._truncate_metrics(0)
+            return None
+        state = ckpt.read_state(latest)
+        b.load(latest, self.model, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.counters = {k: state["counters"][k] for k in self.counters}
+        self.resumed_from = list(state.get("resumed_from", [])) + [self.step]
+        if state.get("total_steps") != self.total_steps:
+            raise RuntimeError(f"{latest}: checkpoint of a run with {state.get('total_steps')} steps, but this "
+                               f"config gives {self.total_steps}: the data or recipe changed under the same run")
+        if b.is_main:
+            self._truncate_metrics(self.step)
+            log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
+        return latest
+
+    def _truncate_metrics(self, step: int) -> None:
+        rows = read_jsonl(self.rd.metrics)
+        keep = [r for r in rows if int(r.get("step", 0)) <= step]
+        if len(keep) != len(rows) or (rows and self.rd.metrics.read_text(encoding="utf-8")[-1:] != "\n"):
+            atomic_write_text(self.rd.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_reason is None:
+            log.warning("%s received: stopping at the next step boundary (checkpoint, then exit %d)",
+                        name, PREEMPTED_EXIT_CODE)
+        self._stop_reason = name
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("training outside the main thread: SIGTERM/SIGUSR1 are not handled")
+            return
+        for name in STOP_SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signals(self) -> None:
+        for sig, h in self._old_handlers.items():
+            signal.signal(sig, h)
+        self._old_handlers.clear()
+
+    def request_stop(self, reason: str = "request") -> None:
+        self._stop_reason = reason
+
+    # ------------------------------------------------------------------ batches
+    def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {k: v.to(self.backend.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    def _collate(self, examples: List[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        return self._to_device(self.collate(examples if examples else [self.filler]))
+
+    def _forward(self, batch: Mapping[str, torch.Tensor], normaliser=None) -> Dict[str, torch.Tensor]:
+        kwargs = {}
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            if mask.dim() == 4 and mask.is_floating_point():  # packed batches: additive mask in compute dtype
+                mask = mask.to(self.compute_dtype)
+            kwargs["attention_mask"] = mask
+        if batch.get("position_ids") is not None:
+            kwargs["position_ids"] = batch["position_ids"]
+        return self.model(input_ids=batch["input_ids"], labels=batch["labels"], weights=batch["weights"],
+                          prompt_mask=batch.get("prompt_mask"), normaliser=normaliser, **kwargs)
+
+    def step_batches(self, step: int) -> List[Dict[str, torch.Tensor]]:
+        """This rank's collated micro-batches of optimizer step ``step``."""
+        idx = step_examples(self.n_train, self.global_batch, self.seed, step)
+        mbs = rank_micro_batches(idx, self.backend.world, self.backend.rank,
+                                 int(self.tc.per_device_batch_size), self.accumulation)
+        return [self._collate([self.data.train[i] for i in mb]) for mb in mbs]
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, step: int) -> Dict[str, Any]:
+        b, tc = self.backend, self.tc
+        t0 = time.perf_counter()
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
+        n_examples = len(step_examples(self.n_train, self.global_batch, self.seed, step))
+        batches = self.step_batches(step)
+        dens = step_normalisers(batches, tc.loss_normaliser)
+        # loss, weighted CE, weight sum, prompt CE, prompt n, completion CE, completion n, tokens
+        acc = torch.zeros(8, dtype=torch.float64)
+        for k, batch in enumerate(batches):
+            last = k == len(batches) - 1
+            with b.micro_batch_context(self.model, last), b.autocast(tc):
+                out = self._forward(batch, dens[k])
+                b.backward(out["loss"])
+            if b.engine is not None:
+                b.engine.step()  # DeepSpeed steps the optimizer itself at the accumulation boundary
+            acc += torch.stack([out["loss"].detach().double().cpu(), out["weighted_ce_sum"].double().cpu(),
+                                out["weight_sum"].double().cpu(), out["prompt_ce_sum"].double().cpu(),
+                                out["prompt_tokens"].double().cpu(), out["completion_ce_sum"].double().cpu(),
+                                out["completion_tokens"].double().cpu(),
+                                torch.tensor(float(batch_tokens(batch)), dtype=torch.float64)])
+        penalty = self.penalty.apply() if self.penalty is not None else 0.0
+        for cb in self.callbacks:
+            cb.on_gradients(self, step)
+        grad_norm = b.clip_grad_norm(self.model, float(tc.max_grad_norm))
+        if b.engine is None:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        acc = b.all_reduce_sum(acc)
+        dt = time.perf_counter() - t0
+        self.counters["tokens"] += int(acc[7])
+        self.counters["examples"] += n_examples
+        self.counters["elapsed_s"] += dt
+        loss = _f(acc[0]) / b.world
+        return {
+            "kind": "train", "step": step, "total_steps": self.total_steps,
+            "epoch": step_epoch(step, self.n_train, self.global_batch),
+            "loss": loss, "penalty": penalty, "total_loss": loss + penalty,
+            "prompt_loss": _div(_f(acc[3]), _f(acc[4])), "completion_loss": _div(_f(acc[5]), _f(acc[6])),
+            "prompt_tokens": int(acc[4]), "completion_tokens": int(acc[6]), "weight_sum": _f(acc[2]),
+            "lr": lr, "grad_norm": grad_norm, "tokens": int(acc[7]), "examples": n_examples,
+            "tokens_per_s": _f(acc[7]) / dt if dt > 0 else float("nan"), "step_time_s": dt,
+            "elapsed_s": self.counters["elapsed_s"], "seen_tokens": self.counters["tokens"],
+        }
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self, step: int) -> Optional[Dict[str, Any]]:
+        n = len(self.data.eval)
+        if n == 0:
+            return None
+        b, bs = self.backend, int(self.tc.per_device_batch_size)
+        mine = list(range(b.rank, n, b.world))
+        n_batches = math.ceil(math.ceil(n / b.world) / bs)
+        self.lm.eval()
+        acc = torch.zeros(6, dtype=torch.float64)
+        try:
+            for j in range(n_batches):
+                batch = self._collate([self.data.eval[i] for i in mine[j * bs:(j + 1) * bs]])
+                with b.autocast(self.tc):
+                    out = self._forward(batch, None)
+                acc += torch.stack([out[k].double().cpu() for k in ("weighted_ce_sum", "weight_sum", "prompt_ce_sum",
+                                                                    "prompt_tokens", "completion_ce_sum",
+                                                                    "completion_tokens")])
+        finally:
+            self.lm.train()
+        acc = b.all_reduce_sum(acc)
+        return {"kind": "eval", "step": step, "eval_loss": _div(_f(acc[0]), _f(acc[1])),
+                "eval_prompt_loss": _div(_f(acc[2]), _f(acc[3])),
+                "eval_completion_loss": _div(_f(acc[4]), _f(acc[5])),
+                "eval_prompt_tokens": int(acc[3]), "eval_completion_tokens": int(acc[5]), "eval_examples": n}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        b = self.backend
+        tmp = ckpt.tmp_dir(self.rd.checkpoints, step)
+        if b.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        b.barrier()
+        b.save(tmp, self.model, self.optimizer, self.scheduler)
+        if b.is_main:
+            atomic_write_json(tmp / ckpt.STATE_FILE, {
+                "step": step, "total_steps": self.total_steps, "counters": self.counters,
+                "epoch": step_epoch(step, self.n_train, self.global_batch), "world_size": b.world,
+                "accumulation_steps": self.accumulation, "distributed": b.mode,
+                "resumed_from": self.resumed_from, "run_id": self.rd.path.name,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        b.barrier()
+        final = self.rd.checkpoints / ckpt.checkpoint_name(step)
+        if b.is_main:
+            final = ckpt.commit(tmp, step)
+            ckpt.prune(self.rd.checkpoints, int(self.tc.save_total_limit))
+            log.info("checkpoint %s", final)
+        b.barrier()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self, step, final)
+        return final
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Dict[str, Any]:
+        """Set up, resume, train to ``total_steps``; returns the last step's metrics row."""
+        from tqdm.auto import tqdm
+
+        b, tc = self.backend, self.tc
+        self.setup()
+        self.resume()
+        trackers = Trackers(list(tc.report_to), self.rd.logs, self.rd.path.name,
+                            OmegaConf.to_container(self.cfg, resolve=True)) if b.is_main else None
+        if b.is_main:
+            log.info("training %s: %d examples (%d held out), %d steps (%d per epoch), global batch %d = "
+                     "%d per device x %d accumulation x %d processes (%s), normaliser %s, PLW %g",
+                     self.rd.path.name, self.n_train, len(self.data.eval), self.total_steps, self.steps_per_epoch,
+                     self.global_batch, tc.per_device_batch_size, self.accumulation, b.world, b.mode,
+                     tc.loss_normaliser, float(self.cfg.plw))
+        for cb in self.callbacks:
+            cb.on_train_begin(self, self.step)
+        self._install_signals()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=not b.is_main or os.environ.get("PLW_NO_PROGRESS") == "1",
+                   mininterval=1.0 if os.isatty(2) else 30.0)
+        last_saved = self.step
+        try:
+            while self.step < self.total_steps:
+                if b.any(self._stop_reason is not None):
+                    reason = self._stop_reason or "another rank's signal"
+                    path = self.save_checkpoint(self.step) if self.step > last_saved else \
+                        ckpt.latest_checkpoint(self.rd.checkpoints)
+                    raise Preempted(self.step, reason, str(path) if path else None)
+                step = self.step + 1
+                row = self.train_step(step)
+                self.step = step
+                self.last_row = row
+                if b.is_main:
+                    append_jsonl(self.rd.metrics, row)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    if step % int(tc.logging_steps) == 0 or step == self.total_steps:
+                        log.info(format_row(row))
+                        if trackers:
+                            trackers.log(row, step)
+                stop = False
+                for cb in self.callbacks:
+                    stop = bool(cb.on_step_end(self, step, row)) or stop
+                if stop:
+                    self.request_stop("callback")
+                if tc.eval_steps and step % int(tc.eval_steps) == 0 and step < self.total_steps:
+                    self._log_eval(self.evaluate(step), trackers)
+                if step % int(tc.save_steps) == 0 and step < self.total_steps:
+                    self.save_checkpoint(step)
+                    last_saved = step
+            self._log_eval(self.evaluate(self.step), trackers)
+        finally:
+            bar.close()
+            self._restore_signals()
+            if trackers:
+                trackers.close()
+        return self.last_row or {}
+
+    def finalize(self, data_summary: Mapping[str, Any], variant: str = "none") -> Dict[str, Any]:
+        """Final model and summary (see :func:`_finalize`); every rank calls it."""
+        return _finalize(self, data_summary, variant)
+
+    def _log_eval(self, row: Optional[Dict[str, Any]], trackers: Optional[Trackers]) -> None:
+        if row is None:
+            return
+        self.last_eval = row
+        if self.backend.is_main:
+            append_jsonl(self.rd.metrics, row)
+            log.info(format_row(row))
+            if trackers:
+                trackers.log(row, row["step"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the end: final model, weight distance, summary
+# ------------------------------------------------------------------------------------------------
+def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "none") -> Dict[str, Any]:
+    """Every rank calls it (the full state dict is gathered collectively); rank 0 writes
+    ``<run>/final/`` (atomically: a temporary folder renamed) and ``<run>/train_summary.json``."""
+    from pipeline.models import load_model, torch_dtype
+    from pipeline.trainer.distance import reference_parameters, weight_distance
+
+    b = self.backend
+    sd = b.full_state_dict(self.model)
+    summary: Dict[str, Any] = {}
+    if b.is_main:
+        save_dtype = torch_dtype(self.cfg.model, self.tc.save_dtype)
+        # distance to the pre-trained model, from the fp32 training weights
+        ref = load_model(self.cfg.model, self.cfg.paths, dtype=torch.float32)
+        distance = weight_distance(sd.get, reference_parameters(ref))
+        del ref
+        final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype)
+        rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
+        last = self.last_row or (rows[-1] if rows else {})
+        tail = [r["loss"] for r in rows[-10:]]
+        summary = {
+            "run_id": self.rd.path.name, "variant": variant, "model": str(self.cfg.model.name),
+            "dataset": str(self.cfg.dataset.name), "plw": float(self.cfg.plw),
+            "completion_weight": float(self.cfg.completion_weight), "seed": self.seed,
+            "steps": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": step_epoch(self.step, self.n_train, self.global_batch),
+            "final_loss": last.get("loss"), "final_prompt_loss": last.get("prompt_loss"),
+            "final_completion_loss": last.get("completion_loss"), "final_penalty": last.get("penalty"),
+            "final_grad_norm": last.get("grad_norm"),
+            "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
+            "tokens": self.counters["tokens"], "examples_seen": self.counters["examples"],
+            "train_time_s": self.counters["elapsed_s"],
+            "eval": self.last_eval,
+            "weight_distance": distance,
+            "data": dict(data_summary),
+            "batch": {"global_batch_size": self.global_batch, "per_device_batch_size": int(self.tc.per_device_batch_size),
+                      "accumulation_steps": self.accumulation, "world_size": b.world, "distributed": b.mode,
+                      "mixed_precision": str(b.mixed_precision(self.tc)) if b.device.type == "cuda" else "no",
+                      "device": str(b.device.type)},
+            "optimizer": {"name": self.tc.optimizer, "lr": float(self.tc.learning_rate),
+                          "scheduler": self.tc.lr_scheduler, "warmup_steps": self.warmup_steps,
+                          "weight_decay": float(self.tc.weight_decay), "max_grad_norm": float(self.tc.max_grad_norm)},
+            "loss_normaliser": self.tc.loss_normaliser,
+            "regularizers": {"weight_decay": float(self.tc.weight_decay), "minkowski_coef": float(self.tc.minkowski_coef),
+                             "minkowski_reduction": self.tc.minkowski_reduction,
+                             "attention_dropout": float(self.tc.attention_dropout),
+                             "label_smoothing": float(self.tc.label_smoothing)},
+            "resumed_from": self.resumed_from,
+            "final_dir": str(final), "save_dtype": str(save_dtype).replace("torch.", ""),
+            "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
+            "versions": _versions(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(self.rd.path / SUMMARY_FILE, summary)
+    b.barrier()
+    return summary
+
+
+
+def save_final(lm: torch.nn.Module, tokenizer, state_dict: Mapping[str, torch.Tensor], folder: Path,
+               dtype: torch.dtype) -> Path:
+    """``save_pretrained`` (safetensors) + tokenizer into ``folder`` via a temporary folder and rename."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sd = {k: v.to(dtype) for k, v in state_dict.items()}
+    lm.config.dtype = dtype  # recorded in config.json (transformers >= 4.56 name; was torch_dtype)
+    lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        aside = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
+
+
+def _versions() -> Dict[str, str]:
+    import platform
+
+    import transformers
+
+    import pipeline
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "pipeline": getattr(pipeline, "__version__", "?")}

@@ -1,0 +1,176 @@
+"""The analysis stage end to end on a synthetic run store (real R): good datasets are analysed,
+bad ones (single PLW level, missing benchmarks, constant scores, broken run folders) get a clear
+message and do not stop the others; tables, figures (PNG + PDF), fitted GAMs and the report are
+written; the CLI entry points work."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from pipeline.analysis import rbridge as rb
+from pipeline.analysis.simulate import simulate_run_store, write_run_folders
+from pipeline.config import load_config
+
+BENCH = ("arc_challenge", "piqa", "winogrande", "truthfulqa_gen", "wmt16_de_en", "alpaca_eval")
+GOOD = {"short": 0.08, "medium": 1.0, "cleaned": 7.83}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _need_r():
+    reason = rb.r_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"R analysis stack unavailable (R, glmmTMB, mgcv, car, rpy2): {reason}")
+
+
+def _bad_datasets(runs):
+    rows = []
+    for b in BENCH:
+        for m in ("llama1_7b", "llama2_7b"):
+            rows.append(("one_plw", 0.5, b, m, 0.1, 0.3 + 0.01 * len(b) + (m == "llama2_7b") * 0.05))
+            for p in (0.0, 0.1, 1.0):
+                rows.append(("flat", 2.0, b, m, p, 0.5))
+                if not (b == "alpaca_eval" and m == "llama1_7b" and p == 0.1):
+                    rows.append(("holey", 0.3, b, m, p, p + 0.01 * len(b)))
+    df = pd.DataFrame(rows, columns=["dataset", "r_g", "benchmark", "model", "plw", "value"])
+    df["metric"] = "score"
+    write_run_folders(runs, df)
+    broken = runs / "broken_run"
+    broken.mkdir()
+    (broken / "run.json").write_text("{")
+    (broken / "results.csv").write_text("run_id,benchmark\n")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis")
+    runs = root / "runs"
+    simulate_run_store(runs, datasets=GOOD, benchmarks=BENCH, regularizers=("weight_decay=0.1",),
+                       seed=0)
+    _bad_datasets(runs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def output(store):
+    from pipeline.analysis.stage import run_analysis
+
+    cfg = load_config([f"paths.runs_dir={store / 'runs'}", f"paths.reports_dir={store / 'reports'}",
+                       "analysis.glmm.n_sim=100", "analysis.figure_formats=[png,pdf]", "analysis.dpi=60"])
+    return run_analysis(cfg.analysis)
+
+
+def test_good_datasets_are_analysed(output):
+    for ds in GOOD:
+        r = output.glmm[ds]
+        assert r.status == "fitted", (ds, r.errors)
+        assert r.p_value < 0.05 and r.residuals is not None
+    assert {s: g.status for s, g in output.gam.items()} == {"all": "fitted", "mc": "fitted", "gen": "fitted"}
+    opt = output.gam["all"].optimum.set_index("r_g")
+    assert abs(opt.loc[0.08, "optimal_plw"] - 0.2) <= 0.06  # planted peak at PLW 0.2
+
+
+def test_bad_datasets_get_one_clear_message_each(output):
+    st = output.status
+    assert not st["holey"].analysable and not st["flat"].analysable
+    assert st["one_plw"].analysable and not st["one_plw"].glmm
+    msgs = {ds: " ".join(i.message for i in output.issues.for_scope("dataset", ds))
+            for ds in ("holey", "flat", "one_plw")}
+    assert "missing benchmarks" in msgs["holey"] and "lacks ['alpaca_eval']" in msgs["holey"]
+    assert "constant scores" in msgs["flat"]
+    assert "a single PLW level (0.1)" in msgs["one_plw"]
+    for ds in ("holey", "flat", "one_plw"):
+        assert output.glmm[ds].status == "skipped"
+    # the broken folder names itself and its file
+    (run_issue,) = [i for i in output.issues if i.scope == "run"]
+    assert run_issue.where.endswith("broken_run") and "run.json" in run_issue.message
+    # bad datasets stay out of the GAM
+    assert not {"holey", "flat"} & set(output.gam["all"].datasets)
+
+
+def test_files_and_report(output):
+    out = output.out_dir
+    for f in ("collected.csv", "collected.parquet", "scores.csv", "aggregates.csv", "glmm_table3.csv",
+              "glmm_coefficients.csv", "glmm_residual_checks.csv", "gam_optimal_plw.csv",
+              "regularizers_table4.csv", "issues.csv", "report.md", "results.json",
+              "gam/gam_all.rds", "gam/gam_mc.rds", "gam/gam_gen.rds"):
+        assert (out / f).is_file(), f
+    for fig in ("fig1_aggregates", "fig1_group_aggregates", "fig2_mechanisms", "fig5_benchmarks",
+                "fig8_regularizers", "fig10_gam_contours", "fig_glmm_residuals"):
+        for ext in ("png", "pdf"):
+            assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 1000, (fig, ext)
+    pq = pd.read_parquet(out / "collected.parquet")
+    assert {"w_p", "r_g", "regularizer"} <= set(pq.columns)
+    rep = (out / "report.md").read_text()
+    heads = ["## 1. Data", "## 2. Grid", "## 3. Results", "## 4. Regression", "## 5. Diagnostics",
+             "## 6. Optimal PLW", "## 7. Alternative regularizers", "## 8. Recommendations",
+             "## 9. Problems"]
+    pos = [rep.index(h) for h in heads]
+    assert pos == sorted(pos)
+    for ds in ("holey", "flat", "one_plw", "broken_run"):
+        assert ds in rep
+    assert "figures/fig1_aggregates.png" in rep and "figures/fig10_gam_contours.png" in rep
+    t3 = pd.read_csv(out / "glmm_table3.csv").set_index("dataset")
+    assert set(t3.loc[list(GOOD), "status"]) == {"fitted"}
+    res = json.loads((out / "results.json").read_text())
+    assert res["glmm"]["short"]["status"] == "fitted"
+
+
+def test_no_mechanisms_or_regularizers_is_graceful(tmp_path):
+    from pipeline.analysis.stage import run_analysis
+
+    simulate_run_store(tmp_path / "runs", datasets={"a": 0.1, "b": 1.0}, benchmarks=BENCH[:3],
+                       models=("llama2_7b",), mechanisms=False, seed=1)
+    cfg = load_config([f"paths.runs_dir={tmp_path / 'runs'}", f"paths.reports_dir={tmp_path / 'rep'}",
+                       "analysis.glmm.n_sim=0", "analysis.figure_formats=[png]", "analysis.dpi=50"])
+    o = run_analysis(cfg.analysis)
+    assert o.glmm["a"].status == "fitted"
+    assert any("one PTLM only" in n for n in o.glmm["a"].notes)
+    assert o.gam["all"].status == "skipped" and "2 distinct R_g" in o.gam["all"].errors[0]
+    rep = (o.out_dir / "report.md").read_text()
+    assert "Fig. 2 (mechanisms) skipped" in rep and "No regularised runs" in rep
+    assert "one PTLM only" in rep
+    assert "fig2_mechanisms" not in o.files and "fig8_regularizers" not in o.files
+
+
+def test_cli_regress_collect_and_suggest(store, tmp_path, capsys):
+    from pipeline.analysis.__main__ import main
+
+    runs = tmp_path / "runs"
+    shutil.copytree(store / "runs", runs)
+    shutil.rmtree(runs / "broken_run")
+    rep = tmp_path / "reports"
+    ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={rep}", "analysis.glmm.n_sim=0"]
+    assert main(["collect", *ov]) == 0
+    assert (rep / "analysis" / "collected.parquet").is_file()
+    assert main(["regress", "--no-figures", *ov]) == 0
+    out = capsys.readouterr().out
+    assert "GLMM short: fitted" in out and "GAM all: fitted" in out
+    assert main(["suggest", "--r-g", "0.08", *ov]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended PLW:" in out and "Near-optimal PLW range:" in out
+    assert main(["suggest", "--r-g", "0.08", f"paths.reports_dir={tmp_path / 'none'}"]) == 1
+    assert "make regress" in capsys.readouterr().err
+    assert main(["suggest", *ov]) == 2  # neither data nor R_g
+    assert main(["regress", "analysis.incomplete=sometimes"]) == 2
+
+
+def test_suggest_on_a_jsonl_with_the_llama_tokenizer(store, tmp_path, capsys, llama_tokenizer_dir):
+    from pipeline.analysis.__main__ import main
+
+    data = tmp_path / "my.jsonl"
+    recs = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+            {"instruction": "Summarise the text.", "input": "A long text about many things " * 5,
+             "output": "Things."}]
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    rc = main(["suggest", "--data", str(data), "--tokenizer", str(llama_tokenizer_dir),
+               f"paths.reports_dir={store / 'reports'}"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "R_g = " in out and "Recommended PLW:" in out
+    from pipeline.analysis.suggest import dataset_rg
+
+    g = dataset_rg(data, str(llama_tokenizer_dir))
+    assert 0 < g["r_g"] < 0.5 and g["n"] == 2
