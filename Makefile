@@ -57,3 +57,20 @@ eval: setup ## evaluate finished runs lacking results (OVERRIDES: eval.run_dir=<
 .PHONY: train
 train: setup ## one training run: make train OVERRIDES="plw=0.1 model=tiny dataset=shared_alpaca52k train=cpu_small"
 	$(PY) -m pipeline.train $(OVERRIDES)
+
+.PHONY: inspect-data
+inspect-data: setup ## show how instances are tokenized and weighted: make inspect-data OVERRIDES="dataset=shared_alpaca52k model=tiny plw=0.1 n=3"
+	$(PY) -m pipeline.inspect_data $(OVERRIDES)
+
+.PHONY: sweep status slurm-up slurm-down
+sweep: setup ## run an experiment's grid, resumable: make sweep EXPERIMENT=main [DRY_RUN=1] [OVERRIDES="launcher=slurm launcher.partition=gpu"]
+	$(PY) -m pipeline.sweep run experiment=$(or $(EXPERIMENT),demo) $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(OVERRIDES)
+
+status: setup ## the grid's state from the run store: make status [EXPERIMENT=main] (no EXPERIMENT: every run)
+	$(PY) -m pipeline.sweep status $(if $(EXPERIMENT),experiment=$(EXPERIMENT)) $(OVERRIDES)
+
+slurm-up: ## start a real single-node SLURM here (root, Debian; installs slurm + MariaDB accounting once)
+	bash scripts/slurm/start.sh
+
+slurm-down: ## stop the single-node SLURM started by slurm-up (its state is kept)
+	bash scripts/slurm/stop.sh

@@ -12,7 +12,9 @@ extra memory above the inputs during the first forward + backward: on CUDA
 ``torch.cuda.max_memory_allocated`` minus the allocation before; on CPU the growth of the process's
 maximum resident set size (``resource.getrusage``, the high-water mark; torch returns large CPU
 buffers to the OS, so it tracks the allocations). Time is the median of the timed repeats after that
-first run. Configurations whose naive run would not fit in the available memory are skipped.
+first run, as wall time and as process CPU time (all threads; on a shared CPU machine the time
+target is judged on CPU time, which other processes disturb far less). Configurations whose naive
+run would not fit in the available memory are skipped.
 
 Target (at vocab 128k x sequence 4096): >= 4x less peak memory than naive, and no slower
 (time ratio <= 1.05, i.e. within timing noise).
@@ -98,22 +100,23 @@ def worker(args) -> None:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     value = step()
     sync()
-    first = time.perf_counter() - t0
+    first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     print(json.dumps({"peak_bytes": int(peak), "seconds": statistics.median(times) if times else first,
-                      "loss": value}))
+                      "cpu_seconds": statistics.median(cpu) if cpu else first_cpu, "loss": value}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the chunked loss")
     ap.add_argument("--plw", type=float, default=0.1)
-    ap.add_argument("--quick", action="store_true", help="seq 512 and 4096 only, 1 timed repeat")
+    ap.add_argument("--quick", action="store_true", help="seq 512 and 4096 only, 2 timed repeats")
     # worker mode (internal)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="chunked", help=argparse.SUPPRESS)
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
     cuda = args.device.startswith("cuda")
     args.hidden = args.hidden or (4096 if cuda else 256)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
     seqs = [int(s) for s in (args.seqs or ("512,4096" if args.quick else "512,1024,2048,4096")).split(",")]
     vocabs = [int(v) for v in args.vocabs.split(",")]
     elt = 2 if args.dtype == "bfloat16" else 4
@@ -168,7 +171,8 @@ def main(argv=None) -> int:
     print(f"# loss memory/time: device={args.device} hidden={args.hidden} dtype={args.dtype} batch=1 "
           f"chunk={args.chunk_size} threads={args.threads} repeats={args.repeats} (peak = extra over inputs)")
     header = (f"| {'vocab':>6} | {'seq':>5} | {'naive MiB':>9} | {'chunked MiB':>11} | {'mem ratio':>9} | "
-              f"{'naive s':>8} | {'chunked s':>9} | {'time ratio':>10} | {'loss rel diff':>13} | target |")
+              f"{'naive s':>8} | {'chunked s':>9} | {'time ratio':>10} | {'cpu-time ratio':>14} | "
+              f"{'loss rel diff':>13} | target |")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     verdicts = []
@@ -186,18 +190,21 @@ def main(argv=None) -> int:
                 continue
             mem_ratio = n["peak_bytes"] / max(c["peak_bytes"], 1)
             time_ratio = c["seconds"] / n["seconds"]
+            cpu_ratio = c["cpu_seconds"] / n["cpu_seconds"]
+            judged = time_ratio if cuda else cpu_ratio
             rel = abs(n["loss"] - c["loss"]) / abs(n["loss"])
             is_target = (V, T) == TARGET_CONFIG
             verdict = ""
             if is_target:
-                ok = mem_ratio >= TARGET_MEM_RATIO and time_ratio <= TARGET_TIME_RATIO
+                ok = mem_ratio >= TARGET_MEM_RATIO and judged <= TARGET_TIME_RATIO
                 verdict = "PASS" if ok else "MISS"
                 verdicts.append(verdict)
             print(f"| {V:>6} | {T:>5} | {n['peak_bytes'] / 2**20:>9.1f} | {c['peak_bytes'] / 2**20:>11.1f} | "
                   f"{mem_ratio:>8.2f}x | {n['seconds']:>8.3f} | {c['seconds']:>9.3f} | {time_ratio:>9.2f}x | "
-                  f"{rel:>13.2e} | {verdict:>6} |", flush=True)
+                  f"{cpu_ratio:>13.2f}x | {rel:>13.2e} | {verdict:>6} |", flush=True)
     print(f"\ntarget at vocab {TARGET_CONFIG[0]} x seq {TARGET_CONFIG[1]}: mem ratio >= {TARGET_MEM_RATIO:g}x "
-          f"and time ratio <= {TARGET_TIME_RATIO:g}x -> {verdicts[0] if verdicts else 'not measured'}")
+          f"and {'time' if cuda else 'cpu-time'} ratio (chunked/naive) <= {TARGET_TIME_RATIO:g}x -> "
+          f"{verdicts[0] if verdicts else 'not measured'}")
     return 0
 
 

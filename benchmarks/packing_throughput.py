@@ -10,9 +10,13 @@ The examples are shuffled (no length sorting, as Alpaca's trainer) and cut into 
 * ``padded``: :class:`pipeline.preprocess.Collator`, right-padded to the longest example;
 * ``packed``: :class:`pipeline.packing.PackedCollator` (rows of <= 512 tokens, examples isolated).
 
-Both use :func:`pipeline.packing.packed_model_weighted_loss` (forward + chunked PLW loss + backward +
-AdamW) on identical copies of the model; the two variants alternate batch by batch. Throughput = real
-tokens / seconds. Target: packed >= 1.5x padded.
+Both use :func:`pipeline.packing.packed_model_weighted_loss` (forward + chunked PLW loss + backward)
+on identical copies of the model, with an AdamW step every ``--accumulation`` micro-batches (the
+recipe accumulates 8; the step's cost does not depend on the layout); the two variants alternate
+batch by batch. Throughput = real
+tokens / seconds, shown for wall time and for process CPU time (``time.process_time``, all threads).
+Target: packed >= 1.5x padded, judged on CPU time (time-slicing by other processes on a shared
+machine disturbs it far less than wall time).
 
     .venv/bin/python benchmarks/packing_throughput.py --quick            # tiny + SmolLM2-135M on CPU
     .venv/bin/python benchmarks/packing_throughput.py --models tiny --batch 8 --batches 40
@@ -82,30 +86,34 @@ def bench_model(name: str, lengths, args) -> dict:
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
     secs = {k: 0.0 for k in collate}
+    cpu = {k: 0.0 for k in collate}
     slots = {k: 0 for k in collate}
     real = 0
 
-    def step(kind, group):
+    def step(kind, group, update):
         batch = collate[kind](group)
         m, opt = models[kind], opts[kind]
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        t0, c0 = time.perf_counter(), time.process_time()
         packed_model_weighted_loss(m, batch).loss.backward()
-        opt.step()
-        return time.perf_counter() - t0, batch["input_ids"].numel()
+        if update:  # one optimizer step per accumulation cycle, as in the recipe
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, time.process_time() - c0, batch["input_ids"].numel()
 
     from tqdm.auto import tqdm
 
     for j, group in enumerate(tqdm(groups, desc=name, file=sys.stderr, leave=False)):
         order = ("padded", "packed") if j % 2 == 0 else ("packed", "padded")
+        update = j == 0 or j % args.accumulation == 0 or j == len(groups) - 1
         for kind in order:
-            dt, n_slots = step(kind, group)
+            dt, dc, n_slots = step(kind, group, update)
             if j > 0:
                 secs[kind] += dt
+                cpu[kind] += dc
                 slots[kind] += n_slots
         if j > 0:
             real += sum(int(torch.as_tensor(e["input_ids"]).numel()) for e in group)
-    return {"model": name, "real": real, "secs": secs, "slots": slots, "batches": len(groups) - 1}
+    return {"model": name, "real": real, "secs": secs, "cpu": cpu, "slots": slots, "batches": len(groups) - 1}
 
 
 def main(argv=None) -> int:
@@ -115,11 +123,13 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default=DATASETS, help="dataset configs whose lengths are used")
     ap.add_argument("--batch", type=int, default=4, help="examples per micro-batch (the recipe's 4 per device)")
     ap.add_argument("--batches", type=int, default=20, help="timed micro-batches per model (default 20)")
+    ap.add_argument("--accumulation", type=int, default=8,
+                    help="micro-batches per optimizer step (the recipe's 128 = 4 x 8 x 4 GPUs: 8)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--plw", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="8 timed micro-batches (3 for SmolLM2)")
+    ap.add_argument("--quick", action="store_true", help="16 timed micro-batches (4 for SmolLM2, accumulation 4)")
     args = ap.parse_args(argv)
 
     import torch
@@ -129,22 +139,28 @@ def main(argv=None) -> int:
     print(f"# lengths: {len(ls)} instances ({', '.join(f'{k} {v}' for k, v in per.items())}), LLaMA tokenizer, "
           f"max_length {args.max_length}: mean {statistics.mean(ls):.0f}, median {statistics.median(ls):.0f}, "
           f"max {max(ls)}")
-    print(f"# {args.batch} examples per micro-batch, shuffled, CPU threads={args.threads}, forward+backward+AdamW")
+    print(f"# {args.batch} examples per micro-batch, shuffled, CPU threads={args.threads}, forward+backward per "
+          f"micro-batch, AdamW step every {args.accumulation} micro-batches (--quick: see --help)")
     header = (f"| {'model':<13} | {'batches':>7} | {'real tok':>8} | {'padded fill':>11} | {'packed fill':>11} | "
-              f"{'padded tok/s':>12} | {'packed tok/s':>12} | {'speed-up':>8} | target |")
+              f"{'padded tok/s':>12} | {'packed tok/s':>12} | {'wall x':>6} | {'padded tok/cpu-s':>16} | "
+              f"{'packed tok/cpu-s':>16} | {'cpu x':>6} | target |")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for name in [m for m in args.models.split(",") if m]:
         a = argparse.Namespace(**vars(args))
         if args.quick:
-            a.batches = 3 if "smollm2" in name else 8
+            a.batches = 4 if "smollm2" in name else 16
+            a.accumulation = min(a.accumulation, a.batches)
         r = bench_model(name, lengths, a)
         tps = {k: r["real"] / r["secs"][k] for k in r["secs"]}
-        ratio = tps["packed"] / tps["padded"]
+        tpc = {k: r["real"] / r["cpu"][k] for k in r["cpu"]}
+        ratio, cratio = tps["packed"] / tps["padded"], tpc["packed"] / tpc["padded"]
         print(f"| {name:<13} | {r['batches']:>7} | {r['real']:>8} | {r['real'] / r['slots']['padded']:>11.3f} | "
               f"{r['real'] / r['slots']['packed']:>11.3f} | {tps['padded']:>12.0f} | {tps['packed']:>12.0f} | "
-              f"{ratio:>7.2f}x | {'PASS' if ratio >= TARGET else 'MISS':>6} |", flush=True)
-    print(f"\nfill = real tokens / (rows x padded length). target: packed >= {TARGET:g}x padded real tokens/s")
+              f"{ratio:>5.2f}x | {tpc['padded']:>16.0f} | {tpc['packed']:>16.0f} | {cratio:>5.2f}x | "
+              f"{'PASS' if cratio >= TARGET else 'MISS':>6} |", flush=True)
+    print(f"\nfill = real tokens / (rows x padded length). target: packed >= {TARGET:g}x padded real tokens per "
+          f"second, judged on process CPU time (wall time on a shared machine mostly measures other processes)")
     return 0
 
 

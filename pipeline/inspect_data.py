@@ -143,6 +143,7 @@ def inspect_instances(records: Sequence[Mapping[str, Any]], indices: Sequence[in
         ex = build_example(inst.input_ids, inst.n_prompt, plw, completion_weight)
         ex_rows = inspect_examples([ex], tokenizer)
         for r in ex_rows:
+            r["weight"] = _shortest(r["weight"])
             r["example"] = k
             r["record"] = idx
             r["source_index"] = rec.get("source_index")
@@ -156,6 +157,13 @@ def inspect_instances(records: Sequence[Mapping[str, Any]], indices: Sequence[in
                     weight_sum=float(ex["weights"].sum()))
         summaries.append(summ)
     return rows, summaries
+
+
+def _shortest(w: float) -> float:
+    """The float32 weight as the shortest decimal that round-trips in float32 (0.1, not 0.10000000149)."""
+    import numpy as np
+
+    return float(str(np.float32(w)))
 
 
 def _paint(text: str, style: str, color: bool) -> str:

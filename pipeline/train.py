@@ -218,6 +218,26 @@ def _error_files(rd: RunDir) -> List[Path]:
     return sorted(rd.logs.glob("worker-rank*.err")) if rd.logs.is_dir() else []
 
 
+def _signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` to the launcher ``pid`` and every process below it (torchrun starts the workers
+    in sessions of their own, so a process-group signal would miss them)."""
+    targets = [pid]
+    try:
+        import psutil
+
+        targets += [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except Exception:  # psutil missing or the process gone: the launcher's group at least
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for t in targets:
+        try:
+            os.kill(t, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[str, Any]:
     """Write ``<run>/worker.yaml``, launch the workers, forward stop signals, map the outcome."""
     rd.logs.mkdir(parents=True, exist_ok=True)
@@ -240,10 +260,7 @@ def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[
 
     def _forward(signum, frame):
         log.warning("%s received: asking the workers to checkpoint and stop", signal.Signals(signum).name)
-        try:
-            os.killpg(proc.pid, signal.SIGUSR1)
-        except ProcessLookupError:
-            pass
+        _signal_tree(proc.pid, signal.SIGUSR1)
 
     in_main = __import__("threading").current_thread() is __import__("threading").main_thread()
     if in_main:
@@ -253,7 +270,7 @@ def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[
         rc = proc.wait()
     except BaseException:
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _signal_tree(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         except Exception:
             pass

@@ -3,7 +3,6 @@ and the planning of real experiment configs (composition, run ids) without launc
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 from pipeline.config import PLW_LEVELS, ConfigError, load_config
 from pipeline.runs import RunDir, run_id
 from pipeline.sweep import estimate as est
-from pipeline.sweep.grid import (BASELINE, GridPoint, enumerate_grid, format_value, split_overrides,
+from pipeline.sweep.grid import (BASELINE, enumerate_grid, format_value, split_overrides,
                                  variant_key, variants_of)
 from pipeline.sweep.plan import make_plan, merge_overrides
 from pipeline.sweep.slurm import expand_job_ids, parse_state_lines, sbatch_parameters
@@ -292,6 +291,8 @@ def test_regularizer_variants_in_the_plan(tmp_path):
     assert len(plan.runs) == 2 * 9  # PLW x (baseline + 8 variants)
     wd = [r for r in plan.runs if r.point.variant == "weight_decay_0.1"][0]
     assert wd.cfg.train.weight_decay == 0.1 and "weight_decay_0.1" in wd.run_id
+    # the same run as `python -m pipeline.train <the point's overrides> variant=weight_decay_0.1`
+    assert run_id(load_config([*wd.point.overrides(), f"paths.runs_dir={tmp_path}"]), wd.point.variant) == wd.run_id
     base = [r for r in plan.runs if r.point.variant == "none" and r.point.plw == wd.point.plw
             and r.point.model == wd.point.model][0]
     assert base.cfg.train.weight_decay == 0.0 and base.run_id != wd.run_id
@@ -351,3 +352,50 @@ def test_stale_running_run_is_detected_marked_failed_and_relaunched(tmp_path):
     st = again.rd.status()
     assert st["state"] == "failed" and st["failures"] == 1 and st["error"].startswith("stale:")
     assert again.action == "retry"
+
+
+# ------------------------------------------------------------------------------------------------
+# the worker process: busy runs and workers killed before they could record anything
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def prepared_run(tmp_path):
+    from pipeline.sweep.plan import prepare_launch
+
+    plan = make_plan(["experiment=demo", "experiment.plw=[0.1]", "experiment.datasets=[shared_alpaca52k]",
+                      f"paths.runs_dir={tmp_path}"])
+    pr = plan.runs[0]
+    prepare_launch(pr, plan.root.launcher)
+    return pr
+
+
+def test_a_run_held_by_another_process_is_not_started_twice(prepared_run):
+    from pipeline.sweep.supervise import Supervisor
+
+    rd = prepared_run.rd
+    before = rd.status_file.read_bytes()
+    fd = rd.try_lock()
+    try:
+        sup = Supervisor(rd).start()
+        assert sup.wait(120) == 79
+        assert sup.finalize() == "busy"
+    finally:
+        RunDir.unlock(fd)
+    assert rd.status_file.read_bytes() == before
+    assert "another process holds" in sup.log_path.read_text()
+
+
+def test_a_killed_worker_is_recorded_as_a_failed_attempt(prepared_run):
+    import signal
+
+    from pipeline.sweep.supervise import Supervisor
+
+    rd = prepared_run.rd
+    sup = Supervisor(rd).start()
+    time.sleep(0.5)
+    sup.send(signal.SIGKILL)  # e.g. the kernel's OOM killer: nothing recorded by the run itself
+    assert sup.wait(60) == -signal.SIGKILL
+    assert sup.finalize() == "failed"
+    st = rd.status()
+    assert st["state"] == "failed" and st["failures"] == 1
+    assert "killed by SIGKILL" in st["error"] and str(sup.log_path) in st["error"]
+    assert not rd.lock_held()  # the lock died with the process

@@ -279,3 +279,22 @@ def test_runtime_settings_do_not_change_the_run_id():
         assert run_id(load_config(base + [extra])) == a, extra
     for extra in ("train.max_grad_norm=0.5", "train.minkowski_reduction=mean", "train.adam_epsilon=1e-6"):
         assert run_id(load_config(base + [extra])) != a, extra
+
+
+def test_fp64_gradient_clipping_matches_torch_in_float64():
+    from pipeline.trainer.dist import clip_grad_norm_fp64
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g, dtype=torch.float64) for s in ((5, 3), (7,), (2, 2, 2))]
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for p, x in zip(params, grads):
+        p.grad = x.clone()
+    want = torch.nn.utils.clip_grad_norm_(params, 0.5)
+    mine = [x.clone() for x in grads]
+    got = clip_grad_norm_fp64(mine, 0.5)
+    assert got == pytest.approx(float(want), rel=1e-12)
+    for m, p in zip(mine, params):
+        torch.testing.assert_close(m, p.grad, rtol=1e-12, atol=0)
+    untouched = [x.clone() for x in grads]
+    assert clip_grad_norm_fp64(untouched, 0.0) == pytest.approx(float(want), rel=1e-12)  # 0: no clipping
+    assert all(torch.equal(a, b) for a, b in zip(untouched, grads))

@@ -222,6 +222,26 @@ def _check_decoder(fn: str) -> None:
             f"(or choose another evaluator: eval.judge=mixtral_8x7b_instruct_vllm / mixtral_8x7b_instruct)")
 
 
+def _annotator_class():
+    """alpaca_eval's PairwiseAnnotator, with cached preferences read back as floats.
+
+    Workaround: with pandas >= 3, annotations re-read from the cache come back as int64 (1/2) and
+    alpaca_eval's own ``replace({0: 1.5})`` on that column raises TypeError, so a fully cached
+    (resumed) evaluation would crash. Casting the cached column to float restores alpaca_eval's
+    behaviour with pandas 2.
+    """
+    from alpaca_eval.annotators import PairwiseAnnotator
+
+    class CachedFloatPairwiseAnnotator(PairwiseAnnotator):
+        def load_(self, path=None):
+            super().load_(path)
+            df = self.df_annotations
+            if df is not None and self.annotation_key in df.columns:
+                df[self.annotation_key] = df[self.annotation_key].astype(float)
+
+    return CachedFloatPairwiseAnnotator
+
+
 def annotate(outputs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, str]], *, judge: str,
              judge_model: Optional[str], out_dir: Path, name: str,
              chunksize: Optional[int] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
@@ -252,7 +272,7 @@ def annotate(outputs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, st
         name=name, output_path=str(out_dir), precomputed_leaderboard=None, is_return_instead_of_print=True,
         fn_metric="get_winrate", sort_by="win_rate", is_cache_leaderboard=False,
         caching_path=str(out_dir / "annotations_cache.json"),
-        annotation_kwargs={"chunksize": chunksize}, **kwargs)
+        annotation_kwargs={"chunksize": chunksize}, Annotator=_annotator_class(), **kwargs)
     row = leaderboard.loc[name].to_dict()
     ann = annotations if isinstance(annotations, list) else pd.DataFrame(annotations).to_dict("records")
     return row, ann

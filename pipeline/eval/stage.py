@@ -178,7 +178,7 @@ class Evaluation:
                 metrics=self.metrics(name), limit=limit, fewshot_seed=e.fewshot_seed,
                 add_bos_token=e.add_bos_token)
             ev = dict(spec.evaluator)
-            if _plain(e.gen_kwargs):
+            if _plain(e.gen_kwargs) and b.group == "short_gen":  # generate_until tasks only
                 ev["gen_kwargs"] = _plain(e.gen_kwargs)
             return Plan(name, ev or {"framework": "lm-eval", "task": spec.task}, spec.skip, spec)
         if b.kind == "alpaca_eval" or name == "mech_alpacaeval_length":
@@ -335,7 +335,8 @@ class Evaluation:
                 for n in harness_steps:
                     p = plans[n]
                     self.attempt(p, lambda p=p, n=n: harness.run_task(
-                        lm, p.spec, metrics=self.metrics(n), limit=e.limit, gen_kwargs=gk,
+                        lm, p.spec, metrics=self.metrics(n), limit=e.limit,
+                        gen_kwargs=gk if B.get(n).group == "short_gen" else None,
                         raw_dir=self.eval_dir / "lm_eval", bootstrap_iters=e.bootstrap_iters,
                         fewshot_seed=e.fewshot_seed))
                 del lm

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from omegaconf import DictConfig
 from tqdm import tqdm

@@ -78,8 +78,9 @@ def classify(status: Mapping[str, Any], live: Liveness, stale_after_s: float) ->
 
 def decide(effective: str, failures: int, max_retries: int) -> str:
     """What the sweep does with a run: ``skip`` (done), ``wait`` (running/queued), ``launch``
-    (never started), ``resume`` (interrupted or stale), ``retry`` (failed, retries left) or
-    ``give_up`` (failed more than ``max_retries`` + 1 times... i.e. no retries left)."""
+    (never started), ``resume`` (interrupted, or stale with retries left), ``retry`` (failed,
+    ``failures <= max_retries``) or ``give_up`` (no retries left: ``max_retries`` relaunches after
+    the first failure have been used). A stale run is about to be recorded as one more failure."""
     if effective == "done":
         return "skip"
     if effective in ("running", "queued"):
@@ -173,7 +174,7 @@ def _short(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def format_table(rows: Sequence[Row], show_cost: bool = False, error_width: int = 60) -> str:
+def format_table(rows: Sequence[Row], show_cost: bool = False, error_width: int = 100) -> str:
     """The grid as a text table, one row per run, then the counts per state."""
     from tabulate import tabulate
 

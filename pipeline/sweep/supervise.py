@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from pipeline.runs import RunDir
-from pipeline.sweep.worker import EXIT_BUSY, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from pipeline.sweep.worker import EXIT_BUSY, EXIT_FAILED, EXIT_INTERRUPTED
 
 _PR_SET_PDEATHSIG = 1
 
@@ -140,14 +140,12 @@ class Supervisor:
             return "busy"
         st = self.rd.status() if self.rd.status_file.exists() else {}
         state = st.get("state")
-        if rc == EXIT_DONE and state == "done":
+        if state == "done":
             return "done"
-        if rc == EXIT_INTERRUPTED:
+        if rc == EXIT_INTERRUPTED and state == "pending":
             return "interrupted"
         if state == "failed" and rc == EXIT_FAILED:
             return "failed"
-        if state == "done":
-            return "done"
         how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
         self.rd.set_status("failed", error=f"worker {how}; log {self.log_path}: {_tail(self.log_path)}")
         return "failed"

@@ -142,9 +142,13 @@ class Trainer:
         self.penalty: Optional[MinkowskiPenalty] = None
         self.model = self.optimizer = self.scheduler = None
         if self.tc.packing:
-            from pipeline.packing import PackedCollator  # another engineer's module; lazy
+            # pipeline/packing.py: rows of up to model_max_length tokens, per-example position_ids and
+            # attention isolation (a 4-D mask, or position_ids alone for flash attention), weights kept.
+            from pipeline.packing import PackedCollator  # lazy: only runs that pack need it
 
-            self.collate = PackedCollator(tokenizer, int(self.tc.model_max_length))
+            make = getattr(PackedCollator, "for_model", None)
+            self.collate = make(tokenizer, int(self.tc.model_max_length), lm) if make else \
+                PackedCollator(tokenizer, int(self.tc.model_max_length))
         else:
             self.collate = Collator(pad_token_id=int(tokenizer.pad_token_id))
         self.filler = filler_example(int(tokenizer.pad_token_id))
@@ -153,6 +157,9 @@ class Trainer:
     def setup(self) -> None:
         tc, b = self.tc, self.backend
         seed_everything(self.seed)
+        cfg = getattr(self.lm, "config", None)
+        # config values training changes; the saved model gets the originals back (inference settings)
+        self._orig_config = {k: getattr(cfg, k) for k in ("use_cache", "attention_dropout") if hasattr(cfg, k)}
         if tc.attention_dropout > 0:
             set_attention_dropout(self.lm, float(tc.attention_dropout))
         if tc.gradient_checkpointing or b.settings.get("activation_checkpointing"):
@@ -286,6 +293,8 @@ class Trainer:
         acc = torch.zeros(8, dtype=torch.float64)
         for k, batch in enumerate(batches):
             last = k == len(batches) - 1
+            if b.engine is not None:  # a short last step of an epoch has fewer micro-batches
+                b.engine.set_gradient_accumulation_boundary(last)
             with b.micro_batch_context(self.model, last), b.autocast(tc):
                 out = self._forward(batch, dens[k])
                 b.backward(out["loss"])
@@ -468,6 +477,8 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         ref = load_model(self.cfg.model, self.cfg.paths, dtype=torch.float32)
         distance = weight_distance(sd.get, reference_parameters(ref))
         del ref
+        for k, v in getattr(self, "_orig_config", {}).items():
+            setattr(self.lm.config, k, v)
         final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype)
         rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
         last = self.last_row or (rows[-1] if rows else {})
@@ -490,7 +501,7 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
             "batch": {"global_batch_size": self.global_batch, "per_device_batch_size": int(self.tc.per_device_batch_size),
                       "accumulation_steps": self.accumulation, "world_size": b.world, "distributed": b.mode,
                       "mixed_precision": str(b.mixed_precision(self.tc)) if b.device.type == "cuda" else "no",
-                      "device": str(b.device.type)},
+                      "device": str(b.device.type), "launcher_settings": dict(b.settings)},
             "optimizer": {"name": self.tc.optimizer, "lr": float(self.tc.learning_rate),
                           "scheduler": self.tc.lr_scheduler, "warmup_steps": self.warmup_steps,
                           "weight_decay": float(self.tc.weight_decay), "max_grad_norm": float(self.tc.max_grad_norm)},

@@ -39,12 +39,16 @@ if [ -n "$missing" ]; then
   command -v apt-get >/dev/null || die "apt-get not found; install:$missing"
   say "installing Debian packages:$missing"
   export DEBIAN_FRONTEND=noninteractive
-  # No init system here: keep package scripts from trying to start services.
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  # No init system here: keep package scripts from trying to start services (a policy-rc.d that
+  # is already there is left as it is).
+  own_policy=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; own_policy=1
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
-  rm -f /usr/sbin/policy-rc.d; trap - EXIT
+  if [ "$own_policy" = 1 ]; then rm -f /usr/sbin/policy-rc.d; trap - EXIT; fi
 fi
 
 # ---- 2. configuration ----------------------------------------------------------------------
@@ -110,7 +114,8 @@ MYSOCK="$DIR/run/mysqld.sock"
 chown -R mysql:mysql "$DIR/mysql"
 if [ ! -d "$DIR/mysql/mysql" ]; then
   say "initialising MariaDB in $DIR/mysql"
-  mariadb-install-db --user=mysql --datadir="$DIR/mysql" --auth-root-authentication-method=socket >/dev/null
+  mariadb-install-db --user=mysql --datadir="$DIR/mysql" --auth-root-authentication-method=socket \
+    >"$DIR/log/mariadb-install.log" 2>&1 || die "mariadb-install-db failed: see $DIR/log/mariadb-install.log"
 fi
 if ! mariadb-admin --socket="$MYSOCK" ping >/dev/null 2>&1; then
   say "starting MariaDB (127.0.0.1:$DB_PORT)"

@@ -5,14 +5,15 @@ set -uo pipefail
 DIR=${PLW_SLURM_DIR:-/var/lib/plw-slurm}
 say() { printf '[slurm] %s\n' "$*"; }
 stop() {  # name pidfile
-  local pidf=$2
-  if [ -f "$pidf" ] && kill -0 "$(cat "$pidf")" 2>/dev/null; then
+  local pid
+  pid=$(cat "$2" 2>/dev/null) || pid=""
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     say "stopping $1"
-    kill "$(cat "$pidf")"
-    for _ in $(seq 100); do kill -0 "$(cat "$pidf")" 2>/dev/null || break; sleep 0.2; done
-    kill -0 "$(cat "$pidf")" 2>/dev/null && kill -9 "$(cat "$pidf")" 2>/dev/null
+    kill "$pid"
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
   fi
-  rm -f "$pidf"
+  rm -f "$2"
 }
 stop slurmd "$DIR/run/slurmd.pid"
 stop slurmctld "$DIR/run/slurmctld.pid"

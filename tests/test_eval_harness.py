@@ -1,0 +1,161 @@
+"""lm-eval tasks from the offline mirror build the SAME prompts as lm-eval's built-in tasks.
+
+For each harness benchmark in ../shared's mirror, the built-in task config is loaded through
+lm_eval's TaskManager and pointed at the same local file (every split of the built-in -> that file,
+so its few-shot pool is the same list of documents); our materialised mirror task (the template in
+pipeline/eval/tasks/, splits the mirror lacks nulled) is loaded from its YAML. Both build their
+requests with the same few-shot seed and the contexts/continuations (and doc_to_text, targets,
+choices) must be identical, few-shot ones included. No model is needed.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.eval import benchmarks as B
+from pipeline.eval import harness
+
+MIRRORED = {  # benchmark -> (built-in task, shots, file in the shared mirror)
+    "arc_challenge": ("arc_challenge", 25, "arc_challenge/test.jsonl"),
+    "winogrande": ("winogrande", 5, "winogrande/validation.jsonl"),
+    "piqa": ("piqa", 0, "piqa/validation.jsonl"),
+    "truthfulqa_mc2": ("truthfulqa_mc2", 0, "truthfulqa/multiple_choice/validation.jsonl"),
+    "truthfulqa_gen": ("truthfulqa_gen", 0, "truthfulqa/generation/validation.jsonl"),
+}
+LIMIT = 4
+SEED = 1234
+
+
+@pytest.fixture(scope="module")
+def mirror(shared_dir) -> Path:
+    p = shared_dir / "data" / "benchmarks"
+    if not p.is_dir():
+        pytest.skip(f"needs the benchmark mirror {p}")
+    return p
+
+
+def _requests(task, shots: int):
+    task.set_config(key="num_fewshot", value=shots)
+    task.set_fewshot_seed(seed=SEED)
+    task.build_all_requests(limit=LIMIT, rank=0, world_size=1)
+    return [(i.doc_id, i.idx, tuple(i.arguments) if isinstance(i.arguments, tuple) else i.arguments)
+            for i in task.instances]
+
+
+def _builtin(name: str, data_file: Path):
+    """lm-eval's built-in task config (via TaskManager's index), its data pointed at ``data_file``."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tm = harness.task_manager()
+    cfg = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
+    splits = {cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split") if cfg.get(k)}
+    cfg.update(dataset_path="json", dataset_name=None,
+               dataset_kwargs={"data_files": {s: str(data_file) for s in splits}})
+    cfg.pop("tag", None)
+    return tm.load([cfg])["tasks"][name]
+
+
+@pytest.mark.parametrize("benchmark", sorted(MIRRORED))
+def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
+    name, shots, rel = MIRRORED[benchmark]
+    assert B.shots_for(benchmark) == shots  # SPEC.md section 5
+    spec = harness.materialize(benchmark, str(mirror), tmp_path, shots=shots, metrics=list(B.get(benchmark).metrics),
+                               limit=LIMIT, fewshot_seed=SEED)
+    assert spec.skip is None, spec.skip
+    text = spec.yaml_path.read_text()
+    y = yaml.safe_load(text)
+    assert y["dataset_path"] == "json" and y["num_fewshot"] == shots
+    assert y["dataset_kwargs"]["data_files"] == {y.get("test_split") or "validation": str(mirror / rel)} or \
+        list(y["dataset_kwargs"]["data_files"].values()) == [str(mirror / rel)]
+    ours = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+    ref = _builtin(name, mirror / rel)
+    # the documents and their rendering
+    ours_docs, ref_docs = list(ours.eval_docs)[:LIMIT], list(ref.eval_docs)[:LIMIT]
+    assert ours_docs == ref_docs
+    for d in ours_docs:
+        assert ours.doc_to_text(d) == ref.doc_to_text(d)
+        assert ours.doc_to_target(d) == ref.doc_to_target(d)
+        if ours.config.output_type == "multiple_choice":
+            assert ours.doc_to_choice(d) == ref.doc_to_choice(d)
+    # the requests (context, continuation), few-shot examples included
+    a, b = _requests(ours, shots), _requests(ref, shots)
+    assert a == b and len(a) >= LIMIT
+    if shots:
+        ctx = a[0][2][0]
+        assert ctx.count("Answer:" if benchmark == "arc_challenge" else "\n\n") >= shots  # the shots are there
+        assert spec.evaluator["data"]["fewshot_split"] == spec.evaluator["data"]["eval_split"]
+        assert any("few-shot examples are drawn from the evaluated split" in n for n in spec.notes)
+
+
+def test_truthfulqa_gen_keeps_its_six_qa_preamble(mirror, tmp_path):
+    spec = harness.materialize("truthfulqa_gen", str(mirror), tmp_path, shots=0, metrics=["bleu_max"], limit=1,
+                               fewshot_seed=SEED)
+    task = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+    doc = list(task.eval_docs)[0]
+    text = task.doc_to_text(doc)
+    assert text.startswith("Q: What is human life expectancy in the United States?")
+    assert text.count("\n\nQ: ") == 6 and text.endswith("Q: " + doc["question"])
+    assert "I have no comment." in doc["correct_answers"]  # lm-eval's process_docs ran
+
+
+def _wmt_mirror(root: Path, val: int, test: int) -> None:
+    for split, n in (("validation", val), ("test", test)):
+        rows = [{"translation": {"fr": f"Bonjour {split} {i}.", "en": f"Hello {split} {i}."}} for i in range(n)]
+        p = root / "wmt14" / "fr-en" / f"{split}.jsonl"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def test_wmt_task_uses_the_instruction_and_both_splits(tmp_path):
+    _wmt_mirror(tmp_path / "mirror", val=3, test=2)
+    spec = harness.materialize("wmt14_fr_en", str(tmp_path / "mirror"), tmp_path / "tasks", shots=0,
+                               metrics=["bleu", "chrf"], limit=None, fewshot_seed=SEED)
+    assert spec.skip is None and not spec.notes
+    y = yaml.safe_load(spec.yaml_path.read_text())
+    assert [m["metric"] for m in y["metric_list"]] == ["bleu", "chrf"]  # TER not computed when not reported
+    task = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+    docs = list(task.eval_docs)
+    assert len(docs) == 5  # validation + test combined
+    assert task.doc_to_text(docs[0]) == ("Translate the following from French to English\n\n"
+                                         "French phrase: Bonjour validation 0.\nEnglish phrase:")
+    assert task.doc_to_target(docs[4]) == " Hello test 1."
+    task.set_fewshot_seed(seed=SEED)
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    ctx, gen = task.instances[0].arguments
+    assert ctx.endswith("English phrase:") and gen["until"] == ["\n"] and gen["do_sample"] is False
+
+
+def test_wmt_partial_and_missing_mirror(tmp_path):
+    _wmt_mirror(tmp_path / "m", val=2, test=0)
+    (tmp_path / "m" / "wmt14" / "fr-en" / "test.jsonl").unlink()
+    spec = harness.materialize("wmt14_en_fr", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"],
+                               limit=None, fewshot_seed=SEED)
+    assert spec.skip is None and "incomplete" in spec.notes[0] and "test.jsonl" in spec.notes[0]
+    spec = harness.materialize("wmt16_de_en", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"],
+                               limit=None, fewshot_seed=SEED)
+    assert spec.skip and "not in the offline mirror" in spec.skip and "wmt16/de-en/validation.jsonl" in spec.skip
+    assert "make fetch-data" in spec.skip
+    spec = harness.materialize("wmt16_de_en", None, tmp_path / "t", shots=0, metrics=["bleu"], limit=None,
+                               fewshot_seed=SEED)
+    assert spec.skip and "eval.data_dir" in spec.skip
+
+
+def test_hub_mode_keeps_the_builtin_dataset(tmp_path):
+    spec = harness.materialize("piqa", None, tmp_path, shots=0, metrics=["acc"], limit=None, fewshot_seed=SEED)
+    y = yaml.safe_load(spec.yaml_path.read_text())
+    assert "dataset_path" not in y and y["include"].endswith("lm_eval/tasks/piqa/piqa.yaml")
+    assert spec.evaluator["data"] == {"source": "hub", "dataset_path": "baber/piqa", "dataset_name": None}
+
+
+def test_parse_results_maps_lm_eval_keys():
+    res = {"results": {"plw_piqa": {"alias": "plw_piqa", "acc,none": 0.75, "acc_stderr,none": 0.25,
+                                    "acc_norm,none": 0.5, "acc_norm_stderr,none": "N/A"}},
+           "n-samples": {"plw_piqa": {"original": 1838, "effective": 4}}}
+    rows = harness.parse_results(res, "plw_piqa", "piqa", ["acc", "acc_norm", "bleurt_max"], ["note"])
+    assert [(r.metric, r.value, r.stderr, r.n, r.status) for r in rows] == [
+        ("acc", 0.75, 0.25, 4, "ok"), ("acc_norm", 0.5, None, 4, "ok"), ("bleurt_max", None, None, 4, "skipped")]
+    assert rows[0].message == "note"
+    assert "BLEURT needs the BLEURT-20 model" in rows[2].message
