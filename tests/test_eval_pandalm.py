@@ -123,3 +123,31 @@ def test_judge_configs():
     assert P.judge_config("pandalm_7b", "/models/panda")["model"] == "/models/panda"
     with pytest.raises(P.PandaLMError, match="eval.pandalm_judge"):
         P.judge_config("nope")
+
+
+def test_hf_judge_runs_a_real_model(request, tmp_path_factory):
+    """The HF judge path (loading, prompt wrapping, batched generation, parsing) with SmolLM2 standing in
+    for Mixtral (a real model; its verdicts are whatever it answers, parsed or counted as unparsable)."""
+    import torch
+
+    from pipeline import models
+    from pipeline.config import load_config
+
+    cache = request.config.cache.mkdir("plw_models") if request.config.cache else tmp_path_factory.mktemp("m")
+    cfg = load_config(["model=smollm2_135m", f"paths.data_dir={cache}"])
+    folder = models.pretrained_dir(cfg.model, cfg.paths)
+    conf = {**P.judge_config("mixtral_8x7b_instruct", str(folder)), "dtype": "float32", "batch_size": 2,
+            "decoding": {"do_sample": False, "max_new_tokens": 6}}
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        judge = P.make_judge(conf, device="cpu")
+        items = [{"instruction": "Name a colour.", "input": ""}]
+        pairs, records = P.judge_pairs(judge, items, ["Blue."], ["A colour is blue or red."], style="mixtral",
+                                       cache=tmp_path_factory.mktemp("j") / "j.jsonl")
+    finally:
+        torch.set_num_threads(n)
+    assert len(pairs) == 1 and all(v in (None, 0, 1, 2) for v in pairs[0])
+    assert isinstance(records[0]["answer_model_first"], str)
+    assert [P.parse_judgment(records[0]["answer_model_first"]), P.parse_judgment(records[0]["answer_model_second"])] \
+        == list(pairs[0])

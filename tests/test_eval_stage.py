@@ -1,12 +1,13 @@
 """The evaluation stage end to end on CPU: real checkpoints, real lm-eval / alpaca_eval, TEST DOUBLE judges.
 
-A run folder is made the way the run store makes it (pipeline.runs.create_run) with a ``final/``
-checkpoint (until the trainer lands: the tiny model's pre-trained checkpoint with one weight tensor
-shifted by a known amount, so the weight distance is known exactly), a ``metrics.jsonl`` and status
-``done``. Every benchmark available from ../shared's mirror is evaluated with ``eval=cpu_small``
-(a limit, short generations, test-double judges); the numbers in results.csv are checked against
-the raw outputs and independent computations. Resume, interruption, a missing checkpoint, runs not
-finished and a pre-trained baseline are covered too.
+The main run is trained by the real trainer (pipeline.train.run, tiny model, train=cpu_small: 8
+steps), so results.csv is checked on exactly what a sweep produces (final/, metrics.jsonl,
+train_summary.json). Every benchmark available from ../shared's mirror is evaluated with
+``eval=cpu_small`` (a limit, short generations, test-double judges); the numbers are checked
+against the raw outputs and independent computations. Other tests use run folders made the way the
+run store makes them (pipeline.runs.create_run) with a ``final/`` checkpoint = the pre-trained one
+with one tensor shifted: resume, interruption, a missing checkpoint, runs not finished, a
+pre-trained baseline.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.eval import benchmarks as B
 from pipeline.eval import harness, judges
-from pipeline.eval.results import COLUMNS, ResultStore, read_results
+from pipeline.eval.results import COLUMNS, read_results
 from pipeline.eval.stage import EvalError, evaluate_all, evaluate_pretrained, evaluate_run
 
 SHIFT = 0.01
@@ -53,7 +54,7 @@ def _cfg(model_cache, runs_dir, *overrides):
 
 
 def make_run(cfg, *, checkpoint: bool = True, state: str = "done", copy_from=None):
-    """A run folder as the trainer leaves it: final/ = the PTLM with SHIFTED moved by SHIFT."""
+    """A run folder with the trainer's files: final/ = the PTLM with SHIFTED moved by SHIFT."""
     from pipeline import models
     from pipeline.runs import append_jsonl, create_run
 
@@ -68,8 +69,8 @@ def make_run(cfg, *, checkpoint: bool = True, state: str = "done", copy_from=Non
             model.save_pretrained(rd.final)
             tok.save_pretrained(rd.final)
     for i, loss in enumerate(LOSSES, start=1):
-        append_jsonl(rd.metrics, {"step": i, "loss": loss, "lr": 1e-4})
-    append_jsonl(rd.metrics, {"step": 12, "eval_loss": 1.9})
+        append_jsonl(rd.metrics, {"kind": "train", "step": i, "loss": loss, "lr": 1e-4})
+    append_jsonl(rd.metrics, {"kind": "eval", "step": 12, "eval_loss": 1.9})
     rd.set_status("running")
     if state != "running":
         rd.set_status(state)
@@ -78,9 +79,12 @@ def make_run(cfg, *, checkpoint: bool = True, state: str = "done", copy_from=Non
 
 @pytest.fixture(scope="module")
 def tiny_eval(model_cache, tmp_path_factory, shared_dir):
+    from pipeline.train import run as train
+
     runs = tmp_path_factory.mktemp("runs")
     cfg = _cfg(model_cache, runs, "eval.limit=2")
-    rd = make_run(cfg)
+    rd = train(cfg)  # the real trainer: final/, metrics.jsonl, train_summary.json, status done
+    assert rd.status()["state"] == "done"
     csv_path = evaluate_run(rd.path, cfg)
     return cfg, rd, csv_path, read_results(csv_path)
 
@@ -169,19 +173,25 @@ def test_pandalm_against_the_pretrained_model(tiny_eval):
 
 
 def test_mechanisms(tiny_eval):
-    _, rd, _, rows = tiny_eval
-    w = np.array(LOSSES[:10]).reshape(2, 5)
-    assert _by(rows, "mech_loss_rsd", "rsd_mean")["value"] == pytest.approx(
-        float((w.std(axis=1, ddof=1) / w.mean(axis=1)).mean()), rel=1e-12)
-    from safetensors import safe_open
+    from pipeline import models
+    from pipeline.eval import mechanisms
 
-    with safe_open(str(rd.final / "model.safetensors"), framework="pt") as f:
-        numel = f.get_tensor(SHIFTED).numel()
-        n_tensors = len(list(f.keys()))
+    cfg, rd, _, rows = tiny_eval
+    train_lines = [json.loads(x) for x in rd.metrics.read_text().splitlines()]
+    losses = [r["loss"] for r in train_lines if r.get("kind") == "train"]
+    assert len(losses) == 8  # train=cpu_small
+    w = np.array(losses[:5])  # one tumbling 5-step window
+    assert _by(rows, "mech_loss_rsd", "rsd_mean")["value"] == pytest.approx(float(w.std(ddof=1) / w.mean()), rel=1e-12)
+    assert _by(rows, "mech_loss_rsd", "rsd_mean")["n"] == 1
+    # weight distance: the trainer's summary, and our streamed computation from final/ agrees with it
+    summary = json.loads((rd.path / "train_summary.json").read_text())["weight_distance"]
     wd = {m: _by(rows, "mech_weight_distance", m) for m in ("l1_mean", "l2")}
-    assert wd["l1_mean"]["n"] == n_tensors
-    assert wd["l1_mean"]["value"] == pytest.approx(SHIFT * numel / n_tensors, rel=1e-5)
-    assert wd["l2"]["value"] == pytest.approx(SHIFT * math.sqrt(numel), rel=1e-5)
+    assert wd["l1_mean"]["value"] == summary["l1_mean"] and wd["l2"]["value"] == summary["l2"]
+    assert wd["l1_mean"]["n"] == summary["tensors"] and "train_summary.json" in wd["l1_mean"]["message"]
+    assert summary["l1_mean"] > 0
+    d = mechanisms.weight_distance(rd.final, models.pretrained_dir(cfg.model, cfg.paths))
+    for m in mechanisms.DISTANCE_METRICS:
+        assert d.values[m] == pytest.approx(summary[m], rel=1e-9), m
     from pipeline.eval.mechanisms import corpus_bleu
 
     gens = json.loads((rd.path / "eval" / "memorization" / "generations.json").read_text())
@@ -189,6 +199,24 @@ def test_mechanisms(tiny_eval):
     assert mem["n"] == len(gens) == 16 and len({g["prompt"] for g in gens}) == 16
     assert mem["value"] == pytest.approx(corpus_bleu([g["generation"] for g in gens], [g["reference"] for g in gens])[0])
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in mem["message"]
+
+
+def test_weight_distance_computed_when_the_trainer_wrote_none(model_cache, tmp_path):
+    cfg = _cfg(model_cache, tmp_path / "runs", "eval.benchmarks=[]", "eval.mechanisms=[mech_weight_distance]")
+    rd = make_run(cfg)  # final/ = the pre-trained model with SHIFTED moved by SHIFT; no train_summary.json
+    rows = read_results(evaluate_run(rd.path, cfg))
+    from safetensors import safe_open
+
+    with safe_open(str(rd.final / "model.safetensors"), framework="pt") as f:
+        numel = f.get_tensor(SHIFTED).numel()
+    from pipeline import models
+
+    with safe_open(str(models.pretrained_dir(cfg.model, cfg.paths) / "model.safetensors"), framework="pt") as f:
+        elements = sum(f.get_tensor(k).numel() for k in f.keys())
+    wd = {m: _by(rows, "mech_weight_distance", m) for m in ("l1_mean", "l2")}
+    assert "no train_summary.json" in wd["l1_mean"]["message"]
+    assert wd["l1_mean"]["value"] == pytest.approx(SHIFT * numel / elements, rel=1e-5)  # mean absolute change
+    assert wd["l2"]["value"] == pytest.approx(SHIFT * math.sqrt(numel), rel=1e-5)
 
 
 def test_resume_skips_finished_benchmarks(tiny_eval, monkeypatch):
@@ -308,3 +336,14 @@ def test_smollm2_run_end_to_end(model_cache, tmp_path):
     assert ok == {b for b in list(cfg.eval.benchmarks) + list(cfg.eval.mechanisms) if not b.startswith("wmt")}
     assert _by(rows, "mech_weight_distance", "l2")["value"] == 0.0  # final/ is the pre-trained model
     assert _by(rows, "pandalm", "ties")["value"] == 2  # identical greedy outputs: every item a tie
+
+
+def test_a_bad_judge_config_is_recorded(model_cache, tmp_path):
+    cfg = _cfg(model_cache, tmp_path / "runs", "eval.benchmarks=[alpaca_eval,pandalm]", "eval.mechanisms=[mech_loss_rsd]",
+               "eval.judge=no_such_judge", "eval.pandalm_judge=nor_this")
+    rd = make_run(cfg, checkpoint=False)
+    rows = read_results(evaluate_run(rd.path, cfg))
+    st = {r["benchmark"]: (r["status"], r["message"]) for r in rows}
+    assert st["alpaca_eval"][0] == "error" and "eval.judge" in st["alpaca_eval"][1]
+    assert st["pandalm"][0] == "error" and "eval.pandalm_judge" in st["pandalm"][1]
+    assert st["mech_loss_rsd"][0] == "ok"

@@ -200,7 +200,10 @@ def test_mode_selection_and_mask_casting():
     with pytest.raises(ValueError, match="attention='position_ids'"):
         check_model_accepts(flash, b)
     assert model_inputs(b, torch.float64)["attention_mask"].dtype == torch.float64
-    assert "attention_mask" not in pack_examples(make_examples(), 32, attention="position_ids")
+    flat = pack_examples(make_examples(), 32, attention="position_ids")  # flash-attention varlen layout
+    assert "attention_mask" not in flat and flat["input_ids"].shape == (1, sum(LENGTHS))
+    assert (flat["segment_ids"] >= 0).all()
+    assert torch.equal(flat["position_ids"][0], torch.cat([torch.arange(n) for n in LENGTHS]))
     with pytest.raises(ValueError, match="attention mode"):
         PackedCollator(0, 32, attention="flash")
     with pytest.raises(ValueError, match="example 0 of the micro-batch: 'weights' has 3 entries, input_ids 4"):

@@ -60,6 +60,7 @@ def env_base(request, tmp_path_factory, shared_dir):
 
 def grid(base, runs_dir: Path, plw: str = "[0.1]", *extra: str) -> List[str]:
     return ["experiment=demo", f"experiment.plw={plw}", "experiment.datasets=[shared_alpaca52k]",
+            "experiment.models=[tiny]",
             f"paths.data_dir={base['data_dir']}", f"paths.runs_dir={runs_dir}",
             f"model.tokenizer={base['tokenizer']}", *RECIPE, *extra]
 

@@ -256,7 +256,7 @@ def test_launcher_and_experiment_schema_checks():
 def test_demo_experiment_is_the_embedded_default():
     cfg = load_config(["experiment=demo"])
     e = cfg.experiment
-    assert list(e.models) == ["tiny"] and list(e.datasets) == ["shared_alpaca52k", "shared_alpaca52k_short"]
+    assert list(e.models)[0] == "tiny" and {"shared_alpaca52k", "shared_alpaca52k_short"} <= set(e.datasets)
     assert len(e.plw) >= 3 and list(e.overrides) == ["train=cpu_small"]
 
 

@@ -58,6 +58,14 @@ def _assert_same_training(rd, ref, exact=True, rtol=0.0, atol=0.0):
         for a, b in zip(got, want):
             for k in ("loss", "prompt_loss", "completion_loss", "penalty", "grad_norm", "lr", "weight_sum"):
                 assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-9), (a["step"], k)
+    ev, ev_ref = rows(rd, "eval"), rows(ref, "eval")
+    assert [r["step"] for r in ev] == [2, 4] == [r["step"] for r in ev_ref]
+    for a, b in zip(ev, ev_ref):
+        if exact:
+            assert a == b
+        else:
+            for k in ("eval_loss", "eval_prompt_loss", "eval_completion_loss"):
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
     wa, wb = final_weights(rd), final_weights(ref)
     assert sorted(wa) == sorted(wb)
     for k in wa:
@@ -73,7 +81,6 @@ def _assert_same_training(rd, ref, exact=True, rtol=0.0, atol=0.0):
 def test_run_writes_metrics_model_summary_and_status(reference, base):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.runs import RunDir
     from pipeline.train import run
 
     rd = reference
@@ -93,9 +100,10 @@ def test_run_writes_metrics_model_summary_and_status(reference, base):
     # cosine without warmup over 4 steps: lr_k = 1e-4 x (1 + cos(pi (k - 1) / 4)) / 2
     for r in train:
         assert r["lr"] == pytest.approx(1e-4 * (1 + math.cos(math.pi * (r["step"] - 1) / 4)) / 2, rel=1e-9)
-    ev = rows(rd, "eval")
-    assert len(ev) == 1 and ev[0]["step"] == 4 and ev[0]["eval_examples"] == 4
+    ev = rows(rd, "eval")  # train.eval_steps=2, and at the end
+    assert [r["step"] for r in ev] == [2, 4] and all(r["eval_examples"] == 4 for r in ev)
     assert ev[0]["eval_prompt_tokens"] > 0 and math.isfinite(ev[0]["eval_completion_loss"])
+    assert ev[1]["eval_loss"] != ev[0]["eval_loss"]
     # final model: loads with transformers, equals the saved weights, computes
     s = summary(rd)
     assert s["steps"] == 4 == s["total_steps"] and s["final_loss"] == train[-1]["loss"]
@@ -103,7 +111,7 @@ def test_run_writes_metrics_model_summary_and_status(reference, base):
     assert s["data"]["truncation"]["n_instances"] == 40 and s["data"]["truncation"]["policy"] == "keep"
     assert s["tokens"] == sum(r["tokens"] for r in train)
     assert s["batch"]["accumulation_steps"] == 2 and s["resumed_from"] == []
-    assert s["eval"]["eval_loss"] == ev[0]["eval_loss"]
+    assert s["eval"]["eval_loss"] == ev[-1]["eval_loss"]
     model = AutoModelForCausalLM.from_pretrained(str(rd.final))
     saved = final_weights(rd)
     for name, p in model.named_parameters():
@@ -112,6 +120,9 @@ def test_run_writes_metrics_model_summary_and_status(reference, base):
         out = model(input_ids=torch.tensor([[1, 2, 3]]))
     assert torch.isfinite(out.logits).all()
     assert (rd.final / "tokenizer_config.json").is_file()
+    conf = json.loads((rd.final / "config.json").read_text())
+    assert conf["use_cache"] is True and conf["attention_dropout"] == 0.0  # inference settings restored
+    assert conf.get("dtype", conf.get("torch_dtype")) == "float32"
     # weight distance, recomputed independently from the two checkpoints
     from pipeline.models import pretrained_dir
     from safetensors.torch import load_file
@@ -252,7 +263,9 @@ def test_resume_after_sigkill_is_exact(reference, base, tmp_path):
     _assert_same_training(rd, reference, exact=True)
 
 
-def test_sigterm_checkpoints_stops_and_resumes_exactly(reference, base, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "attention_dropout"])
+def test_sigterm_checkpoints_stops_and_resumes_exactly(reference, base, tmp_path, dropout):
+    """With attention dropout the result also depends on the RNG stream: restored from the checkpoint."""
     from pipeline.train import PREEMPTED_EXIT_CODE, Preempted, TrainerCallback, run
     from pipeline.trainer.checkpoint import checkpoint_name
 
@@ -261,7 +274,12 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(reference, base, tmp_path
             if step == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    cfg = _cfg(base, tmp_path)
+    extra = [f"train.attention_dropout={dropout}"] if dropout else []
+    if dropout:
+        with_dropout = run(_cfg(base, tmp_path / "reference", *extra))
+        assert rows(with_dropout)[0]["loss"] != rows(reference)[0]["loss"]  # dropout is on
+        reference = with_dropout
+    cfg = _cfg(base, tmp_path / "runs", *extra)
     old = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Preempted) as exc:
         run(cfg, callbacks=[Term()])
@@ -293,7 +311,6 @@ def test_two_fsdp_processes_match_one_process(reference, base, tmp_path, monkeyp
     assert s["batch"]["accumulation_steps"] == 1  # 4 = 2 per device x 1 x 2 processes
     assert rd.status()["state"] == "done"
     _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
-    assert rows(rd, "eval")[0]["eval_loss"] == pytest.approx(rows(reference, "eval")[0]["eval_loss"], rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,3 +424,85 @@ def test_accelerate_launch_with_the_fsdp_config_file(reference, base, tmp_path, 
     assert s["batch"]["distributed"] == "fsdp" and s["batch"]["world_size"] == 2
     assert s["batch"]["launcher_settings"]["fsdp_wrap_class"] == "LlamaDecoderLayer"
     _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_pad_token_row_added_for_training_is_left_out_of_the_distance(base, tmp_path):
+    """A tokenizer without a pad token: [PAD] is added with the mean embedding (a new row in both
+    embedding matrices); the final model keeps it, the weight distance compares the common rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.train import run
+
+    tok = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
+    tok.pad_token = None
+    nopad = tmp_path / "tokenizer-without-pad"
+    tok.save_pretrained(nopad)
+    assert AutoTokenizer.from_pretrained(str(nopad)).pad_token is None
+    rd = run(_cfg(base, tmp_path / "runs", "train.max_steps=1", "train.eval_fraction=0",
+                  f"model.tokenizer={nopad}", recipe=PLW_RECIPE))
+    s = summary(rd)
+    assert s["pad_token"]["token"] == "[PAD]" and s["pad_token"]["id"] == len(tok)
+    wd = s["weight_distance"]
+    assert wd["rows_excluded"] == {"model.embed_tokens.weight": 1, "lm_head.weight": 1}
+    model = AutoModelForCausalLM.from_pretrained(str(rd.final))
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) + 1
+    assert AutoTokenizer.from_pretrained(str(rd.final)).pad_token == "[PAD]"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launching_process_stops_the_workers_after_a_checkpoint(reference, base, tmp_path,
+                                                                                monkeypatch):
+    """Multi-process: SIGTERM to the process that launched the workers (what SLURM/the sweep signal) is
+    forwarded; the workers checkpoint at the next step boundary and exit 75; a rerun resumes."""
+    import threading
+    import time
+
+    from pipeline.runs import create_run
+    from pipeline.train import PREEMPTED_EXIT_CODE, Preempted, run
+
+    monkeypatch.setenv("PLW_NO_PROGRESS", "1")
+    cfg = _cfg(base, tmp_path, "train.nproc=2", "train.distributed=fsdp", "train.save_steps=100")
+    rd = create_run(cfg)
+
+    def watch():
+        deadline = time.time() + 240
+        while time.time() < deadline and not rows(rd):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+    with pytest.raises(Preempted) as exc:
+        run(cfg)
+    assert exc.value.code == PREEMPTED_EXIT_CODE and exc.value.reason == "SIGUSR1"  # as forwarded
+    st = rd.status()
+    assert st["state"] == "pending" and st["interrupted"]["step"] == exc.value.step >= 1
+    assert (rd.checkpoints / f"step-{exc.value.step:08d}" / "DONE").is_file()
+    run(cfg)
+    assert rd.status()["state"] == "done" and summary(rd)["resumed_from"] == [exc.value.step]
+    _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_worker_runs_a_prepared_run_folder_on_its_own(base, tmp_path, monkeypatch):
+    """`python -m pipeline.worker <run>` without a launching parent: reads config.yaml (no Hydra),
+    keeps status.json itself, exits 0."""
+    from pipeline import worker
+    from pipeline.runs import create_run
+
+    monkeypatch.delenv("PLW_STATUS_OWNER", raising=False)
+    cfg = _cfg(base, tmp_path, "plw=0.3", recipe=PLW_RECIPE)
+    rd = create_run(cfg)
+    assert not (rd.path / "worker.yaml").exists()
+    assert worker.main([str(rd.path)]) == 0
+    st = rd.status()
+    assert st["state"] == "done" and st["attempts"] == 1 and st["steps"] == 1
+    assert (rd.final / "model.safetensors").is_file() and len(rows(rd)) == 1
+    # a broken run folder: exit 1, the error in the status and in logs/worker-rank0.err
+    from omegaconf import OmegaConf
+
+    bad = OmegaConf.load(rd.path / "config.yaml")
+    bad.train.learning_rate = -1.0
+    (rd.path / "config.yaml").write_text(OmegaConf.to_yaml(bad))
+    (rd.path / "status.json").unlink()
+    assert worker.main([str(rd.path)]) == 1
+    assert "train.learning_rate" in rd.status()["error"]
+    assert "train.learning_rate" in (rd.logs / "worker-rank0.err").read_text()

@@ -7,7 +7,6 @@ launch commands and the distributed config files.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -298,3 +297,19 @@ def test_fp64_gradient_clipping_matches_torch_in_float64():
     untouched = [x.clone() for x in grads]
     assert clip_grad_norm_fp64(untouched, 0.0) == pytest.approx(float(want), rel=1e-12)  # 0: no clipping
     assert all(torch.equal(a, b) for a, b in zip(untouched, grads))
+
+
+def test_trackers_are_optional_and_checked(tmp_path, caplog):
+    import importlib.util
+
+    from pipeline.trainer.reporting import Trackers
+
+    with pytest.raises(ValueError, match="train.report_to"):
+        Trackers(["tensorbord"], tmp_path, "r", {})
+    t = Trackers(["tensorboard"], tmp_path, "r", {})  # without the package: a warning, no tracker
+    t.log({"kind": "train", "step": 1, "loss": 1.0}, 1)
+    t.close()
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "not installed" in caplog.text
+    else:
+        assert any((tmp_path / "tensorboard").iterdir())

@@ -77,7 +77,7 @@ _MECH: List[Benchmark] = [
     Benchmark("mech_loss_rsd", "mechanism", "mechanism", metrics=("rsd_mean",), available=("rsd_mean",),
               needs_model=False, description="training-loss RSD over 5-step windows, mean over windows"),
     Benchmark("mech_weight_distance", "mechanism", "mechanism", metrics=("l1_mean", "l2"),
-              available=("l1_mean", "l2"), needs_model=False,
+              available=("l1_mean", "l2", "l1_sum_per_tensor", "l1_mean_per_tensor"), needs_model=False,
               description="distance of the fine-tuned weights to the pre-trained ones"),
     Benchmark("mech_memorization_bleu", "mechanism", "mechanism", metrics=("bleu",), available=("bleu",),
               description="corpus BLEU of greedy completions of training prompts vs training outputs"),

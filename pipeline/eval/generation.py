@@ -6,8 +6,9 @@ by default and returns the text of the new tokens (special tokens skipped, strip
 of new tokens before EOS. Prompts are sorted by length so batches pad little; results come back
 in the input order. Progress is shown with tqdm.
 
-:func:`load_for_eval` loads a saved model folder (a run's ``final/`` or a pre-trained checkpoint)
-with its tokenizer, on the requested device and dtype.
+:func:`check_checkpoint` says whether a folder holds a saved model (:class:`ModelMissing` naming
+what is missing); :func:`load_for_eval` loads one with its tokenizer (the stage itself loads through
+lm-eval's HFLM, :func:`pipeline.eval.harness.make_lm`, and generates with its model).
 """
 from __future__ import annotations
 
@@ -34,10 +35,8 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_for_eval(folder: Path, dtype: Optional[str] = None, device: str = "auto"):
-    """``(model, tokenizer)`` from a saved Hugging Face folder, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_checkpoint(folder: Path) -> Path:
+    """``folder`` if it holds a saved model (config.json and weights), else :class:`ModelMissing`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelMissing(f"checkpoint folder {folder} does not exist")
@@ -45,6 +44,14 @@ def load_for_eval(folder: Path, dtype: Optional[str] = None, device: str = "auto
         raise ModelMissing(f"checkpoint folder {folder} has no config.json (not a saved model)")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise ModelMissing(f"checkpoint folder {folder} holds no weights (*.safetensors / *.bin)")
+    return folder
+
+
+def load_for_eval(folder: Path, dtype: Optional[str] = None, device: str = "auto"):
+    """``(model, tokenizer)`` from a saved Hugging Face folder, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = check_checkpoint(folder)
     dt = _DTYPES[dtype] if dtype else "auto"
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))

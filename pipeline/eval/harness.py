@@ -10,7 +10,8 @@ Thin driver around lm-eval 0.4.13's Python API:
    hub unchanged. A benchmark whose data are not in the mirror gives a :class:`TaskSpec` with a
    ``skip`` reason (recorded as status=skipped), never an exception.
 2. :func:`run_task` evaluates one materialised task with an lm-eval ``HFLM`` (the harness's own
-   Hugging Face model class, batched) via ``lm_eval.simple_evaluate``, writes the raw results JSON
+   Hugging Face model class, batched; :func:`make_lm` builds it on the checkpoint folder) via
+   ``lm_eval.simple_evaluate``, writes the raw results JSON
    (``run_dir/eval/lm_eval/plw_<benchmark>.json``) and the per-item samples (``.samples.jsonl``)
    and returns the tidy rows.
 """
@@ -174,15 +175,18 @@ def task_manager():
     return _TASK_MANAGER
 
 
-def make_lm(model, tokenizer, batch_size: int, add_bos_token: Optional[bool] = None, max_length: Optional[int] = None):
-    """lm-eval's ``HFLM`` around an already loaded model (batched requests)."""
+def make_lm(pretrained, *, batch_size: int, device: str = "cpu", dtype: Optional[str] = None,
+            revision: Optional[str] = None, add_bos_token: Optional[bool] = None):
+    """lm-eval's own Hugging Face model class (``HFLM``, batched) on a checkpoint folder (or a hub id
+    with its revision). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps."""
     from lm_eval.models.huggingface import HFLM
 
-    kwargs: Dict[str, Any] = {"pretrained": model, "tokenizer": tokenizer, "batch_size": int(batch_size)}
+    kwargs: Dict[str, Any] = {"pretrained": str(pretrained), "batch_size": int(batch_size), "device": device,
+                              "dtype": dtype or "auto"}
+    if revision:
+        kwargs["revision"] = str(revision)
     if add_bos_token is not None:
         kwargs["add_bos_token"] = bool(add_bos_token)
-    if max_length is not None:
-        kwargs["max_length"] = int(max_length)
     return HFLM(**kwargs)
 
 

@@ -10,16 +10,16 @@ Pure functions (tested against independent computations):
   ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp`` (sacreBLEU's defaults).
 - :func:`select_prompts` -- up to N unique training prompts (the rendered Alpaca source), a seeded
   sample when there are more.
-- :func:`weight_distance` -- distance between the fine-tuned and the pre-trained weights, streamed
-  tensor by tensor from the safetensors files: ``l1_mean`` = mean over parameter tensors of the
-  p = 1 Minkowski distance sum|w - w0| (the SPEC's regularizer quantity), ``l2`` = sqrt of
-  sum (w - w0)^2 over all parameters. A tensor whose first dimension grew (the embedding rows of an
-  added pad token) is compared over the shared rows; tensors present on one side only are skipped;
-  both are said in the notes.
+- :func:`weight_distance` -- distance between the fine-tuned and the pre-trained weights with the
+  trainer's definitions (:mod:`pipeline.trainer.distance`, one implementation): ``l1_mean`` =
+  sum|w - w0| / number of elements, ``l2`` = sqrt(sum (w - w0)^2), ``l1_sum_per_tensor`` = mean over
+  tensors of each tensor's sum|w - w0| (the p = 1 Minkowski distance of the paper's regularizer),
+  ``l1_mean_per_tensor``; rows appended for a pad token are left out. Streamed tensor by tensor
+  from the safetensors files (used when the trainer's ``train_summary.json`` lacks them).
 
-I/O helpers: :func:`read_losses` (metrics.jsonl: the last line of every step that has a ``loss``;
-bad lines are errors naming the file and line), :func:`summary_distance` (the trainer's summary,
-when it wrote the distance).
+I/O helpers: :func:`read_losses` (metrics.jsonl: the last ``"kind": "train"`` line of every step;
+bad lines are errors naming the file and line), :func:`summary_distance` (the distance the trainer
+wrote in ``train_summary.json``).
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def loss_rsd(losses: Sequence[float], window: int = 5, mode: str = "tumbling") -
 
 def read_losses(path: Path) -> Tuple[List[float], List[int]]:
     """(losses, steps) from metrics.jsonl, ordered by step, the last line of each step winning
-    (a resumed run may log a step again). Lines without ``loss`` (evaluations) are ignored."""
+    (a resumed run may log a step again). The trainer's ``loss`` (the data loss, before a
+    regularizer's penalty) is used; ``"kind": "eval"`` lines and lines without ``loss`` are ignored."""
     path = Path(path)
     if not path.is_file():
         raise MechanismError(f"{path}: no such file (the trainer writes one line per optimizer step)")
@@ -85,8 +86,8 @@ def read_losses(path: Path) -> Tuple[List[float], List[int]]:
             if i == len(lines):
                 break  # a torn last line (crash while writing)
             raise MechanismError(f"{path}: line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or "loss" not in rec:
-            continue
+        if not isinstance(rec, dict) or "loss" not in rec or rec.get("kind", "train") != "train":
+            continue  # validation lines ("kind": "eval") and anything without a training loss
         if "step" not in rec:
             raise MechanismError(f"{path}: line {i}: field 'step' is missing")
         try:
@@ -137,10 +138,12 @@ def select_prompts(records: Sequence[Mapping[str, Any]], n: int, seed: int = 0) 
 # --------------------------------------------------------------------------------------------
 # weight distance
 # --------------------------------------------------------------------------------------------
+DISTANCE_METRICS = ("l1_mean", "l2", "l1_sum_per_tensor", "l1_mean_per_tensor")
+
+
 @dataclass
 class Distance:
-    l1_mean: float
-    l2: float
+    values: Dict[str, float]  # DISTANCE_METRICS
     n_tensors: int
     notes: List[str] = field(default_factory=list)
 
@@ -160,67 +163,52 @@ def _tensor_index(folder: Path) -> Dict[str, Path]:
 
 
 def weight_distance(trained: Path, pretrained: Path) -> Distance:
-    """Distances between two saved checkpoints (see the module docstring); float64 accumulation."""
-    import torch
+    """The trainer's weight distance (:func:`pipeline.trainer.distance.weight_distance`, the one
+    implementation) between two saved checkpoints, streamed tensor by tensor from their safetensors
+    files: every tensor of the pre-trained checkpoint against the fine-tuned one's."""
     from safetensors import safe_open
 
-    a, b = _tensor_index(trained), _tensor_index(pretrained)
-    shared = [k for k in a if k in b]
-    notes: List[str] = []
-    only = sorted(set(a) ^ set(b))
-    if only:
-        notes.append(f"{len(only)} tensor(s) present in one checkpoint only, skipped: {only[:4]}"
-                     f"{' ...' if len(only) > 4 else ''}")
-    if not shared:
-        raise MechanismError(f"{trained} and {pretrained} share no tensor names")
-    l1_sum, sq, n = 0.0, 0.0, 0
-    handles: Dict[Path, Any] = {}
-    try:
-        def get(path: Path, key: str):
-            if path not in handles:
-                handles[path] = safe_open(str(path), framework="pt")
-            return handles[path].get_tensor(key)
+    from pipeline.trainer.distance import weight_distance as distance
 
-        for k in shared:
-            x, y = get(a[k], k).to(torch.float64), get(b[k], k).to(torch.float64)
-            if x.shape != y.shape:
-                if x.dim() == y.dim() and x.shape[1:] == y.shape[1:]:
-                    rows = min(x.shape[0], y.shape[0])
-                    notes.append(f"{k}: shapes {tuple(x.shape)} vs {tuple(y.shape)}, compared over the "
-                                 f"{rows} shared rows (added tokens)")
-                    x, y = x[:rows], y[:rows]
-                else:
-                    notes.append(f"{k}: shapes {tuple(x.shape)} vs {tuple(y.shape)} differ, skipped")
-                    continue
-            d = x - y
-            l1_sum += float(d.abs().sum())
-            sq += float((d * d).sum())
-            n += 1
+    a, b = _tensor_index(trained), _tensor_index(pretrained)
+    handles: Dict[Path, Any] = {}
+
+    def get(path: Path, key: str):
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(key)
+
+    try:
+        res = distance(lambda k: get(a[k], k) if k in a else None, ((k, get(b[k], k)) for k in sorted(b)))
+    except (KeyError, ValueError) as e:
+        raise MechanismError(f"{trained} vs {pretrained}: {e.args[0] if e.args else e}") from None
     finally:
         handles.clear()
-    if n == 0:
-        raise MechanismError(f"{trained} vs {pretrained}: no comparable tensors")
-    return Distance(l1_mean=l1_sum / n, l2=math.sqrt(sq), n_tensors=n, notes=notes)
+    notes = []
+    extra = sorted(set(a) - set(b))
+    if extra:
+        notes.append(f"{len(extra)} tensor(s) only in the fine-tuned checkpoint, not compared: {extra[:4]}")
+    if res.get("rows_excluded"):
+        notes.append(str(res.get("note")) + f" {res['rows_excluded']}")
+    return Distance({k: float(res[k]) for k in DISTANCE_METRICS}, int(res["tensors"]), notes)
 
 
-SUMMARY_FILES = ("train_summary.json", "summary.json")
+SUMMARY_FILE = "train_summary.json"
 
 
-def summary_distance(run_dir: Path) -> Optional[Dict[str, float]]:
-    """``{"l1_mean": .., "l2": ..}`` from the trainer's summary if it wrote them (keys
-    ``weight_distance: {l1_mean, l2}`` or ``weight_distance_l1_mean`` / ``weight_distance_l2``)."""
-    for name in SUMMARY_FILES:
-        p = Path(run_dir) / name
-        if not p.is_file():
-            continue
-        try:
-            s = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            continue
-        wd = s.get("weight_distance") if isinstance(s, dict) else None
-        if isinstance(wd, dict) and {"l1_mean", "l2"} <= set(wd):
-            return {"l1_mean": float(wd["l1_mean"]), "l2": float(wd["l2"]), "source": str(p)}
-        if isinstance(s, dict) and {"weight_distance_l1_mean", "weight_distance_l2"} <= set(s):
-            return {"l1_mean": float(s["weight_distance_l1_mean"]), "l2": float(s["weight_distance_l2"]),
-                    "source": str(p)}
-    return None
+def summary_distance(run_dir: Path) -> Optional[Dict[str, Any]]:
+    """The trainer's ``train_summary.json`` ``weight_distance`` (its metrics and ``tensors``), or None."""
+    p = Path(run_dir) / SUMMARY_FILE
+    if not p.is_file():
+        return None
+    try:
+        s = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    wd = s.get("weight_distance") if isinstance(s, dict) else None
+    if not isinstance(wd, dict) or not {"l1_mean", "l2"} <= set(wd):
+        return None
+    out: Dict[str, Any] = {k: float(wd[k]) for k in DISTANCE_METRICS if isinstance(wd.get(k), (int, float))}
+    out["tensors"] = wd.get("tensors")
+    out["source"] = str(p)
+    return out

@@ -134,6 +134,7 @@ class Plan:
     evaluator: Dict[str, Any]
     skip: Optional[str] = None  # status=skipped with this message (nothing to run)
     spec: Any = None  # harness TaskSpec
+    error: Optional[str] = None  # the plan itself failed (e.g. a bad judge config): status=error
 
 
 class Evaluation:
@@ -210,8 +211,9 @@ class Evaluation:
             return Plan(name, {"kind": "mechanism", "source": "metrics.jsonl", "window": e.rsd_window,
                                "windows": e.rsd_windows, "ddof": 1, "statistic": "mean over windows of sd/mean"})
         if name == "mech_weight_distance":
-            return Plan(name, {"kind": "mechanism", "l1_mean": "mean over tensors of sum|w - w0|",
-                               "l2": "sqrt(sum (w - w0)^2)", "pretrained": _hash(model_identity(self.t.model_cfg))})
+            return Plan(name, {"kind": "mechanism", "definitions": "pipeline.trainer.distance",
+                               "source": "train_summary.json, else final/ vs the pre-trained checkpoint",
+                               "pretrained": _hash(model_identity(self.t.model_cfg))})
         if name == "mech_memorization_bleu":
             ds = self.t.run_cfg.dataset.name if self.t.run_cfg is not None else "?"
             return Plan(name, {"kind": "mechanism", "signature": mechanisms.BLEU_SIGNATURE,
@@ -256,14 +258,19 @@ class Evaluation:
 
     # ---------------------------------------------------------------- model loading
     def load_model(self, model_dir: Optional[Path], model_cfg: Any):
-        from pipeline import models
-        from pipeline.eval.generation import load_for_eval, resolve_device
+        """lm-eval's HFLM on the checkpoint folder (a hub model: its hub id and pinned revision)."""
+        from pipeline.eval import harness
+        from pipeline.eval.generation import ModelMissing, check_checkpoint, resolve_device
 
         if model_dir is not None:
-            return load_for_eval(model_dir, self.dtype, self.e.device)
-        model = models.load_model(model_cfg, self.cfg.paths, self.dtype)
-        model.to(resolve_device(self.e.device))
-        return model, models.load_tokenizer_for(model_cfg)
+            pretrained, revision = check_checkpoint(model_dir), None
+        else:
+            hub_id = _plain(model_cfg).get("hub_id")
+            if not hub_id:
+                raise ModelMissing(f"model '{_plain(model_cfg).get('name')}' has neither a local folder nor a hub id")
+            pretrained, revision = hub_id, _plain(model_cfg).get("revision")
+        return harness.make_lm(pretrained, batch_size=self.e.batch_size, device=resolve_device(self.e.device),
+                               dtype=self.dtype, revision=revision, add_bos_token=self.e.add_bos_token)
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:
         from pipeline import models
@@ -272,18 +279,27 @@ class Evaluation:
 
     # ---------------------------------------------------------------- the run
     def run(self) -> Path:
-        from pipeline.eval.generation import ModelMissing, release
+        from pipeline.eval.generation import release
 
         e = self.e
         log.info("evaluating %s -> %s", self.t.run_id, self.store.results_csv)
-        plans = {n: self.plan_one(n) for n in self.names}
+        plans: Dict[str, Plan] = {}
+        for n in self.names:
+            try:
+                plans[n] = self.plan_one(n)
+            except Exception as ex:  # e.g. an unknown judge config: recorded, the others go on
+                log.error("%s: cannot plan: %s", n, ex)
+                plans[n] = Plan(n, {"plan_error": f"{type(ex).__name__}: {ex}"}, error=f"{type(ex).__name__}: {ex}")
         pending = [n for n in self.names
                    if e.force or not self.store.is_finished(n, plans[n].evaluator)]
         done = [n for n in self.names if n not in pending]
         if done:
             log.info("  finished before (skipped): %s", ", ".join(done))
         for n in list(pending):
-            if plans[n].skip:
+            if plans[n].error:
+                self.fail(plans[n], "error", plans[n].error)
+                pending.remove(n)
+            elif plans[n].skip:
                 self.fail(plans[n], "skipped", plans[n].skip)
                 pending.remove(n)
         if not pending:
@@ -294,17 +310,17 @@ class Evaluation:
         model_steps = [n for n in pending if B.get(n).needs_model]
         if model_steps:
             try:
-                model, tok = self.load_model(self.t.model_dir, self.t.model_cfg)
-            except (ModelMissing, Exception) as ex:
+                lm = self.load_model(self.t.model_dir, self.t.model_cfg)
+            except Exception as ex:  # ModelMissing, or transformers/lm-eval failing to load it
                 msg = f"cannot load the model to evaluate: {type(ex).__name__}: {ex}"
                 log.error(msg)
                 for n in model_steps:
                     self.fail(plans[n], "error", msg)
                     self.failed[n] = msg
-                model = tok = None
-            if model is not None:
-                self.phase_model(plans, pending, model, tok)
-            del model, tok
+                lm = None
+            if lm is not None:
+                self.phase_model(plans, pending, lm)
+            del lm
             release()
         # phase 2+3: PandaLM comparator and the judges
         if "pandalm" in pending and "pandalm" not in self.failed:
@@ -318,28 +334,19 @@ class Evaluation:
             self.attempt(plans["mech_weight_distance"], self.step_weight_distance)
         return self.store.write_table(self.names)
 
-    def phase_model(self, plans: Dict[str, Plan], pending: List[str], model, tok) -> None:
+    def phase_model(self, plans: Dict[str, Plan], pending: List[str], lm) -> None:
         from pipeline.eval import harness
 
         e = self.e
-        harness_steps = [n for n in pending if B.get(n).kind == "harness"]
-        if harness_steps:
-            try:
-                lm = harness.make_lm(model, tok, e.batch_size, e.add_bos_token)
-            except Exception as ex:
-                for n in harness_steps:
-                    self.fail(plans[n], "error", f"cannot build lm-eval's HFLM: {type(ex).__name__}: {ex}")
-                lm = None
-            if lm is not None:
-                gk = _plain(e.gen_kwargs) or None
-                for n in harness_steps:
-                    p = plans[n]
-                    self.attempt(p, lambda p=p, n=n: harness.run_task(
-                        lm, p.spec, metrics=self.metrics(n), limit=e.limit,
-                        gen_kwargs=gk if B.get(n).group == "short_gen" else None,
-                        raw_dir=self.eval_dir / "lm_eval", bootstrap_iters=e.bootstrap_iters,
-                        fewshot_seed=e.fewshot_seed))
-                del lm
+        model, tok = lm.model, lm.tokenizer
+        gk = _plain(e.gen_kwargs) or None
+        for n in [n for n in pending if B.get(n).kind == "harness"]:
+            p = plans[n]
+            self.attempt(p, lambda p=p, n=n: harness.run_task(
+                lm, p.spec, metrics=self.metrics(n), limit=e.limit,
+                gen_kwargs=gk if B.get(n).group == "short_gen" else None,
+                raw_dir=self.eval_dir / "lm_eval", bootstrap_iters=e.bootstrap_iters,
+                fewshot_seed=e.fewshot_seed))
         if "alpaca_eval" in pending or "mech_alpacaeval_length" in pending:
             self.step_alpaca_generate(plans, pending, model, tok)
         if "pandalm" in pending:
@@ -456,12 +463,12 @@ class Evaluation:
                         return got["outputs"]
             except (ValueError, KeyError):
                 pass
-        model, tok = self.load_model(folder, mcfg)
+        lm = self.load_model(folder, mcfg)
         try:
-            return pandalm.generate_candidates(model, tok, items, out_file=cache, who=who,
+            return pandalm.generate_candidates(lm.model, lm.tokenizer, items, out_file=cache, who=who,
                                                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
         finally:
-            del model, tok
+            del lm
             release()
 
     def step_pandalm(self, plan: Plan) -> None:
@@ -511,7 +518,7 @@ class Evaluation:
 
         s = mechanisms.summary_distance(self.t.folder)
         if s is not None:
-            vals, n, msg = {"l1_mean": s["l1_mean"], "l2": s["l2"]}, None, f"from the trainer's summary {s['source']}"
+            vals, n, msg = s, s.get("tensors"), f"from the trainer's summary {s['source']}"
         else:
             final = self.t.model_dir
             if final is None or not Path(final).is_dir():
@@ -523,10 +530,12 @@ class Evaluation:
                     f"the pre-trained model '{getattr(self.t.model_cfg, 'name', '?')}' has no local folder "
                     f"(hub cache only): set model.local_path to compute the weight distance")
             d = mechanisms.weight_distance(Path(final), Path(folder))
-            vals, n = {"l1_mean": d.l1_mean, "l2": d.l2}, d.n_tensors
-            msg = "; ".join([f"computed from {final} vs {folder}"] + d.notes)
+            vals, n = d.values, d.n_tensors
+            msg = "; ".join([f"computed from the saved checkpoint {final} vs {folder} (no train_summary.json)"]
+                            + d.notes)
         return [Row("mech_weight_distance", m, vals.get(m), None, n, "ok" if m in vals else "skipped",
-                    msg if m in vals else f"unknown metric {m!r}") for m in self.metrics("mech_weight_distance")]
+                    msg if m in vals else f"metric {m!r} not available (available: {list(mechanisms.DISTANCE_METRICS)})")
+                for m in self.metrics("mech_weight_distance")]
 
     def step_memorization(self, model, tok) -> List[Row]:
         from pipeline.data.build import load_dataset

@@ -206,9 +206,7 @@ class Backend:
                              f"model '{model_cfg.name}'")
         for m in layers:
             fully_shard(m, reshard_after_forward=reshard, **kwargs)
-        fully_shard(wrapper, **kwargs)
-        if self.device.type == "cuda" and not self.settings.get("cpu_offload"):
-            wrapper.to(self.device)
+        fully_shard(wrapper, **kwargs)  # fully_shard moves every (sharded) state to the mesh's device
         return wrapper
 
     def init_deepspeed(self, wrapper: nn.Module, optimizer, scheduler, train_cfg: Any, accumulation: int):
@@ -278,8 +276,9 @@ class Backend:
             from torch.distributed.checkpoint.state_dict import get_state_dict
 
             msd, osd = get_state_dict(model, optimizer)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "model_optim"),
-                     no_dist=not self.distributed)
+            with _single_process_dcp(not self.distributed):
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "model_optim"),
+                         no_dist=not self.distributed)
             if self.is_main:
                 torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_state(), folder / "rng" / f"rank{self.rank}.pt")
@@ -294,7 +293,8 @@ class Backend:
 
             msd, osd = get_state_dict(model, optimizer)
             state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=str(folder / "model_optim"), no_dist=not self.distributed)
+            with _single_process_dcp(not self.distributed):
+                dcp.load(state, checkpoint_id=str(folder / "model_optim"), no_dist=not self.distributed)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
             scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
         rng = folder / "rng" / f"rank{self.rank}.pt"
@@ -321,6 +321,17 @@ class Backend:
             if k.startswith("lm."):
                 out[k[3:]] = v.detach().to("cpu")
         return out
+
+
+@contextlib.contextmanager
+def _single_process_dcp(single: bool):
+    """Silence DCP's "assuming the intent is to save in a single process" (it is the intent)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 # ------------------------------------------------------------------ gradient clipping

@@ -43,6 +43,7 @@ the launcher can requeue the run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -210,8 +211,13 @@ class Trainer:
             if b.is_main:
                 self._truncate_metrics(0)
             return None
-        state = ckpt.read_state(latest)
-        b.load(latest, self.model, self.optimizer, self.scheduler)
+        try:
+            state = ckpt.read_state(latest)
+            b.load(latest, self.model, self.optimizer, self.scheduler)
+        except Exception as e:
+            raise RuntimeError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: {e}. Move that folder "
+                               f"aside to resume from an earlier checkpoint, or set train.resume=false to "
+                               f"start over") from e
         self.step = int(state["step"])
         self.counters = {k: state["counters"][k] for k in self.counters}
         self.resumed_from = list(state.get("resumed_from", [])) + [self.step]
@@ -407,6 +413,11 @@ class Trainer:
                    disable=not b.is_main or os.environ.get("PLW_NO_PROGRESS") == "1",
                    mininterval=1.0 if os.isatty(2) else 30.0)
         last_saved = self.step
+        stack = contextlib.ExitStack()
+        if not bar.disable:  # log lines above the progress bar, not through it
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger()]))
         try:
             while self.step < self.total_steps:
                 if b.any(self._stop_reason is not None):
@@ -438,6 +449,7 @@ class Trainer:
                     last_saved = step
             self._log_eval(self.evaluate(self.step), trackers)
         finally:
+            stack.close()
             bar.close()
             self._restore_signals()
             if trackers:

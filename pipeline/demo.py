@@ -1,0 +1,244 @@
+"""``python -m pipeline.demo [--experiment NAME] [--eval NAME] [--no-figures] [overrides]`` (``make demo``).
+
+The newcomer's first command: runs the *same* stages a paper-scale study runs, in order, on a small
+experiment, and ends with a summary (runs done, seconds per stage, where the report is):
+
+  1. sweep    ``python -m pipeline.sweep run experiment=<NAME> ...``   (train every grid point; resumable)
+  2. eval     ``python -m pipeline.eval eval=<EVAL> ...``              (runs lacking results.csv only)
+  3. regress  ``python -m pipeline.analysis regress ...``              (GLMM, GAM, figures, report)
+
+Each stage is a subprocess through the stage's own command-line entry point (nothing demo-specific is
+executed), its output streamed live (tqdm bars, logging). Set-up is ``make setup`` (the Makefile's
+``demo: setup``).
+
+Re-running reuses everything: the sweep skips done runs, eval skips runs with results, and regress
+is skipped when the report exists and the inputs it was built from (every ``results.csv`` of the grid,
+hashed) are unchanged. ``--force-regress`` refits anyway.
+
+Overrides (Hydra ``key=value``) are routed by key: ``experiment.*`` go to the sweep only, ``eval.*``
+to eval only, ``analysis.*`` to regress only, everything else (``paths.*``, ``train.*`` ...) to
+every stage that accepts it (``train.*``/``launcher.*`` to the sweep only).
+
+The summary is also written atomically to ``<analysis.output_dir>/demo_summary.json``
+(``benchmarks/demo_stages.py`` reads it). Exit status: 0 every stage ok, 1 a stage failed (the
+summary says which; what earlier stages computed stays in the run store), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+STAGES = ("sweep", "eval", "regress")
+_SWEEP_ONLY = ("experiment", "train", "launcher", "+experiment")
+_EVAL_ONLY = ("eval",)
+_REGRESS_ONLY = ("analysis",)
+
+
+@dataclass
+class StageResult:
+    name: str
+    command: List[str]
+    seconds: float = 0.0
+    returncode: Optional[int] = None
+    skipped: str = ""                    # non-empty: why the stage did not run
+
+
+@dataclass
+class Summary:
+    experiment: str
+    eval_config: str
+    stages: List[StageResult] = field(default_factory=list)
+    runs_total: int = 0
+    runs_done: int = 0
+    runs_evaluated: int = 0
+    report: str = ""
+    total_seconds: float = 0.0
+    ok: bool = False
+    inputs_hash: str = ""
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~").split(".", 1)[0].split("/", 1)[0]
+
+
+def route_overrides(overrides: Sequence[str]) -> Dict[str, List[str]]:
+    """Split Hydra overrides by stage (pure). ``experiment.*``, ``train.*``, ``launcher.*``
+    (and ``plw``/``model``/``dataset``) -> sweep; ``eval.*`` -> eval; ``analysis.*`` -> regress;
+    anything else (``paths.*``, ``seed`` ...) -> every stage."""
+    out: Dict[str, List[str]] = {s: [] for s in STAGES}
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} is not key=value")
+        k = _key(o).lstrip("+")
+        if k in ("experiment", "train", "launcher", "plw", "model", "dataset", "completion_weight"):
+            out["sweep"].append(o)
+        elif k == "eval":
+            out["eval"].append(o)
+        elif k == "analysis":
+            out["regress"].append(o)
+        else:
+            for s in STAGES:
+                out[s].append(o)
+    return out
+
+
+def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
+                   python: str = sys.executable, no_figures: bool = False) -> Dict[str, List[str]]:
+    """The exact command line of each stage (pure)."""
+    r = route_overrides(overrides)
+    return {
+        "sweep": [python, "-m", "pipeline.sweep", "run", f"experiment={experiment}", *r["sweep"]],
+        "eval": [python, "-m", "pipeline.eval", f"eval={eval_config}", *r["eval"]],
+        "regress": [python, "-m", "pipeline.analysis", "regress",
+                    *(["--no-figures"] if no_figures else []), *r["regress"]],
+    }
+
+
+def _grid(experiment: str, overrides: Sequence[str]):
+    """(plan runs, analysis output dir) from the sweep's own planner (store read only)."""
+    from pipeline.config import load_config
+    from pipeline.sweep.plan import make_plan
+
+    r = route_overrides(overrides)
+    plan = make_plan([f"experiment={experiment}", *r["sweep"]])
+    acfg = load_config(list(r["regress"]))
+    return plan, Path(str(acfg.analysis.output_dir))
+
+
+def inputs_hash(run_dirs: Sequence[Path]) -> str:
+    """Hash of the run ids and their results.csv bytes (what regress reads); pure over the files."""
+    h = hashlib.sha256()
+    for d in sorted(Path(p) for p in run_dirs):
+        res = d / "results.csv"
+        h.update(d.name.encode() + b"\0")
+        h.update(res.read_bytes() if res.exists() else b"<missing>")
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _state(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("state", "pending")
+    except (OSError, ValueError):
+        return "pending"
+
+
+def _count(plan) -> Dict[str, int]:
+    dirs = [pr.rd.path if hasattr(pr.rd, "path") else pr.rd.root for pr in plan.runs]
+    return {"total": len(dirs),
+            "done": sum(_state(Path(d)) == "done" for d in dirs),
+            "evaluated": sum((Path(d) / "results.csv").exists() for d in dirs)}
+
+
+def _run_dirs(plan) -> List[Path]:
+    return [Path(pr.rd.path if hasattr(pr.rd, "path") else pr.rd.root) for pr in plan.runs]
+
+
+def _run_stage(cmd: List[str], env: Dict[str, str]) -> int:
+    print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def format_summary(s: Summary) -> str:
+    lines = ["", "=" * 72, f"make demo: experiment {s.experiment}, eval={s.eval_config} "
+             f"-> {'OK' if s.ok else 'FAILED'}",
+             f"runs: {s.runs_done}/{s.runs_total} trained, {s.runs_evaluated}/{s.runs_total} evaluated"]
+    for st in s.stages:
+        state = (f"skipped ({st.skipped})" if st.skipped
+                 else "ok" if st.returncode == 0 else f"FAILED (exit {st.returncode})")
+        lines.append(f"  {st.name:<8} {st.seconds:8.1f} s  {state}")
+    lines.append(f"  {'total':<8} {s.total_seconds:8.1f} s")
+    lines.append(f"report: {s.report or '(not written)'}")
+    lines.append("=" * 72)
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--experiment", default="demo", help="conf/experiment/<NAME>.yaml (demo_ci: reduced)")
+    ap.add_argument("--eval", dest="eval_config", default="demo", help="conf/eval/<NAME>.yaml")
+    ap.add_argument("--no-figures", action="store_true", help="regress without figures")
+    ap.add_argument("--force-regress", action="store_true", help="refit even if inputs are unchanged")
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        cmds = stage_commands(args.experiment, args.eval_config, overrides, no_figures=args.no_figures)
+    except ValueError as e:
+        ap.error(str(e))
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    os.environ.update({k: env[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")})
+
+    t0 = time.monotonic()
+    try:
+        plan, out_dir = _grid(args.experiment, overrides)
+    except Exception as e:  # bad config: name it and stop before any work
+        print(f"make demo: bad configuration: {e}", file=sys.stderr)
+        return 2
+    summary = Summary(experiment=args.experiment, eval_config=args.eval_config)
+    summary_file = out_dir / "demo_summary.json"
+    previous = {}
+    if summary_file.exists():
+        try:
+            previous = json.loads(summary_file.read_text())
+        except ValueError:
+            previous = {}
+    print(f"make demo: {len(plan.runs)} runs of experiment {args.experiment}; stages: "
+          f"{', '.join(STAGES)}; report -> {out_dir}", flush=True)
+
+    for name in STAGES:
+        st = StageResult(name=name, command=cmds[name])
+        summary.stages.append(st)
+        if name == "sweep":
+            c = _count(plan)
+            if c["done"] == c["total"]:
+                st.skipped = f"all {c['total']} runs done"
+        elif name == "eval":
+            c = _count(plan)
+            if c["evaluated"] == c["total"]:
+                st.skipped = f"all {c['total']} runs have results"
+        elif name == "regress":
+            h = inputs_hash(_run_dirs(plan))
+            summary.inputs_hash = h
+            report = out_dir / "report.md"
+            if (not args.force_regress and report.exists() and previous.get("inputs_hash") == h
+                    and previous.get("ok")):
+                st.skipped = "inputs unchanged since the last report"
+        if st.skipped:
+            print(f"\n=== {name}: skipped ({st.skipped})", flush=True)
+            continue
+        ts = time.monotonic()
+        st.returncode = _run_stage(cmds[name], env)
+        st.seconds = time.monotonic() - ts
+        if st.returncode != 0:
+            break
+
+    c = _count(plan)
+    summary.runs_total, summary.runs_done, summary.runs_evaluated = c["total"], c["done"], c["evaluated"]
+    report = out_dir / "report.md"
+    summary.report = str(report) if report.exists() else ""
+    summary.ok = all(st.skipped or st.returncode == 0 for st in summary.stages) and \
+        len(summary.stages) == len(STAGES)
+    summary.total_seconds = time.monotonic() - t0
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from pipeline.runs import atomic_write_json
+    atomic_write_json(summary_file, asdict(summary))
+    print(format_summary(summary), flush=True)
+    print(f"summary: {summary_file}", flush=True)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""make demo (pipeline/demo.py): the pure parts (override routing, stage commands, input hash) and the
+reduced demo end to end through the same command (`make demo EXPERIMENT=demo_ci`, slow)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.demo import inputs_hash, route_overrides, stage_commands
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_route_overrides_sends_each_key_to_its_stage():
+    r = route_overrides(["experiment.plw=[0.0]", "train.max_steps=2", "eval.limit=2",
+                         "analysis.dpi=50", "paths.runs_dir=/x", "+experiment.variants.a={weight_decay:0.1}"])
+    assert r["sweep"] == ["experiment.plw=[0.0]", "train.max_steps=2", "paths.runs_dir=/x",
+                          "+experiment.variants.a={weight_decay:0.1}"]
+    assert r["eval"] == ["eval.limit=2", "paths.runs_dir=/x"]
+    assert r["regress"] == ["analysis.dpi=50", "paths.runs_dir=/x"]
+    with pytest.raises(ValueError, match="not key=value"):
+        route_overrides(["oops"])
+
+
+def test_stage_commands_are_the_stages_own_entry_points():
+    c = stage_commands("demo_ci", "demo", ["paths.runs_dir=/r"], python="PY", no_figures=True)
+    assert c["sweep"] == ["PY", "-m", "pipeline.sweep", "run", "experiment=demo_ci", "paths.runs_dir=/r"]
+    assert c["eval"] == ["PY", "-m", "pipeline.eval", "eval=demo", "paths.runs_dir=/r"]
+    assert c["regress"] == ["PY", "-m", "pipeline.analysis", "regress", "--no-figures", "paths.runs_dir=/r"]
+
+
+def test_inputs_hash_changes_with_any_results_file(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "results.csv").write_text("x\n1\n")
+    h0 = inputs_hash([a, b])
+    assert h0 == inputs_hash([b, a])                         # order-free
+    (b / "results.csv").write_text("x\n2\n")
+    h1 = inputs_hash([a, b])
+    (a / "results.csv").write_text("x\n3\n")
+    assert len({h0, h1, inputs_hash([a, b])}) == 3
+
+
+def test_demo_configs_compose_with_the_study_shape():
+    e = load_config(["experiment=demo"]).experiment
+    assert len(e.plw) == 10 and len(e.models) == 2 and len(e.datasets) == 3
+    assert load_config(["eval=demo"]).eval.judge.startswith("test_double")
+
+
+@pytest.mark.slow
+def test_reduced_demo_end_to_end_then_reuses_everything(tmp_path, shared_dir):
+    """`make demo EXPERIMENT=demo_ci` trains 3 runs, evaluates them, fits and reports; the second
+    call runs no stage. ~6-10 min on a loaded 2-core CPU (slow)."""
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    ov = f"paths.runs_dir={runs} paths.reports_dir={reports} paths.shared_dir={shared_dir}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    cmd = ["make", "-s", "demo", "EXPERIMENT=demo_ci", f"OVERRIDES={ov}", f"PY={sys.executable}"]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    s = json.loads((reports / "analysis" / "demo_summary.json").read_text())
+    assert s["ok"] and s["runs_total"] == 3 and s["runs_done"] == 3 and s["runs_evaluated"] == 3
+    assert Path(s["report"]).is_file() and "report:" in first.stdout
+    for d in runs.iterdir():
+        if not d.name.startswith("_"):
+            assert (d / "results.csv").is_file() and (d / "final").is_dir()
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    s2 = json.loads((reports / "analysis" / "demo_summary.json").read_text())
+    assert all(st["skipped"] for st in s2["stages"]), s2["stages"]
+    assert s2["inputs_hash"] == s["inputs_hash"]
