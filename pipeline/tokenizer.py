@@ -50,8 +50,7 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
     if spec.startswith(PACKAGE_GGUF):
         package, filename = parse_package_gguf(spec)
         path = package_file(package, filename)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return _apply_gguf_special_tokens(tok, path)
+        return _load_gguf_tokenizer(path)
     if Path(spec).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
     if spec.startswith((".", "/", "~")):
@@ -64,6 +63,50 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
         raise TokenizerError(
             f"cannot load tokenizer '{spec}':{hint} {e}. Point the config at a local folder instead, "
             f"e.g. paths.llama_tokenizer=../shared/tokenizers/llama") from e
+
+
+# Bump when the conversion below changes (the disk cache is keyed by it).
+GGUF_TOKENIZER_VERSION = 1
+
+
+def gguf_tokenizer_cache_dir() -> Path:
+    """Where tokenizers converted from GGUF files are kept (``PLW_CACHE_DIR``, default ~/.cache/plw)."""
+    return Path(os.environ.get("PLW_CACHE_DIR", Path.home() / ".cache" / "plw")) / "tokenizers"
+
+
+def _load_gguf_tokenizer(path: Path):
+    """The tokenizer inside a GGUF file, converted once and cached on disk.
+
+    Converting it takes 10-30 s (transformers parses the whole file); a saved Hugging Face folder
+    loads in well under a second. The cache key covers the file's name, size and modification time,
+    the transformers version and GGUF_TOKENIZER_VERSION; a folder is complete once its DONE exists.
+    """
+    import shutil
+    import tempfile
+
+    import transformers
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(repr((path.name, st.st_size, int(st.st_mtime), transformers.__version__,
+                               GGUF_TOKENIZER_VERSION)).encode()).hexdigest()[:16]
+    folder = gguf_tokenizer_cache_dir() / f"{path.stem}-{key}"
+    if (folder / "DONE").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok = _apply_gguf_special_tokens(tok, path)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tok.save_pretrained(str(tmp))
+        (tmp / "DONE").write_text(str(path) + "\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # read-only home: no cache, the converted tokenizer is still returned
+    return tok
 
 
 def _apply_gguf_special_tokens(tok, path: Path):
