@@ -16,8 +16,8 @@ is skipped when the report exists and the inputs it was built from (every ``resu
 hashed) are unchanged. ``--force-regress`` refits anyway.
 
 Overrides (Hydra ``key=value``) are routed by key: ``experiment.*`` go to the sweep only, ``eval.*``
-to eval only, ``analysis.*`` to regress only, everything else (``paths.*``, ``train.*`` ...) to
-every stage that accepts it (``train.*``/``launcher.*`` to the sweep only).
+to eval only, ``analysis.*`` to regress only, everything else (``paths.*``, ``seed`` ...) to
+every stage (``train.*``, ``launcher.*``, ``plw``, ``model``, ``dataset`` go to the sweep only).
 
 The summary is also written atomically to ``<analysis.output_dir>/demo_summary.json``
 (``benchmarks/demo_stages.py`` reads it). Exit status: 0 every stage ok, 1 a stage failed (the
@@ -37,9 +37,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 STAGES = ("sweep", "eval", "regress")
-_SWEEP_ONLY = ("experiment", "train", "launcher", "+experiment")
-_EVAL_ONLY = ("eval",)
-_REGRESS_ONLY = ("analysis",)
 
 
 @dataclass

@@ -48,6 +48,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     a = cfg.analysis
 
+    if args.command in ("collect", "regress"):
+        from pathlib import Path
+
+        from pipeline.analysis.run_rg import fill_missing_r_g
+
+        n, problems = fill_missing_r_g(Path(a.runs_dir))
+        for p in problems:
+            print(p, file=sys.stderr)
+        if n:
+            print(f"recorded the training set's R_g in {n} run.json file(s)")
+
     if args.command == "collect":
         from pipeline.analysis.collect import collect_runs, write_collected
         from pathlib import Path
