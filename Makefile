@@ -76,5 +76,5 @@ slurm-down: ## stop the single-node SLURM started by slurm-up (its state is kept
 	bash scripts/slurm/stop.sh
 
 .PHONY: demo
-demo: setup ## the embedded default, one command: sweep + eval + regress on experiment demo, then a summary (README_DEMO.md): make demo [EXPERIMENT=demo_ci] [OVERRIDES=...]
+demo: setup ## the embedded default, one command: sweep + eval + regress on experiment demo, then a summary (docs/demo.md): make demo [EXPERIMENT=demo_ci] [OVERRIDES=...]
 	HF_HUB_OFFLINE=1 $(PY) -m pipeline.demo --experiment $(or $(EXPERIMENT),demo) $(OVERRIDES)

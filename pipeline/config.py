@@ -312,7 +312,7 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class EvalConfig:
-    """Evaluation stage (``python -m pipeline.eval``; see pipeline/eval/__init__.py and README_EVAL.md).
+    """Evaluation stage (``python -m pipeline.eval``; see pipeline/eval/__init__.py and docs/evaluation.md).
 
     What is evaluated: every finished run in ``paths.runs_dir`` lacking results (default), one run
     (``run_dir``), or the pre-trained model of ``model`` (``pretrained=true``: baselines). Benchmarks
@@ -342,7 +342,7 @@ class EvalConfig:
     judge: str = "mixtral_8x7b_instruct"  # evaluator config in pipeline/eval/evaluators/<judge>/
     judge_model: Optional[str] = None  # replaces the evaluator's model (hub id or local folder)
     judge_chunksize: Optional[int] = None  # annotations per alpaca_eval chunk (null: one chunk)
-    alpaca_eval_reference: Optional[str] = None  # JSON/JSONL of reference outputs; null: see README_EVAL.md
+    alpaca_eval_reference: Optional[str] = None  # JSON/JSONL of reference outputs; null: see docs/evaluation.md
     # --- PandaLM
     pandalm_judge: str = "pandalm_7b"  # judge config in pipeline/eval/pandalm_judges/<name>.yaml
     pandalm_judge_model: Optional[str] = None  # replaces the judge's model (hub id or local folder)
@@ -398,7 +398,7 @@ class EvalConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class LauncherConfig:
-    """Where and how the runs of a sweep execute (``python -m pipeline.sweep``; README_SWEEP.md).
+    """Where and how the runs of a sweep execute (``python -m pipeline.sweep``; docs/sweep.md).
 
     Nothing here changes a run's identity: a run started locally resumes on a cluster.
     """
