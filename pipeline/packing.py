@@ -79,7 +79,6 @@ import torch
 from pipeline.preprocess import IGNORE_INDEX
 
 ATTENTION_MODES = ("mask4d", "position_ids")
-PACKED_KEYS = ("input_ids", "labels", "weights", "prompt_mask", "position_ids", "segment_ids")
 
 
 # --------------------------------------------------------------------------------------------
