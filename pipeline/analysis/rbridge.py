@@ -7,6 +7,7 @@ Python, or in the small driver scripts this module writes for ``Rscript``.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -19,6 +20,9 @@ from typing import Any, Dict, List, Optional
 import pandas as pd
 
 from pipeline.config import PROJECT_ROOT
+
+# rpy2 logs 'Embedded R ended.' at interpreter exit, after pytest/CLI streams may be closed.
+logging.getLogger("rpy2.rinterface_lib.embedded").setLevel(logging.WARNING)
 
 R_DIR = PROJECT_ROOT / "analysis"
 R_FILES = ("capture.R", "glmm.R", "gam.R")
