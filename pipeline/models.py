@@ -57,6 +57,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.data.records import sha256_file
 from pipeline.tokenizer import (PACKAGE_GGUF, TokenizerError, load_tokenizer, package_file,
                                 tokenizer_fingerprint)
 
@@ -107,14 +108,6 @@ def _name(model_cfg: Any) -> str:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def torch_dtype(model_cfg: Any, dtype: Any = None) -> torch.dtype:
@@ -277,7 +270,7 @@ def _gguf_path(model_cfg: Any) -> Path:
 
 
 def _checked_gguf_sha256(model_cfg: Any, path: Path) -> str:
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     expected = _get(model_cfg, "gguf_sha256")
     if expected and digest != expected:
         raise ModelLoadError(f"model config '{_name(model_cfg)}': {path} has sha256 {digest}, but "
@@ -301,7 +294,7 @@ def _done_ok(folder: Path, verify: bool) -> bool:
         return False
     for name, digest in files.items():
         p = folder / name
-        if not p.is_file() or _sha256_file(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             raise ModelLoadError(f"cached checkpoint {folder}: '{name}' no longer matches the sha256 in "
                                  f"{DONE_FILE}; delete the folder to rebuild it")
     return True
@@ -309,7 +302,7 @@ def _done_ok(folder: Path, verify: bool) -> bool:
 
 def _publish(tmp: Path, final: Path) -> None:
     """Write DONE into the finished ``tmp`` folder, then rename it to ``final`` (first writer wins)."""
-    done = {"files": {p.name: _sha256_file(p) for p in _weight_files(tmp)}}
+    done = {"files": {p.name: sha256_file(p) for p in _weight_files(tmp)}}
     (tmp / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
     try:
         os.rename(tmp, final)

@@ -17,7 +17,6 @@ Thin driver around lm-eval 0.4.13's Python API:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import yaml
 from pipeline.eval import benchmarks as B
 from pipeline.eval.results import Row
 from pipeline.runs import atomic_write_text
+from pipeline.data.records import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,6 @@ def lm_eval_version() -> str:
     import lm_eval
 
     return getattr(lm_eval, "__version__", "?")
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -132,7 +124,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
             spec.notes.append(f"evaluated split '{eval_split}' is incomplete in the mirror: missing {partial}")
         cfg["dataset_kwargs"] = {"data_files": {s: (v[0] if len(v) == 1 else v) for s, v in files.items()}}
         data = {"source": "mirror", "eval_split": eval_split,
-                "files": {Path(f).relative_to(root).as_posix(): _sha(Path(f))[:16]
+                "files": {Path(f).relative_to(root).as_posix(): sha256_file(Path(f))[:16]
                           for s in sorted(files) for f in files[s]}}
         if shots > 0:
             fs = merged.get("fewshot_split") or merged.get("training_split") or merged.get("validation_split") \
@@ -156,7 +148,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         "framework": "lm-eval", "version": lm_eval_version(), "task": task,
         "base_task": include, "task_version": version, "shots": int(shots), "fewshot_seed": int(fewshot_seed),
         "limit": limit, "metrics": list(metrics),
-        "template_sha256": _sha(TASKS_DIR / f"{benchmark}.yaml")[:16], "data": data,
+        "template_sha256": sha256_file(TASKS_DIR / f"{benchmark}.yaml")[:16], "data": data,
         "add_bos_token": add_bos_token,
     }
     return spec
