@@ -1,6 +1,6 @@
 """The evaluation stage: 13 benchmarks, AlpacaEval 1, PandaLM and the mechanism metrics (SPEC.md s. 5).
 
-Commands (README_EVAL.md)::
+Commands (docs/evaluation.md)::
 
     make eval                                   # every finished run in paths.runs_dir lacking results
     make eval OVERRIDES="eval.run_dir=runs/<run_id>"          # one run

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Tuple
 GROUPS = ("mc", "short_gen", "long_gen", "mechanism")
 
 # truthfulqa_gen's metrics in lm-eval 0.4.13 (BLEURT is commented out there: it needs the BLEURT-20
-# model, which cannot run here; see README_EVAL.md).
+# model, which cannot run here; see docs/evaluation.md).
 TQA_GEN_METRICS = [f"{m}_{s}" for m in ("bleu", "rouge1", "rouge2", "rougeL") for s in ("max", "acc", "diff")]
 WMT_METRICS = ["bleu", "chrf", "ter"]
 

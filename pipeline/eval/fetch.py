@@ -1,4 +1,4 @@
-"""``make fetch-data`` (``python -m pipeline.eval.fetch [overrides] [--force] [--only a,b]``): the
+"""``make fetch-data`` (``python -m pipeline.eval.fetch [overrides] [--force] [--only=a,b]``): the
 offline benchmark mirror.
 
 Downloads every benchmark once (where the hub is reachable) and writes it under ``eval.data_dir``

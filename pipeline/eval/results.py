@@ -152,7 +152,8 @@ class ResultStore:
 
     def all_results(self, order: Sequence[str] = ()) -> List[BenchmarkResult]:
         names = [p.stem for p in sorted(self.done_dir.glob("*.json"))] if self.done_dir.is_dir() else []
-        ranked = [b for b in order if b in names] + [b for b in names if b not in order]
+        registry = [b for b in B.ALL if b in names and b not in order]  # the others in the registry's order
+        ranked = [b for b in order if b in names] + registry + [b for b in names if b not in order and b not in B.ALL]
         out = []
         for b in ranked:
             r = self.load(b)
