@@ -4,6 +4,7 @@
     python -m pipeline.eval eval.run_dir=runs/<run_id>       # one run
     python -m pipeline.eval eval.pretrained=true model=smollm2_135m   # a baseline
     python -m pipeline.eval eval=cpu_small ...               # the CPU smoke setting (TEST DOUBLE judges)
+    python -m pipeline.eval launcher=slurm [launcher.wait=true]   # one SLURM array task per run lacking results
 
 Prints one line per evaluated folder and a summary per benchmark. Exit status: 0 every benchmark ok
 or skipped, 1 some benchmark failed (see results.csv's status/message) or a run could not be
@@ -59,6 +60,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.eval.stage import EvalError, evaluate_all, evaluate_pretrained, evaluate_run
 
     e = cfg.eval
+    if not e.pretrained and not e.run_dir and cfg.launcher.kind == "slurm":
+        from pipeline.eval import slurm
+
+        return slurm.main(cfg, argv)  # one SLURM array task per finished run lacking results
     try:
         if e.pretrained:
             paths = [evaluate_pretrained(cfg)]

@@ -596,6 +596,32 @@ def evaluate_run(run_dir, cfg: DictConfig) -> Path:
         return Evaluation(target, cfg).run()
 
 
+def pending_benchmarks(run_dir, cfg: DictConfig) -> List[str]:
+    """The benchmarks of ``cfg.eval`` that ``evaluate_run(run_dir, cfg)`` would (re)evaluate: not
+    finished with this evaluator setting (all of them with ``eval.force``); benchmarks planned as
+    skipped (nothing to run) do not count. Empty: the results are complete."""
+    from pipeline.runs import RunDir
+
+    rd = RunDir(Path(run_dir).expanduser().resolve())
+    meta = _run_json(rd.path)
+    run_cfg, notes = load_run_config(rd.path, cfg)
+    target = Target(folder=rd.path, run_id=str(meta.get("run_id") or rd.path.name), model_dir=rd.final,
+                    model_cfg=run_cfg.model, run_cfg=run_cfg, is_run=True, notes=notes)
+    ev = Evaluation(target, cfg)
+    out = []
+    for n in ev.names:
+        try:
+            plan = ev.plan_one(n)
+        except Exception:
+            out.append(n)
+            continue
+        if plan.skip and not cfg.eval.force:  # nothing to run (e.g. data not in the mirror)
+            continue
+        if cfg.eval.force or plan.error or not ev.store.is_finished(n, plan.evaluator):
+            out.append(n)
+    return out
+
+
 def baseline_folder(cfg: DictConfig) -> Path:
     if cfg.eval.output_dir:
         return Path(str(cfg.eval.output_dir)).expanduser()
