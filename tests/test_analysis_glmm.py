@@ -110,9 +110,9 @@ def test_fallback_optimizer_is_recorded():
 
 
 def test_r_capture_returns_warnings_messages_and_errors():
+    env = rb.r_env()
     import rpy2.robjects as ro
 
-    env = rb.r_env()
     f = ro.r("function(cap) cap({message('hello'); warning('first'); warning('second'); 42})")
     out = rb.to_py(f(env["plw_capture"]))
     assert out["value"] == [42.0] and out["warnings"] == ["first", "second"]
@@ -170,3 +170,19 @@ def test_rpy2_and_rscript_agree():
                                    b.loc[["intercept", "w_p", "w_p2"], col], rtol=0, atol=1e-6)
     assert abs(emb.chisq - float(cli["anova"]["chisq"].iloc[0])) < 1e-6
     assert abs(emb.precision_phi - float(cli["scalars"]["precision_phi"])) < 1e-6
+
+
+def test_starting_r_leaves_child_processes_environment_alone():
+    """rpy2 puts R's library path in LD_LIBRARY_PATH; children (e.g. SLURM jobs submitted later in the
+    same process) would then load the system's libpython instead of their own. Checked in a fresh
+    process, where R starts for the first time."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    code = ("import os; from pipeline.analysis.rbridge import r_env; r_env(); "
+            "print(repr(os.environ.get('LD_LIBRARY_PATH')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "None"

@@ -172,9 +172,9 @@ def save_bundle(res: GamResult, path: Path, scaling: str) -> Path:
 
 def load_bundle(path: Path):
     """Read a GAM bundle written by :func:`save_bundle`; returns (R fit object, facts dict)."""
+    rb.r_env()  # R started (first: it keeps R's LD_LIBRARY_PATH out of child processes), mgcv loaded
     import rpy2.robjects as ro
 
-    rb.r_env()  # mgcv loaded, functions sourced
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no fitted GAM at {path}: run `make regress` first (it writes "

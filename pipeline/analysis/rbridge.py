@@ -42,12 +42,23 @@ def r_env():
     with _LOCK:
         if _ENV is not None:
             return _ENV
+        # Starting R (rpy2) puts R's library path into this process's environment, e.g.
+        # LD_LIBRARY_PATH=/usr/lib/R/lib:/usr/lib/x86_64-linux-gnu:... That only matters to child
+        # processes, and there it is harmful: a child Python built with RUNPATH (pyenv) then loads
+        # the system's libpython instead of its own. R has its libraries loaded already: restore.
+        saved = {k: os.environ.get(k) for k in ("LD_LIBRARY_PATH",)}
         try:
             import rpy2.robjects as ro
         except Exception as e:  # ImportError, or R itself cannot be found/started
             raise RUnavailable(
                 f"rpy2 cannot start R ({type(e).__name__}: {e}). The analysis needs R with "
                 f"{', '.join(R_PACKAGES)} and `pip install .[analysis]` (make setup does both)") from e
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         missing = [p for p in R_PACKAGES
                    if not bool(ro.r(f'isTRUE(requireNamespace("{p}", quietly = TRUE))')[0])]
         if missing:
