@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from pipeline.runs import RunDir
+
 STAGES = ("sweep", "eval", "regress")
 
 
@@ -123,7 +125,7 @@ def inputs_hash(run_dirs: Sequence[Path]) -> str:
 
 def _state(run_dir: Path) -> str:
     try:
-        return json.loads((run_dir / "status.json").read_text()).get("state", "pending")
+        return RunDir(run_dir).status().get("state", "pending")
     except (OSError, ValueError):
         return "pending"
 

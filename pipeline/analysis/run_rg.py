@@ -17,25 +17,20 @@ from typing import Dict, List, Tuple
 from omegaconf import OmegaConf
 
 
-def _state(run_dir: Path) -> str:
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("state", "pending")
-    except (OSError, ValueError):
-        return "pending"
-
-
 def runs_missing_r_g(runs_dir: Path) -> List[Path]:
     """Done runs whose run.json has no ``r_g``."""
+    from pipeline.runs import list_runs
+
     out = []
-    for d in sorted(Path(runs_dir).iterdir()) if Path(runs_dir).is_dir() else []:
-        if not (d / "run.json").is_file() or d.name.startswith((".", "_")):
+    for rd in list_runs(runs_dir):
+        if rd.path.name.startswith((".", "_")):
             continue
         try:
-            meta = json.loads((d / "run.json").read_text())
+            missing = rd.info().get("r_g") is None and rd.status().get("state") == "done"
         except (OSError, ValueError):
             continue  # collect reports malformed files
-        if meta.get("r_g") is None and _state(d) == "done":
-            out.append(d)
+        if missing:
+            out.append(rd.path)
     return out
 
 
