@@ -78,6 +78,40 @@ class ResourcesConfig:
 
 
 @dataclass
+class PretrainConfig:
+    """``model.pretrain`` (source=scratch): pre-train the model offline in a first, cached step
+    (pipeline/pretrain.py). The demo's tiny "pre-trained models" are made this way."""
+
+    corpus: List[str] = field(default_factory=list)  # JSONL/JSON files of records
+    text_fields: List[str] = field(default_factory=lambda: ["instruction", "input", "output"])
+    # > 0: the model's tokenizer is a byte-level BPE of this size trained on the corpus (model.tokenizer
+    # must then be unset); 0: model.tokenizer is used
+    vocab_size: int = 0
+    steps: int = 0  # optimizer steps of next-token prediction (0: no pre-training, random init)
+    batch_size: int = 16
+    seq_len: int = 128
+    learning_rate: float = 1.0e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    held_out_fraction: float = 0.02  # blocks kept out of pre-training to report a held-out loss
+    seed: int = 0  # block order
+
+    def __post_init__(self) -> None:
+        _check(self.vocab_size == 0 or self.vocab_size >= 259, "model.pretrain.vocab_size",
+               "must be 0 (use model.tokenizer) or >= 259 (256 bytes + 3 special tokens)")
+        _check(self.steps >= 0, "model.pretrain.steps", "must be >= 0")
+        for k in ("batch_size", "seq_len"):
+            _check(getattr(self, k) >= 1, f"model.pretrain.{k}", "must be >= 1")
+        _check(self.learning_rate > 0, "model.pretrain.learning_rate", "must be > 0")
+        _check(0 <= self.warmup_steps, "model.pretrain.warmup_steps", "must be >= 0")
+        _check(self.weight_decay >= 0, "model.pretrain.weight_decay", "must be >= 0")
+        _check(0 < self.held_out_fraction < 0.5, "model.pretrain.held_out_fraction", "must be in (0, 0.5)")
+        _check(bool(self.corpus) or (self.vocab_size == 0 and self.steps == 0), "model.pretrain.corpus",
+               "required when model.pretrain.vocab_size or steps is set")
+        _check(bool(self.text_fields), "model.pretrain.text_fields", "must not be empty")
+
+
+@dataclass
 class ModelConfig:
     name: str = MISSING
     # Where the weights come from: a hub id (with a pinned revision), a local folder, a GGUF file
@@ -101,9 +135,16 @@ class ModelConfig:
     params_billion: float = 0.0  # for FLOP / GPU-hour estimates
     dtype: str = "bfloat16"  # weights' dtype when loaded (float32 for the CPU models)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    # source=scratch: pre-train offline first (tokenizer and weights; pipeline/pretrain.py); null: none
+    pretrain: Optional[PretrainConfig] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, ["hub", "local", "package_gguf", "scratch"], "model.source")
+        trained_tok = self.pretrain is not None and self.pretrain.vocab_size > 0
+        if self.pretrain is not None:
+            _check(self.source == "scratch", "model.pretrain", "only for model.source=scratch")
+            _check(not (trained_tok and self.tokenizer), "model.tokenizer",
+                   "must be null when model.pretrain.vocab_size > 0 (the tokenizer is trained on the corpus)")
         if self.source == "hub":
             _check(bool(self.hub_id), "model.hub_id", "required when model.source=hub")
         if self.source == "local":
@@ -116,7 +157,8 @@ class ModelConfig:
                    "model.gguf_sha256", "must be 64 lowercase hex digits")
         if self.source == "scratch":
             _check(bool(self.architecture), "model.architecture", "required when model.source=scratch")
-            _check(bool(self.tokenizer), "model.tokenizer", "required when model.source=scratch")
+            _check(bool(self.tokenizer) or trained_tok, "model.tokenizer",
+                   "required when model.source=scratch (or set model.pretrain.vocab_size)")
         _one_of(self.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
         _check(self.params_billion >= 0, "model.params_billion", "must be >= 0")
         _check(self.init_seed >= 0, "model.init_seed", "must be >= 0")
@@ -407,6 +449,10 @@ class LauncherConfig:
     kind: str = "local"  # local | slurm
     # local: runs at a time (subprocesses); slurm: array tasks running at a time (%N of --array).
     max_parallel: int = 1
+    # local: runs one worker process executes one after another (the start-up cost -- imports,
+    # ~10 s on a small CPU -- is paid once per worker); 1 = one process per run. slurm: ignored
+    # (one run per array task).
+    runs_per_worker: int = 1
     # Failed attempts after which a run is no longer relaunched (attempts count in status.json;
     # a stale run -- status running, process gone -- counts as a failed attempt).
     max_retries: int = 2
@@ -438,6 +484,7 @@ class LauncherConfig:
     def __post_init__(self) -> None:
         _one_of(self.kind, ["local", "slurm"], "launcher.kind")
         _check(self.max_parallel >= 1, "launcher.max_parallel", "must be >= 1")
+        _check(self.runs_per_worker >= 1, "launcher.runs_per_worker", "must be >= 1")
         _check(self.max_retries >= 0, "launcher.max_retries", "must be >= 0")
         _check(self.heartbeat_s > 0, "launcher.heartbeat_s", "must be > 0")
         _check(self.stale_after_s > self.heartbeat_s, "launcher.stale_after_s",

@@ -153,10 +153,27 @@ def decoder_layer_class(model_cfg: Any) -> type:
 # --------------------------------------------------------------------------------------------
 # tokenizer
 # --------------------------------------------------------------------------------------------
+def _pretrain(model_cfg: Any) -> Optional[Dict[str, Any]]:
+    """``model.pretrain`` as a plain dict (None when absent)."""
+    p = _plain(_get(model_cfg, "pretrain"))
+    if p is None:
+        return None
+    if not isinstance(p, Mapping):
+        p = {k: getattr(p, k) for k in ("corpus", "text_fields", "vocab_size", "steps", "batch_size", "seq_len",
+                                        "learning_rate", "warmup_steps", "weight_decay", "held_out_fraction", "seed")}
+    return dict(p)
+
+
 def tokenizer_spec(model_cfg: Any) -> Tuple[str, Optional[str]]:
     """``(spec, revision)`` of the model's tokenizer, as :func:`pipeline.tokenizer.load_tokenizer` takes them."""
     source = _get(model_cfg, "source", "hub")
     explicit = _get(model_cfg, "tokenizer")
+    pre = _pretrain(model_cfg)
+    if pre and int(pre.get("vocab_size") or 0) > 0 and not explicit:
+        from pipeline.tokenizer import trained_bpe_spec
+
+        return trained_bpe_spec(pre["corpus"], pre.get("text_fields") or ["instruction", "input", "output"],
+                                int(pre["vocab_size"])), None
     if explicit:
         return str(explicit), _get(model_cfg, "tokenizer_revision")
     if source == "package_gguf":
@@ -248,9 +265,16 @@ def model_definition(model_cfg: Any, tokenizer=None) -> Dict[str, Any]:
     source = _get(model_cfg, "source")
     tok = tokenizer if tokenizer is not None else load_tokenizer_for(model_cfg)
     if source == "scratch":
-        return {"kind": "scratch", "models_version": MODELS_VERSION,
+        defn = {"kind": "scratch", "models_version": MODELS_VERSION,
                 "architecture": _architecture(model_cfg), "init_seed": int(_get(model_cfg, "init_seed", 0) or 0),
                 "tokenizer": tokenizer_fingerprint(tok), "vocab_size": len(tok)}
+        pre = _pretrain(model_cfg)
+        if pre and int(pre.get("steps") or 0) > 0:
+            # what the pre-training reads and does; the corpus by content, not by path
+            defn["kind"] = "pretrained"
+            defn["pretrain"] = {k: v for k, v in sorted(pre.items()) if k != "corpus"}
+            defn["corpus_sha256"] = [sha256_file(Path(str(c)).expanduser()) for c in pre["corpus"]]
+        return defn
     if source == "package_gguf":
         import transformers
 
@@ -330,7 +354,12 @@ def _cached_dir(model_cfg: Any, paths_cfg: Any, build, verify: bool = True) -> P
     try:
         log.info("building %s checkpoint for model '%s' in %s", defn["kind"], _name(model_cfg), final)
         model = build(tok)
+        extras: Dict[str, Any] = {}
+        if isinstance(model, tuple):  # (model, {file name: JSON-able}) written beside the weights
+            model, extras = model
         model.save_pretrained(tmp, safe_serialization=True)
+        for fname, obj in extras.items():
+            (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
         tok.save_pretrained(tmp)
         meta = {"name": _name(model_cfg), "hash": _hash(defn), "definition": defn}
         (tmp / DEFINITION_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -363,6 +392,26 @@ def build_scratch_model(model_cfg: Any, tokenizer):
     return model.eval()
 
 
+PRETRAIN_LOG = "pretrain_log.json"
+
+
+def build_pretrained_model(model_cfg: Any, tokenizer):
+    """:func:`build_scratch_model`, then :func:`pipeline.pretrain.pretrain` on ``model.pretrain``'s
+    corpus; returns ``(model, {PRETRAIN_LOG: log})``."""
+    from pipeline.pretrain import corpus_texts, pretrain
+
+    pre = _pretrain(model_cfg)
+    model = build_scratch_model(model_cfg, tokenizer)
+    texts = corpus_texts(pre["corpus"], pre.get("text_fields") or ["instruction", "input", "output"])
+    log.info("pre-training model '%s': %d steps x %d x %d tokens on %d documents", _name(model_cfg),
+             int(pre["steps"]), int(pre["batch_size"]), int(pre["seq_len"]), len(texts))
+    with torch.random.fork_rng(devices=[]):
+        record = pretrain(model, tokenizer, texts, pre, desc=f"pretrain {_name(model_cfg)}")
+    log.info("pre-trained model '%s': held-out loss %.3f -> %.3f in %.0f s", _name(model_cfg),
+             record["held_out_loss_before"], record["held_out_loss_after"], record["seconds"])
+    return model.eval(), {PRETRAIN_LOG: record}
+
+
 def _load_gguf_direct(model_cfg: Any, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
@@ -380,6 +429,9 @@ def pretrained_dir(model_cfg: Any, paths_cfg: Any = None, verify: bool = True) -
     """
     source = _get(model_cfg, "source")
     if source == "scratch":
+        pre = _pretrain(model_cfg)
+        if pre and int(pre.get("steps") or 0) > 0:
+            return _cached_dir(model_cfg, paths_cfg, lambda tok: build_pretrained_model(model_cfg, tok), verify)
         return _cached_dir(model_cfg, paths_cfg, lambda tok: build_scratch_model(model_cfg, tok), verify)
     if source == "package_gguf":
         return _cached_dir(model_cfg, paths_cfg, lambda tok: _load_gguf_direct(model_cfg), verify)

