@@ -76,5 +76,8 @@ slurm-down: ## stop the single-node SLURM started by slurm-up (its state is kept
 	bash scripts/slurm/stop.sh
 
 .PHONY: demo
-demo: setup ## the embedded default, one command: sweep + eval + regress on experiment demo, then a summary (docs/demo.md): make demo [EXPERIMENT=demo_ci] [OVERRIDES=...]
+pretrain: setup ## build (once; cached) the pre-trained tiny models of a grid: make pretrain [EXPERIMENT=demo] or OVERRIDES="model=tinylm_a"
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.pretrain $(if $(EXPERIMENT),experiment=$(EXPERIMENT),$(if $(OVERRIDES),,experiment=demo)) $(OVERRIDES)
+
+demo: setup ## the embedded default, one command: pretrain + sweep + eval + regress on experiment demo, then a summary (docs/demo.md): make demo [EXPERIMENT=demo_ci] [OVERRIDES=...]
 	HF_HUB_OFFLINE=1 $(PY) -m pipeline.demo --experiment $(or $(EXPERIMENT),demo) $(OVERRIDES)

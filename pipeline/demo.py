@@ -3,7 +3,10 @@
 The newcomer's first command: runs the *same* stages a paper-scale study runs, in order, on a small
 experiment, and ends with a summary (runs done, seconds per stage, where the report is):
 
-  1. sweep    ``python -m pipeline.sweep run experiment=<NAME> ...``   (train every grid point; resumable)
+  0. pretrain ``python -m pipeline.pretrain experiment=<NAME> ...``    (build the grid's pre-trained
+              tiny models once; cached under paths.data_dir/models)
+  1. sweep    ``python -m pipeline.sweep run experiment=<NAME> launcher=demo ...``  (train every grid
+              point; resumable; two workers, many runs per worker process)
   2. eval     ``python -m pipeline.eval eval=<EVAL> ...``              (runs lacking results.csv only)
   3. regress  ``python -m pipeline.analysis regress ...``              (GLMM, GAM, figures, report)
 
@@ -11,13 +14,15 @@ Each stage is a subprocess through the stage's own command-line entry point (not
 executed), its output streamed live (tqdm bars, logging). Set-up is ``make setup`` (the Makefile's
 ``demo: setup``).
 
-Re-running reuses everything: the sweep skips done runs, eval skips runs with results, and regress
-is skipped when the report exists and the inputs it was built from (every ``results.csv`` of the grid,
-hashed) are unchanged. ``--force-regress`` refits anyway.
+Re-running reuses everything: pretrain is skipped when every model's checkpoint folder recorded by
+the last demo still exists for the same model definitions, the sweep skips done runs, eval skips runs
+with results, and regress is skipped when the report exists and the inputs it was built from (every
+``results.csv`` of the grid, hashed) are unchanged. ``--force-regress`` refits anyway.
 
-Overrides (Hydra ``key=value``) are routed by key: ``experiment.*`` go to the sweep only, ``eval.*``
-to eval only, ``analysis.*`` to regress only, everything else (``paths.*``, ``seed`` ...) to
-every stage (``train.*``, ``launcher.*``, ``plw``, ``model``, ``dataset`` go to the sweep only).
+Overrides (Hydra ``key=value``) are routed by key: ``experiment.*`` go to pretrain and the sweep,
+``model.*`` too, ``eval.*`` to eval only, ``analysis.*`` to regress only, ``train.*``,
+``launcher.*``, ``plw``, ``dataset`` to the sweep only, everything else (``paths.*``, ``seed`` ...)
+to every stage.
 
 The summary is also written atomically to ``<analysis.output_dir>/demo_summary.json``
 (``benchmarks/demo_stages.py`` reads it). Exit status: 0 every stage ok, 1 a stage failed (the
@@ -38,7 +43,8 @@ from typing import Dict, List, Optional, Sequence
 
 from pipeline.runs import RunDir
 
-STAGES = ("sweep", "eval", "regress")
+STAGES = ("pretrain", "sweep", "eval", "regress")
+DEMO_LAUNCHER = "demo"  # conf/launcher/demo.yaml: two local workers, many runs per worker process
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Summary:
     total_seconds: float = 0.0
     ok: bool = False
     inputs_hash: str = ""
+    models_key: str = ""                 # hash of the grid's model definitions (pretrain's skip check)
+    model_dirs: Dict[str, str] = field(default_factory=dict)   # model name -> its checkpoint folder
 
 
 def _key(override: str) -> str:
@@ -69,15 +77,18 @@ def _key(override: str) -> str:
 
 
 def route_overrides(overrides: Sequence[str]) -> Dict[str, List[str]]:
-    """Split Hydra overrides by stage (pure). ``experiment.*``, ``train.*``, ``launcher.*``
-    (and ``plw``/``model``/``dataset``) -> sweep; ``eval.*`` -> eval; ``analysis.*`` -> regress;
-    anything else (``paths.*``, ``seed`` ...) -> every stage."""
+    """Split Hydra overrides by stage (pure). ``experiment.*`` and ``model.*`` -> pretrain and sweep;
+    ``train.*``, ``launcher.*``, ``plw``, ``dataset`` -> sweep; ``eval.*`` -> eval; ``analysis.*`` ->
+    regress; anything else (``paths.*``, ``seed`` ...) -> every stage."""
     out: Dict[str, List[str]] = {s: [] for s in STAGES}
     for o in overrides:
         if "=" not in o:
             raise ValueError(f"override {o!r} is not key=value")
         k = _key(o).lstrip("+")
-        if k in ("experiment", "train", "launcher", "plw", "model", "dataset", "completion_weight"):
+        if k in ("experiment", "model"):
+            out["pretrain"].append(o)
+            out["sweep"].append(o)
+        elif k in ("train", "launcher", "plw", "dataset", "completion_weight"):
             out["sweep"].append(o)
         elif k == "eval":
             out["eval"].append(o)
@@ -93,8 +104,11 @@ def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
                    python: str = sys.executable, no_figures: bool = False) -> Dict[str, List[str]]:
     """The exact command line of each stage (pure)."""
     r = route_overrides(overrides)
+    chosen = any(o.split("=", 1)[0].lstrip("+~") == "launcher" for o in r["sweep"])  # launcher=<name>
+    launcher = [] if chosen else [f"launcher={DEMO_LAUNCHER}"]
     return {
-        "sweep": [python, "-m", "pipeline.sweep", "run", f"experiment={experiment}", *r["sweep"]],
+        "pretrain": [python, "-m", "pipeline.pretrain", f"experiment={experiment}", *r["pretrain"]],
+        "sweep": [python, "-m", "pipeline.sweep", "run", f"experiment={experiment}", *launcher, *r["sweep"]],
         "eval": [python, "-m", "pipeline.eval", f"eval={eval_config}", *r["eval"]],
         "regress": [python, "-m", "pipeline.analysis", "regress",
                     *(["--no-figures"] if no_figures else []), *r["regress"]],
@@ -102,14 +116,40 @@ def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
 
 
 def _grid(experiment: str, overrides: Sequence[str]):
-    """(plan runs, analysis output dir) from the sweep's own planner (store read only)."""
+    """(plan runs, analysis output dir, models key) from the sweep's own planner (store read only)."""
+    from omegaconf import OmegaConf
+
     from pipeline.config import load_config
     from pipeline.sweep.plan import make_plan
 
     r = route_overrides(overrides)
     plan = make_plan([f"experiment={experiment}", *r["sweep"]])
     acfg = load_config(list(r["regress"]))
-    return plan, Path(str(acfg.analysis.output_dir))
+    models = {}
+    for pr in plan.runs:
+        m = pr.cfg.model
+        if str(m.name) not in models:
+            models[str(m.name)] = OmegaConf.to_container(m, resolve=True)
+    key = hashlib.sha256(json.dumps(models, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return plan, Path(str(acfg.analysis.output_dir)), key
+
+
+def models_ready(previous: Dict, models_key: str) -> bool:
+    """Whether the last demo built every model of the same definitions and their folders still
+    hold a complete checkpoint (``DONE``)."""
+    dirs = previous.get("model_dirs") or {}
+    return (bool(models_key) and previous.get("models_key") == models_key and bool(dirs)
+            and all((Path(d) / "DONE").is_file() for d in dirs.values()))
+
+
+def _model_dirs(output: str) -> Dict[str, str]:
+    """``[ready] <name>: <folder> (...)`` lines of ``pipeline.pretrain`` -> {name: folder}."""
+    out = {}
+    for line in output.splitlines():
+        if line.startswith("[ready] "):
+            name, rest = line[len("[ready] "):].split(": ", 1)
+            out[name] = rest.split(" (", 1)[0]
+    return out
 
 
 def inputs_hash(run_dirs: Sequence[Path]) -> str:
@@ -141,9 +181,18 @@ def _run_dirs(plan) -> List[Path]:
     return [Path(pr.rd.path if hasattr(pr.rd, "path") else pr.rd.root) for pr in plan.runs]
 
 
-def _run_stage(cmd: List[str], env: Dict[str, str]) -> int:
+def _run_stage(cmd: List[str], env: Dict[str, str], capture: Optional[List[str]] = None) -> int:
+    """Run a stage, its output streamed live; with ``capture``, its stdout lines are also kept."""
     print(f"\n=== {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd, env=env)
+    if capture is None:
+        return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        capture.append(line.rstrip("\n"))
+    return proc.wait()
 
 
 def format_summary(s: Summary) -> str:
@@ -155,6 +204,8 @@ def format_summary(s: Summary) -> str:
                  else "ok" if st.returncode == 0 else f"FAILED (exit {st.returncode})")
         lines.append(f"  {st.name:<8} {st.seconds:8.1f} s  {state}")
     lines.append(f"  {'total':<8} {s.total_seconds:8.1f} s")
+    for name, folder in sorted(s.model_dirs.items()):
+        lines.append(f"model {name}: {folder}")
     lines.append(f"report: {s.report or '(not written)'}")
     lines.append("=" * 72)
     return "\n".join(lines)
@@ -182,11 +233,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t0 = time.monotonic()
     try:
-        plan, out_dir = _grid(args.experiment, overrides)
+        plan, out_dir, models_key = _grid(args.experiment, overrides)
     except Exception as e:  # bad config: name it and stop before any work
         print(f"make demo: bad configuration: {e}", file=sys.stderr)
         return 2
-    summary = Summary(experiment=args.experiment, eval_config=args.eval_config)
+    summary = Summary(experiment=args.experiment, eval_config=args.eval_config, models_key=models_key)
     summary_file = out_dir / "demo_summary.json"
     previous = {}
     if summary_file.exists():
@@ -200,7 +251,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in STAGES:
         st = StageResult(name=name, command=cmds[name])
         summary.stages.append(st)
-        if name == "sweep":
+        if name == "pretrain":
+            if models_ready(previous, models_key):
+                summary.model_dirs = dict(previous["model_dirs"])
+                st.skipped = f"{len(summary.model_dirs)} pre-trained model(s) cached"
+        elif name == "sweep":
             c = _count(plan)
             if c["done"] == c["total"]:
                 st.skipped = f"all {c['total']} runs done"
@@ -219,8 +274,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\n=== {name}: skipped ({st.skipped})", flush=True)
             continue
         ts = time.monotonic()
-        st.returncode = _run_stage(cmds[name], env)
+        lines: Optional[List[str]] = [] if name == "pretrain" else None
+        st.returncode = _run_stage(cmds[name], env, lines)
         st.seconds = time.monotonic() - ts
+        if lines is not None:
+            summary.model_dirs = _model_dirs("\n".join(lines))
         if st.returncode != 0:
             break
 

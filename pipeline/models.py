@@ -274,6 +274,10 @@ def model_definition(model_cfg: Any, tokenizer=None) -> Dict[str, Any]:
             defn["kind"] = "pretrained"
             defn["pretrain"] = {k: v for k, v in sorted(pre.items()) if k != "corpus"}
             defn["corpus_sha256"] = [sha256_file(Path(str(c)).expanduser()) for c in pre["corpus"]]
+            if int(pre.get("vocab_size") or 0) > 0:
+                from pipeline.pretrain import BPE_VERSION
+
+                defn["bpe_version"] = BPE_VERSION  # the saved tokenizer's settings
         return defn
     if source == "package_gguf":
         import transformers

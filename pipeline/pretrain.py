@@ -42,7 +42,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 (as in LLaMA's tokenizer)
-BPE_VERSION = 1  # bump when train_bpe changes (new cache key)
+BPE_VERSION = 2  # bump when train_bpe changes (new tokenizer cache key and new pre-trained folders)
 
 
 class CorpusError(ValueError):
@@ -117,7 +117,8 @@ def train_bpe(texts: Sequence[str], vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def pack_blocks(token_lists: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> List[List[int]]:

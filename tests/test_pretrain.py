@@ -65,6 +65,7 @@ def test_train_bpe_is_deterministic_llama_like_and_lossless(tmp_path):
     assert a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
     assert len(a) == 300
     assert (a.unk_token_id, a.bos_token_id, a.eos_token_id, a.pad_token) == (0, 1, 2, None)
+    assert sorted(a("x")) == ["attention_mask", "input_ids"]  # what a LLaMA model's generate() accepts
     sample = "Water flows, the cat sat; ünïcode ✓ and 123."
     ids = a(sample)["input_ids"]
     assert ids[0] == a.bos_token_id and a.eos_token_id not in ids  # BOS prepended, no EOS (as LLaMA)
