@@ -256,8 +256,9 @@ def test_launcher_and_experiment_schema_checks():
 def test_demo_experiment_is_the_embedded_default():
     cfg = load_config(["experiment=demo"])
     e = cfg.experiment
-    assert list(e.models)[0] == "tiny" and {"shared_alpaca52k", "shared_alpaca52k_short"} <= set(e.datasets)
-    assert len(e.plw) >= 3 and list(e.overrides) == ["train=cpu_small"]
+    assert list(e.models) == ["tinylm_a", "tinylm_b"]
+    assert {"shared_alpaca52k", "shared_alpaca52k_short"} <= set(e.datasets)
+    assert len(e.plw) >= 3 and list(e.overrides) == ["train=demo"]
 
 
 def test_plan_of_the_main_grid_matches_single_run_ids_and_ignores_runtime_settings(tmp_path):

@@ -1,18 +1,45 @@
-"""Execute one run of a sweep: ``python -m pipeline.sweep.worker <run folder>``.
+"""Execute runs of a sweep: ``python -m pipeline.sweep.worker [--report FILE] RUN [RUN ...]``.
 
-The launchers (local subprocesses, SLURM array tasks) start this process; it is a thin driver:
+The launchers (local subprocesses, SLURM array tasks) start this process; it is a thin driver. For
+each run folder given, in order:
 
-1. takes the run's execution lock (``<run>/.lock``, flock); if another process holds it, exits
-   with :data:`EXIT_BUSY` without touching anything (two sweeps never train one run twice);
+1. takes the run's execution lock (``<run>/.lock``, flock); if another process holds it, the run is
+   skipped (:data:`EXIT_BUSY`) without touching anything (two sweeps never train one run twice);
 2. rewrites ``<run>/heartbeat.json`` every ``launcher.heartbeat_s`` seconds from a thread;
 3. loads the resolved config the sweep wrote (``<run>/launch.yaml``; Hydra does not run here) and
    calls :func:`pipeline.train.run` ``(cfg, variant)``, which resumes from the latest checkpoint,
    sets the status (running, done, failed with the error) and checkpoints on SIGTERM/SIGUSR1;
-4. exits :data:`EXIT_DONE` (status done), :data:`EXIT_INTERRUPTED` (checkpointed on a signal and
-   stopped: resumable) or :data:`EXIT_FAILED` (status failed, the error recorded).
+4. maps the ending onto :data:`EXIT_DONE` (status done), :data:`EXIT_INTERRUPTED` (checkpointed on a
+   signal and stopped: resumable) or :data:`EXIT_FAILED` (status failed, the error recorded).
+
+One run (how the SLURM launcher and ``launcher.runs_per_worker=1`` use it): the process's exit code
+is that run's code, and its output goes wherever the caller sent it (the supervisor's
+``<run>/logs/attempt-<n>.log``).
+
+Several runs (``launcher.runs_per_worker`` > 1, so the start-up cost -- torch, transformers --
+is paid once per worker, not per run): the runs execute one after another in this process. While a
+run executes, file descriptors 1 and 2 (and so Python's stdout/stderr, logging, tqdm and any child
+process) point at that run's own ``<run>/logs/attempt-<n>.log`` (``n`` = its attempts + 1, as the
+supervisor numbers them), with the same header line as a one-run attempt; between runs they point
+back at the worker's own output. A failed run is recorded failed and the next one starts. A
+SIGTERM/SIGUSR1 stops the worker: the current run checkpoints and stops as it would alone
+(resumable), the runs not started yet are left untouched, and the worker exits
+:data:`EXIT_INTERRUPTED`. Otherwise the exit code is :data:`EXIT_DONE` when every run is done, else
+:data:`EXIT_FAILED`; callers must read each run's status (or the report) rather than the code alone.
+
+``--report FILE`` (JSON lines, appended and flushed as they happen) tells the supervisor what
+happened to each run: ``{"event": "start", "run": <folder>, "log": <attempt log>}`` when the run's
+lock is taken, and ``{"event": "end", "run": <folder>, "code": <exit code of that run>}`` when it
+ends (code :data:`EXIT_BUSY` without a start line for a busy run). A run with a start and no end
+line was executing when the worker died; a run with neither was not started.
+
+Stop signals: SIGTERM/SIGUSR1 are caught for the whole life of the worker (not only while the
+trainer's step loop runs): a signal that arrives while a run loads its model or data makes the
+trainer stop at its first step boundary (a stop callback; single-process runs) instead of killing
+the process mid-load; one that arrives between runs stops the worker before the next run.
 
 Multi-GPU runs: :func:`pipeline.train.run` itself starts ``train.nproc`` training processes
-(torchrun/accelerate) and forwards SIGTERM/SIGUSR1 to them; this worker is one process per run.
+(torchrun/accelerate) and forwards SIGTERM/SIGUSR1 to them; this worker is one process.
 (Should it ever run under torchrun, only global rank 0 takes the lock and writes the heartbeat.)
 
 ``PLW_SWEEP_TRAINER`` (environment) names another module providing ``run(cfg, variant)`` in place of
@@ -20,14 +47,18 @@ Multi-GPU runs: :func:`pipeline.train.run` itself starts ``train.nproc`` trainin
 """
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from pipeline.runs import RunDir
 
@@ -35,6 +66,7 @@ EXIT_DONE = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 75  # checkpointed on a signal and stopped (= pipeline.train's PREEMPTED_EXIT_CODE)
 EXIT_BUSY = 79  # another process executes this run (its lock is held): nothing was done
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 log = logging.getLogger("pipeline.sweep.worker")
 
@@ -56,6 +88,17 @@ def load_run_config(rd: RunDir):
     cfg = OmegaConf.merge(base, OmegaConf.load(rd.launch_config))
     validate(cfg)
     return cfg
+
+
+def next_attempt_log(rd: RunDir) -> Path:
+    """``<run>/logs/attempt-<n>.log`` of the attempt about to start (n = attempts so far + 1)."""
+    st = rd.status() if rd.status_file.exists() else {}
+    return rd.logs / f"attempt-{int(st.get('attempts', 0)) + 1}.log"
+
+
+def log_header(cmd: Sequence[str]) -> str:
+    """The first line of an attempt log (the same for one-run and several-run workers)."""
+    return f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
 
 
 class Heartbeat:
@@ -84,14 +127,74 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
 
+class StopFlag:
+    """SIGTERM/SIGUSR1 for the whole worker: remembers the request (the trainer installs its own
+    handlers while its step loop runs, and restores these afterwards)."""
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self._old: Dict[int, Any] = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is None:  # os.write: a buffered print could re-enter one in progress
+            try:
+                os.write(2, f"[worker] {name} received: stopping (a running run checkpoints at its "
+                            f"next step)\n".encode())
+            except OSError:
+                pass
+        self.reason = name
+
+    def install(self) -> "StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._old[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        self._old.clear()
+
+    @property
+    def requested(self) -> bool:
+        return self.reason is not None
+
+
+def _stop_callbacks(train: Any, cfg: Any, stop: StopFlag) -> list:
+    """A trainer callback that turns a stop request received outside the step loop (while the model
+    or data load) into the trainer's own stop at its next step boundary; only for the real trainer
+    training in this process (``train.nproc`` = 1: callbacks need it)."""
+    if getattr(train, "TrainerCallback", None) is None or not hasattr(train, "resolve_nproc"):
+        return []
+    try:
+        if train.resolve_nproc(cfg.train) != 1:
+            return []
+    except Exception:  # noqa: BLE001 - train.run reports the bad setting itself
+        return []
+
+    class _StopOnRequest(train.TrainerCallback):
+        def on_train_begin(self, trainer, start_step):
+            if stop.requested:
+                trainer.request_stop(str(stop.reason))
+
+        def on_step_end(self, trainer, step, row):
+            return stop.requested
+
+    return [_StopOnRequest()]
+
+
 def _record_failure(rd: RunDir, message: str) -> None:
     st = rd.status() if rd.status_file.exists() else {}
     if st.get("state") != "failed":
         rd.set_status("failed", error=message)
 
 
-def execute(run_dir: Path) -> int:
-    rd = RunDir(Path(run_dir))
+def _execute_one(rd: RunDir, stop: Optional[StopFlag] = None, on_locked=None) -> int:
+    """One run (steps 1-4 of the module docstring); returns its exit code. ``on_locked(rd)`` is
+    called once the lock is held, before anything else (the multi-run worker redirects its output)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     fd = None
     if rank0:
@@ -101,11 +204,13 @@ def execute(run_dir: Path) -> int:
             return EXIT_BUSY
     hb = None
     try:
+        if on_locked is not None:
+            on_locked(rd)
         launch = load_launch(rd)
         if rank0:
             from pipeline.runs import slurm_job_id_from_env
 
-            hb = Heartbeat(rd, float(launch.get("heartbeat_s", 30.0)),
+            hb = Heartbeat(rd, float(launch.get("heartbeat_s", 30.0)), run_id=rd.run_id,
                            slurm_job_id=slurm_job_id_from_env()).start()
         try:
             cfg = load_run_config(rd)
@@ -117,9 +222,13 @@ def execute(run_dir: Path) -> int:
         import importlib
 
         train = importlib.import_module(os.environ.get("PLW_SWEEP_TRAINER") or "pipeline.train")
+        callbacks = _stop_callbacks(train, cfg, stop) if stop is not None else []
 
         try:
-            train.run(cfg, variant)
+            if callbacks:
+                train.run(cfg, variant, callbacks=callbacks)
+            else:
+                train.run(cfg, variant)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             return _outcome(rd, code, rank0)
@@ -133,6 +242,20 @@ def execute(run_dir: Path) -> int:
         if hb is not None:
             hb.stop()
         RunDir.unlock(fd)
+
+
+def execute(run_dir: Path, stop: Optional[StopFlag] = None) -> int:
+    """Execute one run in this process; its exit code (output goes to the caller's stdout/stderr)."""
+    own = stop is None
+    stop = StopFlag().install() if own else stop
+    try:
+        if stop.requested:
+            print(f"[worker] {stop.reason} before the run started: not starting {run_dir}", flush=True)
+            return EXIT_INTERRUPTED
+        return _execute_one(RunDir(Path(run_dir)), stop)
+    finally:
+        if own:
+            stop.restore()
 
 
 def _outcome(rd: RunDir, code: int, rank0: bool) -> int:
@@ -150,13 +273,130 @@ def _outcome(rd: RunDir, code: int, rank0: bool) -> int:
     return EXIT_INTERRUPTED
 
 
+class _Output:
+    """Points fds 1 and 2 at a run's attempt log, and back at the worker's own output."""
+
+    def __init__(self) -> None:
+        self._saved = (os.dup(1), os.dup(2))
+
+    @staticmethod
+    def _flush() -> None:
+        for s in (sys.stdout, sys.stderr):
+            try:
+                s.flush()
+            except (OSError, ValueError):
+                pass
+
+    def to_file(self, path: Path, header: str) -> None:
+        self._flush()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, header.encode())
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        finally:
+            os.close(fd)
+
+    def restore(self) -> None:
+        self._flush()
+        os.dup2(self._saved[0], 1)
+        os.dup2(self._saved[1], 2)
+
+    def close(self) -> None:
+        for fd in self._saved:
+            os.close(fd)
+
+
+class _Report:
+    """The JSON-lines report (``--report``); nothing when no file was given."""
+
+    def __init__(self, path: Optional[Path]) -> None:
+        self.path = path
+
+    def write(self, **event: Any) -> None:
+        if self.path is None:
+            return
+        line = json.dumps({**event, "time": time.time()}, sort_keys=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+
+
+def execute_many(run_dirs: Sequence[Path], report: Optional[Path] = None,
+                 cmd: Optional[Sequence[str]] = None, stop: Optional[StopFlag] = None) -> int:
+    """Execute several runs one after another in this process (see the module docstring); returns
+    :data:`EXIT_INTERRUPTED` when stopped by a signal, else :data:`EXIT_DONE` if every run is done,
+    else :data:`EXIT_FAILED`."""
+    own = stop is None
+    stop = StopFlag().install() if own else stop
+    out = _Output()
+    rep = _Report(report)
+    cmd = list(cmd or [sys.executable, "-m", "pipeline.sweep.worker", *map(str, run_dirs)])
+    codes: List[int] = []
+    cwd = os.getcwd()
+    try:
+        for i, run_dir in enumerate(run_dirs):
+            rd = RunDir(Path(run_dir))
+            if stop.requested:
+                print(f"[worker] stopped ({stop.reason}): {len(run_dirs) - i} run(s) not started, "
+                      f"left as they were", flush=True)
+                return EXIT_INTERRUPTED
+            print(f"[worker] run {i + 1}/{len(run_dirs)}: {rd.path}", flush=True)
+
+            def on_locked(rd: RunDir) -> None:
+                path = next_attempt_log(rd)
+                rep.write(event="start", run=str(rd.path), log=str(path))
+                out.to_file(path, log_header(cmd))
+                os.chdir(rd.path)  # as a one-run worker, which starts in its run folder
+
+            try:
+                code = _execute_one(rd, stop, on_locked)
+            except BaseException as e:  # noqa: BLE001 - e.g. launch.yaml unreadable: recorded, go on
+                traceback.print_exc()
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                code = EXIT_FAILED
+                st = rd.status() if rd.status_file.exists() else {}
+                if st.get("state") != "failed":
+                    _record_failure(rd, f"{type(e).__name__}: {e}")
+            finally:
+                out.restore()
+                os.chdir(cwd)
+            gc.collect()  # the run's model and data go before the next run loads its own
+            rep.write(event="end", run=str(rd.path), code=code)
+            codes.append(code)
+            print(f"[worker] {rd.path.name}: exit code {code}", flush=True)
+            if code == EXIT_INTERRUPTED:  # the trainer stopped on a signal it caught itself
+                stop.reason = stop.reason or "the run was interrupted"
+        if stop.requested and len(codes) < len(run_dirs):
+            return EXIT_INTERRUPTED
+        if codes and codes[-1] == EXIT_INTERRUPTED:
+            return EXIT_INTERRUPTED
+        return EXIT_DONE if all(c == EXIT_DONE for c in codes) else EXIT_FAILED
+    finally:
+        out.close()
+        if own:
+            stop.restore()
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return execute(Path(argv[0]))
+    stop = StopFlag().install()  # before the heavy imports: a stop signal is never lost
+    try:
+        ap = argparse.ArgumentParser(prog="python -m pipeline.sweep.worker", add_help=False)
+        ap.add_argument("--report", type=Path, default=None)
+        ap.add_argument("runs", nargs="+", type=Path)
+        args = ap.parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if len(args.runs) == 1 and args.report is None:
+            return execute(args.runs[0], stop)
+        return execute_many(args.runs, args.report, [sys.executable, "-m", "pipeline.sweep.worker", *argv], stop)
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":
