@@ -403,10 +403,14 @@ class EvalConfig:
     force: bool = False  # recompute benchmarks that already have results
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: Optional[str] = None  # weights' dtype for evaluation; null: model.dtype
+    # local `python -m pipeline.eval` over the runs: evaluate that many runs at a time in worker
+    # processes (cpu_count // workers torch threads each); 1: one after the other in this process
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if self.limit is not None:
             _check(self.limit >= 1, "eval.limit", "must be >= 1 or null")
+        _check(self.workers >= 1, "eval.workers", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.memorization_prompts >= 0, "eval.memorization_prompts", "must be >= 0")

@@ -1,11 +1,12 @@
 """lm-eval tasks from the offline mirror build the SAME prompts as lm-eval's built-in tasks.
 
 For each harness benchmark in ../shared's mirror, the built-in task config is loaded through
-lm_eval's TaskManager and pointed at the same local file (every split of the built-in -> that file,
-so its few-shot pool is the same list of documents); our materialised mirror task (the template in
-pipeline/eval/tasks/, splits the mirror lacks nulled) is loaded from its YAML. Both build their
-requests with the same few-shot seed and the contexts/continuations (and doc_to_text, targets,
-choices) must be identical, few-shot ones included. No model is needed.
+lm_eval's TaskManager indexing every built-in task and pointed at the same local file (every split
+of the built-in -> that file, so its few-shot pool is the same list of documents); our materialised
+mirror task (the template in pipeline/eval/tasks/, splits the mirror lacks nulled) is loaded from
+its YAML by the TaskManager the evaluation uses (harness.task_manager: no built-in index). Both
+build their requests with the same few-shot seed and the contexts/continuations (and doc_to_text,
+targets, choices) must be identical, few-shot ones included. No model is needed.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _builtin(name: str, data_file: Path):
     """lm-eval's built-in task config (via TaskManager's index), its data pointed at ``data_file``."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    tm = harness.task_manager()
+    tm = harness.builtin_task_manager()
     cfg = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
     splits = {cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split") if cfg.get(k)}
     cfg.update(dataset_path="json", dataset_name=None,
@@ -159,3 +160,57 @@ def test_parse_results_maps_lm_eval_keys():
         ("acc", 0.75, 0.25, 4, "ok"), ("acc_norm", 0.5, None, 4, "ok"), ("bleurt_max", None, None, 4, "skipped")]
     assert rows[0].message == "note"
     assert "BLEURT needs the BLEURT-20 model" in rows[2].message
+
+
+def test_the_evaluation_task_manager_indexes_no_builtin_task():
+    assert harness.task_manager().all_tasks == []  # our tasks load from their file (test above)
+    assert "arc_challenge" in harness.builtin_task_manager().task_index
+
+
+def test_rouge_shortcut_equals_rouge_scores_loop():
+    """One score: the shortcut's bootstrap percentiles and the random state equal rouge_score's loop;
+    more than one: rouge_score's own loop runs (same draws)."""
+    import numpy as np
+    from rouge_score import scoring
+
+    harness.install_rouge_shortcut()
+    harness.install_rouge_shortcut()  # idempotent
+    fast = scoring.BootstrapAggregator._bootstrap_resample
+    loop = fast.plw_original
+    assert not hasattr(loop, "plw_original")
+    agg = scoring.BootstrapAggregator()
+    rng = np.random.default_rng(3)
+    for n in (1, 1, 2, 5):
+        m = rng.random((n, 3))
+        np.random.seed(7)
+        want, s_want = loop(agg, m), np.random.get_state()
+        np.random.seed(7)
+        got, s_got = fast(agg, m), np.random.get_state()
+        assert got.dtype == want.dtype and np.array_equal(got, want), n
+        assert np.array_equal(s_got[1], s_want[1]) and s_got[2] == s_want[2]
+    # lm-eval's TruthfulQA-Gen metric on real strings, with and without the shortcut
+    from lm_eval.tasks.truthfulqa import utils as tqa
+
+    refs = ["The watermelon seeds pass through your digestive system.", "Nothing happens.",
+            "You eat watermelon seeds. They are harmless."]
+    pred = "Nothing happens if you eat watermelon seeds; they pass through you."
+    with_shortcut = [tqa.rouge([r], [pred]) for r in refs]
+    scoring.BootstrapAggregator._bootstrap_resample = loop
+    try:
+        without = [tqa.rouge([r], [pred]) for r in refs]
+    finally:
+        scoring.BootstrapAggregator._bootstrap_resample = fast
+    assert with_shortcut == without and with_shortcut[1]["rouge1"] > 0
+
+
+def test_cached_reads_follow_the_file(tmp_path):
+    p = tmp_path / "data.jsonl"
+    p.write_text('{"a": 1}\n')
+    import hashlib
+
+    assert harness.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    p.write_text('{"a": 2, "b": 3}\n')  # another content (size): computed again
+    assert harness.file_sha256(p) == hashlib.sha256(p.read_bytes()).hexdigest()
+    t = harness.template("piqa")
+    t["task"] = "changed"  # the caller's copy only
+    assert harness.template("piqa")["task"] == "plw_piqa"

@@ -3,6 +3,7 @@
 Commands (docs/evaluation.md)::
 
     make eval                                   # every finished run in paths.runs_dir lacking results
+    make eval OVERRIDES="eval.workers=2"        # ... two runs at a time, in worker processes
     make eval OVERRIDES="eval.run_dir=runs/<run_id>"          # one run
     make eval OVERRIDES="eval.pretrained=true model=smollm2_135m"   # a pre-trained model (baseline)
     make eval OVERRIDES="eval=cpu_small"        # CPU smoke setting: limit, shared mirror, TEST DOUBLE judges

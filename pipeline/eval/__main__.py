@@ -1,12 +1,14 @@
 """``python -m pipeline.eval [hydra overrides]`` (``make eval``): evaluate runs or a pre-trained model.
 
     python -m pipeline.eval                                  # every finished run lacking results
+    python -m pipeline.eval eval.workers=2                   # ... two runs at a time (worker processes)
     python -m pipeline.eval eval.run_dir=runs/<run_id>       # one run
     python -m pipeline.eval eval.pretrained=true model=smollm2_135m   # a baseline
     python -m pipeline.eval eval=cpu_small ...               # the CPU smoke setting (TEST DOUBLE judges)
     python -m pipeline.eval launcher=slurm [launcher.wait=true]   # one SLURM array task per run lacking results
 
-Prints one line per evaluated folder and a summary per benchmark. Exit status: 0 every benchmark ok
+Prints one line per evaluated folder (with ``eval.workers`` > 1 also one per finished run as it
+finishes) and a summary per benchmark. Exit status: 0 every benchmark ok
 or skipped, 1 some benchmark failed (see results.csv's status/message) or a run could not be
 evaluated, 2 bad configuration or arguments.
 """

@@ -9,14 +9,23 @@ in the input order. Progress is shown with tqdm.
 :func:`check_checkpoint` says whether a folder holds a saved model (:class:`ModelMissing` naming
 what is missing); :func:`load_for_eval` loads one with its tokenizer (the stage itself loads through
 lm-eval's HFLM, :func:`pipeline.eval.harness.make_lm`, and generates with its model).
+
+:func:`fast_causal_masks` (a context manager; :func:`generate` and the stage's model phase use it)
+builds transformers' SDPA attention mask -- the causal mask AND the padding mask -- with two
+broadcast comparisons instead of transformers' ``torch.vmap`` over a Python mask function, which
+costs ~2.5 ms per forward call on CPU, i.e. per decoded token of a left-padded batch. The boolean
+mask is the same tensor (tests/test_eval_generation.py compares them), so outputs are identical;
+any other mask pattern (sliding window, chunked, packed sequences, non-boolean masks) goes to
+transformers' own function.
 """
 from __future__ import annotations
 
 import gc
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -67,6 +76,58 @@ def release() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def causal_padding_mask(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0,
+                        mask_function=None, attention_mask: Optional[torch.Tensor] = None,
+                        local_size: Optional[int] = None, allow_is_causal_skip: bool = True, **kwargs):
+    """transformers' ``sdpa_mask`` (4.57, torch >= 2.6) for the plain causal mask with a boolean 2D
+    padding mask, computed by broadcasting: ``mask[b, 0, i, j] = (j + kv_offset <= cache_position[i])
+    and padding[b, j + kv_offset]``. ``None`` when SDPA's ``is_causal`` can be used instead (the same
+    rule as transformers'). Other cases are delegated to transformers' function."""
+    from transformers import masking_utils as mu
+
+    original = mu.AttentionMaskInterface._global_mapping["sdpa"]
+    if (mask_function is not mu.causal_mask_function or not mu._is_torch_greater_or_equal_than_2_6
+            or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.ndim != 2))):
+        return original(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
+                        kv_offset=kv_offset, mask_function=mask_function if mask_function is not None
+                        else mu.causal_mask_function, attention_mask=attention_mask, local_size=local_size,
+                        allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    q_length = cache_position.shape[0]
+    padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
+    if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, kv_offset, local_size):
+        return None
+    kv_arange = torch.arange(kv_length, device=cache_position.device)
+    kv_arange += kv_offset
+    mask = (kv_arange[None, :] <= cache_position[:, None])[None, None].expand(batch_size, 1, q_length, kv_length)
+    if padding_mask is not None:
+        return mask & padding_mask[:, kv_arange][:, None, None, :]
+    return mask.contiguous()
+
+
+@contextmanager
+def fast_causal_masks() -> Iterator[None]:
+    """Within the block, models with SDPA attention build their causal/padding mask with
+    :func:`causal_padding_mask` (same mask, no ``vmap``); restored on exit (re-entrant)."""
+    try:
+        from transformers import masking_utils as mu
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    if not hasattr(mu, "ALL_MASK_ATTENTION_FUNCTIONS") or "sdpa" not in mu.AttentionMaskInterface._global_mapping:
+        yield  # another transformers layout: leave it alone
+        return
+    local = mu.ALL_MASK_ATTENTION_FUNCTIONS._local_mapping
+    had, before = "sdpa" in local, local.get("sdpa")
+    local["sdpa"] = causal_padding_mask
+    try:
+        yield
+    finally:
+        if had:
+            local["sdpa"] = before
+        else:
+            local.pop("sdpa", None)
 
 
 def pad_id(tokenizer) -> int:
@@ -135,26 +196,27 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     out: List[Optional[Generation]] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not show_progress, leave=False)
     pad = pad_id(tok)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, i in enumerate(idx):
-            ids = encoded[i]
-            input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attn[r, width - len(ids):] = 1
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
-        new = seqs[:, width:].tolist()
-        for r, i in enumerate(idx):
-            toks = new[r]
-            n, finished = len(toks), False
-            for j, t in enumerate(toks):
-                if t in eos:
-                    n, finished = j, True
-                    break
-            text = tok.decode(toks[:n], skip_special_tokens=True).strip()
-            out[i] = Generation(text=text, n_tokens=n, finished=finished)
-        bar.update(len(idx))
+    with fast_causal_masks():  # the same masks, built without vmap (see the module docstring)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids = encoded[i]
+                input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attn[r, width - len(ids):] = 1
+            seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            new = seqs[:, width:].tolist()
+            for r, i in enumerate(idx):
+                toks = new[r]
+                n, finished = len(toks), False
+                for j, t in enumerate(toks):
+                    if t in eos:
+                        n, finished = j, True
+                        break
+                text = tok.decode(toks[:n], skip_special_tokens=True).strip()
+                out[i] = Generation(text=text, n_tokens=n, finished=finished)
+            bar.update(len(idx))
     bar.close()
     return [g for g in out if g is not None]

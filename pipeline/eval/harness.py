@@ -14,14 +14,33 @@ Thin driver around lm-eval 0.4.13's Python API:
    ``lm_eval.simple_evaluate``, writes the raw results JSON
    (``run_dir/eval/lm_eval/plw_<benchmark>.json``) and the per-item samples (``.samples.jsonl``)
    and returns the tidy rows.
+
+Per-process caches (nothing here changes within a process, so results are unaffected): the lm-eval
+``TaskManager`` (:func:`task_manager`: built without indexing lm-eval's ~14,000 built-in task YAMLs,
+since our tasks are loaded from their materialised file, whose ``include`` is an absolute path and
+whose ``!function`` references resolve relative to the included file; :func:`builtin_task_manager`
+is the full index, for looking built-in tasks up by name), the environment description lm-eval
+adds to every results JSON (:func:`install_env_info_cache`: ``torch.utils.collect_env`` runs
+``pip list`` in a subprocess on every ``simple_evaluate`` call otherwise), the parsed task templates
+and built-in base configs, and the mirror files' sha256 (keyed by path, size and mtime).
+
+One computation is made cheaper with the same result (:func:`install_rouge_shortcut`): lm-eval's
+TruthfulQA-Gen scores ROUGE of one prediction against one reference at a time through rouge_score's
+``BootstrapAggregator``, which draws 1,000 bootstrap resamples of that single score in a Python
+loop (~3 s per evaluation for 4 items). With one sample every resample is that sample and numpy
+draws no random number (``choice`` of one index), so the shortcut fills the 1,000 resample means
+directly and takes the same percentiles: bit-identical values, the same random state afterwards.
+More than one sample goes to rouge_score's own loop.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -58,12 +77,36 @@ class TaskSpec:
     evaluator: Dict[str, Any] = field(default_factory=dict)
 
 
+def _stat_key(path: Path) -> Tuple[str, int, int]:
+    st = path.stat()
+    return str(path), st.st_size, st.st_mtime_ns
+
+
+_TEMPLATES: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
+_BASE_CONFIGS: Dict[str, Dict[str, Any]] = {}
+_SHA256: Dict[Tuple[str, int, int], str] = {}
+
+
 def template(benchmark: str) -> Dict[str, Any]:
+    """The parsed template ``pipeline/eval/tasks/<benchmark>.yaml`` (a fresh copy; parsed once per
+    process and file version)."""
     path = TASKS_DIR / f"{benchmark}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no task template {path} for benchmark {benchmark!r}")
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    key = _stat_key(path)
+    if key not in _TEMPLATES:
+        with open(path, encoding="utf-8") as f:
+            _TEMPLATES[key] = yaml.safe_load(f)
+    return copy.deepcopy(_TEMPLATES[key])
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process and file version (path, size, mtime)."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key not in _SHA256:
+        _SHA256[key] = sha256_file(path)
+    return _SHA256[key]
 
 
 def mirror_files(benchmark: str) -> Dict[str, List[str]]:
@@ -73,9 +116,12 @@ def mirror_files(benchmark: str) -> Dict[str, List[str]]:
 
 
 def _base_config(include: str) -> Dict[str, Any]:
-    from lm_eval.tasks._yaml_loader import load_yaml
+    """The built-in task config ``include`` refers to (its own includes resolved; a fresh copy)."""
+    if include not in _BASE_CONFIGS:
+        from lm_eval.tasks._yaml_loader import load_yaml
 
-    return load_yaml(lm_eval_tasks_dir() / include, resolve_func=False, recursive=True)
+        _BASE_CONFIGS[include] = load_yaml(lm_eval_tasks_dir() / include, resolve_func=False, recursive=True)
+    return copy.deepcopy(_BASE_CONFIGS[include])
 
 
 def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots: int,
@@ -124,7 +170,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
             spec.notes.append(f"evaluated split '{eval_split}' is incomplete in the mirror: missing {partial}")
         cfg["dataset_kwargs"] = {"data_files": {s: (v[0] if len(v) == 1 else v) for s, v in files.items()}}
         data = {"source": "mirror", "eval_split": eval_split,
-                "files": {Path(f).relative_to(root).as_posix(): sha256_file(Path(f))[:16]
+                "files": {Path(f).relative_to(root).as_posix(): file_sha256(Path(f))[:16]
                           for s in sorted(files) for f in files[s]}}
         if shots > 0:
             fs = merged.get("fewshot_split") or merged.get("training_split") or merged.get("validation_split") \
@@ -148,23 +194,108 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         "framework": "lm-eval", "version": lm_eval_version(), "task": task,
         "base_task": include, "task_version": version, "shots": int(shots), "fewshot_seed": int(fewshot_seed),
         "limit": limit, "metrics": list(metrics),
-        "template_sha256": sha256_file(TASKS_DIR / f"{benchmark}.yaml")[:16], "data": data,
+        "template_sha256": file_sha256(TASKS_DIR / f"{benchmark}.yaml")[:16], "data": data,
         "add_bos_token": add_bos_token,
     }
     return spec
 
 
 _TASK_MANAGER = None
+_BUILTIN_TASK_MANAGER = None
 
 
 def task_manager():
-    """One lm-eval TaskManager per process (indexing the built-in tasks takes a moment)."""
+    """The lm-eval TaskManager our materialised tasks are loaded with (one per process).
+
+    It indexes no task folder (``include_defaults=False``): :func:`run_task` passes the task as the
+    path of its materialised YAML, which lm-eval loads from the file alone (``TaskIndex.entry_from_path``;
+    the index serves only names, groups and tags, and for the log line naming the task's folder).
+    The ``include`` of the built-in task is an absolute path and its ``!function`` references
+    resolve relative to the included file, so the task built is the same as with the full index
+    (tests/test_eval_harness.py builds both and compares their requests). Indexing every built-in
+    task (:func:`builtin_task_manager`) takes 5-15 s per process."""
     global _TASK_MANAGER
     if _TASK_MANAGER is None:
         from lm_eval.tasks import TaskManager
 
-        _TASK_MANAGER = TaskManager()
+        _TASK_MANAGER = TaskManager(include_defaults=False)
     return _TASK_MANAGER
+
+
+def builtin_task_manager():
+    """An lm-eval TaskManager indexing every built-in task (look-ups by name; one per process)."""
+    global _BUILTIN_TASK_MANAGER
+    if _BUILTIN_TASK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _BUILTIN_TASK_MANAGER = TaskManager()
+    return _BUILTIN_TASK_MANAGER
+
+
+_ENV_INFO: Dict[str, Dict[str, Any]] = {}
+
+
+def cached_add_env_info(storage: Dict[str, Any]) -> None:
+    """lm-eval's ``add_env_info`` computed once per process (and working directory: it records the
+    git hash of the parent folder) and copied into every results dict afterwards.
+
+    ``torch.utils.collect_env.get_pretty_env_info`` runs ``pip list`` and other commands in
+    subprocesses (0.7-3 s) on each ``simple_evaluate`` call; what it reports (packages, hardware,
+    versions) cannot change within a process."""
+    from lm_eval.loggers import utils as lm_utils
+
+    key = os.getcwd()
+    if key not in _ENV_INFO:
+        added: Dict[str, Any] = {}
+        lm_utils.add_env_info(added)  # lm-eval's own function, once
+        _ENV_INFO[key] = added
+    storage.update(copy.deepcopy(_ENV_INFO[key]))
+
+
+def _single_sample_bootstrap(original):
+    def _bootstrap_resample(self, matrix):
+        """rouge_score's ``BootstrapAggregator._bootstrap_resample`` (0.1.2) for one sample without the
+        loop: each of the ``n_samples`` resamples is row 0 (``np.random.choice(np.arange(1))`` is 0
+        and consumes no randomness), so every resample mean is the mean of row 0."""
+        import numpy as np
+
+        if matrix.shape[0] != 1:
+            return original(self, matrix)
+        sample_mean = np.zeros((self._n_samples, matrix.shape[1]))
+        sample_mean[:, :] = np.mean(matrix[np.zeros(1, dtype=int), :], axis=0)
+        percentile_delta = (1 - self._confidence_interval) / 2
+        q = 100 * np.array([percentile_delta, 0.5, 1 - percentile_delta])
+        return np.percentile(sample_mean, q, axis=0)
+
+    _bootstrap_resample.plw_original = original
+    return _bootstrap_resample
+
+
+def install_rouge_shortcut() -> None:
+    """Use :func:`_single_sample_bootstrap` in rouge_score's BootstrapAggregator (idempotent; see the
+    module docstring). Without rouge_score (no TruthfulQA-Gen) nothing happens."""
+    try:
+        from rouge_score import scoring
+    except ImportError:  # pragma: no cover
+        return
+    current = scoring.BootstrapAggregator._bootstrap_resample
+    if not hasattr(current, "plw_original"):
+        scoring.BootstrapAggregator._bootstrap_resample = _single_sample_bootstrap(current)
+
+
+def install_env_info_cache() -> None:
+    """Make ``lm_eval.simple_evaluate`` use :func:`cached_add_env_info` (idempotent). lm-eval 0.4.13
+    calls the name ``add_env_info`` bound in ``lm_eval.evaluator``; nothing else changes."""
+    import lm_eval.evaluator as ev
+
+    if getattr(ev, "add_env_info", None) is not cached_add_env_info:
+        ev.add_env_info = cached_add_env_info
+
+
+def import_model_class() -> None:
+    """Import what evaluating a model with lm-eval needs (HFLM, the evaluator; ~5-8 s, once)."""
+    import lm_eval.evaluator  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
 
 
 def make_lm(pretrained, *, batch_size: int, device: str = "cpu", dtype: Optional[str] = None,
@@ -226,6 +357,8 @@ def run_task(lm, spec: TaskSpec, *, metrics: Sequence[str], limit: Optional[int]
     """Evaluate one materialised task; raw JSON and samples are written to ``raw_dir``."""
     import lm_eval
 
+    install_env_info_cache()
+    install_rouge_shortcut()
     res = lm_eval.simple_evaluate(
         model=lm, tasks=[str(spec.yaml_path)], limit=limit, bootstrap_iters=int(bootstrap_iters),
         fewshot_random_seed=int(fewshot_seed), log_samples=True, task_manager=task_manager(),

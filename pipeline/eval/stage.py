@@ -23,10 +23,27 @@ A failure in one benchmark (missing checkpoint, data missing offline, an unparsa
 exception) is recorded in results.csv (status error/skipped, with the message) and the others
 still run; nothing finished is redone. A lock file (``eval/.lock``, released when the process
 ends) keeps two processes from evaluating the same folder at once.
+
+Parallel evaluation (``eval.workers`` > 1, :func:`evaluate_all` only): the runs are handed out one
+at a time to that many worker processes (``spawn``; each imports torch/transformers/lm-eval once and
+keeps its per-process caches for all the runs it evaluates), each with ``cpu_count // workers`` torch
+threads; the parent prints one line per finished run and returns the same list as the sequential
+loop. When a worker dies (killed, out of memory), what it finished is kept and the runs not yet
+reported are retried once in fresh workers (a second death: an error entry for each). The
+pre-trained model's PandaLM candidates (shared by the runs of one model) are generated under a file
+lock, once.
+
+Per-process work done once (results are unaffected): heavy imports, lm-eval's ``TaskManager`` and
+environment description (pipeline/eval/harness.py); after the first model phase's imports the
+objects alive are frozen out of Python's cyclic garbage collector (``gc.freeze``: module-level
+objects live for the whole process anyway), so that the ``gc.collect()`` after each model (and
+Python's own full collections) no longer traverse the ~0.5 M objects of torch/transformers/lm-eval
+(0.35 s each).
 """
 from __future__ import annotations
 
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -107,17 +124,63 @@ def folder_lock(folder: Path) -> Iterator[None]:
             f.close()
 
 
+@contextmanager
+def waiting_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` that waits for its holder (e.g. a cache another process is
+    writing); released when the block or the process ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log.info("waiting for %s (another process holds it)", path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        finally:
+            f.close()
+
+
+_SCHEMA: Optional[DictConfig] = None
+
+
+def _schema() -> DictConfig:
+    """The config schema as a DictConfig (built once per process; merges copy it)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        from pipeline.config import Config
+
+        _SCHEMA = OmegaConf.structured(Config)
+    return _SCHEMA
+
+
+_FROZEN = False
+
+
+def freeze_imported_objects() -> None:
+    """Once per process, after the heavy imports: collect garbage, then move every object alive to
+    the garbage collector's permanent generation (``gc.freeze``), so later full collections skip
+    them. Frozen objects are still freed by reference counting; only a reference cycle among them
+    would outlive its use, and what is alive here (modules, the config, the plans) lives as long."""
+    global _FROZEN
+    if not _FROZEN:
+        gc.collect()
+        gc.freeze()
+        _FROZEN = True
+
+
 def load_run_config(run_dir: Path, cfg: DictConfig) -> Tuple[DictConfig, List[str]]:
     """The run's config.yaml on the schema, with this machine's ``paths`` (runs move between clusters)."""
-    from pipeline.config import Config
-
     notes: List[str] = []
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise EvalError(f"{run_dir}: no config.yaml (not a run folder written by pipeline.runs.create_run)")
     raw = OmegaConf.load(path)
     try:
-        run_cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        run_cfg = OmegaConf.merge(_schema(), raw)
     except Exception as e:  # schema changed since the run was made
         notes.append(f"{path} does not fit the current schema ({type(e).__name__}: {e}); read as is")
         run_cfg = raw
@@ -269,8 +332,20 @@ class Evaluation:
             if not hub_id:
                 raise ModelMissing(f"model '{_plain(model_cfg).get('name')}' has neither a local folder nor a hub id")
             pretrained, revision = hub_id, _plain(model_cfg).get("revision")
+        harness.import_model_class()
+        self.import_judges()
+        freeze_imported_objects()  # before any model exists (see the module docstring)
         return harness.make_lm(pretrained, batch_size=self.e.batch_size, device=resolve_device(self.e.device),
                                dtype=self.dtype, revision=revision, add_bos_token=self.e.add_bos_token)
+
+    def import_judges(self) -> None:
+        """Import the judging frameworks this evaluation will use (before the objects are frozen)."""
+        if "alpaca_eval" in self.names:
+            os.environ.setdefault("IS_ALPACA_EVAL_2", "False")
+            try:
+                import alpaca_eval.main  # noqa: F401
+            except Exception:  # reported by the benchmark itself
+                pass
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:
         from pipeline import models
@@ -335,6 +410,12 @@ class Evaluation:
         return self.store.write_table(self.names)
 
     def phase_model(self, plans: Dict[str, Plan], pending: List[str], lm) -> None:
+        from pipeline.eval.generation import fast_causal_masks
+
+        with fast_causal_masks():  # lm-eval's generate_until too (the same masks, see generation.py)
+            self._phase_model(plans, pending, lm)
+
+    def _phase_model(self, plans: Dict[str, Plan], pending: List[str], lm) -> None:
         from pipeline.eval import harness
 
         e = self.e
@@ -453,23 +534,25 @@ class Evaluation:
                     f"a JSON/JSONL file of outputs")
             cache = self.eval_dir / "pandalm" / f"comparator-{_hash(str(p.resolve()))}.json"
             who, folder, mcfg = str(p.resolve()), p, None
-        if cache.is_file():  # cheap check before loading a model
+        # one process generates a shared cache, the others wait for it (parallel workers)
+        with waiting_lock(cache.parent / f".{cache.name}.lock"):
+            if cache.is_file():  # cheap check before loading a model
+                try:
+                    got = json.loads(cache.read_text(encoding="utf-8"))
+                    if got.get("settings", {}).get("who") == who and len(got.get("outputs", [])) >= len(items) \
+                            and got["settings"].get("max_new_tokens") == int(e.max_new_tokens):
+                        n_prompts = pandalm._sha(json.dumps(pandalm.candidate_prompts(items)).encode())
+                        if got["settings"].get("prompts") == n_prompts:
+                            return got["outputs"]
+                except (ValueError, KeyError):
+                    pass
+            lm = self.load_model(folder, mcfg)
             try:
-                got = json.loads(cache.read_text(encoding="utf-8"))
-                if got.get("settings", {}).get("who") == who and len(got.get("outputs", [])) >= len(items) \
-                        and got["settings"].get("max_new_tokens") == int(e.max_new_tokens):
-                    n_prompts = pandalm._sha(json.dumps(pandalm.candidate_prompts(items)).encode())
-                    if got["settings"].get("prompts") == n_prompts:
-                        return got["outputs"]
-            except (ValueError, KeyError):
-                pass
-        lm = self.load_model(folder, mcfg)
-        try:
-            return pandalm.generate_candidates(lm.model, lm.tokenizer, items, out_file=cache, who=who,
-                                               max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
-        finally:
-            del lm
-            release()
+                return pandalm.generate_candidates(lm.model, lm.tokenizer, items, out_file=cache, who=who,
+                                                   max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+            finally:
+                del lm
+                release()
 
     def step_pandalm(self, plan: Plan) -> None:
         from pipeline.eval import pandalm
@@ -662,14 +745,18 @@ def finished_runs(runs_dir: Path) -> List[Path]:
 
 
 def evaluate_all(cfg: DictConfig) -> List[Tuple[str, Optional[Path], Optional[str]]]:
-    """Every finished run in ``paths.runs_dir`` (finished benchmarks are skipped inside each run).
+    """Every finished run in ``paths.runs_dir`` (finished benchmarks are skipped inside each run),
+    in ``eval.workers`` processes when that is > 1 (see the module docstring).
 
-    Returns ``(run folder name, results.csv or None, error or None)`` per run.
+    Returns ``(run folder name, results.csv or None, error or None)`` per run, in name order.
     """
     from tqdm.auto import tqdm
 
     runs = finished_runs(Path(str(cfg.paths.runs_dir)))
     log.info("%d finished run(s) in %s", len(runs), cfg.paths.runs_dir)
+    workers = int(cfg.eval.get("workers") or 1)
+    if workers > 1 and len(runs) > 1:
+        return _evaluate_parallel(runs, cfg, min(workers, len(runs)))
     out = []
     for p in tqdm(runs, desc="runs", disable=len(runs) < 2):
         try:
@@ -680,3 +767,161 @@ def evaluate_all(cfg: DictConfig) -> List[Tuple[str, Optional[Path], Optional[st
             log.error("%s", e)
             out.append((p.name, None, f"{type(e).__name__}: {e}"))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# parallel evaluation (eval.workers > 1)
+# --------------------------------------------------------------------------------------------
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM or container allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def portable_config(cfg: DictConfig) -> DictConfig:
+    """The config resolved here, to be sent to another process (which does not run Hydra)."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # an unresolvable key elsewhere: send as is
+        return cfg
+
+
+_WORKER_RUN = "-"
+
+
+class _RunTag(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run = _WORKER_RUN
+        return True
+
+
+@contextmanager
+def _worker_environment(threads: int) -> Iterator[None]:
+    """The environment worker processes start with (``spawn`` copies it when a worker starts, before
+    any import): their thread count, and no progress bars of their own (tqdm reads ``TQDM_DISABLE``
+    when imported; the parent prints one line per finished run). Restored afterwards."""
+    want = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    before = {k: os.environ.get(k) for k in want}
+    os.environ.update(want)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _quiet_progress_bars() -> None:
+    """No tqdm bar in this process, even where a library asks for one explicitly (lm-eval passes
+    ``disable=False``): bars of parallel workers would overwrite each other's lines."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "plw_quiet", False):
+        return
+
+    def quiet(self, *args, **kwargs):
+        if len(args) > 10:  # disable passed by position (the 11th parameter)
+            args = args[:10] + (True,) + args[11:]
+        else:
+            kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    quiet.plw_quiet = True
+    tqdm.std.tqdm.__init__ = quiet
+
+
+def _worker_init(threads: int, root_level: int, pipeline_level: int) -> None:
+    """A worker process: its torch threads, its log lines tagged with the run being evaluated, no
+    progress bars (the parent prints one line per finished run)."""
+    _quiet_progress_bars()
+    handler = logging.StreamHandler()
+    handler.addFilter(_RunTag())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(run)s]: %(message)s"))
+    logging.basicConfig(level=root_level, handlers=[handler], force=True)
+    logging.getLogger("pipeline").setLevel(pipeline_level)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root_level))
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _evaluate_in_worker(run_dir: str, cfg: DictConfig) -> Tuple[str, Optional[str], Optional[str], float, List[str]]:
+    """One run in a worker: ``(name, results.csv or None, error or None, seconds, failed benchmarks)``."""
+    global _WORKER_RUN
+    from pipeline.eval.results import read_results
+
+    p = Path(run_dir)
+    _WORKER_RUN = p.name
+    t0 = time.time()
+    try:
+        path = evaluate_run(p, cfg)
+        failed = sorted({r["benchmark"] for r in read_results(path) if r["status"] == "error"})
+        return p.name, str(path), None, time.time() - t0, failed
+    except Exception as e:  # the same outcome as in the sequential loop
+        if not isinstance(e, EvalError):
+            log.error("%s:\n%s", p.name, traceback.format_exc())
+        log.error("%s", e)
+        return p.name, None, f"{type(e).__name__}: {e}", time.time() - t0, []
+    finally:
+        _WORKER_RUN = "-"
+
+
+def _evaluate_parallel(runs: List[Path], cfg: DictConfig, n: int) -> List[Tuple[str, Optional[Path], Optional[str]]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tqdm.auto import tqdm
+
+    threads = max(1, cpu_count() // n)
+    log.info("evaluating %d run(s) in %d worker processes, %d torch thread(s) each", len(runs), n, threads)
+    job_cfg = portable_config(cfg)
+    levels = (logging.getLogger().getEffectiveLevel(), logging.getLogger("pipeline").getEffectiveLevel())
+    done: Dict[str, Tuple[str, Optional[Path], Optional[str]]] = {}
+    bar = tqdm(total=len(runs), desc="runs")
+    todo = list(runs)
+    for attempt in (1, 2):
+        died: List[Path] = []
+        with ProcessPoolExecutor(max_workers=min(n, len(todo)), mp_context=mp.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(threads, *levels)) as ex:
+            with _worker_environment(threads):  # the workers start within submit()
+                futures = {ex.submit(_evaluate_in_worker, str(p), job_cfg): p for p in todo}
+            try:
+                for f in as_completed(futures):
+                    p = futures[f]
+                    try:
+                        name, path, err, secs, failed = f.result()
+                    except BrokenProcessPool:
+                        died.append(p)
+                        continue
+                    except Exception as e:  # e.g. a result that could not be sent back
+                        name, path, err, secs, failed = p.name, None, f"{type(e).__name__}: {e}", 0.0, []
+                    done[p.name] = (name, Path(path) if path else None, err)
+                    bar.update(1)
+                    state = (f"error: {err}" if err else
+                             f"{len(failed)} benchmark(s) failed ({', '.join(failed)})" if failed else "ok")
+                    log.info("[%d/%d] %s: %s (%.1f s)", len(done), len(runs), name, state, secs)
+            except BaseException:  # Ctrl-C: what finished is on disk; stop handing out runs
+                ex.shutdown(wait=False, cancel_futures=True)
+                raise
+        if not died:
+            break
+        todo = sorted(died)
+        if attempt == 1:
+            log.warning("a worker process died; %d unfinished run(s) are retried in fresh processes: %s",
+                        len(todo), ", ".join(p.name for p in todo))
+    else:
+        for p in todo:
+            msg = ("BrokenProcessPool: a worker process died while this run was pending, twice (killed, out of "
+                   "memory, a crash); what was finished is kept: run `python -m pipeline.eval` again to resume")
+            log.error("%s: %s", p.name, msg)
+            done[p.name] = (p.name, None, msg)
+            bar.update(1)
+    bar.close()
+    return [done[p.name] for p in runs]
