@@ -233,38 +233,76 @@ def _model_configs(overrides: Sequence[str]):
     return out, cfg.paths
 
 
+def _build(model: Dict[str, Any], paths: Dict[str, Any], threads: int) -> str:
+    """Child-process entry: build one model's cached checkpoint with ``threads`` torch threads."""
+    import torch
+
+    from pipeline.models import pretrained_dir
+
+    torch.set_num_threads(max(1, threads))
+    folder = pretrained_dir(model, paths)
+    return "" if folder is None else str(folder)
+
+
+def _report(name: str, folder: Optional[str], seconds: float) -> str:
+    if not folder:
+        return f"[hub] {name}: loaded from the Hugging Face cache (nothing to build)"
+    info = ""
+    plog = Path(folder) / "pretrain_log.json"
+    if plog.is_file():
+        d = json.loads(plog.read_text())
+        info = (f"; held-out loss {d['held_out_loss_before']:.3f} -> {d['held_out_loss_after']:.3f} "
+                f"after {d['steps']} steps ({d['tokens_seen']:,} tokens, {d['seconds']:.0f} s)")
+    return f"[ready] {name}: {folder} ({seconds:.1f} s){info}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Build every model's checkpoint; several models are built at once, one process per model (up
+    to the number of CPUs, torch threads shared out), since each pre-training is single-machine work."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.models import ModelLoadError, pretrained_dir
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+
+    from omegaconf import OmegaConf
 
     try:
         models, paths = _model_configs(argv)
     except Exception as e:  # noqa: BLE001 - a bad override: name it
         print(f"pipeline.pretrain: bad configuration: {e}", file=sys.stderr)
         return 2
+    plain = [OmegaConf.to_container(m, resolve=True) for m in models]
+    paths_plain = OmegaConf.to_container(paths, resolve=True)
+    cpus = os.cpu_count() or 1
+    workers = max(1, min(len(plain), cpus))
+    threads = max(1, cpus // workers)
+    t0 = time.monotonic()
     rc = 0
-    for m in models:
-        t0 = time.monotonic()
-        try:
-            folder = pretrained_dir(m, paths)
-        except (ModelLoadError, CorpusError, ValueError) as e:
-            print(f"[failed] {m.name}: {e}", file=sys.stderr)
+    if workers == 1:
+        results = []
+        for m in plain:
+            try:
+                results.append((m["name"], _build(m, paths_plain, threads), None))
+            except Exception as e:  # noqa: BLE001 - reported per model
+                results.append((m["name"], None, e))
+            print(_report(m["name"], results[-1][1], time.monotonic() - t0) if results[-1][2] is None
+                  else f"[failed] {m['name']}: {results[-1][2]}", flush=True)
+    else:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futures = [(m["name"], ex.submit(_build, m, paths_plain, threads)) for m in plain]
+            for name, fut in futures:
+                try:
+                    print(_report(name, fut.result(), time.monotonic() - t0), flush=True)
+                except Exception as e:  # noqa: BLE001 - reported per model
+                    print(f"[failed] {name}: {e}", flush=True)
+                    rc = 1
+    for name, folder, err in (results if workers == 1 else []):
+        if err is not None:
             rc = 1
-            continue
-        if folder is None:
-            print(f"[hub] {m.name}: loaded from the Hugging Face cache (nothing to build)")
-            continue
-        info = ""
-        plog = folder / "pretrain_log.json"
-        if plog.is_file():
-            d = json.loads(plog.read_text())
-            info = (f"; held-out loss {d['held_out_loss_before']:.3f} -> {d['held_out_loss_after']:.3f} "
-                    f"after {d['steps']} steps ({d['tokens_seen']:,} tokens, {d['seconds']:.0f} s)")
-        print(f"[ready] {m.name}: {folder} ({time.monotonic() - t0:.1f} s){info}", flush=True)
     return rc
 
 
