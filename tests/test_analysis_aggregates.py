@@ -88,6 +88,24 @@ def test_collect_drops_non_numeric_values_with_a_warning(tmp_path):
     assert issue.level == "warning" and str(folders[0]) == issue.where and "non-numeric" in issue.message
 
 
+def test_collect_leaves_out_rows_the_evaluation_marked_skipped_reporting_once(tmp_path):
+    """A benchmark the evaluation could not run (status skipped, no value; e.g. WMT offline) is left
+    out with one info line per benchmark for the whole store, not a warning per run."""
+    folders = list(_store(tmp_path).values())
+    for f in folders:
+        res = pd.read_csv(f / "results.csv")
+        res["status"], res["message"] = "ok", ""
+        extra = pd.DataFrame([{**res.iloc[0].to_dict(), "benchmark": "wmt14_en_fr", "metric": m, "value": np.nan,
+                               "group": "short_gen", "status": "skipped", "message": "not in the offline mirror"}
+                              for m in ("bleu", "chrf")])
+        pd.concat([res, extra]).to_csv(f / "results.csv", index=False)
+    df, log = collect_runs(tmp_path / "runs")
+    assert df["run_id"].nunique() == 6 and "wmt14_en_fr" not in set(df["benchmark"])
+    (issue,) = list(log)
+    assert (issue.scope, issue.where, issue.level) == ("benchmark", "wmt14_en_fr", "info")
+    assert "skipped" in issue.message and "12 row(s)" in issue.message and "offline mirror" in issue.message
+
+
 def test_missing_run_store_is_reported(tmp_path):
     df, log = collect_runs(tmp_path / "nowhere")
     (issue,) = list(log)

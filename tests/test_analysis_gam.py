@@ -64,6 +64,19 @@ def test_another_planted_optimum():
     assert (low["optimal_plw"] - 0.5).abs().max() <= 0.08, low
 
 
+def test_one_benchmark_drops_the_benchmark_term_and_still_finds_the_optimum():
+    sc = _scores(peak=0.2, seed=0)
+    one = sc[sc["benchmark"] == sc["benchmark"].iloc[0]]
+    data = prepare_gam_data(one, "all")
+    res = fit_gam(data, "all")
+    assert res.status == "fitted", res.errors
+    assert any("factor(b) term was dropped" in w for w in res.warnings)
+    assert "factor(b)" not in res.summary["formula"]
+    surf = surface(res.fit, np.linspace(0, 1, 201), list(R_VALUES))
+    opt = optimal_plw_table(surf, res.score_range[1] - res.score_range[0], r_range=res.r_range)
+    assert (opt[opt["r_g"] <= 0.2]["optimal_plw"] - 0.2).abs().max() <= 0.1, opt
+
+
 def test_no_effect_reads_as_flat():
     _, opt = _fit(_scores(amplitude=0.0, seed=2))
     assert opt["flat"].all(), opt

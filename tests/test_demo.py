@@ -77,22 +77,32 @@ def test_demo_configs_compose_with_the_study_shape():
     assert load_config(["eval=demo"]).eval.judge.startswith("test_double")
 
 
-@pytest.mark.slow
 def test_reduced_demo_end_to_end_then_reuses_everything(tmp_path, shared_dir):
-    """`make demo EXPERIMENT=demo_ci` trains 3 runs, evaluates them, fits and reports; the second
-    call runs no stage. ~6-10 min on a loaded 2-core CPU (slow)."""
+    """`make demo EXPERIMENT=demo_ci` (the same command as `make demo`, a reduced grid: 3 PLW levels x
+    tinylm_b x 3 datasets) pre-trains the model (once per data dir), trains 9 runs, evaluates them,
+    fits and reports; the second call runs no stage. A few minutes here (CI runs it in `make test`)."""
     runs, reports = tmp_path / "runs", tmp_path / "reports"
     ov = f"paths.runs_dir={runs} paths.reports_dir={reports} paths.shared_dir={shared_dir}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("OMP_NUM_THREADS", None)  # the launchers set threads per worker
     cmd = ["make", "-s", "demo", "EXPERIMENT=demo_ci", f"OVERRIDES={ov}", f"PY={sys.executable}"]
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     s = json.loads((reports / "analysis" / "demo_summary.json").read_text())
-    assert s["ok"] and s["runs_total"] == 3 and s["runs_done"] == 3 and s["runs_evaluated"] == 3
+    assert s["ok"] and s["runs_total"] == 9 and s["runs_done"] == 9 and s["runs_evaluated"] == 9
+    assert [st["name"] for st in s["stages"]] == ["pretrain", "sweep", "eval", "regress"]
     assert Path(s["report"]).is_file() and "report:" in first.stdout
+    assert set(s["model_dirs"]) == {"tinylm_b"} and (Path(s["model_dirs"]["tinylm_b"]) / "DONE").is_file()
+    final_prompt_loss = {}
     for d in runs.iterdir():
         if not d.name.startswith("_"):
             assert (d / "results.csv").is_file() and (d / "final").is_dir()
+            cfg = json.loads((d / "run.json").read_text())
+            summ = json.loads((d / "train_summary.json").read_text())
+            final_prompt_loss[(cfg["dataset"], float(cfg["plw"]))] = summ["final_prompt_loss"]
+    # the PLW reached the loss: training on prompts (PLW 1) lowers the prompt loss vs PLW 0
+    for ds in {k[0] for k in final_prompt_loss}:
+        assert final_prompt_loss[(ds, 1.0)] < final_prompt_loss[(ds, 0.0)] - 0.2, final_prompt_loss
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     s2 = json.loads((reports / "analysis" / "demo_summary.json").read_text())

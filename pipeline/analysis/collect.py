@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -67,7 +67,8 @@ def _read_run_json(folder: Path, log: IssueLog) -> Optional[dict]:
             "plw": plw, "regularizer": reg, "seed": seed, "r_g": r_g}
 
 
-def _read_results(folder: Path, run_id: str, log: IssueLog) -> Optional[pd.DataFrame]:
+def _read_results(folder: Path, run_id: str, log: IssueLog,
+                  not_ok: Optional[Dict[Tuple[str, str], List[str]]] = None) -> Optional[pd.DataFrame]:
     f = folder / "results.csv"
     where = str(folder)
     if not f.is_file():
@@ -96,6 +97,21 @@ def _read_results(folder: Path, run_id: str, log: IssueLog) -> Optional[pd.DataF
     df["benchmark"] = df["benchmark"].astype(str)
     df["metric"] = df["metric"].astype(str)
     df["group"] = df["group"].astype(str)
+    if "status" in df.columns:
+        # rows the evaluation itself marked skipped/error (e.g. WMT absent from an offline mirror):
+        # dropped, and reported once per benchmark and status for the whole store (collect_runs)
+        status = df["status"].fillna("ok").astype(str)
+        marked = status != "ok"
+        if "message" not in df.columns:
+            df["message"] = ""
+        if marked.any():
+            for b, st, msg in df.loc[marked, ["benchmark", "status", "message"]].itertuples(index=False):
+                if not_ok is not None:
+                    not_ok.setdefault((b, st), [])
+                    not_ok[(b, st)].append(str(msg) if isinstance(msg, str) else "")
+                else:
+                    log.add("run", where, f"results.csv: {b} is {st}: {msg}", level="info")
+            df = df[~marked].copy()
     vals = pd.to_numeric(df["value"], errors="coerce")
     bad = df.loc[vals.isna() | ~np.isfinite(vals.fillna(0)), ["benchmark", "metric"]]
     if len(bad):
@@ -127,6 +143,7 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
         log.add("store", str(runs_dir), "the run store does not exist; nothing collected")
         return pd.DataFrame(columns=COLUMNS), log
     seen = {}
+    not_ok: Dict[Tuple[str, str], List[str]] = {}
     for folder in sorted(x for x in runs_dir.iterdir() if x.is_dir()):
         if folder.name.startswith((".", "_")) and not (folder / "run.json").exists():
             continue
@@ -137,7 +154,7 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
             log.add("run", str(folder), f"run_id {meta['run_id']!r} already collected from "
                                         f"{seen[meta['run_id']]}; run skipped")
             continue
-        res = _read_results(folder, meta["run_id"], log)
+        res = _read_results(folder, meta["run_id"], log, not_ok)
         if res is None:
             continue
         seen[meta["run_id"]] = str(folder)
@@ -146,6 +163,10 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
         res["w_p"] = np.power(res["plw"].astype(float), p)
         res["run_dir"] = str(folder)
         frames.append(res)
+    for (bench, st), messages in sorted(not_ok.items()):
+        example = next((m for m in messages if m), "")
+        log.add("benchmark", bench, f"{st} in results.csv ({len(messages)} row(s) over the store; left out): "
+                                    f"{example[:200]}", level="info")
     if not frames:
         return pd.DataFrame(columns=COLUMNS), log
     df = pd.concat(frames, ignore_index=True)[COLUMNS]

@@ -107,11 +107,16 @@ def fit_gam(data: pd.DataFrame, subset: str = "all", *,
         return res
     res.r_range = (float(data["r"].min()), float(data["r"].max()))
     res.score_range = (float(data["score"].min()), float(data["score"].max()))
+    dropped = []
+    if "factor(b)" in formula and data["b"].nunique() < 2:
+        # a one-level factor has no contrasts (mgcv fails): the term is a constant, drop it
+        formula = formula.replace("+ factor(b)", "").replace("factor(b) +", "")
+        dropped.append(f"one benchmark only ({data['b'].iloc[0]}): the factor(b) term was dropped")
     cols = [c for c in ("score", "w", "r", "b", "m") if c in data.columns]
     cap = rb.r_call("plw_gam_fit", data[cols], formula=formula, method=method)
     names = list(cap.names)
     fit = cap[names.index("value")]
-    res.warnings = rb.as_list(rb.to_py(cap[names.index("warnings")]))
+    res.warnings = dropped + rb.as_list(rb.to_py(cap[names.index("warnings")]))
     err = rb.to_py(cap[names.index("error")])
     if err is not None:
         res.status = "failed"
