@@ -146,7 +146,8 @@ def _load_trained_bpe(spec: str):
         raise TokenizerError(f"tokenizer spec '{spec}': expected trained_bpe:{{corpus, text_fields, vocab_size}} ({e})")
     for c in corpus:
         if not Path(c).is_file():
-            raise TokenizerError(f"tokenizer spec {TRAINED_BPE}...: corpus file {c} does not exist")
+            raise TokenizerError(f"corpus file {c} of model.pretrain.corpus does not exist (the tokenizer is trained "
+                                 f"on it; the demo's corpus is in ../shared: set paths.shared_dir)")
     key = hashlib.sha256(json.dumps([[sha256_file(Path(c)) for c in corpus], fields, vocab,
                                      tokenizers.__version__, BPE_VERSION]).encode()).hexdigest()[:16]
     folder = gguf_tokenizer_cache_dir() / f"bpe{vocab}-{key}"
