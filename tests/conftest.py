@@ -38,3 +38,23 @@ def llama_tokenizer_dir(shared_dir: Path) -> Path:
 def instructions_dir(shared_dir: Path) -> Path:
     """Real Alpaca-schema instruction data in ../shared/data/instructions."""
     return _need(shared_dir / "data" / "instructions")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module (use with ``pytestmark = pytest.mark.usefixtures(
+    "one_thread")``): on a shared 2-core machine two threads are several times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_cache(request, tmp_path_factory) -> Path:
+    """A paths.data_dir surviving between test sessions (cached model checkpoints, e.g. the
+    dequantised SmolLM2 and the scratch/pre-trained tiny models), in pytest's cache folder."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("plw_models")) if cache is not None else tmp_path_factory.mktemp("plw_models")

@@ -12,15 +12,8 @@ from pipeline.config import load_config
 from pipeline.eval import generation as G
 from pipeline.preprocess import render_source
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 PROMPTS = [render_source({"instruction": i, "input": x}) for i, x in [
     ("Name a primary colour.", ""),

@@ -27,24 +27,12 @@ from pipeline.eval import harness, stage
 from pipeline.eval.results import read_results
 from test_eval_stage import _cfg, make_run  # noqa: E402  (the run-folder helpers)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EVAL = ["eval.limit=2", "eval.benchmarks=[piqa,truthfulqa_gen,alpaca_eval,pandalm]",
         "eval.mechanisms=[mech_loss_rsd,mech_memorization_bleu,mech_alpacaeval_length]",
         "eval.memorization_prompts=4"]
 ENV_KEYS = ("pretty_env_info", "transformers_version", "lm_eval_version", "upper_git_hash")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_cache(request, tmp_path_factory) -> Path:
-    cache = getattr(request.config, "cache", None)
-    return Path(cache.mkdir("plw_models")) if cache is not None else tmp_path_factory.mktemp("plw_models")
 
 
 def _two_runs(model_cache, runs_dir, *extra):

@@ -27,25 +27,11 @@ from pipeline.eval import harness, judges
 from pipeline.eval.results import COLUMNS, read_results
 from pipeline.eval.stage import EvalError, evaluate_all, evaluate_pretrained, evaluate_run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SHIFT = 0.01
 SHIFTED = "model.layers.0.mlp.down_proj.weight"
 LOSSES = [2.0, 1.8, 1.9, 1.5, 1.6, 1.4, 1.45, 1.3, 1.35, 1.2, 1.25, 1.1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def model_cache(request, tmp_path_factory) -> Path:
-    """paths.data_dir surviving between sessions (cached model checkpoints, shared with test_models)."""
-    cache = getattr(request.config, "cache", None)
-    return Path(cache.mkdir("plw_models")) if cache is not None else tmp_path_factory.mktemp("plw_models")
 
 
 def _cfg(model_cache, runs_dir, *overrides):
@@ -347,3 +333,34 @@ def test_a_bad_judge_config_is_recorded(model_cache, tmp_path):
     assert st["alpaca_eval"][0] == "error" and "eval.judge" in st["alpaca_eval"][1]
     assert st["pandalm"][0] == "error" and "eval.pandalm_judge" in st["pandalm"][1]
     assert st["mech_loss_rsd"][0] == "ok"
+
+
+def test_folder_lock_refuses_a_second_holder_and_waiting_lock_waits(tmp_path):
+    from pipeline.eval import stage
+    import threading
+    import time as _time
+
+    with stage.folder_lock(tmp_path):
+        assert "pid" in (tmp_path / "eval" / ".lock").read_text()
+        with pytest.raises(stage.EvalError, match="being evaluated by another process"):
+            with stage.folder_lock(tmp_path):
+                pass
+    with stage.folder_lock(tmp_path):  # released: taken again
+        pass
+    order = []
+    path = tmp_path / "cache.lock"
+
+    def holder():
+        with stage.waiting_lock(path):
+            order.append("held")
+            _time.sleep(0.3)
+            order.append("released")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    while not order:
+        _time.sleep(0.01)
+    with stage.waiting_lock(path):
+        order.append("second")
+    t.join()
+    assert order == ["held", "released", "second"]

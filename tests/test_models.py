@@ -29,6 +29,12 @@ SENTENCES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def cached_paths(model_cache):
+    """paths_cfg whose data_dir survives between sessions (conftest.model_cache)."""
+    return {"data_dir": str(model_cache)}
+
+
 def _model_cfg(*overrides: str):
     return load_config(list(overrides)).model
 
@@ -61,18 +67,10 @@ def paths(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def model_cache(request, tmp_path_factory):
-    """A data_dir that survives between test sessions (the dequantised SmolLM2 lives there)."""
-    cache = getattr(request.config, "cache", None)
-    root = cache.mkdir("plw_models") if cache is not None else tmp_path_factory.mktemp("plw_models")
-    return {"data_dir": str(root)}
-
-
-@pytest.fixture(scope="module")
-def smollm2(model_cache):
+def smollm2(cached_paths):
     cfg = _model_cfg("model=smollm2_135m")
     tok = models.load_tokenizer_for(cfg)
-    model = models.load_model(cfg, model_cache)
+    model = models.load_model(cfg, cached_paths)
     return cfg, model, tok
 
 
@@ -115,7 +113,7 @@ def test_decoder_layer_class_resolves_bare_and_dotted_names():
 # --------------------------------------------------------------------------------------------
 # SmolLM2 (package_gguf): a real pretrained language model, offline
 # --------------------------------------------------------------------------------------------
-def test_smollm2_loads_offline_as_smollm2(smollm2, model_cache):
+def test_smollm2_loads_offline_as_smollm2(smollm2, cached_paths):
     cfg, model, tok = smollm2
     c = model.config
     assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == \
@@ -125,7 +123,7 @@ def test_smollm2_loads_offline_as_smollm2(smollm2, model_cache):
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
     assert any(isinstance(m, models.decoder_layer_class(cfg)) for m in model.modules())
     # the dequantised checkpoint was cached, complete, under data_dir/models/gguf-<hash>
-    folder = models.pretrained_dir(cfg, model_cache)
+    folder = models.pretrained_dir(cfg, cached_paths)
     assert folder.name.startswith("gguf-") and (folder / "DONE").is_file()
     meta = json.loads((folder / "definition.json").read_text())
     assert meta["definition"]["file_sha256"] == cfg.gguf_sha256

@@ -102,21 +102,17 @@ def _hash(obj: Any) -> str:
 
 
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock on ``folder/eval/.lock`` (released when the process ends, even by a crash)."""
-    path = folder / "eval" / ".lock"
+def _flock(path: Path, on_busy: Callable[[Any], None]) -> Iterator[Any]:
+    """An exclusive ``flock`` on ``path`` (released when the block or the process ends, even by a
+    crash); when another process holds it, ``on_busy(file)`` either raises or takes the lock waiting."""
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            raise EvalError(f"{folder} is being evaluated by another process (lock {path})") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.uname().nodename} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
-        f.flush()
-        yield
+            on_busy(f)
+        yield f
     finally:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
@@ -125,23 +121,31 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 @contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/eval/.lock``; another process holding it is an :class:`EvalError`."""
+    path = folder / "eval" / ".lock"
+
+    def busy(_f) -> None:
+        raise EvalError(f"{folder} is being evaluated by another process (lock {path})")
+
+    with _flock(path, busy) as f:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.uname().nodename} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        yield
+
+
+@contextmanager
 def waiting_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` that waits for its holder (e.g. a cache another process is
-    writing); released when the block or the process ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log.info("waiting for %s (another process holds it)", path)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    writing)."""
+    def wait(f) -> None:
+        log.info("waiting for %s (another process holds it)", path)
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+
+    with _flock(path, wait):
         yield
-    finally:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-        finally:
-            f.close()
 
 
 _SCHEMA: Optional[DictConfig] = None
