@@ -60,7 +60,8 @@ def test_store_markers_table_and_resume_rules(tmp_path):
 
 
 def test_analysis_stage_reads_the_table(tmp_path):
-    """The analysis stage's reader accepts our table (non-ok rows have no value: dropped with a warning)."""
+    """The analysis stage's reader accepts our table (non-ok rows have no value: left out, with one
+    note per benchmark)."""
     import json
 
     from pipeline.analysis.collect import collect_runs
@@ -73,7 +74,9 @@ def test_analysis_stage_reads_the_table(tmp_path):
                                               "seed": 42, "r_g": 1.0}))
     df, log = collect_runs(tmp_path / "runs")
     assert list(df["benchmark"]) == ["piqa"] and df["value"].iloc[0] == 0.6 and df["group"].iloc[0] == "mc"
-    assert any("wmt16_de_en" in i.message for i in log)
+    (issue,) = [i for i in log if i.where == "wmt16_de_en"]
+    assert issue.scope == "benchmark" and issue.level == "info" and "skipped" in issue.message
+    assert "no data" in issue.message
 
 
 def test_registry_groups():

@@ -7,6 +7,9 @@ run x benchmark x metric with the factors joined in and ``w_p = plw ** 0.30103``
 A folder whose files are missing or malformed is reported (an :class:`Issue` naming the folder and
 the file) and skipped; the other runs are still collected. Hidden folders (name starting with
 '.' or '_') without a run.json are ignored; every other folder is either collected or reported.
+Rows the evaluation itself marked ``skipped``/``error`` (``status`` column; e.g. a benchmark absent
+from an offline mirror) are left out and reported once per benchmark for the whole store (an info
+issue with scope ``benchmark``); an ``ok`` row without a numeric value is dropped with a warning.
 """
 from __future__ import annotations
 
