@@ -87,8 +87,9 @@ class GamResult:
     r_range: tuple = (float("nan"), float("nan"))
     score_range: tuple = (float("nan"), float("nan"))
     summary: Dict[str, Any] = field(default_factory=dict)
-    warnings: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)  # R's warnings
     errors: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # what the fit changed (e.g. a dropped term)
     surface: Optional[pd.DataFrame] = None  # w, r, term, term_se, prediction (contour grid)
     optimum: Optional[pd.DataFrame] = None  # Table 5 rows
     rds_path: Optional[str] = None
@@ -116,7 +117,8 @@ def fit_gam(data: pd.DataFrame, subset: str = "all", *,
     cap = rb.r_call("plw_gam_fit", data[cols], formula=formula, method=method)
     names = list(cap.names)
     fit = cap[names.index("value")]
-    res.warnings = dropped + rb.as_list(rb.to_py(cap[names.index("warnings")]))
+    res.notes = dropped
+    res.warnings = rb.as_list(rb.to_py(cap[names.index("warnings")]))
     err = rb.to_py(cap[names.index("error")])
     if err is not None:
         res.status = "failed"

@@ -84,6 +84,8 @@ def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult
             log.add("gam", subset, "GAM not fitted: " + "; ".join(res.errors))
             out[subset] = res
             continue
+        for w in res.notes:
+            log.add("gam", subset, w, level="warning")
         for w in res.warnings:
             log.add("gam", subset, f"R warning: {w}", level="warning")
         srange = res.score_range[1] - res.score_range[0]
