@@ -154,14 +154,16 @@ def decoder_layer_class(model_cfg: Any) -> type:
 # tokenizer
 # --------------------------------------------------------------------------------------------
 def _pretrain(model_cfg: Any) -> Optional[Dict[str, Any]]:
-    """``model.pretrain`` as a plain dict (None when absent)."""
-    p = _plain(_get(model_cfg, "pretrain"))
+    """``model.pretrain`` as a plain dict with the schema's defaults filled in (None when absent)."""
+    import dataclasses
+
+    from pipeline.config import PretrainConfig
+
+    p = _get(model_cfg, "pretrain")
     if p is None:
         return None
-    if not isinstance(p, Mapping):
-        p = {k: getattr(p, k) for k in ("corpus", "text_fields", "vocab_size", "steps", "batch_size", "seq_len",
-                                        "learning_rate", "warmup_steps", "weight_decay", "held_out_fraction", "seed")}
-    return dict(p)
+    p = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(_plain(p))
+    return {**dataclasses.asdict(PretrainConfig()), **p}
 
 
 def tokenizer_spec(model_cfg: Any) -> Tuple[str, Optional[str]]:
@@ -169,11 +171,10 @@ def tokenizer_spec(model_cfg: Any) -> Tuple[str, Optional[str]]:
     source = _get(model_cfg, "source", "hub")
     explicit = _get(model_cfg, "tokenizer")
     pre = _pretrain(model_cfg)
-    if pre and int(pre.get("vocab_size") or 0) > 0 and not explicit:
+    if pre and pre["vocab_size"] > 0 and not explicit:
         from pipeline.tokenizer import trained_bpe_spec
 
-        return trained_bpe_spec(pre["corpus"], pre.get("text_fields") or ["instruction", "input", "output"],
-                                int(pre["vocab_size"])), None
+        return trained_bpe_spec(pre["corpus"], pre["text_fields"], int(pre["vocab_size"])), None
     if explicit:
         return str(explicit), _get(model_cfg, "tokenizer_revision")
     if source == "package_gguf":
@@ -269,12 +270,12 @@ def model_definition(model_cfg: Any, tokenizer=None) -> Dict[str, Any]:
                 "architecture": _architecture(model_cfg), "init_seed": int(_get(model_cfg, "init_seed", 0) or 0),
                 "tokenizer": tokenizer_fingerprint(tok), "vocab_size": len(tok)}
         pre = _pretrain(model_cfg)
-        if pre and int(pre.get("steps") or 0) > 0:
+        if pre and pre["steps"] > 0:
             # what the pre-training reads and does; the corpus by content, not by path
             defn["kind"] = "pretrained"
             defn["pretrain"] = {k: v for k, v in sorted(pre.items()) if k != "corpus"}
             defn["corpus_sha256"] = [sha256_file(Path(str(c)).expanduser()) for c in pre["corpus"]]
-            if int(pre.get("vocab_size") or 0) > 0:
+            if pre["vocab_size"] > 0:
                 from pipeline.pretrain import BPE_VERSION
 
                 defn["bpe_version"] = BPE_VERSION  # the saved tokenizer's settings
@@ -406,7 +407,7 @@ def build_pretrained_model(model_cfg: Any, tokenizer):
 
     pre = _pretrain(model_cfg)
     model = build_scratch_model(model_cfg, tokenizer)
-    texts = corpus_texts(pre["corpus"], pre.get("text_fields") or ["instruction", "input", "output"])
+    texts = corpus_texts(pre["corpus"], pre["text_fields"])
     log.info("pre-training model '%s': %d steps x %d x %d tokens on %d documents", _name(model_cfg),
              int(pre["steps"]), int(pre["batch_size"]), int(pre["seq_len"]), len(texts))
     with torch.random.fork_rng(devices=[]):
@@ -434,7 +435,7 @@ def pretrained_dir(model_cfg: Any, paths_cfg: Any = None, verify: bool = True) -
     source = _get(model_cfg, "source")
     if source == "scratch":
         pre = _pretrain(model_cfg)
-        if pre and int(pre.get("steps") or 0) > 0:
+        if pre and pre["steps"] > 0:
             return _cached_dir(model_cfg, paths_cfg, lambda tok: build_pretrained_model(model_cfg, tok), verify)
         return _cached_dir(model_cfg, paths_cfg, lambda tok: build_scratch_model(model_cfg, tok), verify)
     if source == "package_gguf":

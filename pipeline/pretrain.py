@@ -264,9 +264,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(__doc__)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import functools
+    import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor
-    import multiprocessing
+    from contextlib import ExitStack
 
     from omegaconf import OmegaConf
 
@@ -282,27 +284,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = max(1, cpus // workers)
     t0 = time.monotonic()
     rc = 0
-    if workers == 1:
-        results = []
-        for m in plain:
+    with ExitStack() as stack:
+        if workers > 1:
+            ex = stack.enter_context(ProcessPoolExecutor(max_workers=workers,
+                                                         mp_context=multiprocessing.get_context("spawn")))
+            jobs = [(m["name"], ex.submit(_build, m, paths_plain, threads).result) for m in plain]
+        else:
+            jobs = [(m["name"], functools.partial(_build, m, paths_plain, threads)) for m in plain]
+        for name, folder in jobs:
             try:
-                results.append((m["name"], _build(m, paths_plain, threads), None))
+                print(_report(name, folder(), time.monotonic() - t0), flush=True)
             except Exception as e:  # noqa: BLE001 - reported per model
-                results.append((m["name"], None, e))
-            print(_report(m["name"], results[-1][1], time.monotonic() - t0) if results[-1][2] is None
-                  else f"[failed] {m['name']}: {results[-1][2]}", flush=True)
-    else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futures = [(m["name"], ex.submit(_build, m, paths_plain, threads)) for m in plain]
-            for name, fut in futures:
-                try:
-                    print(_report(name, fut.result(), time.monotonic() - t0), flush=True)
-                except Exception as e:  # noqa: BLE001 - reported per model
-                    print(f"[failed] {name}: {e}", flush=True)
-                    rc = 1
-    for name, folder, err in (results if workers == 1 else []):
-        if err is not None:
-            rc = 1
+                print(f"[failed] {name}: {e}", flush=True)
+                rc = 1
     return rc
 
 
