@@ -11,7 +11,7 @@ OVERRIDES ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow data table1 table1-shared inspect-config clean-processed
+.PHONY: help setup test test-slow lint format data table1 table1-shared inspect-config clean-processed
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -24,6 +24,13 @@ test: setup ## run the test suite (set-up included; slow checks excluded, see te
 
 test-slow: setup ## the slow checks only (longer end-to-end runs)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup ## ruff lint (configured in pyproject.toml) and the import graph (no cycles)
+	$(VENV)/bin/ruff check pipeline tests benchmarks scripts
+	$(PY) scripts/check_imports.py pipeline
+
+format: setup ## ruff format, in place
+	$(VENV)/bin/ruff format pipeline tests benchmarks scripts
 
 data: setup ## build one dataset: make data OVERRIDES="dataset=alpaca_data_short"
 	$(PY) -m pipeline.data.build $(OVERRIDES)

@@ -18,10 +18,15 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The Hydra configs: pipeline/conf is a link to conf/ at the top of a checkout and a plain folder in
+# an installed package (pyproject.toml's package data).
+CONF_DIR = PACKAGE_DIR / "conf"
+# paths.root: the checkout when running from one (data/, runs/, reports/ beside the code), else the
+# working directory (an installed package).
+PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else Path.cwd()
 
-# The paper's ten PLW levels (SPEC.md section 2).
+# The paper's ten PLW levels (docs/study.md section 2).
 PLW_LEVELS: List[float] = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
 
 
@@ -205,7 +210,7 @@ class SourceConfig:
 
 @dataclass
 class TransformConfig:
-    """Prompt inversion (SPEC.md section 4). kind=none keeps the source as it is.
+    """Prompt inversion (docs/study.md section 4). kind=none keeps the source as it is.
 
     kind=invert with target_rg=null inverts every instance with R_g > 1 (the Short datasets);
     with a target it chooses which instances to invert so the dataset R_g reaches the target
@@ -250,7 +255,7 @@ class DatasetConfig:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Training recipe (default: the Alpaca recipe, SPEC.md section 3)."""
+    """Training recipe (default: the Alpaca recipe, docs/study.md section 3)."""
 
     name: str = MISSING
     epochs: float = 3.0
@@ -359,7 +364,7 @@ class EvalConfig:
     What is evaluated: every finished run in ``paths.runs_dir`` lacking results (default), one run
     (``run_dir``), or the pre-trained model of ``model`` (``pretrained=true``: baselines). Benchmarks
     and mechanism metrics are the names in pipeline/eval/benchmarks.py; per-benchmark shots and
-    metrics override the registry's defaults (SPEC.md section 5).
+    metrics override the registry's defaults (docs/study.md section 5).
     """
 
     name: str = MISSING

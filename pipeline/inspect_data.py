@@ -20,7 +20,7 @@ token_id, role, weight, label, is_target`` plus ``record`` and ``source_index``)
 (``out=``; default ``<paths.reports_dir>/inspect_data/<dataset>__<model>__plw<plw>.jsonl``) and the
 report and per-instance summaries to ``<out>.meta.json``.
 
-Weights follow the training convention (SPEC.md section 1; :mod:`pipeline.preprocess`): the weight on a
+Weights follow the training convention (docs/study.md section 1; :mod:`pipeline.preprocess`): the weight on a
 row is the weight of the loss term whose *target* is that token; position 0 (BOS, or the first prompt
 token when the tokenizer adds none) has no target (weight 0); prompt targets get ``plw``, completion
 targets ``completion_weight`` (1). Only the model's tokenizer is loaded (no weights), so this works for

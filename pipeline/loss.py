@@ -6,7 +6,7 @@ A causal LM predicts every token from the tokens before it. Each predicted token
 cross-entropy term ``CE_i``. Instruction tuning usually drops the terms whose target is part of the
 prompt (Alpaca's masking, PLW = 0) or keeps all of them (full-sequence training, PLW = 1). The paper
 studies the values in between: every prompt-target term is multiplied by PLW, every
-completion-target term by ``completion_weight`` (1 by default), padding by 0 (SPEC.md section 1)::
+completion-target term by ``completion_weight`` (1 by default), padding by 0 (docs/study.md section 1)::
 
     loss = sum_i w_i * CE_i / normaliser
 

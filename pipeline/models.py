@@ -12,7 +12,7 @@ Entry points (``model_cfg`` is the composed ``cfg.model`` node or a :class:`~pip
 - :func:`pretrained_dir` ``(model_cfg, paths_cfg)`` -> the local folder holding the PTLM (building the cached
   checkpoint when needed); ``None`` for hub models that are not given a ``local_path``.
 - :func:`ensure_pad_token` ``(model, tokenizer, pad_token="[PAD]")`` -> ``(model, tokenizer)``: Alpaca's
-  ``smart_tokenizer_and_embedding_resize`` (SPEC.md section 3).
+  ``smart_tokenizer_and_embedding_resize`` (docs/study.md section 3).
 - :func:`decoder_layer_class` ``(model_cfg)`` -> the class FSDP auto-wraps (``model.fsdp_wrap_class``).
 - :func:`torch_dtype` ``(model_cfg, dtype=None)`` -> the ``torch.dtype`` weights are loaded in.
 
@@ -198,7 +198,7 @@ def load_tokenizer_for(model_cfg: Any):
 
 
 # --------------------------------------------------------------------------------------------
-# pad token (SPEC.md section 3; Alpaca's smart_tokenizer_and_embedding_resize)
+# pad token (docs/study.md section 3; Alpaca's smart_tokenizer_and_embedding_resize)
 # --------------------------------------------------------------------------------------------
 def ensure_pad_token(model, tokenizer, pad_token: str = DEFAULT_PAD_TOKEN):
     """Give ``tokenizer`` a pad token if it has none; returns ``(model, tokenizer)``.

@@ -1,7 +1,7 @@
 """Turn Alpaca-schema records into token ids, labels and per-token prompt-loss weights.
 
 Pure functions, no I/O. The rendering and tokenisation follow Stanford Alpaca's ``train.py``
-(commit 761dc5b) exactly (SPEC.md section 1):
+(commit 761dc5b) exactly (docs/study.md section 1):
 
 * prompt (``source``) = ``PROMPT_DICT["prompt_input"]`` when ``input != ""``, else ``prompt_no_input``;
 * completion (``target``) = ``output + tokenizer.eos_token`` (directly after ``### Response:``);

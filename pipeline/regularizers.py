@@ -1,4 +1,4 @@
-"""Regularizers of the supplemental experiment (paper section 6.1, appendix E.5; SPEC.md section 2).
+"""Regularizers of the supplemental experiment (paper section 6.1, appendix E.5; docs/study.md section 2).
 
 Four ways to keep a fine-tuned model near its pre-trained weights, each a ``train.*`` value
 (``conf/experiment/regularizers.yaml`` names the variants):

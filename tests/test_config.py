@@ -38,7 +38,7 @@ def test_default_config_is_the_paper_setting():
     cfg = load_config()
     assert cfg.plw == 0.0 and cfg.completion_weight == 1.0 and cfg.seed == 42
     t = cfg.train
-    # SPEC.md section 3: the Alpaca recipe
+    # docs/study.md section 3: the Alpaca recipe
     assert (t.epochs, t.learning_rate, t.global_batch_size, t.per_device_batch_size) == (3, 2e-5, 128, 4)
     assert validate(cfg).train.accumulation_steps(world_size=4) == 8
     assert (t.weight_decay, t.warmup_ratio, t.lr_scheduler, t.model_max_length) == (0.0, 0.03, "cosine", 512)

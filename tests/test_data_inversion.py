@@ -1,4 +1,4 @@
-"""Prompt inversion (SPEC.md section 4): hand-computed examples with word counts, then the LLaMA tokenizer."""
+"""Prompt inversion (docs/study.md section 4): hand-computed examples with word counts, then the LLaMA tokenizer."""
 from __future__ import annotations
 
 import itertools

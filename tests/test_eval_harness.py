@@ -62,7 +62,7 @@ def _builtin(name: str, data_file: Path):
 @pytest.mark.parametrize("benchmark", sorted(MIRRORED))
 def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
     name, shots, rel = MIRRORED[benchmark]
-    assert B.shots_for(benchmark) == shots  # SPEC.md section 5
+    assert B.shots_for(benchmark) == shots  # docs/study.md section 5
     spec = harness.materialize(benchmark, str(mirror), tmp_path, shots=shots, metrics=list(B.get(benchmark).metrics),
                                limit=LIMIT, fewshot_seed=SEED)
     assert spec.skip is None, spec.skip

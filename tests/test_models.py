@@ -252,7 +252,7 @@ def test_scratch_needs_paths(tiny_cfg):
 
 
 # --------------------------------------------------------------------------------------------
-# pad token (SPEC.md section 3: added, embedding = mean embedding)
+# pad token (docs/study.md section 3: added, embedding = mean embedding)
 # --------------------------------------------------------------------------------------------
 def _without_pad(tok):
     t = copy.deepcopy(tok)

@@ -1,6 +1,6 @@
 """Record each finished run's training-set R_g in its run.json (the GAM's r factor).
 
-R_g is a property of the training dataset (SPEC.md section 1: total completion tokens / total prompt
+R_g is a property of the training dataset (docs/study.md section 1: total completion tokens / total prompt
 tokens, fields tokenized alone with the LLaMA tokenizer), so it is computed here, once per distinct
 dataset definition, with the data stage's own statistics (:func:`pipeline.data.stats.dataset_stats`),
 not by the trainer. ``collect`` and ``regress`` call :func:`fill_missing_r_g` first; run.json files

@@ -1,4 +1,4 @@
-"""Prompt inversion (SPEC.md section 4; paper appendix A). Pure functions: no I/O, no tokenizer.
+"""Prompt inversion (docs/study.md section 4; paper appendix A). Pure functions: no I/O, no tokenizer.
 
 Token lengths come from a *length function* ``LengthFn = Callable[[Sequence[str]], List[int]]``
 (a batch of texts -> token counts). The pipeline passes the LLaMA tokenizer's counts of each field

@@ -11,7 +11,7 @@ Without ``stats_datasets`` the composed ``dataset`` is used. Each dataset is bui
 not possible offline) is reported with its error and the command exits with status 1 after writing
 the rows of the others.
 
-Definitions (SPEC.md section 1):
+Definitions (docs/study.md section 1):
 
 - token counts of each field text alone (``add_special_tokens=False``: no template, no BOS/EOS),
   with ``dataset.transform.tokenizer`` or else ``paths.llama_tokenizer``;

@@ -1,4 +1,4 @@
-"""The evaluation stage: 13 benchmarks, AlpacaEval 1, PandaLM and the mechanism metrics (SPEC.md s. 5).
+"""The evaluation stage: 13 benchmarks, AlpacaEval 1, PandaLM and the mechanism metrics (docs/study.md section 5).
 
 Commands (docs/evaluation.md)::
 

@@ -1,4 +1,4 @@
-"""The benchmarks of SPEC.md section 5 and the mechanism metrics: names, groups, defaults, data.
+"""The benchmarks of docs/study.md section 5 and the mechanism metrics: names, groups, defaults, data.
 
 A light module (no heavy imports): the config schema validates ``eval.benchmarks`` /
 ``eval.mechanisms`` against it.

@@ -1,4 +1,4 @@
-"""Mechanism metrics (SPEC.md section 5, paper section 5.3; results.csv benchmarks ``mech_*``).
+"""Mechanism metrics (docs/study.md section 5, paper section 5.3; results.csv benchmarks ``mech_*``).
 
 Pure functions (tested against independent computations):
 

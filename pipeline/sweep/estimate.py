@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 # Tokens the Alpaca template adds around instruction/input (LLaMA tokenizer, BOS and EOS included):
-# measured on the template text of SPEC.md section 1 with empty fields (shared/tokenizers/llama).
+# measured on the template text of docs/study.md section 1 with empty fields (shared/tokenizers/llama).
 TEMPLATE_TOKENS_WITH_INPUT = 53
 TEMPLATE_TOKENS_NO_INPUT = 36
 CHARS_PER_TOKEN = 4.0  # English text, LLaMA-style BPE (used only where tokens were not counted)
 
-# The paper's Table 1 (SPEC.md section 4): total tokens and mean tokens per instance
+# The paper's Table 1 (docs/study.md section 4): total tokens and mean tokens per instance
 # (instruction + input + completion, LLaMA tokenizer, template excluded). Medium/Tiny are built
 # from AlpacaDataCleaned (same instances, some inverted): its size stands in for them.
 TABLE1 = {

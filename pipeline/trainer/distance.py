@@ -1,4 +1,4 @@
-"""Distance of the fine-tuned weights to the pre-trained model (SPEC.md section 3, a mechanism metric).
+"""Distance of the fine-tuned weights to the pre-trained model (docs/study.md section 3, a mechanism metric).
 
 Over every parameter tensor of the pre-trained model (tied tensors once), in float64:
 
