@@ -27,12 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from pipeline import loss as L  # noqa: E402
+
 TARGET_MEM_RATIO = 4.0
 TARGET_TIME_RATIO = 1.05
 TARGET_CONFIG = (128256, 4096)
@@ -57,14 +65,6 @@ def _naive_estimate(V: int, T: int, H: int, elt: int) -> int:
 # Worker (one configuration, fresh process)
 # --------------------------------------------------------------------------------------------
 def worker(args) -> None:
-    import resource
-    import statistics
-
-    import torch
-
-    sys.path.insert(0, str(REPO))
-    from pipeline import loss as L
-
     torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -158,7 +158,6 @@ def main(argv=None) -> int:
         return 0
 
     if args.device == "auto":
-        import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device.startswith("cuda")
     args.hidden = args.hidden or (4096 if cuda else 256)

@@ -10,8 +10,8 @@ The examples are shuffled (no length sorting, as Alpaca's trainer) and cut into 
 * ``padded``: :class:`pipeline.preprocess.Collator`, right-padded to the longest example;
 * ``packed``: :class:`pipeline.packing.PackedCollator` (rows of <= 512 tokens, examples isolated).
 
-Both use :func:`pipeline.packing.packed_model_weighted_loss` (forward + chunked PLW loss + backward)
-on identical copies of the model, with an AdamW step every ``--accumulation`` micro-batches (the
+Both use :class:`pipeline.loss.WeightedLossModel`, the trainer's path from a model to the loss
+(forward + chunked PLW loss + backward), on identical copies of the model, with an AdamW step every ``--accumulation`` micro-batches (the
 recipe accumulates 8; the step's cost does not depend on the layout); the two variants alternate
 batch by batch. Throughput = real
 tokens / seconds, shown for wall time and for process CPU time (``time.process_time``, all threads).
@@ -36,17 +36,23 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.data.build import load_dataset  # noqa: E402
+from pipeline.loss import WeightedLossModel  # noqa: E402
+from pipeline.models import load_pretrained  # noqa: E402
+from pipeline.packing import PackedCollator  # noqa: E402
+from pipeline.preprocess import Collator, build_example, tokenize_records  # noqa: E402
+from pipeline.tokenizer import load_tokenizer  # noqa: E402
+
 TARGET = 1.5
 DATASETS = "shared_alpaca52k,shared_alpaca_gpt4,shared_dolly_hhrlhf"
 
 
 def real_lengths(datasets: str, max_length: int):
     """``[(length, n_prompt)]`` of the rendered instances, LLaMA tokenizer (the paper's)."""
-    from pipeline.config import load_config
-    from pipeline.data.build import load_dataset
-    from pipeline.preprocess import tokenize_records
-    from pipeline.tokenizer import load_tokenizer
-
     out, per = [], {}
     tok = None
     for name in [d for d in datasets.split(",") if d]:
@@ -64,13 +70,6 @@ def real_lengths(datasets: str, max_length: int):
 
 
 def bench_model(name: str, lengths, args) -> dict:
-    import torch
-
-    from pipeline.config import load_config
-    from pipeline.models import load_pretrained
-    from pipeline.packing import PackedCollator, packed_model_weighted_loss
-    from pipeline.preprocess import Collator, build_example
-
     cfg = load_config([f"model={name}"])
     base, tok = load_pretrained(cfg.model, cfg.paths)
     g = torch.Generator().manual_seed(args.seed)
@@ -82,7 +81,7 @@ def bench_model(name: str, lengths, args) -> dict:
     groups = groups[:args.batches + 1]  # +1: warm-up
     collate = {"padded": Collator(tok.pad_token_id),
                "packed": PackedCollator(tok, args.max_length)}
-    models = {k: copy.deepcopy(base).train() for k in collate}
+    models = {k: WeightedLossModel(copy.deepcopy(base).train()) for k in collate}
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
     secs = {k: 0.0 for k in collate}
@@ -95,14 +94,12 @@ def bench_model(name: str, lengths, args) -> dict:
         batch = collate[kind](group)
         m, opt = models[kind], opts[kind]
         t0, c0 = time.perf_counter(), time.process_time()
-        packed_model_weighted_loss(m, batch).loss.backward()
+        m(**batch)["loss"].backward()
         c_fb = time.process_time() - c0
         if update:  # one optimizer step per accumulation cycle, as in the recipe
             opt.step()
             opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0, time.process_time() - c0, c_fb, batch["input_ids"].numel()
-
-    from tqdm.auto import tqdm
 
     for j, group in enumerate(tqdm(groups, desc=name, file=sys.stderr, leave=False)):
         order = ("padded", "packed") if j % 2 == 0 else ("packed", "padded")
@@ -136,7 +133,6 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="16 timed micro-batches (4 for SmolLM2, accumulation 4)")
     args = ap.parse_args(argv)
 
-    import torch
     torch.set_num_threads(args.threads)
     lengths, per = real_lengths(args.datasets, args.max_length)
     ls = [n for n, _ in lengths]

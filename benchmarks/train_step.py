@@ -4,7 +4,8 @@ Same model weights, same batch, same AdamW; one optimizer step =
 forward + loss + backward + ``optimizer.step()``:
 
 * ``HF``:  ``model(input_ids, attention_mask, labels=labels).loss`` (full logits, mean CE over labels);
-* ``PLW``: ``pipeline.loss.model_weighted_loss(model, batch)`` (hidden states + chunked weighted CE).
+* ``PLW``: ``pipeline.loss.WeightedLossModel(model)(**batch)`` (the trainer's path: hidden states +
+  chunked weighted CE).
 
 The batch is real instruction data (``dataset=shared_alpaca52k``, rendered and weighted by
 ``pipeline.preprocess`` with the model's tokenizer, PLW 0.1) when ../shared is present, otherwise random
@@ -73,7 +74,7 @@ def bench_model(name: str, args) -> dict:
     cfg = load_config([f"model={name}"])
     base, tok = load_pretrained(cfg.model, cfg.paths)
     batch, source = make_batch(name, tok, args.batch, args.max_length, args.plw, args.seed)
-    models = {"HF": copy.deepcopy(base).train(), "PLW": copy.deepcopy(base).train()}
+    models = {"HF": copy.deepcopy(base).train(), "PLW": L.WeightedLossModel(copy.deepcopy(base).train())}
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
 
@@ -85,7 +86,7 @@ def bench_model(name: str, args) -> dict:
             loss = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      labels=batch["labels"], use_cache=False).loss
         else:
-            loss = L.model_weighted_loss(m, batch).loss
+            loss = m(**batch)["loss"]
         loss.backward()
         opt.step()
         return time.perf_counter() - t0, time.process_time() - c0

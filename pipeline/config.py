@@ -5,18 +5,25 @@ the wrong type fails at composition with the key's full name. Range and consiste
 ``__post_init__`` and run when :func:`validate` turns the composed config into objects; they raise
 :class:`ConfigError` naming the offending key.
 
-Every stage calls :func:`load_config` (or Hydra's ``@hydra.main`` followed by :func:`validate`).
+Every stage composes its config once at its entry point (:func:`compose_config` then :func:`validate`,
+or :func:`load_config` for the composed form alone) and passes the typed sections (:class:`TrainConfig`,
+:class:`ModelConfig`, ...) inward; :func:`validate` returns a typed :class:`Config` as it is. Which
+fields define a run (its identity, pipeline.runs) is marked on the schema: see :data:`RUNTIME`.
 """
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from pipeline.loss import NORMALISERS
+from pipeline.preprocess import TRUNCATION_POLICIES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The Hydra configs: pipeline/conf is a link to conf/ at the top of a checkout and a plain folder in
@@ -28,6 +35,10 @@ PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_
 
 # The paper's ten PLW levels (docs/study.md section 2).
 PLW_LEVELS: List[float] = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
+
+
+# Names of the torch dtypes weights are loaded and saved in (pipeline.models maps them to torch.dtype).
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -44,8 +55,75 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"config key '{key}': {msg}")
 
 
-def _one_of(value: Any, allowed: List[Any], key: str) -> None:
-    _check(value in allowed, key, f"must be one of {allowed}, got {value!r}")
+def _one_of(value: Any, allowed: Sequence[Any], key: str) -> None:
+    _check(value in allowed, key, f"must be one of {list(allowed)}, got {value!r}")
+
+
+def _sha256(value: Optional[str], key: str) -> None:
+    if value is not None:
+        _check(len(value) == 64 and all(c in "0123456789abcdef" for c in value), key,
+               "must be 64 lowercase hex digits")
+
+
+# --------------------------------------------------------------------------------------------
+# run identity, marked on the schema
+# --------------------------------------------------------------------------------------------
+# Every field defines a run (it is part of the run's identity, hence of its hash and folder name;
+# pipeline.runs.run_identity) unless its metadata says otherwise. RUNTIME fields say how a run is
+# executed or observed (processes, cadence, paths, cluster resources), never what it computes, so a
+# run started on one cluster resumes on another. A callable decides from the field's own section
+# (a field that changes the result only in some settings).
+IDENTITY = "identity"
+RUNTIME: Dict[str, Any] = {IDENTITY: False}
+
+
+def _batching_changes_gradient(train: Any) -> bool:
+    """train.loss_normaliser=micro_batch divides each micro-batch by its own weight sum, so the step
+    gradient depends on how the global batch is split (pipeline/loss.py); the other normalisers
+    divide by totals over the step and do not."""
+    return train.loss_normaliser == "micro_batch"
+
+
+def _schema_of(section: Any) -> Optional[type]:
+    schema = OmegaConf.get_type(section) if isinstance(section, DictConfig) else type(section)
+    return schema if schema is not None and dataclasses.is_dataclass(schema) else None
+
+
+def identity_of(section: Any) -> Dict[str, Any]:
+    """The fields of a config section that define a run, as plain JSON-able values.
+
+    ``section`` is a typed object (e.g. :class:`TrainConfig`) or the composed node of one
+    (``cfg.train``); nested sections are reduced the same way. Fields whose metadata marks them
+    RUNTIME are left out (see the comment above :data:`RUNTIME`).
+    """
+    schema = _schema_of(section)
+    if schema is None:
+        raise TypeError(f"identity_of needs a config section, got {type(section).__name__}")
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        rule = f.metadata.get(IDENTITY, True)
+        if callable(rule):
+            rule = rule(section)
+        if rule:
+            out[f.name] = _identity_value(getattr(section, f.name))
+    return out
+
+
+def _identity_value(value: Any) -> Any:
+    if _schema_of(value) is not None and not isinstance(value, type):
+        return identity_of(value)
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: _identity_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_identity_value(v) for v in value]
+    return value
+
+
+def runtime_fields(schema: type) -> FrozenSet[str]:
+    """The fields of ``schema`` that are never part of a run's identity."""
+    return frozenset(f.name for f in dataclasses.fields(schema) if f.metadata.get(IDENTITY, True) is False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +163,7 @@ class ResourcesConfig:
 @dataclass
 class PretrainConfig:
     """``model.pretrain`` (source=scratch): pre-train the model offline in a first, cached step
-    (pipeline/pretrain.py). The demo's tiny "pre-trained models" are made this way."""
+    (pipeline/pretrain/). The demo's tiny "pre-trained models" are made this way."""
 
     corpus: List[str] = field(default_factory=list)  # JSONL/JSON files of records
     text_fields: List[str] = field(default_factory=lambda: ["instruction", "input", "output"])
@@ -124,7 +202,8 @@ class ModelConfig:
     source: str = "hub"  # hub | local | package_gguf | scratch
     hub_id: Optional[str] = None
     revision: Optional[str] = None  # pinned commit for hub models
-    local_path: Optional[str] = None  # a local folder used instead of the hub (offline clusters)
+    # a local folder used instead of the hub (offline clusters)
+    local_path: Optional[str] = field(default=None, metadata=RUNTIME)
     package: Optional[str] = None  # python package holding a GGUF file (source=package_gguf)
     gguf_file: Optional[str] = None
     gguf_sha256: Optional[str] = None  # expected checksum of the GGUF file (verified when set)
@@ -136,11 +215,11 @@ class ModelConfig:
     init_seed: int = 0
     # Decoder layer class for FSDP auto wrap: a bare transformers class name (as HF Trainer's
     # fsdp_transformer_layer_cls_to_wrap takes it) or a dotted path; see pipeline.models.
-    fsdp_wrap_class: Optional[str] = None
-    params_billion: float = 0.0  # for FLOP / GPU-hour estimates
+    fsdp_wrap_class: Optional[str] = field(default=None, metadata=RUNTIME)
+    params_billion: float = field(default=0.0, metadata=RUNTIME)  # for FLOP / GPU-hour estimates
     dtype: str = "bfloat16"  # weights' dtype when loaded (float32 for the CPU models)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    # source=scratch: pre-train offline first (tokenizer and weights; pipeline/pretrain.py); null: none
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata=RUNTIME)
+    # source=scratch: pre-train offline first (tokenizer and weights; pipeline/pretrain/); null: none
     pretrain: Optional[PretrainConfig] = None
 
     def __post_init__(self) -> None:
@@ -157,14 +236,12 @@ class ModelConfig:
         if self.source == "package_gguf":
             _check(bool(self.package) and bool(self.gguf_file), "model.gguf_file",
                    "model.package and model.gguf_file are required when model.source=package_gguf")
-        if self.gguf_sha256 is not None:
-            _check(len(self.gguf_sha256) == 64 and all(c in "0123456789abcdef" for c in self.gguf_sha256),
-                   "model.gguf_sha256", "must be 64 lowercase hex digits")
+        _sha256(self.gguf_sha256, "model.gguf_sha256")
         if self.source == "scratch":
             _check(bool(self.architecture), "model.architecture", "required when model.source=scratch")
             _check(bool(self.tokenizer) or trained_tok, "model.tokenizer",
                    "required when model.source=scratch (or set model.pretrain.vocab_size)")
-        _one_of(self.dtype, ["float32", "bfloat16", "float16"], "model.dtype")
+        _one_of(self.dtype, DTYPES, "model.dtype")
         _check(self.params_billion >= 0, "model.params_billion", "must be >= 0")
         _check(self.init_seed >= 0, "model.init_seed", "must be >= 0")
         if self.fsdp_wrap_class is not None:
@@ -203,9 +280,7 @@ class SourceConfig:
                    "dataset.source.repo_id and dataset.source.filename are required when kind=hf")
             _check(bool(self.revision), "dataset.source.revision",
                    "a pinned revision is required for hub datasets (reproducibility)")
-        if self.sha256 is not None:
-            _check(len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256),
-                   "dataset.source.sha256", "must be 64 lowercase hex digits")
+        _sha256(self.sha256, "dataset.source.sha256")
 
 
 @dataclass
@@ -235,14 +310,15 @@ class TransformConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING
-    description: str = ""
+    description: str = field(default="", metadata=RUNTIME)
     source: SourceConfig = field(default_factory=SourceConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
     # Records with an empty (or whitespace-only) output: `error` stops with the record's index,
     # `drop` removes and counts them (reported in the statistics), `keep` trains on them.
     empty_output: str = "error"
     max_records: Optional[int] = None  # keep the first N records (quick runs); null = all
-    paper_rg: Optional[float] = None  # the paper's Table 1 R_g, shown beside ours
+    # the paper's Table 1 R_g, shown beside ours
+    paper_rg: Optional[float] = field(default=None, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
         _one_of(self.empty_output, ["error", "drop", "keep"], "dataset.empty_output")
@@ -257,14 +333,15 @@ class DatasetConfig:
 class TrainConfig:
     """Training recipe (default: the Alpaca recipe, docs/study.md section 3)."""
 
-    name: str = MISSING
+    name: str = field(default=MISSING, metadata=RUNTIME)
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 2e-5
     # The recipe fixes the global batch (examples per optimizer step); how it is split is runtime:
     # accumulation steps = global_batch_size / (per_device_batch_size x data-parallel processes).
+    # Except with loss_normaliser=micro_batch, whose gradient depends on the split.
     global_batch_size: int = 128
-    per_device_batch_size: int = 4
+    per_device_batch_size: int = field(default=4, metadata={IDENTITY: _batching_changes_gradient})
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
@@ -275,16 +352,16 @@ class TrainConfig:
     packing: bool = False
     bf16: bool = True
     tf32: bool = True
-    distributed: str = "fsdp"  # none | ddp | fsdp | deepspeed
-    gradient_checkpointing: bool = False
+    distributed: str = field(default="fsdp", metadata=RUNTIME)  # none | ddp | fsdp | deepspeed
+    gradient_checkpointing: bool = field(default=False, metadata=RUNTIME)
     # Regularizers (supplemental experiment)
     minkowski_coef: float = 0.0  # coef x mean over tensors of the p=1 distance to pre-trained weights
     attention_dropout: float = 0.0
     label_smoothing: float = 0.0
-    logging_steps: int = 1
-    save_steps: int = 500
+    logging_steps: int = field(default=1, metadata=RUNTIME)
+    save_steps: int = field(default=500, metadata=RUNTIME)
     eval_fraction: float = 0.0  # held-out validation split
-    report_to: List[str] = field(default_factory=list)
+    report_to: List[str] = field(default_factory=list, metadata=RUNTIME)
     # --- trainer (pipeline/train.py, pipeline/trainer/) ---------------------------------------
     # HF Trainer defaults, which the Alpaca recipe ran with (its train.py does not change them).
     max_grad_norm: float = 1.0  # clip the step's global gradient norm; <= 0: no clipping
@@ -296,16 +373,19 @@ class TrainConfig:
     minkowski_reduction: str = "sum"
     # Where the pre-trained reference weights live: `device` (beside the trained weights, sharded
     # like them under FSDP) or `cpu` (offloaded; slower steps, no accelerator memory).
-    minkowski_reference: str = "device"
+    minkowski_reference: str = field(default="device", metadata=RUNTIME)
     save_dtype: Optional[str] = None  # dtype of the saved final model; null = model.dtype
-    # Runtime settings (not part of a run's identity; see pipeline.runs.TRAIN_RUNTIME_FIELDS):
-    nproc: int = 0  # processes (GPUs) on this node; 0 = all visible GPUs when distributed != none, else 1
-    launcher: str = "auto"  # how >1 processes start: auto | torchrun | accelerate
-    eval_steps: int = 0  # validation every N optimizer steps (0: only at the end)
-    save_total_limit: int = 2  # complete checkpoints kept in <run>/checkpoints (older ones deleted)
-    resume: bool = True  # resume from the latest complete checkpoint
-    loss_chunk_size: int = 1024  # tokens per chunk of the fused LM-head + loss (memory vs speed)
-    num_threads: Optional[int] = None  # torch CPU threads per process (null: torch's default)
+    # Runtime settings (metadata=RUNTIME: not part of a run's identity):
+    # processes (GPUs) on this node; 0 = all visible GPUs when distributed != none, else 1
+    nproc: int = field(default=0, metadata=RUNTIME)
+    launcher: str = field(default="auto", metadata=RUNTIME)  # how >1 processes start: auto | torchrun | accelerate
+    eval_steps: int = field(default=0, metadata=RUNTIME)  # validation every N optimizer steps (0: only at the end)
+    # complete checkpoints kept in <run>/checkpoints (older ones deleted)
+    save_total_limit: int = field(default=2, metadata=RUNTIME)
+    resume: bool = field(default=True, metadata=RUNTIME)  # resume from the latest complete checkpoint
+    # tokens per chunk of the fused LM-head + loss (memory vs speed)
+    loss_chunk_size: int = field(default=1024, metadata=RUNTIME)
+    num_threads: Optional[int] = field(default=None, metadata=RUNTIME)  # torch CPU threads per process (null: default)
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -317,9 +397,8 @@ class TrainConfig:
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
         _one_of(self.lr_scheduler, ["cosine", "linear", "constant", "constant_with_warmup"],
                 "train.lr_scheduler")
-        _one_of(self.truncation, ["keep", "drop", "truncate_prompt_left"], "train.truncation")
-        _one_of(self.loss_normaliser, ["weight_sum", "token_count", "micro_batch"],
-                "train.loss_normaliser")
+        _one_of(self.truncation, TRUNCATION_POLICIES, "train.truncation")
+        _one_of(self.loss_normaliser, NORMALISERS, "train.loss_normaliser")
         _one_of(self.distributed, ["none", "ddp", "fsdp", "deepspeed"], "train.distributed")
         _check(self.minkowski_coef >= 0, "train.minkowski_coef", "must be >= 0")
         _check(0 <= self.attention_dropout < 1, "train.attention_dropout", "must be in [0, 1)")
@@ -335,7 +414,7 @@ class TrainConfig:
         _one_of(self.minkowski_reduction, ["sum", "mean"], "train.minkowski_reduction")
         _one_of(self.minkowski_reference, ["device", "cpu"], "train.minkowski_reference")
         if self.save_dtype is not None:
-            _one_of(self.save_dtype, ["float32", "bfloat16", "float16"], "train.save_dtype")
+            _one_of(self.save_dtype, DTYPES, "train.save_dtype")
         _check(self.nproc >= 0, "train.nproc", "must be >= 0 (0 = auto)")
         _one_of(self.launcher, ["auto", "torchrun", "accelerate"], "train.launcher")
         _check(self.eval_steps >= 0, "train.eval_steps", "must be >= 0")
@@ -426,22 +505,15 @@ class EvalConfig:
         if self.judge_chunksize is not None:
             _check(self.judge_chunksize >= 1, "eval.judge_chunksize", "must be >= 1 or null")
         if self.dtype is not None:
-            _one_of(self.dtype, ["float32", "bfloat16", "float16"], "eval.dtype")
+            _one_of(self.dtype, DTYPES, "eval.dtype")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "eval.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if _VALIDATING.get():
-            from pipeline.eval.benchmarks import BENCHMARKS, MECHANISMS
-
-            for i, b in enumerate(self.benchmarks):
-                _one_of(b, sorted(BENCHMARKS), f"eval.benchmarks[{i}]")
-            for i, m in enumerate(self.mechanisms):
-                _one_of(m, sorted(MECHANISMS), f"eval.mechanisms[{i}]")
-            for b, k in self.shots.items():
-                _one_of(b, sorted(BENCHMARKS), "eval.shots")
-                _check(k >= 0, f"eval.shots.{b}", "must be >= 0")
-            for b in self.metrics:
-                _one_of(b, sorted(BENCHMARKS), "eval.metrics")
-                _check(len(self.metrics[b]) >= 1, f"eval.metrics.{b}", "must list at least one metric")
+        # The names in benchmarks / mechanisms / shots / metrics are the eval stage's (its YAML
+        # registry, pipeline/eval/benchmarks.py), checked there: the config layer does not import it.
+        for b, k in self.shots.items():
+            _check(k >= 0, f"eval.shots.{b}", "must be >= 0")
+        for b in self.metrics:
+            _check(len(self.metrics[b]) >= 1, f"eval.metrics.{b}", "must list at least one metric")
 
 
 # --------------------------------------------------------------------------------------------
@@ -546,7 +618,7 @@ class ExperimentConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# analysis/  (python -m pipeline.analysis; see analysis/README.md)
+# analysis/  (python -m pipeline.analysis; see docs/analysis.md)
 # --------------------------------------------------------------------------------------------
 @dataclass
 class GlmmConfig:
@@ -645,16 +717,16 @@ class Config:
     plw: float = 0.0  # prompt loss weight
     completion_weight: float = 1.0
     seed: int = 42
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig, metadata=RUNTIME)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
-    experiment: Optional[ExperimentConfig] = None
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=RUNTIME)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig, metadata=RUNTIME)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig, metadata=RUNTIME)
+    experiment: Optional[ExperimentConfig] = field(default=None, metadata=RUNTIME)
     # Extra datasets for stage commands that take several (e.g. the statistics table).
-    stats_datasets: List[str] = field(default_factory=list)
+    stats_datasets: List[str] = field(default_factory=list, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.plw) and self.plw >= 0, "plw", f"PLW must be >= 0, got {self.plw}")
@@ -678,11 +750,15 @@ def register_configs() -> None:
 register_configs()
 
 
-def validate(cfg: DictConfig) -> Config:
+def validate(cfg: Any) -> Config:
     """Resolve interpolations and run every range check; returns typed objects.
 
+    A :class:`Config` (typed objects an entry point validated already) is returned as it is, so code
+    that takes either form validates a composed config once and never a typed one again.
     Raises ConfigError (or OmegaConf's own error for unknown keys and wrong types), naming the key.
     """
+    if isinstance(cfg, Config):
+        return cfg
     token = _VALIDATING.set(True)
     try:
         obj = OmegaConf.to_object(cfg)
@@ -692,15 +768,49 @@ def validate(cfg: DictConfig) -> Config:
     return obj
 
 
-def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
-    """Compose a config outside of a Hydra app (stage commands, tests, notebooks) and validate it."""
+def _override_key(o: str) -> str:
+    return o.lstrip("+~").split("=", 1)[0]
+
+
+def merge_overrides(*lists: Sequence[str]) -> List[str]:
+    """Concatenate override lists; a later override of the same key replaces the earlier one."""
+    out: Dict[str, str] = {}
+    for lst in lists:
+        for o in lst:
+            k = _override_key(o)
+            out.pop(k, None)
+            out[k] = o
+    return list(out.values())
+
+
+def compose_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
+    """Compose a config outside of a Hydra app, without validating it (see :func:`load_config`).
+
+    With ``experiment=<name>``, the experiment's own ``overrides`` (e.g. ``train=demo``) are applied
+    before the given ones, as the sweep applies them to each of its runs: ``python -m pipeline.train
+    experiment=demo model=... dataset=... plw=...`` composes the same run as the sweep's grid point.
+    An entry point composes once and validates once: ``cfg = compose_config(argv); typed = validate(cfg)``.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = list(overrides or [])
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = compose(config_name=config_name, overrides=overrides)
+        experiment = cfg.get("experiment")
+        if experiment is not None and experiment.get("overrides"):
+            cfg = compose(config_name=config_name,
+                          overrides=merge_overrides(list(experiment.overrides), overrides))
+    return cfg
+
+
+def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
+    """Compose a config (:func:`compose_config`) and validate it: the composed form, checked (stage
+    commands that need only the composed form, tests, notebooks; code that also wants the typed
+    objects calls :func:`compose_config` and :func:`validate` instead, validating once)."""
+    cfg = compose_config(overrides, config_name)
     validate(cfg)
     return cfg
 

@@ -4,7 +4,8 @@ The newcomer's first command: runs the *same* stages a paper-scale study runs, i
 experiment, and ends with a summary (runs done, seconds per stage, where the report is):
 
   0. pretrain ``python -m pipeline.pretrain experiment=<NAME> ...``    (build the grid's pre-trained
-              tiny models once; cached under paths.data_dir/models)
+              tiny models once; cached under paths.data_dir/models, where the demo then looks up
+              each model's folder: :func:`built_models`)
   1. sweep    ``python -m pipeline.sweep run experiment=<NAME> launcher=demo ...``  (train every grid
               point; resumable; two workers, many runs per worker process)
   2. eval     ``python -m pipeline.eval eval=<EVAL> ...``              (runs lacking results.csv only)
@@ -41,7 +42,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from pipeline.runs import RunDir
+from omegaconf import OmegaConf
+
+from pipeline.config import load_config
+from pipeline.models import pretrained_dir
+from pipeline.runs import RunDir, atomic_write_json
+from pipeline.sweep.plan import make_plan
 
 STAGES = ("pretrain", "sweep", "eval", "regress")
 DEMO_LAUNCHER = "demo"  # conf/launcher/demo.yaml: two local workers, many runs per worker process
@@ -117,11 +123,6 @@ def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
 
 def _grid(experiment: str, overrides: Sequence[str]):
     """(plan runs, analysis output dir, models key) from the sweep's own planner (store read only)."""
-    from omegaconf import OmegaConf
-
-    from pipeline.config import load_config
-    from pipeline.sweep.plan import make_plan
-
     r = route_overrides(overrides)
     plan = make_plan([f"experiment={experiment}", *r["sweep"]])
     acfg = load_config(list(r["regress"]))
@@ -142,14 +143,18 @@ def models_ready(previous: Dict, models_key: str) -> bool:
             and all((Path(d) / "DONE").is_file() for d in dirs.values()))
 
 
-def _model_dirs(output: str) -> Dict[str, str]:
-    """``[ready] <name>: <folder> (...)`` lines of ``pipeline.pretrain`` -> {name: folder}."""
-    out = {}
-    for line in output.splitlines():
-        if line.startswith("[ready] "):
-            name, rest = line[len("[ready] "):].split(": ", 1)
-            out[name] = rest.split(" (", 1)[0]
-    return out
+def built_models(plan) -> Dict[str, str]:
+    """{model name: its checkpoint folder} for the grid's models that are built into the model store
+    (``paths.data_dir/models``), read from the store after the pretrain stage built them: the folder
+    :func:`pipeline.models.pretrained_dir` finds for the model definition the runs use (hub models,
+    which have no such folder, are left out)."""
+    out: Dict[str, str] = {}
+    for pr in plan.runs:
+        name = str(pr.cfg.model.name)
+        if name not in out:
+            folder = pretrained_dir(pr.cfg.model, pr.cfg.paths, verify=False)
+            out[name] = "" if folder is None else str(folder)
+    return {name: folder for name, folder in out.items() if folder}
 
 
 def inputs_hash(run_dirs: Sequence[Path]) -> str:
@@ -171,28 +176,20 @@ def _state(run_dir: Path) -> str:
 
 
 def _count(plan) -> Dict[str, int]:
-    dirs = [pr.rd.path if hasattr(pr.rd, "path") else pr.rd.root for pr in plan.runs]
+    dirs = _run_dirs(plan)
     return {"total": len(dirs),
             "done": sum(_state(Path(d)) == "done" for d in dirs),
             "evaluated": sum((Path(d) / "results.csv").exists() for d in dirs)}
 
 
 def _run_dirs(plan) -> List[Path]:
-    return [Path(pr.rd.path if hasattr(pr.rd, "path") else pr.rd.root) for pr in plan.runs]
+    return [Path(pr.rd.path) for pr in plan.runs]
 
 
-def _run_stage(cmd: List[str], env: Dict[str, str], capture: Optional[List[str]] = None) -> int:
-    """Run a stage, its output streamed live; with ``capture``, its stdout lines are also kept."""
+def _run_stage(cmd: List[str], env: Dict[str, str]) -> int:
+    """Run a stage, its output streamed live."""
     print(f"\n=== {' '.join(cmd[1:])}", flush=True)
-    if capture is None:
-        return subprocess.call(cmd, env=env)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        capture.append(line.rstrip("\n"))
-    return proc.wait()
+    return subprocess.call(cmd, env=env)
 
 
 def format_summary(s: Summary) -> str:
@@ -274,13 +271,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"\n=== {name}: skipped ({st.skipped})", flush=True)
             continue
         ts = time.monotonic()
-        lines: Optional[List[str]] = [] if name == "pretrain" else None
-        st.returncode = _run_stage(cmds[name], env, lines)
+        st.returncode = _run_stage(cmds[name], env)
         st.seconds = time.monotonic() - ts
-        if lines is not None:
-            summary.model_dirs = _model_dirs("\n".join(lines))
         if st.returncode != 0:
             break
+        if name == "pretrain":
+            summary.model_dirs = built_models(plan)
 
     c = _count(plan)
     summary.runs_total, summary.runs_done, summary.runs_evaluated = c["total"], c["done"], c["evaluated"]
@@ -290,7 +286,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         len(summary.stages) == len(STAGES)
     summary.total_seconds = time.monotonic() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
-    from pipeline.runs import atomic_write_json
     atomic_write_json(summary_file, asdict(summary))
     print(format_summary(summary), flush=True)
     print(f"summary: {summary_file}", flush=True)

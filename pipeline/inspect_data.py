@@ -20,11 +20,12 @@ token_id, role, weight, label, is_target`` plus ``record`` and ``source_index``)
 (``out=``; default ``<paths.reports_dir>/inspect_data/<dataset>__<model>__plw<plw>.jsonl``) and the
 report and per-instance summaries to ``<out>.meta.json``.
 
-Weights follow the training convention (docs/study.md section 1; :mod:`pipeline.preprocess`): the weight on a
-row is the weight of the loss term whose *target* is that token; position 0 (BOS, or the first prompt
-token when the tokenizer adds none) has no target (weight 0); prompt targets get ``plw``, completion
-targets ``completion_weight`` (1). Only the model's tokenizer is loaded (no weights), so this works for
-7B configs too as long as their tokenizer is available offline (``model.tokenizer=/path/to/folder``).
+Weights are the training weights (docs/study.md section 1): :func:`pipeline.preprocess.build_example`,
+i.e. the weight rule :func:`pipeline.loss.token_weights`. The weight on a row is the weight of the loss
+term whose *target* is that token; position 0 (BOS, or the first prompt token when the tokenizer adds
+none) has no target (weight 0); prompt targets get ``plw``, completion targets ``completion_weight`` (1).
+Only the model's tokenizer is loaded (no weights), so this works for 7B configs too as long as their
+tokenizer is available offline (``model.tokenizer=/path/to/folder``).
 The pad token a training run may add (Alpaca's ``[PAD]``) never occurs in rendered text, so it
 changes no id shown here.
 
@@ -41,6 +42,21 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline import cli
+from pipeline.config import load_config
+from pipeline.data.build import load_dataset
+from pipeline.data.inversion import InversionError
+from pipeline.data.records import DataError
+from pipeline.data.sources import SourceError
+from pipeline.models import ModelLoadError, load_tokenizer_for
+from pipeline.preprocess import (ROLE_COMPLETION, ROLE_PROMPT, TruncationReport, build_example, format_rows,
+                                 inspect_examples, rows_to_jsonl, tokenize_instance, tokenize_records)
+from pipeline.runs import atomic_write_text
+from pipeline.tokenizer import TokenizerError
+
 log = logging.getLogger(__name__)
 
 EXTRA_KEYS = ("n", "offset", "out", "table", "color")
@@ -50,7 +66,7 @@ _ANSI = {"prompt": "\033[36m", "completion": "\033[32m", "boundary": "\033[1;33m
          "bold": "\033[1m", "reset": "\033[0m"}
 
 
-class UsageError(ValueError):
+class UsageError(cli.UsageError):
     """A bad command-line argument (not a config key)."""
 
 
@@ -102,10 +118,6 @@ def default_out(cfg) -> Path:
 def scan_truncation(records: Sequence[Mapping[str, Any]], tokenizer, model_max_length: int, truncation: str,
                     progress: bool = True):
     """The :class:`~pipeline.preprocess.TruncationReport` of all ``records`` (batched, with progress)."""
-    from tqdm.auto import tqdm
-
-    from pipeline.preprocess import TruncationReport, tokenize_records
-
     total = TruncationReport(policy=truncation, model_max_length=model_max_length)
     bar = tqdm(total=len(records), desc="tokenizing (truncation report)", unit="inst",
                disable=not progress, file=sys.stderr, leave=False)
@@ -126,9 +138,6 @@ def inspect_instances(records: Sequence[Mapping[str, Any]], indices: Sequence[in
                       completion_weight: float, model_max_length: int, truncation: str,
                       ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """Token rows (``inspect_examples`` + ``record``/``source_index``) and one summary per instance."""
-    from pipeline.preprocess import (ROLE_COMPLETION, ROLE_PROMPT, build_example, inspect_examples,
-                                     tokenize_instance)
-
     rows: List[Dict[str, Any]] = []
     summaries: List[Dict[str, Any]] = []
     for k, idx in enumerate(indices):
@@ -161,8 +170,6 @@ def inspect_instances(records: Sequence[Mapping[str, Any]], indices: Sequence[in
 
 def _shortest(w: float) -> float:
     """The float32 weight as the shortest decimal that round-trips in float32 (0.1, not 0.10000000149)."""
-    import numpy as np
-
     return float(str(np.float32(w)))
 
 
@@ -173,8 +180,6 @@ def _paint(text: str, style: str, color: bool) -> str:
 def format_instance(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any], tokenizer, *, plw: float,
                     completion_weight: float, table: bool = True, color: bool = False) -> str:
     """Terminal view of one instance: header, coloured text, token table with the boundary marked."""
-    from pipeline.preprocess import ROLE_COMPLETION, ROLE_PROMPT, format_rows
-
     head = (f"=== example {summary['example']}: record {summary['record']}"
             f" (source_index {summary.get('source_index')}, {'inverted' if summary.get('inverted') else 'not inverted'})")
     if summary.get("dropped"):
@@ -183,7 +188,7 @@ def format_instance(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any
     lines = [_paint(head + " ===", "bold", color),
              f"  {summary['tokens']} tokens = {summary['prompt_tokens']} prompt (first token: no target) + "
              f"{summary['completion_tokens']} completion; truncated: {'yes' if summary['truncated'] else 'no'}"
-             + (f", lost every completion token" if summary["lost_completion"] else "")
+             + (", lost every completion token" if summary["lost_completion"] else "")
              + (f", {summary['prompt_tokens_dropped_left']} prompt tokens dropped from the left"
                 if summary["prompt_tokens_dropped_left"] else ""),
              f"  loss terms: {summary['prompt_targets']} prompt targets x {plw:g} (PLW), "
@@ -224,12 +229,6 @@ def format_instance(rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any
 # --------------------------------------------------------------------------------------------
 def run(opts: Mapping[str, Any], overrides: Sequence[str], stream=None) -> Path:
     """Compose the config, inspect, print to ``stream`` and write the JSONL; returns its path."""
-    from pipeline.config import load_config
-    from pipeline.data.build import load_dataset
-    from pipeline.models import load_tokenizer_for
-    from pipeline.preprocess import rows_to_jsonl
-    from pipeline.runs import atomic_write_text
-
     stream = stream or sys.stdout
     cfg = load_config(list(overrides))
     color = opts["color"] == "always" or (opts["color"] == "auto" and hasattr(stream, "isatty")
@@ -272,31 +271,15 @@ def run(opts: Mapping[str, Any], overrides: Sequence[str], stream=None) -> Path:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    _, argv = cli.parse(cli.parser("python -m pipeline.inspect_data", __doc__), argv)
+    cli.setup_logging()
 
-    from pipeline.config import ConfigError
-    from pipeline.data.inversion import InversionError
-    from pipeline.data.records import DataError
-    from pipeline.data.sources import SourceError
-    from pipeline.models import ModelLoadError
-    from pipeline.tokenizer import TokenizerError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    def body() -> int:
         opts, overrides = split_args(argv)
         run(opts, overrides)
-    except (UsageError, ConfigError, HydraException, OmegaConfBaseException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (SourceError, DataError, InversionError, TokenizerError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return cli.run(body, user_errors=(SourceError, DataError, InversionError, TokenizerError, ModelLoadError))
 
 
 if __name__ == "__main__":

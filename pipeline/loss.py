@@ -1,4 +1,5 @@
-"""The weighted causal-LM loss: the ONE place where the prompt loss weight (PLW) enters training.
+"""The training objective in one file: where the prompt loss weight (PLW) enters, the weighted
+causal-LM loss, its normalisers, and the one module that connects a causal LM to it.
 
 For a newcomer
 --------------
@@ -10,10 +11,13 @@ completion-target term by ``completion_weight`` (1 by default), padding by 0 (do
 
     loss = sum_i w_i * CE_i / normaliser
 
-:mod:`pipeline.preprocess` produces ``labels`` and ``weights`` already aligned with the *targets*
-(Hugging Face's unshifted convention: ``weights[b, j]`` is the weight of predicting
-``input_ids[b, j]`` from the hidden state at ``j - 1``; ``weights[:, 0]`` is never used). This module
-shifts internally, exactly like ``LlamaForCausalLM``.
+Where PLW enters: :func:`token_weights` is the weight rule, the only code that turns ``plw`` and
+``completion_weight`` into loss weights. :func:`pipeline.preprocess.build_example` calls it once per
+example and stores the result as the example's ``weights``; collation, packing and the loss below only
+carry and sum those weights. The weights are aligned with the *targets* (Hugging Face's unshifted
+convention: ``weights[b, j]`` is the weight of predicting ``input_ids[b, j]`` from the hidden state at
+``j - 1``; ``weights[:, 0]`` is never used). This module shifts internally, exactly like
+``LlamaForCausalLM``.
 
 The normaliser (``train.loss_normaliser``) says what the weighted sum is divided by:
 
@@ -37,21 +41,52 @@ gradient w.r.t. the hidden states and its contribution to the head-weight gradie
 linear cross entropy does). Backward only rescales those stored gradients. Extra peak memory is
 O(chunk x vocab) plus one hidden-state-sized and one head-weight-sized gradient buffer.
 
+From model to loss: :class:`WeightedLossModel` wraps a Hugging Face causal LM; its ``forward`` takes
+a collated batch (ordinary, or packed by :mod:`pipeline.packing`: ``position_ids`` and 4-D attention
+masks are forwarded) and returns the loss of :func:`weighted_causal_lm_loss`. The loss owns the LM
+head (it reads the head's weight instead of calling it), which is also what lets FSDP and DeepSpeed
+ZeRO-3 gather that weight (see the class). It is the one path from a model to this loss: the trainer,
+the tests and the model-level benchmarks all use it (``benchmarks/loss_memory.py`` measures
+:func:`weighted_causal_lm_loss` alone, from hidden states).
+
 :func:`naive_weighted_loss` is the straightforward logits-based reference (tests and benchmarks).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 NORMALISERS = ("weight_sum", "token_count", "micro_batch")
 DEFAULT_CHUNK_SIZE = 1024
 
 Number = Union[float, int, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# The weight rule: where PLW enters
+# --------------------------------------------------------------------------------------------
+def token_weights(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, plw: float,
+                  completion_weight: float = 1.0) -> torch.Tensor:
+    """Per-target loss weights (float32, same shape as the masks): the paper's weight rule.
+
+    ``prompt_mask[j]`` / ``completion_mask[j]`` say that position ``j`` holds a loss term whose target
+    (``input_ids[j]``, unshifted convention) is a prompt / completion token. Prompt targets get
+    ``plw``, completion targets ``completion_weight``, every other position (position 0, which has no
+    target, and padding) 0. Raises ``ValueError`` for a negative (or NaN) weight.
+    """
+    if not (plw >= 0 and completion_weight >= 0):
+        raise ValueError(f"weights must be >= 0 (plw={plw}, completion_weight={completion_weight})")
+    prompt_mask, completion_mask = prompt_mask.bool(), completion_mask.bool()
+    if prompt_mask.shape != completion_mask.shape or bool((prompt_mask & completion_mask).any()):
+        raise ValueError("token_weights: prompt_mask and completion_mask must have the same shape and "
+                         "never both be set")
+    w = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
+    return w.masked_fill_(prompt_mask, float(plw)).masked_fill_(completion_mask, float(completion_weight))
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,40 +379,108 @@ def step_normalisers(micro_batches: Sequence[Mapping[str, torch.Tensor]], mode: 
 
 
 # --------------------------------------------------------------------------------------------
-# Model glue
+# From model to loss
 # --------------------------------------------------------------------------------------------
-def _unwrap(model):
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module  # DDP and similar wrappers
-    return model
+class WeightedLossModel(nn.Module):
+    """A causal LM whose ``forward`` returns the PLW-weighted loss: the one path from a model to it.
 
+    ``forward`` takes a collated batch as keyword arguments (``model(**batch, normaliser=d)``):
+    ``input_ids``, ``labels``, ``weights``, ``prompt_mask`` and, when present, ``attention_mask`` (2-D,
+    or the 4-D additive mask of a packed batch, cast to ``compute_dtype``) and ``position_ids``
+    (packed batches: positions restart at 0 for every example), which go to the base model;
+    ``segment_ids`` (packing bookkeeping) is accepted and not used. ``normaliser`` is this
+    micro-batch's denominator from :func:`step_normalisers` (``None``: the batch's own weight sum).
+    It runs the base model (no logits), then :func:`weighted_causal_lm_loss` on its final hidden
+    states and the LM head's weight, and returns the fields of :class:`WeightedLossOutput` as a dict
+    (``loss`` differentiable, the rest detached; a dict is a structure FSDP/DDP/DeepSpeed traverse;
+    ``WeightedLossOutput(**out)`` gives the object back).
 
-def lm_head_weight(model) -> torch.Tensor:
-    """The LM-head weight (V, H) of a Hugging Face causal LM (DDP-style wrappers are unwrapped)."""
-    head = _unwrap(model).get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise NotImplementedError("LM heads with a bias are not supported by the chunked loss")
-    return head.weight
+    Why the loss sits inside a module's forward: it reads the LM-head *weight* instead of calling
+    the head, and under sharded data parallelism a weight is only materialised while the module that
+    owns it runs its forward:
 
+    * **FSDP** (``fully_shard`` / FSDP2): the decoder layers are wrapped (sharded units of their own)
+      and this module is the root unit. ``lm_head`` (and the embeddings, and the final norm) belong to
+      the root unit, so they are unsharded for the whole of the root's forward and backward: reading
+      the head weight here gives the full (mixed-precision) weight, and its gradient is
+      reduce-scattered by the root's post-backward hook like any other root parameter.
+    * **DeepSpeed ZeRO-3**: parameters are gathered by hooks on *submodule* forwards, and
+      ``lm_head``'s own forward is never called. :func:`register_for_zero3` therefore registers the
+      head weight as an *external parameter* of this module
+      (``deepspeed.zero.register_external_parameter``), and this module is the engine's module
+      (``deepspeed.initialize(model=wrapper, ...)``): ZeRO-3 then gathers the head weight for this
+      forward and partitions its gradient afterwards (the alternative,
+      ``deepspeed.zero.GatheredParameters`` around the loss, would not route the gradient).
+    * **DDP / one process**: nothing special; DDP wraps this module, so its forward is what DDP calls.
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                        **kwargs) -> torch.Tensor:
-    """Final (normed) hidden states of a Hugging Face causal LM without computing full logits.
-
-    Goes through the model's own ``forward`` (so wrappers such as FSDP/DDP see the call), asking for
-    hidden states and logits of the last position only (``logits_to_keep=1``).
+    ``compute_dtype``: the dtype a 4-D additive mask is cast to (the dtype attention runs in, e.g.
+    bf16 under mixed precision); ``None`` means the LM head's dtype. torch 2.13's CPU SDPA silently
+    mis-computes a float64 query with a float32 mask, and older torch releases reject a mask whose
+    float dtype differs from the query's.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1, use_cache=False, **kwargs)
-    return out.hidden_states[-1]
+
+    def __init__(self, lm: nn.Module, label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 compute_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.lm = lm
+        self.label_smoothing = float(label_smoothing)
+        self.chunk_size = int(chunk_size)
+        self.compute_dtype = compute_dtype
+
+    def base_model(self) -> nn.Module:
+        prefix = getattr(self.lm, "base_model_prefix", "model")
+        base = getattr(self.lm, prefix, None)
+        if base is None:
+            raise TypeError(f"{type(self.lm).__name__} has no base model '{prefix}'")
+        return base
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM-head weight (V, H); heads with a bias are not supported by the chunked loss."""
+        head = self.lm.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError("LM heads with a bias are not supported by the chunked loss")
+        return head.weight
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                normaliser: Optional[Number] = None, prompt_mask: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        head = self.head_weight()
+        mask_dtype = self.compute_dtype if self.compute_dtype is not None else head.dtype
+        kwargs = attention_inputs(self.lm, attention_mask, position_ids, mask_dtype)
+        out = self.base_model()(input_ids=input_ids, use_cache=False, **kwargs)
+        hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+        res = weighted_causal_lm_loss(hidden, head, labels, weights, normaliser, prompt_mask=prompt_mask,
+                                      label_smoothing=self.label_smoothing, chunk_size=self.chunk_size)
+        return {f.name: getattr(res, f.name) for f in fields(res)}
 
 
-def model_weighted_loss(model, batch: Mapping[str, torch.Tensor], normaliser: Optional[Number] = None, *,
-                        label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                        ignore_index: int = IGNORE_INDEX) -> WeightedLossOutput:
-    """Convenience: forward ``model`` on a collated batch and return :func:`weighted_causal_lm_loss`."""
-    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"))
-    return weighted_causal_lm_loss(hidden, lm_head_weight(model), batch["labels"], batch["weights"],
-                                   normaliser, prompt_mask=batch.get("prompt_mask"),
-                                   label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                   chunk_size=chunk_size)
+def attention_inputs(lm: Any, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
+                     dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The ``attention_mask`` / ``position_ids`` keyword arguments for ``lm``'s base model.
+
+    A 4-D floating mask (packed batches, ``attention="mask4d"``) is cast to ``dtype``. Raises a clear
+    error when the model uses flash attention, which takes no 4-D mask (pack with
+    ``PackedCollator.for_model``, i.e. ``attention="position_ids"``).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:
+            impl = str(getattr(getattr(lm, "config", None), "_attn_implementation", "") or "")
+            if "flash" in impl:
+                raise ValueError(f"packed batch has a 4-D attention mask but the model uses "
+                                 f"attn_implementation={impl!r}: build the collator with "
+                                 f"PackedCollator.for_model(...) (attention='position_ids')")
+            if dtype is not None and attention_mask.is_floating_point() and attention_mask.dtype != dtype:
+                attention_mask = attention_mask.to(dtype)  # finfo(float32).min -> -inf in bf16: harmless
+        out["attention_mask"] = attention_mask
+    if position_ids is not None:
+        out["position_ids"] = position_ids
+    return out
+
+
+def register_for_zero3(wrapper: WeightedLossModel) -> None:
+    """DeepSpeed ZeRO-3: make the wrapper's forward gather the LM-head weight (see the class)."""
+    import deepspeed  # only on clusters with DeepSpeed installed
+
+    deepspeed.zero.register_external_parameter(wrapper, wrapper.head_weight())

@@ -1,6 +1,7 @@
 """Model loading: the pre-trained language model (PTLM) a run starts from, and its tokenizer.
 
-Entry points (``model_cfg`` is the composed ``cfg.model`` node or a :class:`~pipeline.config.ModelConfig`;
+Entry points (``model_cfg`` is a :class:`~pipeline.config.ModelConfig`, the typed section an entry point
+validated; the composed ``cfg.model`` node or a plain dict is put on the schema once, by :func:`model_config`;
 ``paths_cfg`` is ``cfg.paths``, needed where a checkpoint is cached under ``paths.data_dir/models/``):
 
 - :func:`load_tokenizer_for` ``(model_cfg)`` -> the model's tokenizer (via :func:`pipeline.tokenizer.load_tokenizer`,
@@ -43,6 +44,7 @@ training starts from and measures its weight distance to: it loads back bit-iden
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -50,16 +52,18 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline.config import ConfigError
+from pipeline.atomic_dir import building
+from pipeline.config import DTYPES, ConfigError, ModelConfig, PathsConfig
 from pipeline.data.records import sha256_file
-from pipeline.tokenizer import (PACKAGE_GGUF, TokenizerError, load_tokenizer, package_file,
-                                tokenizer_fingerprint)
+from pipeline.pretrain import pretrain
+from pipeline.tokenizer import (BPE_VERSION, PACKAGE_GGUF, TokenizerError, corpus_texts, load_tokenizer,
+                                package_file, tokenizer_fingerprint, trained_bpe_spec)
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,17 @@ DONE_FILE = "DONE"
 DEFINITION_FILE = "definition.json"
 DEFAULT_PAD_TOKEN = "[PAD]"  # Alpaca's DEFAULT_PAD_TOKEN
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 # Set from the tokenizer (vocabulary, special ids), never in model.architecture.
 _ARCH_FROM_TOKENIZER = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+# What the entry points take: the typed section, or a form :func:`model_config` puts on the schema.
+ModelLike = Union[ModelConfig, DictConfig, Mapping[str, Any]]
+# ``cfg.paths``: typed, composed or a dict; only ``data_dir`` is read.
+PathsLike = Union[PathsConfig, DictConfig, Mapping[str, Any]]
+DtypeLike = Union[torch.dtype, str, None]
 
 
 class ModelLoadError(RuntimeError):
@@ -83,36 +94,35 @@ class ModelLoadError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    """Attribute access that works for ModelConfig objects, DictConfigs and plain dicts."""
-    if isinstance(cfg, Mapping):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def model_config(model_cfg: ModelLike) -> ModelConfig:
+    """The typed model section: a :class:`~pipeline.config.ModelConfig` as it is; the composed
+    ``cfg.model`` node or a plain dict (e.g. sent to a worker process) put on the schema, defaults
+    filled in. The range checks ran where the config was loaded (:func:`pipeline.config.validate`)."""
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    if isinstance(model_cfg, DictConfig) and OmegaConf.get_type(model_cfg) is ModelConfig:
+        return OmegaConf.to_object(model_cfg)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), model_cfg))
 
 
 def _plain(value: Any) -> Any:
     """DictConfig / ListConfig -> plain Python containers (for hashing and kwargs)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
-def _name(model_cfg: Any) -> str:
-    return str(_get(model_cfg, "name") or "?")
+def _name(m: ModelConfig) -> str:
+    return str(m.name or "?")
 
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def torch_dtype(model_cfg: Any, dtype: Any = None) -> torch.dtype:
+def torch_dtype(model_cfg: ModelLike, dtype: DtypeLike = None) -> torch.dtype:
     """The dtype weights are loaded in: ``dtype`` (a torch.dtype or a name) if given, else ``model.dtype``."""
-    value = dtype if dtype is not None else (_get(model_cfg, "dtype") or "float32")
+    value = dtype if dtype is not None else model_config(model_cfg).dtype
     if isinstance(value, torch.dtype):
         return value
     if value not in _DTYPES:
@@ -120,7 +130,7 @@ def torch_dtype(model_cfg: Any, dtype: Any = None) -> torch.dtype:
     return _DTYPES[value]
 
 
-def decoder_layer_class(model_cfg: Any) -> type:
+def decoder_layer_class(model_cfg: ModelLike) -> type:
     """The class named by ``model.fsdp_wrap_class`` (FSDP ``transformer_auto_wrap_policy``).
 
     A dotted path (``transformers.models.llama.modeling_llama.LlamaDecoderLayer``) is imported as is;
@@ -128,10 +138,11 @@ def decoder_layer_class(model_cfg: Any) -> type:
     takes) is looked up in ``transformers.models.<family>.modeling_<family>``, the family being the
     name without ``DecoderLayer`` in lower case, then in the top-level ``transformers`` namespace.
     """
-    name = _get(model_cfg, "fsdp_wrap_class")
+    m = model_config(model_cfg)
+    name = m.fsdp_wrap_class
     key = "model.fsdp_wrap_class"
     if not name:
-        raise ConfigError(f"config key '{key}': not set for model '{_name(model_cfg)}'")
+        raise ConfigError(f"config key '{key}': not set for model '{_name(m)}'")
     candidates = []
     if "." in name:
         module, _, cls = name.rpartition(".")
@@ -153,47 +164,37 @@ def decoder_layer_class(model_cfg: Any) -> type:
 # --------------------------------------------------------------------------------------------
 # tokenizer
 # --------------------------------------------------------------------------------------------
-def _pretrain(model_cfg: Any) -> Optional[Dict[str, Any]]:
-    """``model.pretrain`` as a plain dict with the schema's defaults filled in (None when absent)."""
-    import dataclasses
-
-    from pipeline.config import PretrainConfig
-
-    p = _get(model_cfg, "pretrain")
-    if p is None:
-        return None
-    p = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(_plain(p))
-    return {**dataclasses.asdict(PretrainConfig()), **p}
+def _pretrain(m: ModelConfig) -> Optional[Dict[str, Any]]:
+    """``model.pretrain`` as a plain dict (None when absent)."""
+    return None if m.pretrain is None else dataclasses.asdict(m.pretrain)
 
 
-def tokenizer_spec(model_cfg: Any) -> Tuple[str, Optional[str]]:
+def tokenizer_spec(model_cfg: ModelLike) -> Tuple[str, Optional[str]]:
     """``(spec, revision)`` of the model's tokenizer, as :func:`pipeline.tokenizer.load_tokenizer` takes them."""
-    source = _get(model_cfg, "source", "hub")
-    explicit = _get(model_cfg, "tokenizer")
-    pre = _pretrain(model_cfg)
-    if pre and pre["vocab_size"] > 0 and not explicit:
-        from pipeline.tokenizer import trained_bpe_spec
-
-        return trained_bpe_spec(pre["corpus"], pre["text_fields"], int(pre["vocab_size"])), None
-    if explicit:
-        return str(explicit), _get(model_cfg, "tokenizer_revision")
-    if source == "package_gguf":
-        return f"{PACKAGE_GGUF}{_get(model_cfg, 'package')}/{_get(model_cfg, 'gguf_file')}", None
-    if source == "local" or (source == "hub" and _get(model_cfg, "local_path")):
-        return str(Path(str(_get(model_cfg, "local_path"))).expanduser()), None
-    if source == "hub":
-        return str(_get(model_cfg, "hub_id")), _get(model_cfg, "tokenizer_revision") or _get(model_cfg, "revision")
-    raise ConfigError(f"config key 'model.tokenizer': required when model.source={source}")
+    m = model_config(model_cfg)
+    pre = m.pretrain
+    if pre is not None and pre.vocab_size > 0 and not m.tokenizer:
+        return trained_bpe_spec(pre.corpus, pre.text_fields, int(pre.vocab_size)), None
+    if m.tokenizer:
+        return str(m.tokenizer), m.tokenizer_revision
+    if m.source == "package_gguf":
+        return f"{PACKAGE_GGUF}{m.package}/{m.gguf_file}", None
+    if m.source == "local" or (m.source == "hub" and m.local_path):
+        return str(Path(str(m.local_path)).expanduser()), None
+    if m.source == "hub":
+        return str(m.hub_id), m.tokenizer_revision or m.revision
+    raise ConfigError(f"config key 'model.tokenizer': required when model.source={m.source}")
 
 
-def load_tokenizer_for(model_cfg: Any):
+def load_tokenizer_for(model_cfg: ModelLike):
     """The model's tokenizer (shared and cached by spec: treat it as read-only)."""
-    spec, revision = tokenizer_spec(model_cfg)
+    m = model_config(model_cfg)
+    spec, revision = tokenizer_spec(m)
     try:
         return load_tokenizer(spec, revision)
     except TokenizerError as e:
         raise ModelLoadError(
-            f"model config '{_name(model_cfg)}': cannot load its tokenizer '{spec}': {e}. Set "
+            f"model config '{_name(m)}': cannot load its tokenizer '{spec}': {e}. Set "
             f"model.tokenizer (or model.local_path) to a local folder holding it.") from e
 
 
@@ -240,69 +241,71 @@ def ensure_pad_token(model, tokenizer, pad_token: str = DEFAULT_PAD_TOKEN):
 # --------------------------------------------------------------------------------------------
 # cached checkpoints (scratch and GGUF)
 # --------------------------------------------------------------------------------------------
-def _models_dir(model_cfg: Any, paths_cfg: Any) -> Path:
+def _models_dir(model_cfg: ModelLike, paths_cfg: Optional[PathsLike]) -> Path:
+    """``paths.data_dir/models``; ``paths_cfg`` is ``cfg.paths`` (typed or not) or a dict."""
+    m = model_config(model_cfg)
     if paths_cfg is None:
-        raise ModelLoadError(f"model config '{_name(model_cfg)}' (source={_get(model_cfg, 'source')}) "
+        raise ModelLoadError(f"model config '{_name(m)}' (source={m.source}) "
                              "is built into paths.data_dir/models/: pass paths_cfg (cfg.paths)")
-    return Path(str(_get(paths_cfg, "data_dir"))).expanduser() / MODELS_SUBDIR
+    data_dir = paths_cfg["data_dir"] if isinstance(paths_cfg, Mapping) else paths_cfg.data_dir
+    return Path(str(data_dir)).expanduser() / MODELS_SUBDIR
 
 
-def _architecture(model_cfg: Any) -> Dict[str, Any]:
+def _architecture(m: ModelConfig) -> Dict[str, Any]:
     from transformers import LlamaConfig
 
-    arch = dict(_plain(_get(model_cfg, "architecture")) or {})
+    arch = dict(_plain(m.architecture) or {})
     known = set(LlamaConfig().to_dict())
     for k in arch:
         if k in _ARCH_FROM_TOKENIZER:
             raise ConfigError(f"config key 'model.architecture.{k}': set from the tokenizer "
-                              f"({_get(model_cfg, 'tokenizer')}); remove it")
+                              f"({m.tokenizer}); remove it")
         if k not in known:
             raise ConfigError(f"config key 'model.architecture.{k}': not a LlamaConfig field")
     return arch
 
 
-def model_definition(model_cfg: Any, tokenizer=None) -> Dict[str, Any]:
+def model_definition(model_cfg: ModelLike, tokenizer=None) -> Dict[str, Any]:
     """What a cached checkpoint's hash covers (``scratch`` and ``package_gguf`` sources)."""
-    source = _get(model_cfg, "source")
-    tok = tokenizer if tokenizer is not None else load_tokenizer_for(model_cfg)
+    m = model_config(model_cfg)
+    source = m.source
+    tok = tokenizer if tokenizer is not None else load_tokenizer_for(m)
     if source == "scratch":
         defn = {"kind": "scratch", "models_version": MODELS_VERSION,
-                "architecture": _architecture(model_cfg), "init_seed": int(_get(model_cfg, "init_seed", 0) or 0),
+                "architecture": _architecture(m), "init_seed": int(m.init_seed),
                 "tokenizer": tokenizer_fingerprint(tok), "vocab_size": len(tok)}
-        pre = _pretrain(model_cfg)
+        pre = _pretrain(m)
         if pre and pre["steps"] > 0:
             # what the pre-training reads and does; the corpus by content, not by path
             defn["kind"] = "pretrained"
             defn["pretrain"] = {k: v for k, v in sorted(pre.items()) if k != "corpus"}
             defn["corpus_sha256"] = [sha256_file(Path(str(c)).expanduser()) for c in pre["corpus"]]
             if pre["vocab_size"] > 0:
-                from pipeline.pretrain import BPE_VERSION
-
                 defn["bpe_version"] = BPE_VERSION  # the saved tokenizer's settings
         return defn
     if source == "package_gguf":
         import transformers
 
-        path = _gguf_path(model_cfg)
+        path = _gguf_path(m)
         return {"kind": "gguf", "models_version": MODELS_VERSION, "file": path.name,
-                "file_sha256": _checked_gguf_sha256(model_cfg, path), "tokenizer": tokenizer_fingerprint(tok),
+                "file_sha256": _checked_gguf_sha256(m, path), "tokenizer": tokenizer_fingerprint(tok),
                 # the GGUF -> transformers conversion is done by this library
                 "transformers": transformers.__version__}
     raise ValueError(f"model.source={source} has no cached checkpoint")
 
 
-def _gguf_path(model_cfg: Any) -> Path:
+def _gguf_path(m: ModelConfig) -> Path:
     try:
-        return package_file(str(_get(model_cfg, "package")), str(_get(model_cfg, "gguf_file")))
+        return package_file(str(m.package), str(m.gguf_file))
     except TokenizerError as e:
-        raise ModelLoadError(f"model config '{_name(model_cfg)}': {e}") from e
+        raise ModelLoadError(f"model config '{_name(m)}': {e}") from e
 
 
-def _checked_gguf_sha256(model_cfg: Any, path: Path) -> str:
+def _checked_gguf_sha256(m: ModelConfig, path: Path) -> str:
     digest = sha256_file(path)
-    expected = _get(model_cfg, "gguf_sha256")
+    expected = m.gguf_sha256
     if expected and digest != expected:
-        raise ModelLoadError(f"model config '{_name(model_cfg)}': {path} has sha256 {digest}, but "
+        raise ModelLoadError(f"model config '{_name(m)}': {path} has sha256 {digest}, but "
                              f"model.gguf_sha256 is {expected} (a different package version?)")
     return digest
 
@@ -329,23 +332,15 @@ def _done_ok(folder: Path, verify: bool) -> bool:
     return True
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Write DONE into the finished ``tmp`` folder, then rename it to ``final`` (first writer wins)."""
-    done = {"files": {p.name: sha256_file(p) for p in _weight_files(tmp)}}
-    (tmp / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if (final / DONE_FILE).is_file():  # another process published it first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            raise
+def _done(tmp: Path) -> str:
+    """DONE of a finished checkpoint folder: the sha256 of each weight file."""
+    return json.dumps({"files": {p.name: sha256_file(p) for p in _weight_files(tmp)}}, indent=2) + "\n"
 
 
-def _cached_dir(model_cfg: Any, paths_cfg: Any, build, verify: bool = True) -> Path:
-    tok = load_tokenizer_for(model_cfg)
-    defn = model_definition(model_cfg, tok)
-    root = _models_dir(model_cfg, paths_cfg)
+def _cached_dir(m: ModelConfig, paths_cfg: Optional[PathsLike], build, verify: bool = True) -> Path:
+    tok = load_tokenizer_for(m)
+    defn = model_definition(m, tok)
+    root = _models_dir(m, paths_cfg)
     final = root / f"{defn['kind']}-{_hash(defn)[:16]}"
     if final.is_dir():
         if _done_ok(final, verify):
@@ -354,10 +349,8 @@ def _cached_dir(model_cfg: Any, paths_cfg: Any, build, verify: bool = True) -> P
         aside = final.with_name(f".{final.name}.broken-{os.getpid()}")
         os.rename(final, aside)
         shutil.rmtree(aside, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        log.info("building %s checkpoint for model '%s' in %s", defn["kind"], _name(model_cfg), final)
+    with building(final, done=_done) as tmp:  # DONE last, then renamed into place; first writer wins
+        log.info("building %s checkpoint for model '%s' in %s", defn["kind"], _name(m), final)
         model = build(tok)
         extras: Dict[str, Any] = {}
         if isinstance(model, tuple):  # (model, {file name: JSON-able}) written beside the weights
@@ -366,25 +359,22 @@ def _cached_dir(model_cfg: Any, paths_cfg: Any, build, verify: bool = True) -> P
         for fname, obj in extras.items():
             (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
         tok.save_pretrained(tmp)
-        meta = {"name": _name(model_cfg), "hash": _hash(defn), "definition": defn}
+        meta = {"name": _name(m), "hash": _hash(defn), "definition": defn}
         (tmp / DEFINITION_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def build_scratch_model(model_cfg: Any, tokenizer):
+def build_scratch_model(model_cfg: ModelLike, tokenizer):
     """A freshly initialised float32 ``LlamaForCausalLM`` (see the module docstring); touches no global RNG."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    arch = _architecture(model_cfg)
+    m = model_config(model_cfg)
+    arch = _architecture(m)
     config = LlamaConfig(**arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config).to(torch.float32)
-    gen = torch.Generator().manual_seed(int(_get(model_cfg, "init_seed", 0) or 0))
+    gen = torch.Generator().manual_seed(int(m.init_seed))
     std = float(config.initializer_range)
     with torch.no_grad():
         for name, p in model.named_parameters():  # tied parameters appear once
@@ -400,50 +390,49 @@ def build_scratch_model(model_cfg: Any, tokenizer):
 PRETRAIN_LOG = "pretrain_log.json"
 
 
-def build_pretrained_model(model_cfg: Any, tokenizer):
+def build_pretrained_model(model_cfg: ModelLike, tokenizer):
     """:func:`build_scratch_model`, then :func:`pipeline.pretrain.pretrain` on ``model.pretrain``'s
     corpus; returns ``(model, {PRETRAIN_LOG: log})``."""
-    from pipeline.pretrain import corpus_texts, pretrain
-
-    pre = _pretrain(model_cfg)
-    model = build_scratch_model(model_cfg, tokenizer)
-    texts = corpus_texts(pre["corpus"], pre["text_fields"])
-    log.info("pre-training model '%s': %d steps x %d x %d tokens on %d documents", _name(model_cfg),
-             int(pre["steps"]), int(pre["batch_size"]), int(pre["seq_len"]), len(texts))
+    m = model_config(model_cfg)
+    pre = m.pretrain
+    model = build_scratch_model(m, tokenizer)
+    texts = corpus_texts(pre.corpus, pre.text_fields)
+    log.info("pre-training model '%s': %d steps x %d x %d tokens on %d documents", _name(m),
+             pre.steps, pre.batch_size, pre.seq_len, len(texts))
     with torch.random.fork_rng(devices=[]):
-        record = pretrain(model, tokenizer, texts, pre, desc=f"pretrain {_name(model_cfg)}")
-    log.info("pre-trained model '%s': held-out loss %.3f -> %.3f in %.0f s", _name(model_cfg),
+        record = pretrain(model, tokenizer, texts, pre, desc=f"pretrain {_name(m)}")
+    log.info("pre-trained model '%s': held-out loss %.3f -> %.3f in %.0f s", _name(m),
              record["held_out_loss_before"], record["held_out_loss_after"], record["seconds"])
     return model.eval(), {PRETRAIN_LOG: record}
 
 
-def _load_gguf_direct(model_cfg: Any, dtype: torch.dtype = torch.float32):
+def _load_gguf_direct(m: ModelConfig, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    path = _gguf_path(model_cfg)
-    _checked_gguf_sha256(model_cfg, path)
+    path = _gguf_path(m)
+    _checked_gguf_sha256(m, path)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.to(dtype)
 
 
-def pretrained_dir(model_cfg: Any, paths_cfg: Any = None, verify: bool = True) -> Optional[Path]:
+def pretrained_dir(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, verify: bool = True) -> Optional[Path]:
     """The local folder holding the PTLM (building the cached checkpoint if needed).
 
     ``scratch`` and ``package_gguf``: ``paths.data_dir/models/<kind>-<hash>/``; ``local`` and hub models
     with ``model.local_path``: that folder; hub models without it: ``None`` (the Hugging Face cache).
     """
-    source = _get(model_cfg, "source")
+    m = model_config(model_cfg)
+    source = m.source
     if source == "scratch":
-        pre = _pretrain(model_cfg)
-        if pre and pre["steps"] > 0:
-            return _cached_dir(model_cfg, paths_cfg, lambda tok: build_pretrained_model(model_cfg, tok), verify)
-        return _cached_dir(model_cfg, paths_cfg, lambda tok: build_scratch_model(model_cfg, tok), verify)
+        if m.pretrain is not None and m.pretrain.steps > 0:
+            return _cached_dir(m, paths_cfg, lambda tok: build_pretrained_model(m, tok), verify)
+        return _cached_dir(m, paths_cfg, lambda tok: build_scratch_model(m, tok), verify)
     if source == "package_gguf":
-        return _cached_dir(model_cfg, paths_cfg, lambda tok: _load_gguf_direct(model_cfg), verify)
-    if _get(model_cfg, "local_path"):
-        folder = Path(str(_get(model_cfg, "local_path"))).expanduser()
+        return _cached_dir(m, paths_cfg, lambda tok: _load_gguf_direct(m), verify)
+    if m.local_path:
+        folder = Path(str(m.local_path)).expanduser()
         if not folder.is_dir():
-            raise ModelLoadError(f"model config '{_name(model_cfg)}': model.local_path '{folder}' is not a folder")
+            raise ModelLoadError(f"model config '{_name(m)}': model.local_path '{folder}' is not a folder")
         return folder
     if source == "local":
         raise ConfigError("config key 'model.local_path': required when model.source=local")
@@ -453,23 +442,23 @@ def pretrained_dir(model_cfg: Any, paths_cfg: Any = None, verify: bool = True) -
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
-def _from_folder(folder: Path, dtype: torch.dtype, model_cfg: Any):
+def _from_folder(folder: Path, dtype: torch.dtype, m: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"model config '{_name(model_cfg)}': cannot load a model from '{folder}': {e}") from e
+        raise ModelLoadError(f"model config '{_name(m)}': cannot load a model from '{folder}': {e}") from e
 
 
-def _from_hub(model_cfg: Any, dtype: torch.dtype):
+def _from_hub(m: ModelConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    hub_id = str(_get(model_cfg, "hub_id"))
-    revision = _get(model_cfg, "revision")
+    hub_id = str(m.hub_id)
+    revision = m.revision
     if not revision or not _HEX40.match(str(revision)):
         log.warning("model config '%s': revision %r of '%s' is not a pinned commit; runs are not "
-                    "reproducible (set model.revision to a 40-hex commit)", _name(model_cfg), revision, hub_id)
+                    "reproducible (set model.revision to a 40-hex commit)", _name(m), revision, hub_id)
     try:
         return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype)
     except OSError as e:
@@ -477,43 +466,45 @@ def _from_hub(model_cfg: Any, dtype: torch.dtype):
         why = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
                if offline else "it is not in the Hugging Face cache and the hub could not provide it")
         raise ModelLoadError(
-            f"model config '{_name(model_cfg)}': cannot load '{hub_id}' at revision {revision}: {why} "
+            f"model config '{_name(m)}': cannot load '{hub_id}' at revision {revision}: {why} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Either download it once where "
             f"the hub is reachable (`huggingface-cli download {hub_id} --revision {revision}`; gated models "
             f"need an accepted licence and `huggingface-cli login`), or point the config at a local copy: "
             f"model.local_path=/path/to/{hub_id.split('/')[-1]}") from e
 
 
-def load_model(model_cfg: Any, paths_cfg: Any = None, dtype: Any = None):
+def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None):
     """The pre-trained causal LM of ``model_cfg`` in eval mode, weights in :func:`torch_dtype`.
 
     ``paths_cfg`` is required for ``source=scratch`` (the checkpoint lives in ``paths.data_dir/models/``)
     and optional for ``package_gguf`` (without it the GGUF is dequantised on every call).
     """
-    source = _get(model_cfg, "source")
-    dt = torch_dtype(model_cfg, dtype)
-    if source == "package_gguf" and paths_cfg is None:
-        model = _load_gguf_direct(model_cfg, dt)
+    m = model_config(model_cfg)
+    dt = torch_dtype(m, dtype)
+    if m.source == "package_gguf" and paths_cfg is None:
+        model = _load_gguf_direct(m, dt)
     else:
-        folder = pretrained_dir(model_cfg, paths_cfg)
-        model = _from_hub(model_cfg, dt) if folder is None else _from_folder(folder, dt, model_cfg)
+        folder = pretrained_dir(m, paths_cfg)
+        model = _from_hub(m, dt) if folder is None else _from_folder(folder, dt, m)
     return model.eval()
 
 
-def load_pretrained(model_cfg: Any, paths_cfg: Any = None, dtype: Any = None, add_pad_token: bool = True):
+def load_pretrained(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None,
+                    add_pad_token: bool = True):
     """``(model, tokenizer)`` for training: :func:`load_model`, :func:`load_tokenizer_for` and, with
     ``add_pad_token``, :func:`ensure_pad_token`. Checks that the vocabularies agree."""
-    tokenizer = load_tokenizer_for(model_cfg)
-    model = load_model(model_cfg, paths_cfg, dtype)
+    m = model_config(model_cfg)
+    tokenizer = load_tokenizer_for(m)
+    model = load_model(m, paths_cfg, dtype)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"model config '{_name(model_cfg)}': tokenizer has {len(tokenizer)} tokens but "
+        raise ModelLoadError(f"model config '{_name(m)}': tokenizer has {len(tokenizer)} tokens but "
                              f"the model's embedding only {rows} rows (wrong model.tokenizer?)")
     eos = model.config.eos_token_id
     if tokenizer.eos_token_id is not None and eos is not None and tokenizer.eos_token_id not in (
             eos if isinstance(eos, (list, tuple)) else [eos]):
         log.warning("model config '%s': the tokenizer's eos token %r (id %s) is not the model's eos id %s; "
-                    "training appends the tokenizer's eos to every response", _name(model_cfg),
+                    "training appends the tokenizer's eos to every response", _name(m),
                     tokenizer.eos_token, tokenizer.eos_token_id, eos)
     if add_pad_token:
         model, tokenizer = ensure_pad_token(model, tokenizer)

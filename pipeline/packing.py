@@ -38,8 +38,9 @@ Attention paths (which is used where)
     bf16/fp16 where the minimum becomes ``-inf``). transformers (4.57: ``masking_utils``) passes a 4-D
     mask through unchanged; ``eager`` adds it to the scores (so a *boolean* mask would silently be
     wrong there: that is why it is additive) and SDPA takes it as ``attn_mask``.
-    :func:`model_inputs` casts it to the model's dtype (torch 2.13's CPU SDPA silently mis-computes a
-    float64 query with a float32 mask; fp32/bf16/fp16 queries are correct with either). Memory:
+    :class:`pipeline.loss.WeightedLossModel` casts it to the compute dtype (torch 2.13's CPU SDPA
+    silently mis-computes a float64 query with a float32 mask; fp32/bf16/fp16 queries are correct with
+    either). Memory:
     ``rows x T x T x 4`` bytes (4 x 512 x 512: 4 MiB).
 ``attention="position_ids"`` (GPU with ``attn_implementation="flash_attention_2"``, padding-free):
     all examples of the micro-batch are flattened into ONE row ``(1, total tokens)`` with no padding
@@ -54,16 +55,13 @@ Attention paths (which is used where)
     Not exercised here (no GPU / flash-attn on the development machine): verify on the cluster.
 
 Where: this machine (CPU) and GPUs with the default ``sdpa`` use ``mask4d``; ``pipeline.trainer``
-builds ``PackedCollator(tokenizer, train.model_max_length)``, i.e. ``mask4d``, forwards
-``position_ids`` and casts the mask to its compute dtype.
+builds ``PackedCollator.for_model(tokenizer, train.model_max_length, model)``.
 
-Either way the forward must receive ``position_ids``: use :func:`model_inputs` /
-:func:`packed_model_weighted_loss` (which forwards them), not
-:func:`pipeline.loss.model_weighted_loss` (which, as of this writing, passes only ``input_ids`` and
-``attention_mask``; with a 4-D mask it still isolates the examples but positions then run on across
-the row, which with rotary embeddings changes the result only by rounding, and with
-``attention="position_ids"`` it would not isolate at all). :func:`packed_model_weighted_loss` also
-works on ordinary (unpacked) batches, so a trainer can call it unconditionally.
+Either way the forward must receive ``position_ids`` (with ``attention="position_ids"`` they are the
+only isolation): :class:`pipeline.loss.WeightedLossModel`, the one path from a model to the loss,
+takes the whole batch (``wrapper(**batch, normaliser=d)``), forwards ``position_ids`` and the mask,
+casts a 4-D mask to the compute dtype and refuses a 4-D mask for a flash-attention model. It works
+the same on packed and ordinary batches.
 
 Batch keys: ``input_ids``, ``labels``, ``weights``, ``prompt_mask``, ``position_ids``, ``segment_ids``
 (example index within the micro-batch, -1 for padding) and, in ``mask4d`` mode, ``attention_mask``.
@@ -76,7 +74,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from pipeline.preprocess import IGNORE_INDEX
+from pipeline.loss import IGNORE_INDEX
 
 ATTENTION_MODES = ("mask4d", "position_ids")
 
@@ -251,62 +249,8 @@ class PackedCollator:
 
 
 # --------------------------------------------------------------------------------------------
-# Model glue
+# Statistics
 # --------------------------------------------------------------------------------------------
-def is_packed(batch: Mapping[str, Any]) -> bool:
-    return "segment_ids" in batch and "position_ids" in batch
-
-
-def model_inputs(batch: Mapping[str, torch.Tensor], dtype: Optional[torch.dtype] = None
-                 ) -> Dict[str, torch.Tensor]:
-    """The keyword arguments a Hugging Face causal LM takes from a (packed or ordinary) batch.
-
-    With ``dtype`` (the model's floating dtype), a 4-D additive mask is cast to it: torch 2.13's CPU
-    SDPA returns wrong values for a float64 query with a float32 mask (fp32/bf16/fp16 queries are
-    fine), and older torch releases reject masks whose float dtype differs from the query's.
-    """
-    out = {"input_ids": batch["input_ids"]}
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        if dtype is not None and mask.dim() == 4 and mask.is_floating_point() and mask.dtype != dtype:
-            mask = mask.to(dtype)  # finfo(float32).min becomes -inf in bf16/fp16: harmless, see above
-        out["attention_mask"] = mask
-    if batch.get("position_ids") is not None:
-        out["position_ids"] = batch["position_ids"]
-    return out
-
-
-def check_model_accepts(model, batch: Mapping[str, Any]) -> None:
-    """Raise a clear error when a packed batch's attention path does not suit the model."""
-    if not is_packed(batch):
-        return
-    impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
-    mask = batch.get("attention_mask")
-    if "flash" in impl and mask is not None and mask.dim() == 4:
-        raise ValueError(f"packed batch has a 4-D attention mask but the model uses attn_implementation="
-                         f"{impl!r}: build the collator with PackedCollator.for_model(...) "
-                         f"(attention='position_ids')")
-
-
-def packed_model_weighted_loss(model, batch: Mapping[str, torch.Tensor], normaliser=None, *,
-                               label_smoothing: float = 0.0, chunk_size: Optional[int] = None):
-    """:func:`pipeline.loss.model_weighted_loss` that also forwards ``position_ids`` (packed batches).
-
-    Works unchanged on ordinary :class:`~pipeline.preprocess.Collator` batches.
-    """
-    from pipeline import loss as L
-
-    check_model_accepts(model, batch)
-    head = L.lm_head_weight(model)
-    inputs = model_inputs(batch, dtype=head.dtype if head.is_floating_point() else None)
-    extra = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-    hidden = L.final_hidden_states(model, inputs["input_ids"], inputs.get("attention_mask"), **extra)
-    return L.weighted_causal_lm_loss(hidden, head, batch["labels"], batch["weights"],
-                                     normaliser, prompt_mask=batch.get("prompt_mask"),
-                                     label_smoothing=label_smoothing,
-                                     chunk_size=chunk_size or L.DEFAULT_CHUNK_SIZE)
-
-
 def packing_stats(batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     """Real tokens, slots (rows x T) and the fill ratio of a packed or ordinary batch."""
     ids = batch["input_ids"]

@@ -1,7 +1,9 @@
 """Turn Alpaca-schema records into token ids, labels and per-token prompt-loss weights.
 
-Pure functions, no I/O. The rendering and tokenisation follow Stanford Alpaca's ``train.py``
-(commit 761dc5b) exactly (docs/study.md section 1):
+Pure functions, no I/O. This module decides which targets are prompt and which are completion
+tokens; the weights themselves come from :func:`pipeline.loss.token_weights` (the weight rule, where
+PLW enters), which :func:`build_example` calls. The rendering and tokenisation follow Stanford
+Alpaca's ``train.py`` (commit 761dc5b) exactly (docs/study.md section 1):
 
 * prompt (``source``) = ``PROMPT_DICT["prompt_input"]`` when ``input != ""``, else ``prompt_no_input``;
 * completion (``target``) = ``output + tokenizer.eos_token`` (directly after ``### Response:``);
@@ -18,6 +20,7 @@ term whose TARGET is ``input_ids[j]`` (predicted by the logits at position ``j -
 * ``j == 0`` has no target: ``labels[0] = -100``, ``weights[0] = 0``, ``prompt_mask[0] = False``.
 * ``1 <= j < n_prompt``: the target is a prompt token -> ``weights[j] = plw``, ``prompt_mask[j] = True``.
 * ``j >= n_prompt``: the target is a completion token -> ``weights[j] = completion_weight``.
+  (:func:`pipeline.loss.token_weights` applies these two rules.)
 * padding (added by :class:`Collator`): ``labels = -100``, ``weights = 0``, ``prompt_mask = False``,
   ``attention_mask = 0``.
 * ``labels[j] = input_ids[j]`` for every target position, except that with
@@ -45,7 +48,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-IGNORE_INDEX = -100
+from pipeline.loss import IGNORE_INDEX, token_weights
 
 # stanford_alpaca train.py @ 761dc5b, verbatim.
 PROMPT_DICT = {
@@ -239,19 +242,16 @@ def build_example(input_ids: Sequence[int], n_prompt: int, plw: float, completio
                   mask_zero_weight_labels: bool = True) -> Dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``weights``, ``prompt_mask`` for one sequence (see module docstring).
 
-    ``n_prompt`` = number of leading prompt positions (BOS included).
+    ``n_prompt`` = number of leading prompt positions (BOS included). The weights are
+    :func:`pipeline.loss.token_weights` of the prompt-target and completion-target masks.
     """
-    if not (plw >= 0 and completion_weight >= 0):
-        raise ValueError(f"weights must be >= 0 (plw={plw}, completion_weight={completion_weight})")
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)
     L = ids.numel()
     n_prompt = max(0, min(int(n_prompt), L))
     pos = torch.arange(L)
     prompt_mask = (pos < n_prompt) & (pos >= 1)
-    weights = torch.where(prompt_mask, torch.tensor(float(plw)), torch.tensor(float(completion_weight)))
-    weights = weights.to(torch.float32)
-    if L:
-        weights[0] = 0.0
+    completion_mask = pos >= max(n_prompt, 1)  # position 0 has no target
+    weights = token_weights(prompt_mask, completion_mask, plw, completion_weight)
     labels = ids.clone()
     if L:
         labels[0] = IGNORE_INDEX

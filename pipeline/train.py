@@ -9,7 +9,8 @@ Examples::
 The run goes to ``paths.runs_dir/<run id>/`` (:mod:`pipeline.runs`); running the same command again
 resumes it from its latest checkpoint, or returns at once when it is done. The command prints the run
 folder; exit codes: 0 done, 1 failed (the error is also in ``<run>/status.json``), 2 bad config,
-75 stopped by SIGTERM/SIGUSR1 after a checkpoint (run it again to resume). ``variant=<name>`` (not a
+75 stopped by SIGTERM/SIGUSR1 after a checkpoint (run it again to resume), 79 another process is
+executing the run (its lock is held; nothing was done). ``variant=<name>`` (not a
 config key) names a training variant of an experiment whose ``train.*`` overrides are given too, e.g.
 ``variant=minkowski_0.01 train.minkowski_coef=0.01`` (the sweep does this for you).
 
@@ -23,10 +24,12 @@ Contract (other stages build on it)
 
 1. creates/finds the run folder (:func:`pipeline.runs.create_run`); status ``done`` -> returns it
    (a folder whose ``train_summary.json`` says training finished is marked done without training);
-2. sets status ``running`` and trains -- in this process when one process is configured
-   (``train.nproc``), otherwise by launching ``train.nproc`` worker processes
-   (``torchrun``/``accelerate launch ... -m pipeline.worker <run>``, see :func:`launch_command`) and
-   waiting for them; training resumes from the latest complete checkpoint in ``<run>/checkpoints``;
+2. takes the run's lock and sets status ``running`` (:func:`pipeline.lifecycle.execute`, the one
+   writer of ``status.json``; another process holding the lock -> :class:`~pipeline.lifecycle.RunBusy`)
+   and trains -- in this process when one process is configured (``train.nproc``), otherwise by
+   launching ``train.nproc`` training processes (``torchrun``/``accelerate launch ... -m
+   pipeline.trainer.rank <run>``, see :func:`launch_command`) and waiting for them; training resumes
+   from the latest complete checkpoint in ``<run>/checkpoints``;
 3. appends one line per optimizer step to ``<run>/metrics.jsonl`` (fields: :mod:`pipeline.trainer.loop`);
 4. saves the model to ``<run>/final/`` (``save_pretrained``: safetensors, config, tokenizer; loads with
    ``AutoModelForCausalLM.from_pretrained``) and ``<run>/train_summary.json`` (final loss, steps,
@@ -41,8 +44,9 @@ Contract (other stages build on it)
 ``variant`` names a training variant of an experiment (a regularizer); its ``train.*`` overrides
 are already in ``cfg``. It is part of the run's identity.
 
-:func:`train` is the linear entry point every training process runs (in-process, or in each worker):
-load model, load data, build the trainer, train, save.
+:func:`train` is the linear entry point every training process runs (in-process, or in each rank):
+load model, load data, build the trainer, train, save; it returns the summary or raises, and never
+touches the status.
 """
 from __future__ import annotations
 
@@ -54,26 +58,31 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import lifecycle
+from pipeline.config import ConfigError, load_config, validate
+from pipeline.data.build import load_dataset
+from pipeline.lifecycle import EXIT_BUSY, PREEMPTED_EXIT_CODE, Preempted, RunBusy
+from pipeline.models import load_pretrained, pretrained_dir
 from pipeline.runs import RunDir, atomic_write_text, create_run
-from pipeline.trainer.loop import (PREEMPTED_EXIT_CODE, SUMMARY_FILE, Preempted, Trainer,
-                                   TrainerCallback)
+from pipeline.trainer.data import prepare_examples
+from pipeline.trainer.dist import Backend
+from pipeline.trainer.loop import SUMMARY_FILE, Trainer, TrainerCallback
 
 log = logging.getLogger("pipeline.train")
 
-__all__ = ["run", "train", "main", "Preempted", "TrainerCallback", "PREEMPTED_EXIT_CODE", "SUMMARY_FILE",
-           "WORKER_CONFIG", "launch_command", "resolve_nproc"]
+__all__ = ["run", "train", "main", "Preempted", "RunBusy", "TrainerCallback", "PREEMPTED_EXIT_CODE",
+           "SUMMARY_FILE", "launch_command", "resolve_nproc"]
 
 REPO = Path(__file__).resolve().parent.parent
 DISTRIBUTED_DIR = REPO / "conf" / "distributed"
-WORKER_CONFIG = "worker.yaml"  # the config the worker processes of the current attempt read
 PREEMPTED_MARKER = "preempted.json"  # logs/: written by rank 0 of a stopped multi-process attempt
 ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", "ddp": "ddp.yaml",
                       "none": "ddp.yaml"}
@@ -85,11 +94,6 @@ ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", 
 def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
           callbacks: Sequence[TrainerCallback] = ()) -> Dict[str, Any]:
     """Load model, load data, build the trainer, train (resuming), save; returns the summary (rank 0)."""
-    from pipeline.data.build import load_dataset
-    from pipeline.models import load_pretrained, pretrained_dir
-    from pipeline.trainer.data import prepare_examples
-    from pipeline.trainer.dist import Backend
-
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     backend = Backend.from_env(cfg.train)
@@ -114,13 +118,14 @@ def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
         trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks)
         trainer.train()
         # 5. save: final model, summary
-        return trainer.finalize({**data.summary(), "dataset_dir": str(meta.get("dir"))}, variant)
+        return trainer.finalize({**data.summary(), "dataset_dir": str(meta.get("dir")),
+                                 "dataset_hash": meta.get("hash"), "dataset_rg": meta.get("rg")}, variant)
     finally:
         backend.close()
 
 
 # ------------------------------------------------------------------------------------------------
-# run(): status, in-process or multi-process
+# run(): the lifecycle around train(), in-process or multi-process
 # ------------------------------------------------------------------------------------------------
 def resolve_nproc(train_cfg: Any) -> int:
     """``train.nproc``, or (0 = auto) every visible GPU when ``train.distributed`` != none, else 1."""
@@ -128,8 +133,6 @@ def resolve_nproc(train_cfg: Any) -> int:
     if n > 0:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus and n > gpus:
-            from pipeline.config import ConfigError
-
             raise ConfigError(f"config key 'train.nproc': {n} processes but only {gpus} GPUs are visible "
                               f"(one process per GPU)")
         return n
@@ -153,50 +156,39 @@ def _finished(rd: RunDir) -> Optional[Dict[str, Any]]:
     return None
 
 
-def error_text(exc: BaseException, lines: int = 25) -> str:
-    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    tail = "".join(tb).rstrip().splitlines()[-lines:]
-    return f"{type(exc).__name__}: {exc}\n" + "\n".join(tail)
-
-
 def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallback] = ()) -> RunDir:
     """Train the run defined by ``cfg`` (and ``variant``) to completion; see the module docstring."""
-    from pipeline.config import validate
-
     typed = validate(cfg)
     rd = create_run(cfg, variant)
     if rd.status().get("state") == "done":
         log.info("run %s is done: nothing to do", rd.path.name)
         return rd
-    done = _finished(rd)
-    if done is not None:
-        rd.set_status("done", final=str(rd.final), steps=done["steps"], final_loss=done.get("final_loss"))
-        return rd
-    rd.set_status("running")
-    try:
+
+    def work() -> Dict[str, Any]:
         nproc = resolve_nproc(typed.train)
         if nproc <= 1:
-            summary = train(cfg, rd, variant, callbacks)
-        else:
-            if callbacks:
-                raise ValueError("callbacks need training in this process (train.nproc=1)")
-            summary = _run_workers(cfg, rd, variant, nproc)
-        rd.set_status("done", final=str(rd.final), steps=summary.get("steps"), final_loss=summary.get("final_loss"))
-        log.info("run %s done: %d steps, final loss %.4f -> %s", rd.path.name, summary.get("steps", 0),
-                 summary.get("final_loss") or float("nan"), rd.final)
-        return rd
-    except Preempted as e:
-        rd.set_status("pending", interrupted={"reason": e.reason, "step": e.step, "checkpoint": e.checkpoint,
-                                              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        log.warning("%s", e)
-        raise
-    except BaseException as e:
-        rd.set_status("failed", error=error_text(e))
-        raise
+            return train(cfg, rd, variant, callbacks)
+        if callbacks:
+            raise ValueError("callbacks need training in this process (train.nproc=1)")
+        return _run_ranks(cfg, rd, nproc)
+
+    with lifecycle.hold(rd):
+        done = _finished(rd)
+        if done is not None:
+            lifecycle.mark_done(rd, done)
+            return rd
+        try:
+            summary = lifecycle.execute(rd, work)
+        except Preempted as e:
+            log.warning("%s", e)
+            raise
+    log.info("run %s done: %d steps, final loss %.4f -> %s", rd.path.name, summary.get("steps", 0),
+             summary.get("final_loss") or float("nan"), rd.final)
+    return rd
 
 
 # ------------------------------------------------------------------------------------------------
-# multi-process: launch the workers and wait
+# multi-process: launch the ranks and wait
 # ------------------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -205,18 +197,18 @@ def _free_port() -> int:
 
 
 def launch_command(cfg: DictConfig, run_dir: Path, nproc: int) -> List[str]:
-    """The command that starts ``nproc`` workers on this node for ``run_dir``.
+    """The command that starts ``nproc`` training processes (ranks) on this node for ``run_dir``.
 
-    ``train.launcher``: ``torchrun`` -> ``torchrun --standalone --nproc_per_node N -m pipeline.worker RUN``;
+    ``train.launcher``: ``torchrun`` -> ``torchrun --standalone --nproc_per_node N -m pipeline.trainer.rank RUN``;
     ``accelerate`` -> ``accelerate launch --config_file conf/distributed/<fsdp|deepspeed_zero3|ddp>.yaml
-    --num_processes N [--fsdp_transformer_layer_cls_to_wrap <model.fsdp_wrap_class>] -m pipeline.worker RUN``;
+    --num_processes N [--fsdp_transformer_layer_cls_to_wrap <model.fsdp_wrap_class>] -m pipeline.trainer.rank RUN``;
     ``auto`` -> accelerate on GPU machines, torchrun on CPU (accelerate cannot start several CPU processes).
     """
     t = cfg.train
     launcher = str(t.launcher)
     if launcher == "auto":
         launcher = "accelerate" if torch.cuda.is_available() else "torchrun"
-    tail = ["-m", "pipeline.worker", str(run_dir)]
+    tail = ["-m", "pipeline.trainer.rank", str(run_dir)]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *tail]
     mode = str(t.distributed)
@@ -254,18 +246,19 @@ def _signal_tree(pid: int, sig: int) -> None:
             pass
 
 
-def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[str, Any]:
-    """Write ``<run>/worker.yaml``, launch the workers, forward stop signals, map the outcome."""
+def _run_ranks(cfg: DictConfig, rd: RunDir, nproc: int) -> Dict[str, Any]:
+    """Write ``<run>/launch.yaml`` (the config every rank reads), launch the training processes,
+    forward stop signals, map the outcome (the summary, :class:`Preempted` or an error). This
+    process holds the run's lock, so the ranks leave the status to it."""
     rd.logs.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(rd.path / WORKER_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(rd.launch_config, OmegaConf.to_yaml(cfg, resolve=True))
     for p in _error_files(rd) + [rd.logs / PREEMPTED_MARKER]:
         p.unlink(missing_ok=True)
     cmd = launch_command(cfg, rd.path, nproc)
     env = dict(os.environ)
-    env["PLW_STATUS_OWNER"] = "parent"  # this process keeps status.json; workers do not touch it
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("OMP_NUM_THREADS", str(int(cfg.train.num_threads or max(1, (os.cpu_count() or 1) // nproc))))
-    log.info("launching %d workers: %s", nproc, " ".join(cmd))
+    log.info("launching %d training processes: %s", nproc, " ".join(cmd))
 
     def _ignore_usr1():  # the launcher's agent must not die of the SIGUSR1 meant for the workers
         os.setsid()
@@ -275,7 +268,7 @@ def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[
     old = {}
 
     def _forward(signum, frame):
-        log.warning("%s received: asking the workers to checkpoint and stop", signal.Signals(signum).name)
+        log.warning("%s received: asking the training processes to checkpoint and stop", signal.Signals(signum).name)
         _signal_tree(proc.pid, signal.SIGUSR1)
 
     if threading.current_thread() is threading.main_thread():
@@ -302,8 +295,8 @@ def _run_workers(cfg: DictConfig, rd: RunDir, variant: str, nproc: int) -> Dict[
         return summary
     errors = [p.read_text(encoding="utf-8", errors="replace").strip() for p in _error_files(rd)]
     detail = ("\n".join(e for e in errors if e)[-4000:] if errors else
-              "no worker wrote an error (killed? out of memory?); see the launcher output above")
-    raise RuntimeError(f"training workers exited with code {rc} ({' '.join(cmd)}):\n{detail}")
+              "no rank wrote an error (killed? out of memory?); see the launcher output above")
+    raise RuntimeError(f"training processes exited with code {rc} ({' '.join(cmd)}):\n{detail}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,11 +310,6 @@ def setup_logging() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from pipeline.config import ConfigError, load_config
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -343,6 +331,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RunBusy as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BUSY
     except Exception as e:  # status.json keeps the traceback too
         log.error("run failed", exc_info=True)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

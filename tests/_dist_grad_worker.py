@@ -4,8 +4,9 @@ Usage: torchrun --nproc_per_node=2 tests/_dist_grad_worker.py SPEC.pt OUT.pt
 
 SPEC.pt holds a tiny LlamaConfig, its state dict, the step's examples, the micro-batch size and the
 normaliser modes. Each rank takes its contiguous share of the examples, splits it into micro-batches,
-runs a DDP (gloo, CPU) accumulation step per mode and rank 0 saves the all-reduced gradients and
-the step loss (mean over ranks of the summed micro-batch losses) to OUT.pt.
+runs a DDP (gloo, CPU) accumulation step per mode through pipeline.loss.WeightedLossModel (DDP wraps
+it, as in the trainer) and rank 0 saves the all-reduced gradients and the step loss (mean over ranks
+of the summed micro-batch losses) to OUT.pt.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def main(spec_path: str, out_path: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.loss import model_weighted_loss, step_normalisers
+    from pipeline.loss import WeightedLossModel, WeightedLossOutput, step_normalisers
     from pipeline.preprocess import Collator
 
     dist.init_process_group("gloo")
@@ -33,7 +34,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = torch.load(spec_path, weights_only=False)
     model = LlamaForCausalLM(LlamaConfig(**spec["config"])).to(spec["dtype"])
     model.load_state_dict(spec["state"])
-    ddp = DDP(model)
+    ddp = DDP(WeightedLossModel(model, label_smoothing=spec.get("label_smoothing", 0.0)))
     examples = spec["examples"]
     per_rank = len(examples) // world
     mine = examples[rank * per_rank:(rank + 1) * per_rank]
@@ -48,7 +49,7 @@ def main(spec_path: str, out_path: str) -> None:
         for k, mb in enumerate(mbs):
             sync = contextlib.nullcontext() if k == len(mbs) - 1 else ddp.no_sync()
             with sync:
-                res = model_weighted_loss(ddp, mb, dens[k], label_smoothing=spec.get("label_smoothing", 0.0))
+                res = WeightedLossOutput(**ddp(**mb, normaliser=dens[k]))
                 res.loss.backward()
             step_loss += res.loss.detach().to(torch.float64)
         dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)

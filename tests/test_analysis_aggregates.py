@@ -1,8 +1,6 @@
 """Collection of the run store, score selection, aggregates and per-dataset checks (pure Python)."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -61,9 +59,7 @@ def test_collect_reports_bad_folders_and_keeps_the_others(tmp_path):
     (folders[1] / "results.csv").unlink()
     (folders[2] / "run.json").write_text("{not json")
     pd.read_csv(folders[3] / "results.csv").drop(columns=["value"]).to_csv(folders[3] / "results.csv")
-    meta = json.loads((folders[4] / "run.json").read_text())
-    del meta["r_g"]
-    (folders[4] / "run.json").write_text(json.dumps(meta))
+    (folders[4] / "train_summary.json").unlink()  # no R_g anywhere
     (tmp_path / "runs" / "empty_folder").mkdir()
     df, log = collect_runs(tmp_path / "runs")
     assert df["run_id"].nunique() == 1  # only folders[5] is intact
@@ -72,7 +68,8 @@ def test_collect_reports_bad_folders_and_keeps_the_others(tmp_path):
     assert "missing results.csv" in msgs[str(folders[1])]
     assert "run.json is not valid JSON" in msgs[str(folders[2])]
     assert "results.csv lacks column(s) ['value']" in msgs[str(folders[3])]
-    assert "run.json lacks ['r_g']" in msgs[str(folders[4])]
+    assert msgs[str(folders[4])].startswith("no R_g recorded: run.json has no r_g and ")
+    assert "train_summary.json is missing" in msgs[str(folders[4])]
     assert "missing run.json" in msgs[str(tmp_path / "runs" / "empty_folder")]
 
 

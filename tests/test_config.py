@@ -73,6 +73,9 @@ def test_overrides_apply():
         ("dataset.transform.target_rg=-2", "dataset.transform.target_rg"),
         ("model.source=ftp", "model.source"),
         ("launcher.max_parallel=0", "launcher.max_parallel"),
+        ("dataset.source.sha256=abc", "dataset.source.sha256"),
+        ("model.gguf_sha256=" + "A" * 64, "model.gguf_sha256"),
+        ("train.save_dtype=int8", "train.save_dtype"),
     ],
 )
 def test_out_of_range_values_name_the_key(override, key):
@@ -116,3 +119,64 @@ def test_global_batch_must_split_evenly():
     train = validate(load_config()).train
     with pytest.raises(ConfigError, match="train.global_batch_size"):
         train.accumulation_steps(world_size=3)
+
+
+def test_experiment_means_the_same_to_train_as_to_the_sweep(tmp_path):
+    """`python -m pipeline.train experiment=demo ...` applies the experiment's overrides (train=demo)
+    before the command line's, as the sweep does for each run: the same run folder."""
+    from pipeline.runs import run_id
+    from pipeline.sweep.plan import make_plan
+
+    assert load_config(["experiment=demo"]).train.name == "demo"
+    assert load_config(["experiment=demo", "train=cpu_small"]).train.name == "cpu_small"  # the command line wins
+    assert load_config(["experiment=demo", "train.max_steps=3"]).train.name == "demo"
+    point = ["model=tinylm_a", "dataset=shared_alpaca52k_short", "plw=0.1"]
+    rid = run_id(load_config(["experiment=demo", f"paths.runs_dir={tmp_path}", *point]))
+    plan = make_plan(["experiment=demo", f"paths.runs_dir={tmp_path}"])
+    assert rid in {r.run_id for r in plan.runs}
+
+
+@pytest.mark.parametrize("experiment", ["main", "demo", "alt_datasets", "optimal_plw"])
+def test_plw_levels_are_written_once(experiment):
+    assert list(load_config([f"experiment={experiment}"]).experiment.plw) == PLW_LEVELS
+    for f in (CONF_DIR / "experiment").glob("*.yaml"):
+        assert "2.463e-1" not in f.read_text(), f"{f.name} repeats the PLW levels: use the schema's default"
+
+
+def test_allowed_values_come_from_their_owner_modules():
+    import torch
+
+    from pipeline.config import DTYPES
+    from pipeline.loss import NORMALISERS
+    from pipeline.models import torch_dtype
+    from pipeline.preprocess import TRUNCATION_POLICIES
+
+    for n in NORMALISERS:
+        assert validate(load_config([f"train.loss_normaliser={n}"])).train.loss_normaliser == n
+    for t in TRUNCATION_POLICIES:
+        assert validate(load_config([f"train.truncation={t}"])).train.truncation == t
+    for d in DTYPES:
+        assert torch_dtype(validate(load_config([f"model.dtype={d}"])).model) == getattr(torch, d)
+        load_config([f"model.dtype={d}", f"train.save_dtype={d}", f"eval.dtype={d}"])
+    with pytest.raises(ConfigError, match="'eval.dtype'"):
+        load_config(["eval.dtype=int8"])
+
+
+def test_the_config_layer_does_not_import_the_eval_stage():
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.config as c; c.load_config(); "
+            "print(sorted(m for m in sys.modules if m.startswith('pipeline.eval')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_show_config_prints_the_composed_config_and_names_a_bad_key(capsys):
+    from pipeline.show_config import main
+
+    assert main(["experiment=demo"]) == 0
+    assert OmegaConf.create(capsys.readouterr().out).train.name == "demo"
+    assert main(["train.learning_rte=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "learning_rte" in err and "Traceback" not in err

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data import store
-from pipeline.data.build import build, load_dataset, main
+from pipeline.data.build import build, load_dataset, main, summary
 from pipeline.data.inversion import InversionError
 from pipeline.data.records import DataError
 
@@ -68,6 +68,45 @@ def test_build_writes_records_meta_and_done(tmp_path, raw, toks):
     assert all(set(r) == {"instruction", "input", "output", "inverted", "source_index", "tokens"} for r in recs)
     r0 = recs[0]
     assert r0["tokens"]["output"] == len(r0["output"].split())  # word tokenizer
+    # the dataset's R_g (docs/study.md section 1): completion / prompt words, here the transform's value
+    words = lambda *fields: sum(len(r[f].split()) for r in recs for f in fields)
+    assert m["rg"] == words("output") / words("instruction", "input") == m["transform"]["rg_after"]
+    assert m["rg_measure"] == {"prompt_tokens": words("instruction", "input"), "completion_tokens": words("output"),
+                               "tokenizer": toks[0], "fingerprint": m["tokenizer"]["fingerprint"], "error": None}
+
+
+def test_every_dataset_records_its_rg_and_an_old_folder_gets_it_on_its_next_load(tmp_path, raw, toks):
+    res = build(cfg_for(tmp_path, raw, toks[0]))  # no transform: tokenized for R_g only
+    recs, meta = store.read(res.folder)
+    assert "tokens" not in recs[0] and meta["tokenizer"] is None
+    words = lambda *fields: sum(len(r[f].split()) for r in recs for f in fields)
+    assert meta["rg"] == words("output") / words("instruction", "input") and meta["rg"] > 1.9
+    assert meta["rg_measure"]["tokenizer"] == toks[0] and res.meta["rg"] == meta["rg"]
+    # a folder written before R_g was recorded: the next load measures it and adds it to meta.json only
+    old = {k: v for k, v in meta.items() if k not in ("rg", "rg_measure")}
+    (res.folder / "meta.json").write_text(json.dumps(old, indent=2))
+    kept = {n: ((res.folder / n).read_bytes(), (res.folder / n).stat().st_mtime_ns) for n in ("data.jsonl", "DONE")}
+    again = build(cfg_for(tmp_path, raw, toks[0]))
+    assert again.reused and again.meta["rg"] == meta["rg"]
+    assert json.loads((res.folder / "meta.json").read_text()) == {**old, "rg": meta["rg"],
+                                                                  "rg_measure": meta["rg_measure"]}
+    assert {n: ((res.folder / n).read_bytes(), (res.folder / n).stat().st_mtime_ns) for n in kept} == kept
+    stamp = (res.folder / "meta.json").stat().st_mtime_ns
+    assert build(cfg_for(tmp_path, raw, toks[0])).reused and (res.folder / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="definition or hash"):
+        store.update_meta(res.folder, {**meta, "hash": "0" * 64})
+
+
+def test_without_the_tokenizer_the_build_goes_on_and_says_why_rg_is_missing(tmp_path, raw, toks, capsys):
+    gone = str(tmp_path / "no_tokenizer")
+    res = build(cfg_for(tmp_path, raw, gone))
+    assert not res.reused and res.meta["rg"] is None
+    assert gone in res.meta["rg_measure"]["error"] and "does not exist" in res.meta["rg_measure"]["error"]
+    assert "R_g:    not measured (tokenizer " in summary(res)
+    # the tokenizer does not define a dataset without a transform: the same folder, now measured
+    again = build(cfg_for(tmp_path, raw, toks[0]))
+    assert again.folder == res.folder and again.reused and again.meta["rg"] > 1.9
+    assert json.loads((res.folder / "meta.json").read_text())["rg"] == again.meta["rg"]
 
 
 def test_reuse_without_recompute(tmp_path, raw, toks):
@@ -145,6 +184,7 @@ def test_build_cli_prints_folder_and_summary(tmp_path, raw, toks, capsys):
     out = capsys.readouterr().out
     assert "(built)" in out and str(tmp_path / "data" / "processed" / "local_jsonl-") in out
     assert "dropped (empty output) 1" in out and "R_g > 1" in out
+    assert "R_g:    0." in out and "completion / " in out and f"tokenizer {toks[0]})" in out
     assert main(args) == 0 and "(reused)" in capsys.readouterr().out
     from pipeline.data.cli import main as plw_data  # the `plw-data` console script
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.analysis.run_rg import runs_missing_r_g
 from pipeline.demo import inputs_hash, route_overrides, stage_commands
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,21 +53,6 @@ def test_inputs_hash_changes_with_any_results_file(tmp_path):
     h1 = inputs_hash([a, b])
     (a / "results.csv").write_text("x\n3\n")
     assert len({h0, h1, inputs_hash([a, b])}) == 3
-
-
-def test_runs_missing_r_g_lists_done_runs_without_it(tmp_path):
-    def run(name, state, meta):
-        d = tmp_path / name
-        d.mkdir()
-        (d / "run.json").write_text(json.dumps(meta))
-        (d / "status.json").write_text(json.dumps({"state": state}))
-        return d
-    a = run("a", "done", {"run_id": "a"})
-    b = run("b", "done", {"run_id": "b", "r_g": 1.5})
-    c = run("c", "running", {"run_id": "c"})
-    d = run("d", "done", {"run_id": "d", "r_g": None})
-    (tmp_path / "_sweeps").mkdir()
-    assert runs_missing_r_g(tmp_path) == [a, d]
 
 
 def test_demo_configs_compose_with_the_study_shape():

@@ -19,12 +19,15 @@ import yaml
 from pipeline.eval import benchmarks as B
 from pipeline.eval import harness
 
-MIRRORED = {  # benchmark -> (built-in task, shots, file in the shared mirror)
-    "arc_challenge": ("arc_challenge", 25, "arc_challenge/test.jsonl"),
-    "winogrande": ("winogrande", 5, "winogrande/validation.jsonl"),
-    "piqa": ("piqa", 0, "piqa/validation.jsonl"),
-    "truthfulqa_mc2": ("truthfulqa_mc2", 0, "truthfulqa/multiple_choice/validation.jsonl"),
-    "truthfulqa_gen": ("truthfulqa_gen", 0, "truthfulqa/generation/validation.jsonl"),
+MIRRORED = {  # benchmark -> (built-in task, shots, evaluated split, {split: file in the shared mirror})
+    "arc_challenge": ("arc_challenge", 25, "test", {"train": "arc_challenge/train.jsonl",
+                                                    "validation": "arc_challenge/validation.jsonl",
+                                                    "test": "arc_challenge/test.jsonl"}),
+    "winogrande": ("winogrande", 5, "validation", {"train": "winogrande/train.jsonl",
+                                                   "validation": "winogrande/validation.jsonl"}),
+    "piqa": ("piqa", 0, "validation", {"validation": "piqa/validation.jsonl"}),
+    "truthfulqa_mc2": ("truthfulqa_mc2", 0, "validation", {"validation": "truthfulqa/multiple_choice/validation.jsonl"}),
+    "truthfulqa_gen": ("truthfulqa_gen", 0, "validation", {"validation": "truthfulqa/generation/validation.jsonl"}),
 }
 LIMIT = 4
 SEED = 1234
@@ -46,22 +49,29 @@ def _requests(task, shots: int):
             for i in task.instances]
 
 
-def _builtin(name: str, data_file: Path):
-    """lm-eval's built-in task config (via TaskManager's index), its data pointed at ``data_file``."""
+def _builtin(name: str, files: dict, eval_file: Path):
+    """lm-eval's built-in task config (via TaskManager's index), its data pointed at the mirror:
+    each split it names reads the mirror's file of that split, and a split the mirror lacks reads
+    the evaluated file (zero-shot tasks then evaluate the same documents)."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     tm = harness.builtin_task_manager()
     cfg = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
     splits = {cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split") if cfg.get(k)}
     cfg.update(dataset_path="json", dataset_name=None,
-               dataset_kwargs={"data_files": {s: str(data_file) for s in splits}})
+               dataset_kwargs={"data_files": {s: str(files.get(s, eval_file)) for s in splits}})
     cfg.pop("tag", None)
     return tm.load([cfg])["tasks"][name]
 
 
+def _jsonl(path: Path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
 @pytest.mark.parametrize("benchmark", sorted(MIRRORED))
 def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
-    name, shots, rel = MIRRORED[benchmark]
+    name, shots, eval_split, rels = MIRRORED[benchmark]
+    files = {s: mirror / r for s, r in rels.items()}
     assert B.shots_for(benchmark) == shots  # docs/study.md section 5
     spec = harness.materialize(benchmark, str(mirror), tmp_path, shots=shots, metrics=list(B.get(benchmark).metrics),
                                limit=LIMIT, fewshot_seed=SEED)
@@ -69,13 +79,14 @@ def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
     text = spec.yaml_path.read_text()
     y = yaml.safe_load(text)
     assert y["dataset_path"] == "json" and y["num_fewshot"] == shots
-    assert y["dataset_kwargs"]["data_files"] == {y.get("test_split") or "validation": str(mirror / rel)} or \
-        list(y["dataset_kwargs"]["data_files"].values()) == [str(mirror / rel)]
+    assert y["dataset_kwargs"]["data_files"] == {s: str(f) for s, f in files.items()}  # every split the mirror has
+    assert spec.evaluator["data"]["eval_split"] == eval_split
     ours = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
-    ref = _builtin(name, mirror / rel)
+    ref = _builtin(name, files, files[eval_split])
     # the documents and their rendering
     ours_docs, ref_docs = list(ours.eval_docs)[:LIMIT], list(ref.eval_docs)[:LIMIT]
-    assert ours_docs == ref_docs
+    assert ours_docs == ref_docs == _jsonl(files[eval_split])[:LIMIT] or benchmark.startswith("truthfulqa") \
+        and ours_docs == ref_docs  # (TruthfulQA's process_docs rewrites the documents)
     for d in ours_docs:
         assert ours.doc_to_text(d) == ref.doc_to_text(d)
         assert ours.doc_to_target(d) == ref.doc_to_target(d)
@@ -85,10 +96,44 @@ def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
     a, b = _requests(ours, shots), _requests(ref, shots)
     assert a == b and len(a) >= LIMIT
     if shots:
+        # the shots come from the mirror's training split (recorded in the evaluator config), not the
+        # evaluated one, and no context holds its own document
+        assert spec.evaluator["data"]["fewshot_split"] == "train"
+        assert not any("few-shot examples are drawn from the evaluated split" in n for n in spec.notes)
         ctx = a[0][2][0]
         assert ctx.count("Answer:" if benchmark == "arc_challenge" else "\n\n") >= shots  # the shots are there
-        assert spec.evaluator["data"]["fewshot_split"] == spec.evaluator["data"]["eval_split"]
-        assert any("few-shot examples are drawn from the evaluated split" in n for n in spec.notes)
+        train, evaluated = _jsonl(files["train"]), _jsonl(files[eval_split])
+        key = "question" if benchmark == "arc_challenge" else "sentence"
+        if benchmark == "arc_challenge":
+            shown = [d[key] for d in train if f"Question: {d[key]}\nAnswer:" in ctx]
+        else:  # WinoGrande's context: the shots' sentences with the option filled in, blank-first part
+            shown = [d[key] for d in train if d[key].split("_")[0].strip() and d[key].split("_")[0] in ctx]
+        assert len(shown) >= shots
+        for inst in ours.instances:
+            doc = evaluated[inst.doc_id]
+            c = inst.arguments[0]
+            if benchmark == "arc_challenge":
+                assert c.count(f"Question: {doc[key]}\nAnswer:") == 1  # only as the item itself
+                assert c.endswith(f"Question: {doc[key]}\nAnswer:")
+
+
+def test_few_shot_examples_from_the_evaluated_split_when_the_mirror_has_no_train_split(mirror, tmp_path):
+    """A mirror with ARC's test split only (symlinked): lm-eval's rule falls back to the evaluated
+    split, which the evaluator config and the rows' note say."""
+    m = tmp_path / "mirror"
+    (m / "arc_challenge").mkdir(parents=True)
+    (m / "arc_challenge" / "test.jsonl").symlink_to(mirror / "arc_challenge" / "test.jsonl")
+    spec = harness.materialize("arc_challenge", str(m), tmp_path / "tasks", shots=25, metrics=["acc_norm"],
+                               limit=LIMIT, fewshot_seed=SEED)
+    assert spec.skip is None
+    y = yaml.safe_load(spec.yaml_path.read_text())
+    assert y["dataset_kwargs"]["data_files"] == {"test": str(m / "arc_challenge" / "test.jsonl")}
+    assert y["training_split"] is None and y["validation_split"] is None
+    assert spec.evaluator["data"]["fewshot_split"] == spec.evaluator["data"]["eval_split"] == "test"
+    assert any("few-shot examples are drawn from the evaluated split" in n for n in spec.notes)
+    ours = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+    a = _requests(ours, 25)
+    assert len(a) >= LIMIT and a[0][2][0].count("Answer:") >= 25
 
 
 def test_truthfulqa_gen_keeps_its_six_qa_preamble(mirror, tmp_path):
@@ -149,6 +194,9 @@ def test_hub_mode_keeps_the_builtin_dataset(tmp_path):
     y = yaml.safe_load(spec.yaml_path.read_text())
     assert "dataset_path" not in y and y["include"].endswith("lm_eval/tasks/piqa/piqa.yaml")
     assert spec.evaluator["data"] == {"source": "hub", "dataset_path": "baber/piqa", "dataset_name": None}
+    spec = harness.materialize("arc_challenge", None, tmp_path, shots=25, metrics=["acc_norm"], limit=None,
+                               fewshot_seed=SEED)
+    assert spec.evaluator["data"]["fewshot_split"] == "train"  # lm-eval's rule on the built-in splits
 
 
 def test_parse_results_maps_lm_eval_keys():

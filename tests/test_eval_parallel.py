@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.eval import harness, stage
+from pipeline.eval import harness, pool, stage
 from pipeline.eval.results import read_results
 from test_eval_stage import _cfg, make_run  # noqa: E402  (the run-folder helpers)
 
@@ -57,7 +57,7 @@ def test_two_workers_give_the_values_of_one_process(model_cache, tmp_path, caplo
     runs = tmp_path / "runs"
     rds = _two_runs(model_cache, runs)
     cfg = _cfg(model_cache, runs, *EVAL)
-    threads = max(1, stage.cpu_count() // 2)  # what each of the two workers gets
+    threads = max(1, pool.cpu_count() // 2)  # what each of the two workers gets
     n = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -6,7 +6,7 @@ import csv
 import pytest
 
 from pipeline.eval import benchmarks as B
-from pipeline.eval.results import (COLUMNS, BenchmarkResult, ResultStore, Row, evaluator_json, read_results,
+from pipeline.eval.results import (COLUMNS, BenchmarkResult, ResultStore, ResultRow, evaluator_json, read_results,
                                    status_rows)
 
 
@@ -17,18 +17,18 @@ def test_columns_are_the_contract():
 
 def test_row_validation():
     with pytest.raises(ValueError, match="status"):
-        Row("piqa", "acc", 0.5, status="maybe")
-    r = Row("piqa", "acc", float("nan"))
+        ResultRow("piqa", "acc", 0.5, status="maybe")
+    r = ResultRow("piqa", "acc", float("nan"))
     assert r.value is None and r.status == "error" and "no finite value" in r.message
-    assert Row("piqa", "acc", 1, float("inf")).stderr is None
+    assert ResultRow("piqa", "acc", 1, float("inf")).stderr is None
 
 
 def test_benchmark_status():
     ev = {"x": 1}
-    assert BenchmarkResult("piqa", ev, [Row("piqa", "acc", 0.5)]).status == "ok"
-    assert BenchmarkResult("piqa", ev, [Row("piqa", "acc", 0.5), Row("piqa", "b", None, status="skipped")]).status == "ok"
+    assert BenchmarkResult("piqa", ev, [ResultRow("piqa", "acc", 0.5)]).status == "ok"
+    assert BenchmarkResult("piqa", ev, [ResultRow("piqa", "acc", 0.5), ResultRow("piqa", "b", None, status="skipped")]).status == "ok"
     assert BenchmarkResult("piqa", ev, status_rows("piqa", ["acc"], "skipped", "m")).status == "skipped"
-    assert BenchmarkResult("piqa", ev, [Row("piqa", "acc", 0.5), Row("piqa", "b", None, status="error")]).status == "error"
+    assert BenchmarkResult("piqa", ev, [ResultRow("piqa", "acc", 0.5), ResultRow("piqa", "b", None, status="error")]).status == "error"
     assert BenchmarkResult("piqa", ev, []).status == "error"
 
 
@@ -36,8 +36,8 @@ def test_store_markers_table_and_resume_rules(tmp_path):
     st = ResultStore(tmp_path, "run-1")
     ev = {"framework": "lm-eval", "shots": 0, "limit": None}
     assert not st.is_finished("piqa", ev)
-    st.save(BenchmarkResult("piqa", ev, [Row("piqa", "acc", 0.625, 0.01, 1838, "ok", 'a "quoted", note')]))
-    st.save(BenchmarkResult("mech_loss_rsd", {"window": 5}, [Row("mech_loss_rsd", "rsd_mean", 0.1, None, 3)]))
+    st.save(BenchmarkResult("piqa", ev, [ResultRow("piqa", "acc", 0.625, 0.01, 1838, "ok", 'a "quoted", note')]))
+    st.save(BenchmarkResult("mech_loss_rsd", {"window": 5}, [ResultRow("mech_loss_rsd", "rsd_mean", 0.1, None, 3)]))
     st.save(BenchmarkResult("wmt14_en_fr", {"f": 1}, status_rows("wmt14_en_fr", ["bleu", "chrf"], "skipped", "no data")))
     st.save(BenchmarkResult("arc_challenge", ev, status_rows("arc_challenge", ["acc_norm"], "error", "boom")))
     assert st.is_finished("piqa", dict(reversed(list(ev.items()))))  # same config, any key order
@@ -68,7 +68,7 @@ def test_analysis_stage_reads_the_table(tmp_path):
 
     run = tmp_path / "runs" / "r1"
     st = ResultStore(run, "r1")
-    st.save(BenchmarkResult("piqa", {"a": 1}, [Row("piqa", "acc", 0.6, 0.01, 10)]))
+    st.save(BenchmarkResult("piqa", {"a": 1}, [ResultRow("piqa", "acc", 0.6, 0.01, 10)]))
     st.save(BenchmarkResult("wmt16_de_en", {"a": 1}, status_rows("wmt16_de_en", ["bleu"], "skipped", "no data")))
     (run / "run.json").write_text(json.dumps({"run_id": "r1", "model": "m", "dataset": "d", "plw": 0.1,
                                               "seed": 42, "r_g": 1.0}))

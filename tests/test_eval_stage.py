@@ -88,15 +88,38 @@ def test_every_benchmark_and_metric_has_a_row(tiny_eval):
     assert [(r["benchmark"], r["metric"]) for r in rows] == want
     assert {r["run_id"] for r in rows} == {rd.path.name}
     status = {r["benchmark"]: r["status"] for r in rows}
-    for b in ("arc_challenge", "piqa", "truthfulqa_mc2", "winogrande", "truthfulqa_gen", "alpaca_eval", "pandalm",
-              "mech_loss_rsd", "mech_weight_distance", "mech_memorization_bleu", "mech_alpacaeval_length"):
+    assert set(status) == set(B.BENCHMARKS) | set(B.MECHANISMS)  # all 13 benchmarks and the mechanisms
+    for b in status:  # the WMT directions included: ../shared's mirror has them
         assert status[b] == "ok", (b, [r["message"] for r in rows if r["benchmark"] == b])
     for r in rows:
         assert r["group"] == B.get(r["benchmark"]).group
-        if r["benchmark"].startswith("wmt"):  # WMT is not in ../shared: skipped with the reason
-            assert r["status"] == "skipped" and r["value"] is None
-            assert "not in the offline mirror" in r["message"] and "make fetch-data" in r["message"]
-        json.loads(r["evaluator"])
+        assert r["value"] is not None
+        ev = json.loads(r["evaluator"])
+        if r["benchmark"].startswith("wmt"):  # validation + test from the mirror, zero-shot
+            assert ev["shots"] == 0 and ev["data"]["source"] == "mirror" and r["n"] == 2
+            assert [f.rsplit("/", 1)[1] for f in ev["data"]["files"]] == ["test.jsonl", "validation.jsonl"]
+        if B.shots_for(r["benchmark"]) > 0:  # ARC, WinoGrande: the shots come from the train split
+            assert ev["data"]["fewshot_split"] == "train", r
+
+
+def test_a_benchmark_missing_from_the_mirror_is_skipped(model_cache, tmp_path, shared_dir):
+    """A mirror holding only some benchmarks (symlinks): the others are skipped with the reason,
+    without loading a model, and the rest of the evaluation goes on."""
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "piqa").symlink_to(shared_dir / "data" / "benchmarks" / "piqa")
+    cfg = _cfg(model_cache, tmp_path / "runs", f"eval.data_dir={mirror}", "eval.benchmarks=[wmt14_en_fr,wmt16_de_en]",
+               "eval.mechanisms=[mech_loss_rsd]")
+    rd = make_run(cfg, checkpoint=False)  # no checkpoint: nothing may need the model
+    rows = read_results(evaluate_run(rd.path, cfg))
+    assert [(r["benchmark"], r["metric"]) for r in rows] == [
+        ("wmt14_en_fr", "bleu"), ("wmt14_en_fr", "chrf"), ("wmt16_de_en", "bleu"), ("wmt16_de_en", "chrf"),
+        ("mech_loss_rsd", "rsd_mean")]
+    for r in rows[:4]:
+        assert r["status"] == "skipped" and r["value"] is None
+        assert "not in the offline mirror" in r["message"] and "make fetch-data" in r["message"]
+        assert str(mirror / "wmt1") in r["message"]
+    assert rows[4]["status"] == "ok"
 
 
 def test_harness_values_are_lm_evals(tiny_eval):
@@ -217,8 +240,7 @@ def test_resume_skips_finished_benchmarks(tiny_eval, monkeypatch):
     monkeypatch.setattr("pipeline.eval.generation.generate", forbidden)
     evaluate_run(rd.path, cfg)
     after = {p.name: json.loads(p.read_text())["finished"] for p in (rd.path / "eval" / "done").glob("*.json")}
-    assert {k: v for k, v in after.items() if not k.startswith("wmt")} == \
-        {k: v for k, v in before.items() if not k.startswith("wmt")}
+    assert after == before
     assert [(r["benchmark"], r["metric"], r["value"]) for r in read_results(csv_path)] == \
         [(r["benchmark"], r["metric"], r["value"]) for r in rows]
 
@@ -319,7 +341,7 @@ def test_smollm2_run_end_to_end(model_cache, tmp_path):
     rd = make_run(cfg, copy_from=models.pretrained_dir(cfg.model, cfg.paths))
     rows = read_results(evaluate_run(rd.path, cfg))
     ok = {r["benchmark"] for r in rows if r["status"] == "ok"}
-    assert ok == {b for b in list(cfg.eval.benchmarks) + list(cfg.eval.mechanisms) if not b.startswith("wmt")}
+    assert ok == set(cfg.eval.benchmarks) | set(cfg.eval.mechanisms)  # the WMT directions included
     assert _by(rows, "mech_weight_distance", "l2")["value"] == 0.0  # final/ is the pre-trained model
     assert _by(rows, "pandalm", "ties")["value"] == 1  # identical greedy outputs: every item a tie
 
@@ -336,7 +358,9 @@ def test_a_bad_judge_config_is_recorded(model_cache, tmp_path):
 
 
 def test_folder_lock_refuses_a_second_holder_and_waiting_lock_waits(tmp_path):
+    """The evaluation's locks are the run store's (pipeline.runs.file_lock)."""
     from pipeline.eval import stage
+    from pipeline.runs import file_lock
     import threading
     import time as _time
 
@@ -351,7 +375,7 @@ def test_folder_lock_refuses_a_second_holder_and_waiting_lock_waits(tmp_path):
     path = tmp_path / "cache.lock"
 
     def holder():
-        with stage.waiting_lock(path):
+        with file_lock(path, wait=True):
             order.append("held")
             _time.sleep(0.3)
             order.append("released")
@@ -360,7 +384,8 @@ def test_folder_lock_refuses_a_second_holder_and_waiting_lock_waits(tmp_path):
     t.start()
     while not order:
         _time.sleep(0.01)
-    with stage.waiting_lock(path):
+    waited = []
+    with file_lock(path, wait=True, on_wait=lambda: waited.append(True)):
         order.append("second")
     t.join()
-    assert order == ["held", "released", "second"]
+    assert order == ["held", "released", "second"] and waited == [True]

@@ -1,4 +1,7 @@
-"""pipeline.loss against independent computations (tiny random LlamaForCausalLM, float64 where useful)."""
+"""pipeline.loss against independent computations (tiny random LlamaForCausalLM, float64 where useful).
+
+Every model-level check goes through pipeline.loss.WeightedLossModel, the one path from a model to the
+loss (the trainer's)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import loss as L
-from pipeline.preprocess import IGNORE_INDEX, Collator, build_example
+from pipeline.loss import IGNORE_INDEX
+from pipeline.preprocess import Collator, build_example
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
@@ -54,7 +58,7 @@ def grads_of(model):
 def assert_grads_close(a, b, rtol=1e-9, atol=1e-12):
     assert a.keys() == b.keys()
     for n in a:
-        torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a[n], b[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def max_rel_diff(a, b):
@@ -64,7 +68,35 @@ def max_rel_diff(a, b):
 
 
 def our_loss(model, batch, normaliser=None, **kw):
-    return L.model_weighted_loss(model, batch, normaliser, **kw)
+    """The trainer's path: WeightedLossModel's forward on the whole collated batch."""
+    return L.WeightedLossOutput(**L.WeightedLossModel(model, **kw)(**batch, normaliser=normaliser))
+
+
+# ------------------------------------------------------------------------------------------
+# The weight rule (where PLW enters)
+# ------------------------------------------------------------------------------------------
+def test_token_weights_rule():
+    prompt = torch.tensor([[False, True, True, False, False, False]])
+    completion = torch.tensor([[False, False, False, True, True, False]])  # last position: padding
+    w = L.token_weights(prompt, completion, plw=0.1, completion_weight=2.5)
+    assert w.dtype == torch.float32 and w.shape == prompt.shape
+    f32 = float(torch.tensor(0.1, dtype=torch.float32))
+    assert w.tolist() == [[0.0, f32, f32, 2.5, 2.5, 0.0]]
+    assert L.token_weights(prompt, completion, 0.0).tolist() == [[0.0, 0.0, 0.0, 1.0, 1.0, 0.0]]
+    for plw, cw in ((-0.1, 1.0), (0.1, -1.0), (float("nan"), 1.0)):
+        with pytest.raises(ValueError, match="weights must be >= 0"):
+            L.token_weights(prompt, completion, plw, cw)
+    with pytest.raises(ValueError, match="never both be set"):
+        L.token_weights(prompt, prompt, 0.1)
+
+
+def test_build_example_weights_come_from_the_weight_rule():
+    ids, n_prompt = list(range(1, 10)), 4
+    ex = build_example(ids, n_prompt, plw=0.3, completion_weight=1.5)
+    pos = torch.arange(len(ids))
+    expect = L.token_weights((pos >= 1) & (pos < n_prompt), pos >= n_prompt, 0.3, 1.5)
+    assert torch.equal(ex["weights"], expect)
+    assert torch.equal(ex["prompt_mask"], (pos >= 1) & (pos < n_prompt))
 
 
 # ------------------------------------------------------------------------------------------

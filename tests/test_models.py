@@ -103,8 +103,8 @@ def test_model_config_errors_name_the_key():
 def test_decoder_layer_class_resolves_bare_and_dotted_names():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    assert models.decoder_layer_class({"fsdp_wrap_class": "LlamaDecoderLayer"}) is LlamaDecoderLayer
-    assert models.decoder_layer_class({"fsdp_wrap_class": LLAMA_LAYER}) is LlamaDecoderLayer
+    assert models.decoder_layer_class({"name": "x", "fsdp_wrap_class": "LlamaDecoderLayer"}) is LlamaDecoderLayer
+    assert models.decoder_layer_class({"name": "x", "fsdp_wrap_class": LLAMA_LAYER}) is LlamaDecoderLayer
     for bad in ("NoSuchDecoderLayer", "transformers.models.llama.modeling_llama.Nope", None):
         with pytest.raises(ConfigError, match="model.fsdp_wrap_class"):
             models.decoder_layer_class({"name": "x", "fsdp_wrap_class": bad})

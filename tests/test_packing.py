@@ -1,7 +1,8 @@
 """pipeline.packing: packed rows carry exactly the unpacked examples' loss terms, isolated from each other.
 
 The model checks use a tiny random LlamaForCausalLM in float64 and compare packed batches against the
-ordinary right-padded Collator path (pipeline.loss.model_weighted_loss), which shares no packing code.
+ordinary right-padded Collator batches, both through pipeline.loss.WeightedLossModel (the trainer's one
+path from a model to the loss, which holds no packing code), and against transformers' full logits.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import pytest
 import torch
 
 from pipeline import loss as L
-from pipeline.packing import (PackedCollator, attention_mode_for, block_causal_mask, check_model_accepts,
-                              model_inputs, pack_bins, pack_examples, packed_model_weighted_loss,
+from pipeline.loss import IGNORE_INDEX
+from pipeline.packing import (PackedCollator, attention_mode_for, block_causal_mask, pack_bins, pack_examples,
                               packing_stats)
-from pipeline.preprocess import IGNORE_INDEX, Collator, build_example
+from pipeline.preprocess import Collator, build_example
 
 torch.set_num_threads(2)
 
@@ -45,7 +46,18 @@ def grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def loss_and_grads(model, batches, fn):
+def one_path(model, batch, normaliser=None):
+    """The trainer's path: WeightedLossModel's forward on the whole (packed or ordinary) batch."""
+    return L.WeightedLossOutput(**L.WeightedLossModel(model)(**batch, normaliser=normaliser))
+
+
+def full_logits(model, batch, normaliser=None):
+    """Independent reference for ordinary batches: transformers' logits, then the naive weighted loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return SimpleNamespace(loss=L.naive_weighted_loss(logits, batch["labels"], batch["weights"], normaliser))
+
+
+def loss_and_grads(model, batches, fn=one_path):
     """Sum of micro-batch losses with weight_sum step normalisers, backward; (loss, grads)."""
     model.zero_grad(set_to_none=True)
     dens = L.step_normalisers(batches, "weight_sum")
@@ -154,42 +166,48 @@ def test_packed_loss_and_grads_equal_unpacked(attn, mode):
     unpacked = [Collator(0)(exs[:5]), Collator(0)(exs[5:])]  # two micro-batches of one step
     packed = [PackedCollator(0, 32, attention=mode)(exs[:5]), PackedCollator(0, 32, attention=mode)(exs[5:])]
     assert sum(p["input_ids"].shape[0] for p in packed) < len(exs)  # it really packed
-    lu, gu = loss_and_grads(model, unpacked, lambda m, b, d: L.model_weighted_loss(m, b, d))
-    lp, gp = loss_and_grads(model, packed, packed_model_weighted_loss)
+    lu, gu = loss_and_grads(model, unpacked)
+    lp, gp = loss_and_grads(model, packed)
     assert lp == pytest.approx(lu, rel=1e-12)
+    lf, gf = loss_and_grads(model, unpacked, full_logits)
+    assert lu == pytest.approx(lf, rel=1e-12)
+    for n in gf:
+        torch.testing.assert_close(gu[n], gf[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
     assert gu.keys() == gp.keys()
     # eager attention takes its softmax in float32 even for a float64 model, so gradients agree to
     # float32 precision there (different row layouts round differently); sdpa agrees far closer.
     for n in gu:
-        torch.testing.assert_close(gp[n], gu[n], rtol=1e-5, atol=1e-8, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(gp[n], gu[n], rtol=1e-5, atol=1e-8, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_without_isolation_packing_would_change_the_loss():
     """The same packed rows, attention left causal over the whole row: losses and gradients differ."""
     model = tiny_model("sdpa")
     exs = make_examples()
-    lu, gu = loss_and_grads(model, [Collator(0)(exs)], lambda m, b, d: L.model_weighted_loss(m, b, d))
+    lu, gu = loss_and_grads(model, [Collator(0)(exs)])
     packed = pack_examples(exs, 32)
     leaky = {k: v for k, v in packed.items() if k not in ("attention_mask", "position_ids", "segment_ids")}
-    ll, gl = loss_and_grads(model, [leaky], lambda m, b, d: L.model_weighted_loss(m, b, d))
+    ll, gl = loss_and_grads(model, [leaky])
     assert abs(ll - lu) > 1e-4 * abs(lu)
     assert max(float((gl[n] - gu[n]).abs().max()) for n in gu) > 1e-6
     # isolation alone (positions not reset) is also not exact in principle; with the reset it is:
-    lp, _ = loss_and_grads(model, [packed], packed_model_weighted_loss)
+    lp, _ = loss_and_grads(model, [packed])
     assert lp == pytest.approx(lu, rel=1e-12)
 
 
-def test_pipeline_loss_path_float32_isolates_with_4d_mask():
-    """pipeline.loss.model_weighted_loss forwards no position_ids; with the 4-D mask (fp32, as in
-    training) examples are still isolated and RoPE's relative positions keep the loss within rounding."""
+def test_float32_packed_loss_and_4d_mask_without_positions():
+    """fp32 (as in training): the packed loss matches the unpacked one within rounding; a 4-D mask alone
+    (positions left running on across the row) still isolates the examples, and RoPE's relative positions
+    keep that loss within rounding too."""
     model = tiny_model("sdpa", dtype=torch.float32)
     exs = make_examples()
+    packed = pack_examples(exs, 32)
     with torch.no_grad():
-        lu = float(L.model_weighted_loss(model, Collator(0)(exs)).loss)
-        lp = float(L.model_weighted_loss(model, pack_examples(exs, 32)).loss)
-        lw = float(packed_model_weighted_loss(model, pack_examples(exs, 32)).loss)
-    assert lp == pytest.approx(lu, rel=1e-5)
+        lu = float(one_path(model, Collator(0)(exs)).loss)
+        lw = float(one_path(model, packed).loss)
+        lp = float(one_path(model, {k: v for k, v in packed.items() if k != "position_ids"}).loss)
     assert lw == pytest.approx(lu, rel=1e-5)
+    assert lp == pytest.approx(lu, rel=1e-5)
 
 
 def test_mode_selection_and_mask_casting():
@@ -200,8 +218,15 @@ def test_mode_selection_and_mask_casting():
     assert PackedCollator.for_model(0, 32, flash).attention == "position_ids"
     b = pack_examples(make_examples(), 32)
     with pytest.raises(ValueError, match="attention='position_ids'"):
-        check_model_accepts(flash, b)
-    assert model_inputs(b, torch.float64)["attention_mask"].dtype == torch.float64
+        L.attention_inputs(flash, b["attention_mask"], b["position_ids"])
+    sdpa.config._attn_implementation = "flash_attention_2"  # the module refuses before running the model
+    with pytest.raises(ValueError, match="attention='position_ids'"):
+        L.WeightedLossModel(sdpa)(**b)
+    kw = L.attention_inputs(eager, b["attention_mask"], b["position_ids"], torch.float64)
+    assert kw["attention_mask"].dtype == torch.float64 and kw["position_ids"] is b["position_ids"]
+    assert L.attention_inputs(eager, b["attention_mask"], None)["attention_mask"].dtype == torch.float32
+    two_d = Collator(0)(make_examples())["attention_mask"]
+    assert L.attention_inputs(eager, two_d, None, torch.float64)["attention_mask"] is two_d  # 2-D: untouched
     flat = pack_examples(make_examples(), 32, attention="position_ids")  # flash-attention varlen layout
     assert "attention_mask" not in flat and flat["input_ids"].shape == (1, sum(LENGTHS))
     assert (flat["segment_ids"] >= 0).all()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import preprocess as pp
-from pipeline.preprocess import IGNORE_INDEX
+from pipeline.loss import IGNORE_INDEX
 
 torch.set_num_threads(1)
 
@@ -90,7 +90,7 @@ def alpaca_preprocess(list_data_dict, tokenizer):
 def alpaca_collate(instances, tokenizer):
     input_ids = torch.nn.utils.rnn.pad_sequence([i for i, _ in instances], batch_first=True,
                                                 padding_value=tokenizer.pad_token_id)
-    labels = torch.nn.utils.rnn.pad_sequence([l for _, l in instances], batch_first=True,
+    labels = torch.nn.utils.rnn.pad_sequence([lab for _, lab in instances], batch_first=True,
                                              padding_value=IGNORE_INDEX)
     return dict(input_ids=input_ids, labels=labels, attention_mask=input_ids.ne(tokenizer.pad_token_id))
 

@@ -1,4 +1,5 @@
-"""The offline pre-training step (pipeline/pretrain.py) and its cached checkpoints (pipeline.models)."""
+"""The offline pre-training step (pipeline/pretrain/), its trained tokenizer (pipeline.tokenizer) and its
+cached checkpoints (pipeline.models)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,8 @@ from omegaconf import OmegaConf
 
 from pipeline.config import ConfigError, load_config, validate
 from pipeline.models import PRETRAIN_LOG, load_pretrained, load_tokenizer_for, pretrained_dir
-from pipeline.pretrain import CorpusError, corpus_texts, lr_at, pack_blocks, train_bpe
+from pipeline.pretrain import lr_at, pack_blocks
+from pipeline.tokenizer import CorpusError, corpus_texts, train_bpe
 
 WORDS = ("the cat sat on the mat while a dog ran in the park and birds sang songs about rain "
          "water flows down hills into rivers that reach the sea where fish swim all day long").split()
@@ -142,3 +144,18 @@ def test_config_checks_and_demo_models_compose():
     a, b = validate(load_config(["model=tinylm_a"])).model, validate(load_config(["model=tinylm_b"])).model
     assert a.pretrain.corpus == b.pretrain.corpus and a.pretrain.vocab_size == b.pretrain.vocab_size
     assert a.architecture != b.architecture
+
+
+def test_cli_builds_the_experiments_typed_model_configs_in_worker_processes():
+    """`python -m pipeline.pretrain experiment=...` hands each worker process a typed ModelConfig and
+    its entry point by reference (spawn: neither may live in ``__main__``)."""
+    import pickle
+
+    from pipeline.config import ModelConfig
+    from pipeline.pretrain.cli import _build, _model_configs
+
+    models, paths = _model_configs(["experiment=demo_ci"])
+    assert [m.name for m in models] == ["tinylm_b"] and isinstance(models[0], ModelConfig)
+    assert [m.name for m in _model_configs(["model=tinylm_a"])[0]] == ["tinylm_a"]
+    assert _build.__module__ == "pipeline.pretrain.cli" and pickle.loads(pickle.dumps(_build)) is _build
+    assert pickle.loads(pickle.dumps((models[0], paths))) == (models[0], paths)

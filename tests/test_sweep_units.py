@@ -400,3 +400,42 @@ def test_a_killed_worker_is_recorded_as_a_failed_attempt(prepared_run):
     assert st["state"] == "failed" and st["failures"] == 1
     assert "killed by SIGKILL" in st["error"] and str(sup.log_path) in st["error"]
     assert not rd.lock_held()  # the lock died with the process
+
+
+def test_a_stop_sent_while_the_worker_imports_is_kept_not_fatal(prepared_run):
+    """The supervisor starts a worker with SIGTERM/SIGUSR1 blocked until it catches them, so a stop
+    sent while it still imports torch makes it exit 75 without starting the run (not killed, not a
+    failed attempt)."""
+    import signal
+
+    from pipeline.sweep.supervise import Supervisor
+
+    rd = prepared_run.rd
+    before = rd.status_file.read_bytes()
+    sup = Supervisor(rd).start()
+    sup.send(signal.SIGTERM)  # at once: the worker is still starting Python
+    assert sup.wait(120) == 75, sup.log_path.read_text()
+    assert sup.finalize() == "interrupted"
+    assert rd.status_file.read_bytes() == before and not rd.metrics.exists()
+    assert "not starting" in sup.log_path.read_text()
+
+
+def test_one_reader_of_a_run_config(prepared_run):
+    """RunDir.load_config: the latest launch's config (launch.yaml) else config.yaml, validated; an
+    invalid file is a one-line error naming it and the key."""
+    from pipeline.runs import create_run
+
+    rd = prepared_run.rd
+    cfg = rd.load_config()
+    assert float(cfg.plw) == 0.1 and cfg.model.name == prepared_run.cfg.model.name
+    assert create_run(cfg).path == rd.path  # the same run
+    rd.launch_config.write_text(rd.launch_config.read_text().replace("plw: 0.1", "plw: -1.0"))
+    with pytest.raises(ConfigError) as e:
+        rd.load_config()
+    assert str(rd.launch_config) in str(e.value) and "plw" in str(e.value) and "\n" not in str(e.value)
+    assert float(rd.load_config(latest=False).plw) == 0.1  # config.yaml: the config it was created with
+    rd.launch_config.unlink()
+    assert float(rd.load_config().plw) == 0.1
+    rd.config.unlink()
+    with pytest.raises(FileNotFoundError, match="config.yaml"):
+        rd.load_config()

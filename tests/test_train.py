@@ -216,7 +216,7 @@ def test_plw_weights_the_prompt_gradient(plw_runs):
     """With the weight_sum normaliser the step gradient at PLW p is (p G_p + G_c) / (p N_p + N_c),
     G_p / G_c being the summed gradients of the prompt / completion token losses: recover G_p and G_c
     from the PLW = 0 and PLW = 1 runs and predict the PLW = 0.3 gradient."""
-    (r0, g0), (r3, g3), (r1, g1) = plw_runs[0.0], plw_runs[0.3], plw_runs[1.0]
+    (r0, g0), (_, g3), (r1, g1) = plw_runs[0.0], plw_runs[0.3], plw_runs[1.0]
     row0, row1 = rows(r0)[0], rows(r1)[0]
     n_p, n_c = row1["prompt_tokens"], row1["completion_tokens"]
     assert row0["weight_sum"] == n_c and row1["weight_sum"] == n_p + n_c
@@ -482,17 +482,16 @@ def test_sigterm_to_the_launching_process_stops_the_workers_after_a_checkpoint(r
     _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
 
 
-def test_worker_runs_a_prepared_run_folder_on_its_own(base, tmp_path, monkeypatch):
-    """`python -m pipeline.worker <run>` without a launching parent: reads config.yaml (no Hydra),
-    keeps status.json itself, exits 0."""
-    from pipeline import worker
+def test_rank_runs_a_prepared_run_folder_on_its_own(base, tmp_path):
+    """`python -m pipeline.trainer.rank <run>` without a launching parent: reads config.yaml (no
+    Hydra), takes the run's lock and keeps status.json itself, exits 0."""
     from pipeline.runs import create_run
+    from pipeline.trainer import rank
 
-    monkeypatch.delenv("PLW_STATUS_OWNER", raising=False)
     cfg = _cfg(base, tmp_path, "plw=0.3", recipe=PLW_RECIPE)
     rd = create_run(cfg)
-    assert not (rd.path / "worker.yaml").exists()
-    assert worker.main([str(rd.path)]) == 0
+    assert not rd.launch_config.exists()
+    assert rank.main([str(rd.path)]) == 0
     st = rd.status()
     assert st["state"] == "done" and st["attempts"] == 1 and st["steps"] == 1
     assert (rd.final / "model.safetensors").is_file() and len(rows(rd)) == 1
@@ -503,6 +502,31 @@ def test_worker_runs_a_prepared_run_folder_on_its_own(base, tmp_path, monkeypatc
     bad.train.learning_rate = -1.0
     (rd.path / "config.yaml").write_text(OmegaConf.to_yaml(bad))
     (rd.path / "status.json").unlink()
-    assert worker.main([str(rd.path)]) == 1
+    assert rank.main([str(rd.path)]) == 1
     assert "train.learning_rate" in rd.status()["error"]
     assert "train.learning_rate" in (rd.logs / "worker-rank0.err").read_text()
+
+
+def test_a_run_another_process_executes_is_not_trained_twice(base, tmp_path):
+    """The process holding a run's lock owns it: `python -m pipeline.train` on a run another process
+    executes (a sweep worker, another terminal) exits 79 without touching it."""
+    from pipeline.lifecycle import EXIT_BUSY, RunBusy
+    from pipeline.runs import create_run
+    from pipeline.train import main, run
+
+    cfg = _cfg(base, tmp_path, "plw=0.4")
+    rd = create_run(cfg)
+    code = (f"import pathlib, time; from pipeline.runs import RunDir\n"
+            f"fd = RunDir(pathlib.Path({str(rd.path)!r})).try_lock(); print('held' if fd else 'busy', flush=True)\n"
+            f"time.sleep(120)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunBusy):
+            run(cfg)
+        assert main(overrides(base, tmp_path, "plw=0.4", recipe=SMALL)) == EXIT_BUSY
+        assert not rd.status_file.exists() and not rd.metrics.exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -194,7 +194,7 @@ def test_attention_dropout_is_active_in_train_mode_only():
 @pytest.mark.parametrize("tied", [False, True])
 def test_wrapper_loss_and_gradients_equal_full_logits(tied):
     from pipeline.preprocess import Collator, build_example
-    from pipeline.trainer.wrapper import WeightedLossModel
+    from pipeline.loss import WeightedLossModel
 
     model = tiny_llama(tied=tied).double()
     g = torch.Generator().manual_seed(3)
@@ -225,7 +225,7 @@ def test_launch_commands():
 
     cfg = load_config(["model=llama2_7b", "train.launcher=accelerate"])
     cmd = launch_command(cfg, Path("/runs/r1"), 4)
-    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-3:] == ["-m", "pipeline.worker", "/runs/r1"]
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-3:] == ["-m", "pipeline.trainer.rank", "/runs/r1"]
     assert cmd[cmd.index("--config_file") + 1] == str(REPO / "conf" / "distributed" / "fsdp.yaml")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
     assert cmd[cmd.index("--fsdp_transformer_layer_cls_to_wrap") + 1] == "LlamaDecoderLayer"

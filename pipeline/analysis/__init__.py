@@ -5,5 +5,5 @@ per-dataset checks), ``glmm`` (beta GLMM per dataset, R glmmTMB), ``critical`` (
 ``gam`` (mgcv GAM across datasets, optimal PLW per R_g), ``figures``, ``report`` (Markdown),
 ``suggest`` (R_g of a dataset and the recommended PLW), ``stage`` (all of it), ``rbridge`` (R via
 rpy2 and Rscript), ``simulate`` (synthetic data for tests). Entry point: ``python -m
-pipeline.analysis`` (see ``analysis/README.md``).
+pipeline.analysis`` (see ``docs/analysis.md``); the R code is in ``R/``.
 """

@@ -2,7 +2,7 @@
 
 Commands:
   regress   collect the run store, aggregates, GLMM per dataset, GAMs, figures, report
-            (``make regress``); output in ``analysis.output_dir``.
+            (``make regress``); output in ``analysis.output_dir``. The run store is only read.
   collect   only collect the run store into collected.csv / collected.parquet.
   suggest   recommended PLW for a dataset from a fitted GAM (``make suggest DATA=... TOKENIZER=...``):
             --data FILE [--format alpaca|dolly|ultrafeedback] [--tokenizer SPEC] [--r-g X] [--gam FILE]
@@ -12,57 +12,34 @@ Exit status: 0 done, 1 failed, 2 bad configuration or arguments.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
-
-def _load(overrides: List[str]):
-    from pipeline.config import load_config
-
-    return load_config(overrides)
+from pipeline import cli
+from pipeline.analysis.collect import collect_runs, write_collected
+from pipeline.analysis.rbridge import RUnavailable
+from pipeline.analysis.stage import run_analysis
+from pipeline.analysis.suggest import dataset_rg, recommend
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m pipeline.analysis", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["regress", "collect", "suggest"])
+    ap = cli.parser("python -m pipeline.analysis", __doc__, commands=["regress", "collect", "suggest"])
     ap.add_argument("--data", help="suggest: dataset file (.json/.jsonl/.parquet)")
     ap.add_argument("--format", help="suggest: field mapping (alpaca | dolly | ultrafeedback)")
     ap.add_argument("--tokenizer", help="suggest: tokenizer spec (default paths.llama_tokenizer)")
     ap.add_argument("--r-g", type=float, dest="r_g", help="suggest: use this R_g (no tokenisation)")
     ap.add_argument("--gam", help="suggest: fitted GAM bundle (default analysis.suggest.gam_file)")
     ap.add_argument("--no-figures", action="store_true", help="regress: skip the figures")
-    args, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        ap.error(f"unrecognised arguments {bad} (overrides are key=value)")
-
-    from pipeline.config import ConfigError
-
+    args, overrides = cli.parse(ap, argv)
     try:
-        cfg = _load(overrides)
-    except ConfigError as e:
+        cfg, _ = cli.compose(overrides)
+    except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     a = cfg.analysis
 
-    if args.command in ("collect", "regress"):
-        from pathlib import Path
-
-        from pipeline.analysis.run_rg import fill_missing_r_g
-
-        n, problems = fill_missing_r_g(Path(a.runs_dir))
-        for p in problems:
-            print(p, file=sys.stderr)
-        if n:
-            print(f"recorded the training set's R_g in {n} run.json file(s)")
-
     if args.command == "collect":
-        from pipeline.analysis.collect import collect_runs, write_collected
-        from pathlib import Path
-
         df, log = collect_runs(Path(a.runs_dir), p=a.power)
         paths = write_collected(df, Path(a.output_dir))
         for i in log:
@@ -72,9 +49,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if len(df) else 1
 
     if args.command == "regress":
-        from pipeline.analysis.rbridge import RUnavailable
-        from pipeline.analysis.stage import run_analysis
-
         try:
             out = run_analysis(a, figures=not args.no_figures)
         except RUnavailable as e:
@@ -96,10 +70,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0 if n else 1
 
     # suggest
-    from pathlib import Path
-
-    from pipeline.analysis.suggest import dataset_rg, recommend
-
     s = a.suggest
     data = args.data or s.data
     r_g = args.r_g if args.r_g is not None else s.r_g

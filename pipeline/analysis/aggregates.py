@@ -1,4 +1,4 @@
-"""Benchmark scores per run, min-max scaling, simple and relative aggregates (SPEC section 6),
+"""Benchmark scores per run, min-max scaling, simple and relative aggregates (docs/study.md section 6),
 and the per-dataset checks that decide what can be analysed. Pure functions on DataFrames.
 
 - Simple aggregate: unweighted mean of a run's benchmark scores.

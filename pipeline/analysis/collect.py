@@ -1,8 +1,16 @@
 """Read every run folder of the run store into one tidy table.
 
-Each ``<runs_dir>/<run_id>/`` holds ``run.json`` (the run's factors) and ``results.csv`` (one row
-per benchmark x metric; written by the evaluation stage). The collected table has one row per
-run x benchmark x metric with the factors joined in and ``w_p = plw ** 0.30103`` added.
+Each ``<runs_dir>/<run_id>/`` holds ``run.json`` (the run's factors), ``train_summary.json`` (written
+by training; its ``data.dataset_rg`` is the training set's R_g, measured by the data stage) and
+``results.csv`` (one row per benchmark x metric; written by the evaluation stage). The collected
+table has one row per run x benchmark x metric with the factors joined in and
+``w_p = plw ** 0.30103`` added. The run store is only read, never written.
+
+A run's R_g (:func:`run_rg`), first found of: ``train_summary.json`` ``data.dataset_rg``; ``r_g`` in
+run.json (written by the analysis of earlier versions, or by hand); the ``rg`` (or, for an inverted
+dataset, ``transform.rg_after``) of the processed dataset's meta.json named by ``train_summary.json``
+``data.dataset_dir`` (read only; runs trained before the data stage recorded R_g). A run with none
+of them is skipped with a note saying how to record it.
 
 A folder whose files are missing or malformed is reported (an :class:`Issue` naming the folder and
 the file) and skipped; the other runs are still collected. Hidden folders (name starting with
@@ -16,14 +24,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
 
 from pipeline.analysis.common import GROUPS, P_EXP, IssueLog
 
-RUN_FIELDS_REQUIRED = ("run_id", "model", "dataset", "plw", "seed", "r_g")
+RUN_FIELDS_REQUIRED = ("run_id", "model", "dataset", "plw", "seed")
+SUMMARY_FILE = "train_summary.json"  # written by the trainer (pipeline/trainer/loop.py)
 RESULT_COLUMNS_REQUIRED = ("benchmark", "metric", "value", "group")
 RESULT_COLUMNS = ("run_id", "benchmark", "metric", "value", "stderr", "n", "group")
 FACTOR_COLUMNS = ["run_id", "dataset", "model", "plw", "w_p", "regularizer", "seed", "r_g"]
@@ -50,16 +59,16 @@ def _read_run_json(folder: Path, log: IssueLog) -> Optional[dict]:
         return None
     try:
         plw = float(meta["plw"])
-        r_g = float(meta["r_g"])
         seed = int(meta["seed"])
     except (TypeError, ValueError):
-        log.add("run", where, "run.json: plw and r_g must be numbers and seed an integer; run skipped")
+        log.add("run", where, "run.json: plw must be a number and seed an integer; run skipped")
         return None
     if not (math.isfinite(plw) and plw >= 0):
         log.add("run", where, f"run.json: plw must be a number >= 0, got {meta['plw']!r}; run skipped")
         return None
-    if not (math.isfinite(r_g) and r_g > 0):
-        log.add("run", where, f"run.json: r_g must be a number > 0, got {meta['r_g']!r}; run skipped")
+    r_g, problem = run_rg(folder, meta)
+    if problem is not None:
+        log.add("run", where, f"{problem}; run skipped")
         return None
     reg = meta.get("regularizer")
     reg = "none" if reg is None or str(reg).strip() == "" else str(reg)
@@ -68,6 +77,64 @@ def _read_run_json(folder: Path, log: IssueLog) -> Optional[dict]:
                               f"the run_id in run.json is used", level="warning")
     return {"run_id": str(meta["run_id"]), "dataset": str(meta["dataset"]), "model": str(meta["model"]),
             "plw": plw, "regularizer": reg, "seed": seed, "r_g": r_g}
+
+
+def _number(v: Any) -> Optional[float]:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _read_json(path: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(object, None), (None, None) when the file does not exist, or (None, problem)."""
+    if not path.is_file():
+        return None, None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"{path} cannot be read ({type(e).__name__}: {e})"
+    return (obj, None) if isinstance(obj, dict) else (None, f"{path} must hold a JSON object")
+
+
+def run_rg(folder: Path, meta: dict) -> Tuple[Optional[float], Optional[str]]:
+    """The training set's R_g of the run in ``folder`` (run.json ``meta``): ``(value, None)`` or
+    ``(None, problem)``. Only reads (see the module docstring for where it is looked up)."""
+    folder = Path(folder)
+    summary, problem = _read_json(folder / SUMMARY_FILE)
+    data = (summary or {}).get("data")
+    data = data if isinstance(data, dict) else {}
+    sources = []  # (where, value) in order of precedence
+    if data.get("dataset_rg") is not None:
+        sources.append((f"{folder / SUMMARY_FILE} data.dataset_rg", data["dataset_rg"]))
+    if meta.get("r_g") is not None:
+        sources.append((f"{folder / 'run.json'} r_g", meta["r_g"]))
+    if sources:
+        where, v = sources[0]
+        x = _number(v)
+        if x is None or x <= 0:
+            return None, f"{where} must be a number > 0, got {v!r}"
+        return x, None
+    ds_dir = data.get("dataset_dir")
+    if ds_dir:
+        ds_meta_path = Path(ds_dir) / "meta.json"
+        ds_meta, ds_problem = _read_json(ds_meta_path)
+        if ds_meta is not None:
+            rg = ds_meta.get("rg")
+            if rg is None and (ds_meta.get("transform") or {}).get("kind") == "invert":
+                rg = ds_meta["transform"].get("rg_after")
+            x = _number(rg)
+            if x is not None and x > 0:
+                return x, None
+            return None, (f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
+                          f"{ds_meta_path} no rg (built before the data stage recorded R_g: `make data "
+                          f"OVERRIDES=\"dataset={meta.get('dataset')} ...\"` with the run's dataset settings adds it)")
+        return None, (f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
+                      + (ds_problem or f"the run's processed dataset {ds_meta_path} is gone"))
+    why = problem or (f"{folder / SUMMARY_FILE} is missing (not trained by the pipeline?)" if summary is None
+                      else f"{folder / SUMMARY_FILE} has neither data.dataset_rg nor data.dataset_dir")
+    return None, f"no R_g recorded: run.json has no r_g and {why}"
 
 
 def _read_results(folder: Path, run_id: str, log: IssueLog,

@@ -1,4 +1,4 @@
-"""Critical PLW from the GLMM's raw-polynomial fixed effects (paper 5.2; SPEC section 6).
+"""Critical PLW from the GLMM's raw-polynomial fixed effects (paper 5.2; docs/study.md section 6).
 
 score (link scale) = a w_p^2 + b w_p + c. Only a concave fit (a < 0) has a maximum:
 w_p* = -b / (2a) and lambda = w_p* ** (1/p) with p = 0.30103. Otherwise there is none, and a

@@ -208,7 +208,7 @@ def fig_gam_contours(surfaces: Dict[str, pd.DataFrame], optima: Dict[str, pd.Dat
     subsets = [s for s in surfaces if surfaces[s] is not None and not surfaces[s].empty]
     if not subsets:
         return []
-    plt = _plt()
+    _plt()
     fig, axes = _grid(len(subsets), ncol=3, w=4.2, h=3.6)
     for ax, s in zip(axes, subsets):
         surf = surfaces[s]

@@ -1,4 +1,4 @@
-"""GAM across datasets for the optimal PLW per R_g (paper appendix D; SPEC section 6).
+"""GAM across datasets for the optimal PLW per R_g (paper appendix D; docs/study.md section 6).
 
 ``score ~ te(w, r, k = 3) + factor(b)`` (R mgcv), w = untransformed PLW, r = dataset R_g,
 b = benchmark; fitted separately on all benchmarks, the MC benchmarks, and the generation

@@ -1,7 +1,7 @@
-"""Per-dataset beta GLMM (SPEC section 6; paper 5.2), fitted in R (glmmTMB) through rpy2.
+"""Per-dataset beta GLMM (docs/study.md section 6; paper 5.2), fitted in R (glmmTMB) through rpy2.
 
 Model: ``score ~ poly(w_p, 2, raw = TRUE) + (0 + poly(w_p, 2, raw = TRUE) | benchmark) + (1 | model)``
-on the dataset's min-max scaled scores squeezed into (0, 1). The R side is ``analysis/glmm.R``;
+on the dataset's min-max scaled scores squeezed into (0, 1). The R side is ``R/glmm.R``;
 this module prepares the data, calls it, retries with a second optimizer when the first reports a
 convergence problem, and turns the result into a :class:`GlmmResult`.
 """
@@ -76,7 +76,10 @@ class GlmmResult:
 
     def table_row(self) -> Dict[str, Any]:
         c = self.coef.set_index("term") if self.coef is not None else None
-        get = (lambda t, k: float(c.loc[t, k]) if c is not None and t in c.index else float("nan"))
+
+        def get(t, k):
+            return float(c.loc[t, k]) if c is not None and t in c.index else float("nan")
+
         cr = self.critical
         return {
             "dataset": self.dataset, "status": self.status, "n_obs": self.n_obs,

@@ -1,4 +1,4 @@
-"""The bridge to R: one embedded R session (rpy2) with the functions of ``analysis/*.R`` sourced
+"""The bridge to R: one embedded R session (rpy2) with the functions of ``pipeline/analysis/R/*.R`` sourced
 into a private environment, conversion of their results to Python, and a plain ``Rscript``
 runner used to cross-check the embedded path.
 
@@ -19,12 +19,10 @@ from typing import Any, Dict, List, Optional
 
 import pandas as pd
 
-from pipeline.config import PROJECT_ROOT
-
 # rpy2 logs 'Embedded R ended.' at interpreter exit, after pytest/CLI streams may be closed.
 logging.getLogger("rpy2.rinterface_lib.embedded").setLevel(logging.WARNING)
 
-R_DIR = PROJECT_ROOT / "analysis"
+R_DIR = Path(__file__).resolve().parent / "R"  # package data: found in an installed package too
 R_FILES = ("capture.R", "glmm.R", "gam.R")
 R_PACKAGES = ("glmmTMB", "mgcv", "car")
 
@@ -75,7 +73,7 @@ def r_env():
 
 
 def r_call(name: str, *args, **kwargs):
-    """Call an analysis function (from analysis/*.R) with Python arguments; returns the R object."""
+    """Call an analysis function (from R/*.R) with Python arguments; returns the R object."""
     env = r_env()
     with _LOCK:
         fn = env[name]

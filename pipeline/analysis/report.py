@@ -200,7 +200,10 @@ def write_report(o, acfg) -> Path:
         if not r.residuals:
             continue
         x = r.residuals
-        flag = lambda p: _p(p) + (" (!)" if p is not None and p < 0.05 else "")
+
+        def flag(p):
+            return _p(p) + (" (!)" if p is not None and p < 0.05 else "")
+
         rows.append({"dataset": ds, "KS D": _f(x.get("uniformity_ks_d")),
                      "uniformity p": flag(x.get("uniformity_p")),
                      "dispersion ratio": _f(x.get("dispersion_ratio")),
@@ -290,8 +293,8 @@ def write_report(o, acfg) -> Path:
         op = fitted["all"].optimum
         inside = op[op["in_data"]] if "in_data" in op.columns else op[~op["extrapolated"]]
         if len(inside):
-            L += [f"- Across datasets (GAM, all benchmarks), at the R_g of the analysed datasets: "
-                  f"optimal PLW "
+            L += ["- Across datasets (GAM, all benchmarks), at the R_g of the analysed datasets: "
+                  "optimal PLW "
                   + ", ".join(f"{_f(x.optimal_plw)} at R_g {_f(x.r_g)}{'*' if x.flat else ''}"
                               for x in inside.itertuples())
                   + " (* flat). Between datasets the surface is an interpolation: with few "

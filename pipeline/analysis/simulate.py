@@ -4,8 +4,8 @@
   effects (default truth: the paper's AlpacaDataShort fit), benchmark random slopes and a PTLM
   random intercept.
 - :func:`simulate_gam_scores`: scores over (PLW, R_g) with a planted optimum PLW.
-- :func:`write_run_folders`: a run store (run.json + results.csv per run) in the evaluation
-  stage's format, from a long table of scores.
+- :func:`write_run_folders`: a run store (run.json, train_summary.json with the R_g, results.csv
+  per run) in the training and evaluation stages' format, from a long table of scores.
 """
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.analysis.common import to_wp
-
-PLW_LEVELS = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
+from pipeline.config import PLW_LEVELS
 # The paper's AlpacaDataShort fixed effects (Table 3): intercept, w_p, w_p^2.
 PAPER_SHORT = (-1.043, 5.590, -4.284)
 
@@ -102,11 +101,18 @@ def simulate_gam_scores(r_values: Sequence[float] = (0.04, 0.08, 0.2, 0.5, 1.0, 
     return pd.DataFrame(rows, columns=["dataset", "r_g", "benchmark", "group", "model", "plw", "value"])
 
 
+RG_LOCATIONS = ("summary", "run.json")
+
+
 def write_run_folders(runs_dir: Path, scores: pd.DataFrame, *, metric: str = "score",
-                      r_g: Optional[Dict[str, float]] = None) -> Dict[str, Path]:
+                      r_g: Optional[Dict[str, float]] = None, rg_in: str = "summary") -> Dict[str, Path]:
     """Write one folder per (dataset, model, plw, seed, regularizer) combination of ``scores``
     (columns dataset, model, plw, benchmark, value [, group, seed, regularizer, r_g, metric]) in
-    the evaluation stage's format. Returns run_id -> folder."""
+    the evaluation stage's format. R_g goes where training puts it (``rg_in="summary"``:
+    ``train_summary.json`` ``data.dataset_rg``) or, as the analysis of earlier versions left it,
+    into run.json (``rg_in="run.json"``). Returns run_id -> folder."""
+    if rg_in not in RG_LOCATIONS:
+        raise ValueError(f"rg_in must be one of {RG_LOCATIONS}, got {rg_in!r}")
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     df = scores.copy()
@@ -125,7 +131,13 @@ def write_run_folders(runs_dir: Path, scores: pd.DataFrame, *, metric: str = "sc
         folder = runs_dir / run_id
         folder.mkdir(exist_ok=True)
         meta = {"run_id": run_id, "model": model, "dataset": ds, "plw": float(plw),
-                "regularizer": reg, "seed": int(seed), "r_g": float(g["r_g"].iloc[0])}
+                "regularizer": reg, "seed": int(seed)}
+        rg = float(g["r_g"].iloc[0])
+        if rg_in == "run.json":
+            meta["r_g"] = rg
+        else:
+            summary = {"run_id": run_id, "dataset": ds, "data": {"dataset_rg": rg, "dataset_dir": None}}
+            (folder / "train_summary.json").write_text(json.dumps(summary, indent=1))
         (folder / "run.json").write_text(json.dumps(meta, indent=1))
         res = pd.DataFrame({"run_id": run_id, "benchmark": g["benchmark"], "metric": g["metric"],
                             "value": g["value"], "stderr": 0.01, "n": 100, "group": g["group"]})
@@ -143,7 +155,7 @@ def simulate_run_store(runs_dir: Path, *, datasets: Optional[Dict[str, float]] =
                        models: Sequence[str] = ("llama1_7b", "llama2_7b"),
                        plw_levels: Sequence[float] = tuple(PLW_LEVELS), noise_sd: float = 0.02,
                        mechanisms: bool = True, regularizers: Sequence[str] = (),
-                       seed: int = 0) -> Dict[str, Path]:
+                       seed: int = 0, rg_in: str = "summary") -> Dict[str, Path]:
     """A complete synthetic run store: every dataset x PTLM x PLW with scores from
     :func:`planted_surface` (optimum at ``peak`` for every R_g, effect fading with R_g), optional
     mechanism metrics (``mech_*``) and regularised runs at PLW 0 and 1 on the first dataset."""
@@ -181,4 +193,4 @@ def simulate_run_store(runs_dir: Path, *, datasets: Optional[Dict[str, float]] =
         df["regularizer"] = "none"
         df = pd.concat([df] + regs, ignore_index=True)
     df.loc[df["benchmark"].str.startswith("mech_"), "group"] = "mechanism"
-    return write_run_folders(runs_dir, df)
+    return write_run_folders(runs_dir, df, rg_in=rg_in)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from pipeline.analysis import figures as F
 from pipeline.analysis.aggregates import (DatasetStatus, check_datasets, minmax_scale,
@@ -22,6 +23,8 @@ from pipeline.analysis.gam import (GamResult, fit_gam, optimal_plw_table, prepar
                                    save_bundle, surface)
 from pipeline.analysis.glmm import (GlmmResult, fit_glmm, prepare_glmm_data, residual_tests_row,
                                     skipped)
+from pipeline.analysis.rbridge import r_unavailable_reason
+from pipeline.analysis.report import write_report
 
 
 @dataclass
@@ -130,8 +133,6 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
     agg.to_csv(out_dir / "aggregates.csv", index=False)
     files["tables"] = [out_dir / "scores.csv", out_dir / "aggregates.csv"]
 
-    from pipeline.analysis.rbridge import r_unavailable_reason
-
     no_r = r_unavailable_reason() if len(usable) else None
     if no_r is not None:  # aggregates, figures and report still come out
         log.add("R", "analysis", f"R is unavailable, no GLMM and no GAM: {no_r}")
@@ -158,8 +159,6 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
     if figures:
         _figures(outp, acfg)
     if report:
-        from pipeline.analysis.report import write_report
-
         files["report"] = [write_report(outp, acfg)]
     _write_json(outp)
     return outp
@@ -167,8 +166,6 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
 
 def _plain(acfg) -> Dict[str, Any]:
     try:
-        from omegaconf import OmegaConf
-
         if OmegaConf.is_config(acfg):
             return OmegaConf.to_container(acfg, resolve=True)
         return OmegaConf.to_container(OmegaConf.structured(acfg), resolve=True)

@@ -2,7 +2,7 @@
 
 1. R_g of the dataset = total completion tokens / total prompt tokens, every field tokenized on
    its own without special tokens (prompt = instruction + input; the template is excluded), as in
-   SPEC section 1.
+   docs/study.md section 1.
 2. The fitted GAM written by ``make regress`` (an R saveRDS bundle, ``analysis.suggest.gam_file``)
    is evaluated over PLW in [0, 1] at that R_g; the recommendation is the PLW maximising the
    fitted te(w, r) term, with the near-optimal range (within ``analysis.gam.tolerance`` x score
@@ -18,6 +18,8 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from pipeline.analysis.gam import load_bundle, optimal_plw_table, surface
+from pipeline.data.records import load_records
+from pipeline.tokenizer import load_tokenizer
 
 
 def token_counts(records: Sequence[dict], tokenizer, batch: int = 1000) -> Dict[str, np.ndarray]:
@@ -54,9 +56,6 @@ def generation_ratio(prompt: np.ndarray, completion: np.ndarray) -> Dict[str, fl
 
 
 def dataset_rg(path: Path, tokenizer_spec: str, fmt: str = "alpaca") -> Dict[str, float]:
-    from pipeline.data.records import load_records
-    from pipeline.tokenizer import load_tokenizer
-
     res = load_records(Path(path), fmt=fmt, empty_output="keep")
     tok = load_tokenizer(tokenizer_spec)
     c = token_counts(res.records, tok)

@@ -21,34 +21,41 @@ first call (source fetched, validated, transformed) and read from the store afte
 Steps: source (:mod:`~pipeline.data.sources`) -> raw sha256 -> records and validation
 (:mod:`~pipeline.data.records`; ``dataset.empty_output``, ``dataset.max_records``) -> prompt inversion
 (:mod:`~pipeline.data.inversion`, token lengths from ``dataset.transform.tokenizer`` or
-``paths.llama_tokenizer``) -> store.
+``paths.llama_tokenizer``) -> the dataset's R_g -> store.
+
+R_g (docs/study.md section 1: total completion tokens / total prompt tokens, each field tokenized
+alone, no special tokens) is a property of the processed dataset: ``meta["rg"]`` (a float, or None
+with the reason in ``meta["rg_measure"]["error"]`` when the tokenizer cannot be loaded) and
+``meta["rg_measure"]`` (prompt and completion token totals, tokenizer spec and fingerprint). Inverted
+datasets reuse the transform's counts (the same numbers as ``transform.rg_after``); the others are
+tokenized with the same tokenizer (``dataset.transform.tokenizer`` or ``paths.llama_tokenizer``).
+Training copies it into the run's ``train_summary.json``; the analysis reads it from there. A folder
+built before R_g was recorded (or when the tokenizer was unavailable) gets it added to its meta.json
+on its next load.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import logging
+import math
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import DictConfig
-
+import pipeline
+from pipeline import cli
+from pipeline.config import validate
 from pipeline.data import inversion, store
 from pipeline.data.records import DataError, load_records
 from pipeline.data.sources import RawFile, SourceError, resolve_source
 from pipeline.data.tokens import get_tokenizer, length_fn, resolve_tokenizer_spec
+from pipeline.tokenizer import TokenizerError
 
-__all__ = ["load_dataset", "build", "prepare", "Prepared", "main"]
+__all__ = ["load_dataset", "build", "prepare", "Prepared", "main", "measure_rg"]
 
-
-def _typed(cfg):
-    """A typed Config from a composed DictConfig (validated), or the object itself."""
-    if isinstance(cfg, DictConfig):
-        from pipeline.config import validate
-
-        return validate(cfg)
-    return cfg
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class Prepared:
 def prepare(cfg) -> Prepared:
     """Fetch the raw file (or find it in the cache), load the tokenizer if the transform needs it,
     and compute the content hash and folder."""
-    cfg = _typed(cfg)
+    cfg = validate(cfg)  # a typed Config passes through: validated once, at the entry point
     ds = cfg.dataset
     raw = resolve_source(ds.source, cfg.paths.raw_dir)
     tok = spec = fp = None
@@ -90,8 +97,6 @@ def _source_meta(src) -> Dict[str, Any]:
 
 
 def _versions() -> Dict[str, str]:
-    import pipeline
-
     out = {"python": platform.python_version(), "pipeline": pipeline.__version__}
     try:
         import transformers
@@ -100,6 +105,43 @@ def _versions() -> Dict[str, str]:
     except ImportError:  # pragma: no cover
         pass
     return out
+
+
+def _rg_meta(lengths: List[inversion.Lengths], spec: Optional[str], fingerprint: Optional[str]) -> Dict[str, Any]:
+    prompt = sum(x.prompt for x in lengths)
+    completion = sum(x.completion for x in lengths)
+    rg = inversion.dataset_rg(lengths)
+    measure = {"prompt_tokens": prompt, "completion_tokens": completion, "tokenizer": spec,
+               "fingerprint": fingerprint, "error": None}
+    if not math.isfinite(rg):
+        measure["error"] = f"R_g undefined: {completion} completion tokens over {prompt} prompt tokens"
+        return {"rg": None, "rg_measure": measure}
+    return {"rg": rg, "rg_measure": measure}
+
+
+def measure_rg(cfg, records: List[Dict[str, Any]], meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``{"rg": float | None, "rg_measure": {...}}`` of processed records (see the module docstring).
+
+    Records carrying the transform's ``tokens`` (inverted datasets; tokenizer in ``meta``) are not
+    tokenized again. Otherwise the tokenizer of :func:`resolve_tokenizer_spec` counts each field; when
+    it cannot be loaded, ``rg`` is None and ``rg_measure["error"]`` says why (the build goes on).
+    """
+    tok_meta = (meta or {}).get("tokenizer") or {}
+    if records and tok_meta.get("fingerprint") and all("tokens" in r for r in records):
+        lengths = [inversion.Lengths(r["tokens"]["instruction"], r["tokens"]["input"], r["tokens"]["output"])
+                   for r in records]
+        return _rg_meta(lengths, tok_meta.get("spec"), tok_meta["fingerprint"])
+    cfg = validate(cfg)  # a typed Config passes through: validated once, at the entry point
+    spec = resolve_tokenizer_spec(cfg)
+    try:
+        tok, fp = get_tokenizer(spec)
+    except (TokenizerError, OSError, ValueError) as e:
+        msg = f"tokenizer {spec} unavailable ({type(e).__name__}: {' '.join(str(e).split())})"
+        log.warning("dataset %s: R_g not measured: %s", cfg.dataset.name, msg)
+        return {"rg": None, "rg_measure": {"prompt_tokens": None, "completion_tokens": None, "tokenizer": spec,
+                                           "fingerprint": None, "error": msg}}
+    lengths = inversion.measure(records, length_fn(tok, desc=f"{cfg.dataset.name}: token lengths (R_g)"))
+    return _rg_meta(lengths, spec, fp)
 
 
 def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
@@ -115,6 +157,7 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
             r["source_index"] = src_i
             r["tokens"] = {"instruction": ln.instruction, "input": ln.input, "output": ln.output}
         out = new
+        rg = _rg_meta(lengths, p.tokenizer_spec, p.tokenizer_fingerprint)
         transform_meta.update(target_rg=sel.target_rg, tolerance=ds.transform.tolerance if sel.target_rg else None,
                               seed=ds.transform.seed if sel.target_rg else None, version=inversion.TRANSFORM_VERSION,
                               rg_before=sel.rg_before, rg_after=sel.rg_after, n_candidates=sel.n_candidates,
@@ -122,6 +165,7 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     else:
         out = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"],
                 "inverted": False, "source_index": i} for r, i in zip(recs, loaded.source_index)]
+        rg = measure_rg(p.cfg, out)
     n_inverted = sum(1 for r in out if r["inverted"])
     meta = {
         "name": ds.name,
@@ -146,6 +190,7 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         "transform": transform_meta,
         "tokenizer": ({"spec": p.tokenizer_spec, "fingerprint": p.tokenizer_fingerprint}
                       if p.tokenizer_fingerprint else None),
+        **rg,
         "paper_rg": ds.paper_rg,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -168,6 +213,15 @@ def build(cfg, force: bool = False) -> BuildResult:
     p = prepare(cfg)
     if not force and store.is_done(p.folder):
         records, meta = store.read(p.folder)
+        if meta.get("rg") is None and not (meta.get("rg_measure") or {}).get("fingerprint"):
+            # built before R_g was recorded, or when the tokenizer was unavailable: measure it now
+            rg = measure_rg(p.cfg, records, meta)
+            if rg["rg"] is not None:
+                meta.update(rg)
+                try:
+                    store.update_meta(p.folder, meta)
+                except OSError as e:  # a read-only store: the value is still returned
+                    log.warning("dataset %s: cannot record R_g in %s: %s", meta.get("name"), p.folder, e)
         meta["dir"] = str(p.folder)
         return BuildResult(p.folder, records, meta, reused=True)
     records, meta = _make(p)
@@ -197,31 +251,24 @@ def summary(res: BuildResult) -> str:
             if t.get("target_rg") is not None else "invert every instance with R_g > 1"
         lines.append(f"  transform: {target}; dataset R_g {t['rg_before']:.4f} -> {t['rg_after']:.4f} "
                      f"(tokenizer {m['tokenizer']['spec']})")
+    rm = m.get("rg_measure") or {}
+    lines.append(f"  R_g:    {m['rg']:.4f} ({rm.get('completion_tokens')} completion / {rm.get('prompt_tokens')} "
+                 f"prompt tokens, tokenizer {rm.get('tokenizer')})" if m.get("rg") is not None
+                 else f"  R_g:    not measured ({rm.get('error') or 'not recorded'})")
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    ap = cli.parser("python -m pipeline.data.build", __doc__)
+    ap.add_argument("--force", action="store_true", help="rebuild even if a finished folder exists")
+    args, overrides = cli.parse(ap, argv)
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.tokenizer import TokenizerError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    force = "--force" in argv
-    argv = [a for a in argv if a != "--force"]
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+    def body() -> int:
+        cfg, _ = cli.compose(overrides)
+        print(summary(build(cfg, force=args.force)))
         return 0
-    try:
-        cfg = load_config(argv)
-        res = build(cfg, force=force)
-    except (SourceError, DataError, inversion.InversionError, ConfigError, TokenizerError,
-            HydraException, OmegaConfBaseException) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(summary(res))
-    return 0
+
+    return cli.run(body, user_errors=(SourceError, DataError, inversion.InversionError, TokenizerError))
 
 
 if __name__ == "__main__":

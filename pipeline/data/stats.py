@@ -40,18 +40,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from pipeline.data.inversion import Lengths
+from pipeline import cli
+from pipeline.config import ConfigError, load_config, validate
+from pipeline.data.build import load_dataset
+from pipeline.data.inversion import InversionError, Lengths, measure
+from pipeline.data.records import DataError
+from pipeline.data.sources import SourceError
+from pipeline.data.tokens import get_tokenizer, length_fn, resolve_tokenizer_spec
+from pipeline.tokenizer import TokenizerError
 
 DDOF = 1
 
 
 def _expected_errors():
-    from pipeline.config import ConfigError
-    from pipeline.data.inversion import InversionError
-    from pipeline.data.records import DataError
-    from pipeline.data.sources import SourceError
-    from pipeline.tokenizer import TokenizerError
-
     return (ConfigError, InversionError, DataError, SourceError, TokenizerError)
 
 
@@ -117,9 +118,6 @@ def compute_stats(name: str, lengths: Sequence[Lengths], n_inverted: int = 0, n_
 def record_lengths(records, tok, fingerprint: Optional[str], meta, desc: str = "") -> List[Lengths]:
     """Token lengths of processed records; reuses the counts stored by the transform when they were
     made with the same tokenizer (same fingerprint), otherwise tokenizes."""
-    from pipeline.data.inversion import measure
-    from pipeline.data.tokens import length_fn
-
     stored = (meta.get("tokenizer") or {}).get("fingerprint")
     if stored is not None and stored == fingerprint and all("tokens" in r for r in records):
         return [Lengths(r["tokens"]["instruction"], r["tokens"]["input"], r["tokens"]["output"]) for r in records]
@@ -128,10 +126,7 @@ def record_lengths(records, tok, fingerprint: Optional[str], meta, desc: str = "
 
 def dataset_stats(cfg) -> DatasetStats:
     """Build/read ``cfg.dataset`` and compute its row."""
-    from pipeline.data.build import _typed, load_dataset
-    from pipeline.data.tokens import get_tokenizer, resolve_tokenizer_spec
-
-    cfg = _typed(cfg)
+    cfg = validate(cfg)  # a typed Config passes through
     records, meta = load_dataset(cfg)
     spec = resolve_tokenizer_spec(cfg)
     tok, fp = get_tokenizer(spec)
@@ -192,17 +187,12 @@ def write_tables(rows: Sequence[DatasetStats], reports_dir) -> Tuple[Path, Path]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from pipeline.config import load_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+    _, argv = cli.parse(cli.parser("python -m pipeline.data.stats", __doc__), argv)
     try:
         base = load_config(argv)
-    except Exception as e:  # ConfigError, Hydra/OmegaConf errors: all name the key
+    except cli.CONFIG_ERRORS as e:  # they name the key
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     names = list(base.stats_datasets)
     if names:
         rest = [a for a in argv if not a.lstrip("+~").startswith(("dataset=", "stats_datasets="))]

@@ -1,15 +1,17 @@
 """The processed-dataset store: ``paths.processed_dir/<name>-<hash12>/``.
 
-Each folder is written once and then only read:
+Each folder is written once and then only read (one exception: :func:`update_meta` adds the
+dataset's R_g to the meta.json of a folder built before it was recorded; data.jsonl never changes):
 
 - ``data.jsonl``: one record per line: ``instruction``, ``input``, ``output``, ``inverted`` (bool),
   ``source_index`` (the record's index in the raw file) and, when the transform measured them,
   ``tokens`` = ``{instruction, input, output}`` token counts (tokenizer in meta.json);
 - ``meta.json``: the full definition (the hashed part), the source, the raw file's sha256, counts
-  (raw, dropped, inverted, ...), R_g before/after the transform, tokenizer, versions, time;
-- ``DONE``: written last, atomically (write to a temporary name, then rename), holding the sha256
-  of data.jsonl. A folder without DONE (an interrupted build) is rebuilt; so is one whose
-  data.jsonl no longer matches DONE.
+  (raw, dropped, inverted, ...), R_g before/after the transform, the dataset's R_g (``rg``,
+  ``rg_measure``: see :mod:`pipeline.data.build`), tokenizer, versions, time;
+- ``DONE``: written last, holding the sha256 of data.jsonl; the folder is built under a temporary
+  name and renamed into place with it (:mod:`pipeline.atomic_dir`). A folder without DONE (left by
+  an older, interrupted build) is rebuilt; so is one whose data.jsonl no longer matches DONE.
 
 The hash (:func:`content_hash`) covers everything that defines the content and nothing else: the
 raw file's sha256, format, empty-output policy, max_records, the transform (kind; for targets also
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from pipeline.atomic_dir import building
 from pipeline.data import inversion
 from pipeline.data import records as records_mod
 from pipeline.data.records import sha256_file
@@ -104,16 +107,26 @@ def is_done(folder: Path, verify: bool = True) -> bool:
 
 
 def write(folder: Path, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> None:
-    """Write data.jsonl and meta.json, then DONE last (each atomically)."""
+    """Write data.jsonl and meta.json into a temporary folder, DONE last, then rename it into place
+    (:func:`pipeline.atomic_dir.building`); a folder already there (a forced rebuild, a broken one)
+    is replaced, one published meanwhile by another process (same content) is kept."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / DONE_FILE).unlink(missing_ok=True)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    _atomic_write(folder / DATA_FILE, data)
-    _atomic_write(folder / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
     done = {"data_sha256": hashlib.sha256(data).hexdigest(), "n_records": len(records),
             "hash": meta.get("hash")}
-    _atomic_write(folder / DONE_FILE, (json.dumps(done) + "\n").encode())
+    with building(folder, done=json.dumps(done) + "\n", replace=folder.exists()) as tmp:
+        (tmp / DATA_FILE).write_bytes(data)
+        (tmp / META_FILE).write_bytes((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+def update_meta(folder: Path, meta: Dict[str, Any]) -> None:
+    """Rewrite meta.json of a finished folder (atomically); the hashed definition must not change."""
+    folder = Path(folder)
+    old = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    if old.get("hash") != meta.get("hash") or old.get("definition") != meta.get("definition"):
+        raise ValueError(f"{folder / META_FILE}: update_meta may not change the dataset's definition or hash")
+    meta = {k: v for k, v in meta.items() if k != "dir"}
+    _atomic_write(folder / META_FILE, (json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def read(folder: Path) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:

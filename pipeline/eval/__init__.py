@@ -12,12 +12,15 @@ Commands (docs/evaluation.md)::
 API: :func:`pipeline.eval.stage.evaluate_run` ``(run_dir, cfg) -> Path`` (what the sweep launcher
 submits), :func:`~pipeline.eval.stage.evaluate_pretrained`, :func:`~pipeline.eval.stage.evaluate_all`.
 
-Modules: ``benchmarks`` (names, groups, defaults), ``results`` (results.csv schema and per-benchmark
-markers), ``harness`` (lm-evaluation-harness via ``lm_eval.simple_evaluate`` and the task templates
-in ``tasks/``), ``generation`` (batched greedy generation), ``alpacaeval`` (+ evaluator configs in
-``evaluators/``), ``pandalm`` (+ judge configs in ``pandalm_judges/``), ``judges`` (the named test
-doubles), ``mechanisms`` (loss RSD, weight distance, memorization BLEU), ``fetch`` (the mirror),
-``stage`` (the driver), ``__main__`` (the CLI).
+Modules: ``benchmarks`` (the registry: one YAML file per benchmark in ``tasks/``, declaring its
+runner kind, group, shots, metrics and data), ``groups`` (the results groups, shared with the
+analysis), ``runner`` (the runner contract and registry), the runners beside their code --
+``harness`` (lm-evaluation-harness via ``lm_eval.simple_evaluate``), ``alpacaeval`` (+ evaluator
+configs in ``evaluators/``), ``pandalm`` (+ judge configs in ``pandalm_judges/``), ``mechanisms``
+(loss RSD, weight distance, memorization BLEU) --, ``results`` (results.csv schema and
+per-benchmark markers), ``generation`` (batched greedy generation), ``judges`` (the named test
+doubles), ``fetch`` (the mirror), ``stage`` (the driver), ``pool`` (worker processes for
+``eval.workers``), ``slurm`` (one array task per run), ``__main__`` (the CLI).
 
-This package's ``__init__`` imports nothing heavy: the config schema imports ``benchmarks``.
+This package's ``__init__`` imports nothing: the analysis imports ``groups`` without evaluation code.
 """

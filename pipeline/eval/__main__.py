@@ -14,15 +14,18 @@ evaluated, 2 bad configuration or arguments.
 """
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from pipeline import cli
+from pipeline.config import ConfigError
+from pipeline.eval import slurm
+from pipeline.eval.results import read_results
+from pipeline.eval.stage import EvalError, check_names, evaluate_all, evaluate_pretrained, evaluate_run
+
 
 def _summary(csv_path: Path) -> str:
-    from pipeline.eval.results import read_results
-
     rows = read_results(csv_path)
     lines = [f"{csv_path}"]
     for r in rows:
@@ -35,36 +38,20 @@ def _summary(csv_path: Path) -> str:
 
 
 def _errors(csv_path: Path) -> int:
-    from pipeline.eval.results import read_results
-
     return sum(1 for r in read_results(csv_path) if r["status"] == "error")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from pipeline.config import ConfigError, load_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    logging.getLogger("pipeline").setLevel(logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _, argv = cli.parse(cli.parser("python -m pipeline.eval", __doc__), argv)
+    cli.setup_logging()
     try:
-        cfg = load_config(argv)
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        cfg, _ = cli.compose(argv)
+        check_names(cfg)  # benchmark names: the registry of pipeline/eval/benchmarks.py
+    except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.eval.stage import EvalError, evaluate_all, evaluate_pretrained, evaluate_run
-
     e = cfg.eval
     if not e.pretrained and not e.run_dir and cfg.launcher.kind == "slurm":
-        from pipeline.eval import slurm
-
         return slurm.main(cfg, argv)  # one SLURM array task per finished run lacking results
     try:
         if e.pretrained:

@@ -1,6 +1,6 @@
 """AlpacaEval 1: generate outputs for the 805 instructions, judge them with alpaca_eval 0.6.6.
 
-Steps (driven by pipeline/eval/stage.py):
+Steps (driven by :class:`AlpacaEvalRunner`):
 
 1. :func:`load_reference` -- the AlpacaEval 1 set with the text-davinci-003 reference outputs
    (``eval.alpaca_eval_reference``; else ``<eval.data_dir>/alpaca_eval/alpaca_eval_v1.jsonl`` from
@@ -16,6 +16,11 @@ Steps (driven by pipeline/eval/stage.py):
    annotations_cache.json``: a resumed run does not re-judge). The resolved evaluator config is
    written to ``<eval_dir>/alpaca_eval/annotator/<judge>/configs.yaml``.
 
+:class:`AlpacaEvalRunner` (kind ``alpaca_eval``, pipeline/eval/runner.py) drives these steps for the
+benchmarks whose YAML says ``kind: alpaca_eval``: ``compute: win_rate`` (``alpaca_eval``: generate,
+then judge once the evaluated model is released) and ``compute: length`` (``mech_alpacaeval_length``:
+the generations' length, runs and baselines alike).
+
 Rows: ``win_rate`` (0-100, stderr = alpaca_eval's standard error, n = judged pairs),
 ``avg_length`` (alpaca_eval's: mean characters of the outputs), optionally ``discrete_win_rate``.
 Judgments that cannot be parsed are excluded by alpaca_eval's metric and counted in the message.
@@ -27,13 +32,19 @@ import importlib
 import json
 import logging
 import os
+import statistics
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from pipeline.eval import benchmarks as B
+from pipeline.eval import generation
 from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
-from pipeline.eval.results import Row
+from pipeline.eval.results import ResultRow
+from pipeline.eval.runner import EvalPlan, EvalSession, Runner, register
+from pipeline.preprocess import render_source
 from pipeline.runs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -125,8 +136,6 @@ def load_reference(path: Path) -> List[Dict[str, str]]:
 
 
 def prompts_for(reference: Sequence[Dict[str, str]]) -> List[str]:
-    from pipeline.preprocess import render_source
-
     return [render_source({"instruction": r["instruction"], "input": ""}) for r in reference]
 
 
@@ -141,8 +150,6 @@ def generation_settings(max_new_tokens: int, limit: Optional[int]) -> Dict[str, 
 def generate_outputs(model, tokenizer, reference: Sequence[Dict[str, str]], *, out_file: Path,
                      generator: str, max_new_tokens: int, batch_size: int, limit: Optional[int]) -> List[Dict[str, Any]]:
     """The model's outputs for the (first ``limit``) instructions; cached in ``out_file``."""
-    from pipeline.eval.generation import generate
-
     ref = list(reference[:limit] if limit else reference)
     settings = generation_settings(max_new_tokens, limit)
     key = _sha(json.dumps([settings, [r["instruction"] for r in ref]], sort_keys=True).encode())
@@ -153,8 +160,8 @@ def generate_outputs(model, tokenizer, reference: Sequence[Dict[str, str]], *, o
                 return cached["outputs"]
         except (ValueError, KeyError):
             pass
-    gens = generate(model, tokenizer, prompts_for(ref), max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    desc="AlpacaEval generation")
+    gens = generation.generate(model, tokenizer, prompts_for(ref), max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, desc="AlpacaEval generation")
     outputs = [{"instruction": r["instruction"], "output": g.text, "generator": generator,
                 "dataset": r["dataset"], "n_tokens": g.n_tokens, "finished": g.finished}
                for r, g in zip(ref, gens)]
@@ -279,7 +286,7 @@ def annotate(outputs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, st
 
 
 def rows_from(board: Dict[str, Any], annotations: Sequence[Dict[str, Any]], outputs: Sequence[Dict[str, Any]],
-              metrics: Sequence[str], judge: str) -> List[Row]:
+              metrics: Sequence[str], judge: str) -> List[ResultRow]:
     """Tidy rows from alpaca_eval's leaderboard row (see the module docstring)."""
     import math
 
@@ -303,11 +310,103 @@ def rows_from(board: Dict[str, Any], annotations: Sequence[Dict[str, Any]], outp
         if m in values:
             v, se, n = values[m]
             if n_total == 0 and m != "avg_length":
-                rows.append(Row("alpaca_eval", m, None, None, 0, "error",
+                rows.append(ResultRow("alpaca_eval", m, None, None, 0, "error",
                                 f"no judgment could be parsed ({len(outputs)} pairs); {msg}"))
             else:
-                rows.append(Row("alpaca_eval", m, v, se, n, "ok", msg))
+                rows.append(ResultRow("alpaca_eval", m, v, se, n, "ok", msg))
         else:
-            rows.append(Row("alpaca_eval", m, None, None, None, "skipped",
+            rows.append(ResultRow("alpaca_eval", m, None, None, None, "skipped",
                             f"unknown metric {m!r} (available: {sorted(values)})"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+COMPUTATIONS = ("win_rate", "length")
+
+
+@register
+class AlpacaEvalRunner(Runner):
+    kind = "alpaca_eval"
+    order = {"model": 20, "judge": 20}
+
+    def plan(self, ev: EvalSession, bench: B.Benchmark) -> EvalPlan:
+        e = ev.e
+        if bench.compute not in COMPUTATIONS:
+            raise ValueError(f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
+                             f"kind alpaca_eval, got {bench.compute!r}")
+        gen = generation_settings(e.max_new_tokens, e.limit)
+        try:
+            ref = reference_path(e.alpaca_eval_reference, e.data_dir)
+        except DataUnavailable as ex:
+            return EvalPlan(bench.name, {"framework": "alpaca_eval", "generation": gen}, str(ex))
+        if bench.compute == "length":
+            return EvalPlan(bench.name, {"kind": "mechanism", "source": "AlpacaEval generations", "generation": gen,
+                                         "reference_file": ref.name})
+        return EvalPlan(bench.name, evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens,
+                                                   limit=e.limit))
+
+    def prepare(self, ev: EvalSession) -> None:
+        """Import alpaca_eval before the objects alive are frozen (when a win rate is asked for)."""
+        reg = B.registry()
+        if any(reg[n].kind == self.kind and reg[n].compute == "win_rate" for n in ev.names if n in reg):
+            os.environ.setdefault("IS_ALPACA_EVAL_2", "False")
+            try:
+                import alpaca_eval.main  # noqa: F401
+            except Exception:  # reported by the benchmark itself
+                pass
+
+    def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
+        """Generate the outputs once (every benchmark of this kind needs them), then their length."""
+        e = ev.e
+        try:
+            path = reference_path(e.alpaca_eval_reference, e.data_dir)
+            ev.shared["alpaca_reference"] = load_reference(path)
+            ev.shared["alpaca_outputs"] = generate_outputs(
+                lm.model, lm.tokenizer, ev.shared["alpaca_reference"],
+                out_file=ev.eval_dir / "alpaca_eval" / "model_outputs.json", generator=ev.t.run_id,
+                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
+        except Exception as ex:
+            log.error("AlpacaEval generation failed:\n%s", traceback.format_exc())
+            ev.fail_all(plans, names, f"AlpacaEval generation failed: {type(ex).__name__}: {ex}")
+            return
+        for n in names:
+            if B.get(n).compute == "length":
+                ev.attempt(plans[n], lambda n=n: rows_length(ev, n))
+
+    def judge_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str]) -> None:
+        e = ev.e
+        for n in names:
+            if B.get(n).compute != "win_rate":
+                continue
+
+            def fn(n=n) -> List[ResultRow]:
+                outputs = ev.shared.get("alpaca_outputs")
+                if outputs is None:  # generations of an earlier attempt
+                    cached = ev.eval_dir / "alpaca_eval" / "model_outputs.json"
+                    raise RuntimeError(f"no AlpacaEval generations ({cached})")
+                board, ann = annotate(
+                    outputs, ev.shared["alpaca_reference"], judge=e.judge, judge_model=e.judge_model,
+                    out_dir=ev.eval_dir / "alpaca_eval", name=ev.t.run_id, chunksize=e.judge_chunksize)
+                return rows_from(board, ann, outputs, ev.metrics(n), e.judge)
+
+            ev.attempt(plans[n], fn)
+
+
+def rows_length(ev: EvalSession, name: str) -> List[ResultRow]:
+    """Mean characters and tokens of the AlpacaEval generations (``mech_alpacaeval_length``)."""
+    outs = ev.shared.get("alpaca_outputs") or []
+    vals = {"mean_chars": [len(o["output"]) for o in outs], "mean_tokens": [o["n_tokens"] for o in outs]}
+    unfinished = sum(1 for o in outs if not o.get("finished", True))
+    msg = (f"{unfinished} of {len(outs)} generations stopped at max_new_tokens={ev.e.max_new_tokens}"
+           if unfinished else "")
+    rows = []
+    for m in ev.metrics(name):
+        v = vals.get(m)
+        if v is None:
+            rows.append(ResultRow(name, m, None, None, None, "skipped", f"unknown metric {m!r}"))
+            continue
+        se = statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else None
+        rows.append(ResultRow(name, m, sum(v) / len(v), se, len(v), "ok", msg))
     return rows

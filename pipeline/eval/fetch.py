@@ -34,6 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from pipeline import cli
+from pipeline.eval import benchmarks as B
+from pipeline.eval.harness import mirror_files
 from pipeline.runs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -46,16 +49,15 @@ class HubSource:
     revision: Optional[str] = None  # null: the default branch (record what you fetched: MANIFEST.json)
 
 
-HUB: Dict[str, HubSource] = {
-    "arc_challenge": HubSource("allenai/ai2_arc", "ARC-Challenge"),
-    "piqa": HubSource("baber/piqa"),
-    "winogrande": HubSource("allenai/winogrande", "winogrande_xl"),
-    "truthfulqa_mc2": HubSource("truthfulqa/truthful_qa", "multiple_choice"),
-    "truthfulqa_gen": HubSource("truthfulqa/truthful_qa", "generation"),
-    "wmt14_en_fr": HubSource("wmt/wmt14", "fr-en"), "wmt14_fr_en": HubSource("wmt/wmt14", "fr-en"),
-    "wmt16_en_de": HubSource("wmt/wmt16", "de-en"), "wmt16_de_en": HubSource("wmt/wmt16", "de-en"),
-    "wmt16_en_ro": HubSource("wmt/wmt16", "ro-en"), "wmt16_ro_en": HubSource("wmt/wmt16", "ro-en"),
-}
+def hub_sources() -> Dict[str, HubSource]:
+    """benchmark -> its Hugging Face dataset, from each benchmark YAML's ``benchmark.hub``."""
+    return {n: HubSource(*b.hub) for n, b in B.registry().items() if b.hub}
+
+
+def __getattr__(name: str) -> Dict[str, HubSource]:
+    if name == "HUB":  # the hub sources as they are declared now
+        return hub_sources()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,6 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: Path) -> Tuple[int, str
 
 def targets(benchmark: str) -> List[Tuple[str, str]]:
     """(HF split, mirror-relative file) of a harness benchmark, from its task template."""
-    from pipeline.eval.harness import mirror_files
-
     out = []
     for _split, files in mirror_files(benchmark).items():
         for f in files:
@@ -108,7 +108,7 @@ def targets(benchmark: str) -> List[Tuple[str, str]]:
 def fetch_hub(benchmark: str, root: Path, force: bool = False) -> List[Dict[str, Any]]:
     import datasets
 
-    src = HUB[benchmark]
+    src = hub_sources()[benchmark]
     todo = [(s, f) for s, f in targets(benchmark) if force or not (root / f).is_file()]
     if not todo:
         return []
@@ -147,14 +147,15 @@ def fetch(root: Path, only: Optional[Sequence[str]] = None, force: bool = False)
 
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in list(HUB) + list(URLS) if not only or k in only]
-    unknown = sorted(set(only or []) - set(HUB) - set(URLS))
+    hub = hub_sources()
+    keys = [k for k in list(hub) + list(URLS) if not only or k in only]
+    unknown = sorted(set(only or []) - set(hub) - set(URLS))
     failures: Dict[str, str] = {k: "unknown benchmark" for k in unknown}
     manifest_path = root / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"files": {}}
     for k in tqdm(keys, desc="fetch-data"):
         try:
-            got = fetch_hub(k, root, force) if k in HUB else fetch_url(k, root, force)
+            got = fetch_hub(k, root, force) if k in hub else fetch_url(k, root, force)
         except Exception as e:  # reported, the others go on
             failures[k] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.error("%s: %s", k, failures[k])
@@ -167,24 +168,16 @@ def fetch(root: Path, only: Optional[Sequence[str]] = None, force: bool = False)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from pipeline.config import ConfigError, load_config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    force = "--force" in argv
-    only: Optional[List[str]] = None
-    rest = []
-    for a in argv:
-        if a.startswith("--only="):
-            only = [x for x in a.split("=", 1)[1].split(",") if x]
-        elif a != "--force":
-            rest.append(a)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ap = cli.parser("python -m pipeline.eval.fetch", __doc__)
+    ap.add_argument("--force", action="store_true", help="download again even where the mirror has the files")
+    ap.add_argument("--only", type=lambda v: [x for x in v.split(",") if x], default=None,
+                    help="comma-separated benchmarks to fetch (default: all)")
+    args, rest = cli.parse(ap, argv)
+    force, only = args.force, args.only
+    cli.setup_logging()
     try:
-        cfg = load_config(rest)
-    except ConfigError as e:
+        cfg, _ = cli.compose(rest)
+    except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not cfg.eval.data_dir:

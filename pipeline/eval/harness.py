@@ -14,6 +14,9 @@ Thin driver around lm-eval 0.4.13's Python API:
    ``lm_eval.simple_evaluate``, writes the raw results JSON
    (``run_dir/eval/lm_eval/plw_<benchmark>.json``) and the per-item samples (``.samples.jsonl``)
    and returns the tidy rows.
+3. :class:`HarnessRunner` (kind ``harness``, pipeline/eval/runner.py) does both for every benchmark
+   whose YAML declares ``kind: harness`` (the default): adding an lm-eval benchmark is adding its
+   YAML file (docs/evaluation.md).
 
 Per-process caches (nothing here changes within a process, so results are unaffected): the lm-eval
 ``TaskManager`` (:func:`task_manager`: built without indexing lm-eval's ~14,000 built-in task YAMLs,
@@ -35,6 +38,7 @@ More than one sample goes to rouge_score's own loop.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -44,14 +48,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from pipeline.eval import benchmarks as B
-from pipeline.eval.results import Row
-from pipeline.runs import atomic_write_text
 from pipeline.data.records import sha256_file
+from pipeline.eval import benchmarks as B
+from pipeline.eval.results import ResultRow
+from pipeline.eval.runner import EvalPlan, EvalSession, Runner, plain, register
+from pipeline.runs import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
@@ -87,17 +91,31 @@ _BASE_CONFIGS: Dict[str, Dict[str, Any]] = {}
 _SHA256: Dict[Tuple[str, int, int], str] = {}
 
 
-def template(benchmark: str) -> Dict[str, Any]:
-    """The parsed template ``pipeline/eval/tasks/<benchmark>.yaml`` (a fresh copy; parsed once per
-    process and file version)."""
-    path = TASKS_DIR / f"{benchmark}.yaml"
-    if not path.is_file():
+def template_path(benchmark: str) -> Path:
+    """The benchmark's YAML file (``pipeline/eval/tasks/<benchmark>.yaml`` or a ``$PLW_EVAL_TASKS`` folder)."""
+    path = B.get(benchmark).path
+    if path is None or not path.is_file():
         raise FileNotFoundError(f"no task template {path} for benchmark {benchmark!r}")
+    return path
+
+
+def template(benchmark: str) -> Dict[str, Any]:
+    """The lm-eval task template of the benchmark's YAML file: the file without its ``benchmark:``
+    declaration (a fresh copy; parsed once per process and file version)."""
+    path = template_path(benchmark)
     key = _stat_key(path)
     if key not in _TEMPLATES:
         with open(path, encoding="utf-8") as f:
-            _TEMPLATES[key] = yaml.safe_load(f)
+            doc = yaml.safe_load(f)
+        doc.pop(B.DECLARATION_KEY, None)
+        _TEMPLATES[key] = doc
     return copy.deepcopy(_TEMPLATES[key])
+
+
+def template_sha256(benchmark: str) -> str:
+    """sha256 of the task template (canonical JSON of :func:`template`: comments and the
+    ``benchmark:`` declaration, whose shots and metrics the evaluator records itself, do not count)."""
+    return hashlib.sha256(json.dumps(template(benchmark), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -124,6 +142,13 @@ def _base_config(include: str) -> Dict[str, Any]:
     return copy.deepcopy(_BASE_CONFIGS[include])
 
 
+def fewshot_split(config: Dict[str, Any]) -> Optional[str]:
+    """The split lm-eval draws few-shot examples from for a task config: ``fewshot_split``, else its
+    preconfigured rule (training, else validation, else the evaluated test split)."""
+    return (config.get("fewshot_split") or config.get("training_split") or config.get("validation_split")
+            or config.get("test_split"))
+
+
 def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots: int,
                 metrics: Sequence[str], limit: Optional[int], fewshot_seed: int,
                 add_bos_token: Optional[bool] = None) -> TaskSpec:
@@ -144,6 +169,8 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
             return spec
         cfg.update({k: v for k, v in tpl.items() if k not in ("dataset_path", "dataset_name", "dataset_kwargs")})
         data = {"source": "hub", "dataset_path": base.get("dataset_path"), "dataset_name": base.get("dataset_name")}
+        if shots > 0:
+            data["fewshot_split"] = fewshot_split({**base, **cfg})
     else:
         root = Path(data_dir).expanduser()
         cfg.update({k: v for k, v in tpl.items() if k != "dataset_kwargs"})
@@ -173,8 +200,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
                 "files": {Path(f).relative_to(root).as_posix(): file_sha256(Path(f))[:16]
                           for s in sorted(files) for f in files[s]}}
         if shots > 0:
-            fs = merged.get("fewshot_split") or merged.get("training_split") or merged.get("validation_split") \
-                or merged.get("test_split")
+            fs = fewshot_split(merged)
             data["fewshot_split"] = fs
             if fs == eval_split:
                 spec.notes.append(f"few-shot examples are drawn from the evaluated split '{eval_split}' "
@@ -186,7 +212,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         cfg["metric_list"] = keep or tpl["metric_list"]
     out_dir.mkdir(parents=True, exist_ok=True)
     spec.yaml_path = out_dir / f"{task}.yaml"
-    header = (f"# Materialised by pipeline/eval/harness.py from pipeline/eval/tasks/{benchmark}.yaml "
+    header = (f"# Materialised by pipeline/eval/harness.py from {template_path(benchmark)} "
               f"for lm-eval {lm_eval_version()}.\n")
     atomic_write_text(spec.yaml_path, header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     version = (tpl.get("metadata") or base.get("metadata") or {}).get("version")
@@ -194,7 +220,7 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         "framework": "lm-eval", "version": lm_eval_version(), "task": task,
         "base_task": include, "task_version": version, "shots": int(shots), "fewshot_seed": int(fewshot_seed),
         "limit": limit, "metrics": list(metrics),
-        "template_sha256": file_sha256(TASKS_DIR / f"{benchmark}.yaml")[:16], "data": data,
+        "template_sha256": template_sha256(benchmark)[:16], "data": data,
         "add_bos_token": add_bos_token,
     }
     return spec
@@ -325,7 +351,7 @@ def _json_default(o: Any) -> Any:
 
 
 def parse_results(res: Dict[str, Any], task: str, benchmark: str, metrics: Sequence[str],
-                  notes: Sequence[str] = ()) -> List[Row]:
+                  notes: Sequence[str] = ()) -> List[ResultRow]:
     """Tidy rows from an lm-eval results dict (``"<metric>,<filter>"`` keys, stderr ``N/A`` -> None)."""
     values = res["results"].get(task, {})
     n = (res.get("n-samples", {}).get(task) or {}).get("effective")
@@ -343,17 +369,17 @@ def parse_results(res: Dict[str, Any], task: str, benchmark: str, metrics: Seque
     available = B.get(benchmark).available
     for m in metrics:
         if m in got and "value" in got[m]:
-            rows.append(Row(benchmark, m, got[m]["value"], got[m].get("stderr"), n, "ok", message))
+            rows.append(ResultRow(benchmark, m, got[m]["value"], got[m].get("stderr"), n, "ok", message))
         else:
             why = (f"metric {m!r} is not reported by {task} (reported: {sorted(k for k in got if 'value' in got[k])}"
                    f"{'; BLEURT needs the BLEURT-20 model and is not computed by lm-eval 0.4.13' if m.startswith('bleurt') else ''}"
                    f"; available here: {list(available)})")
-            rows.append(Row(benchmark, m, None, None, n, "skipped", why))
+            rows.append(ResultRow(benchmark, m, None, None, n, "skipped", why))
     return rows
 
 
 def run_task(lm, spec: TaskSpec, *, metrics: Sequence[str], limit: Optional[int], raw_dir: Path,
-             bootstrap_iters: int, fewshot_seed: int, gen_kwargs: Optional[Dict[str, Any]] = None) -> List[Row]:
+             bootstrap_iters: int, fewshot_seed: int, gen_kwargs: Optional[Dict[str, Any]] = None) -> List[ResultRow]:
     """Evaluate one materialised task; raw JSON and samples are written to ``raw_dir``."""
     import lm_eval
 
@@ -371,3 +397,33 @@ def run_task(lm, spec: TaskSpec, *, metrics: Sequence[str], limit: Optional[int]
     lines = [json.dumps(s, default=_json_default, ensure_ascii=False) for s in samples.get(spec.task, [])]
     atomic_write_text(raw_dir / f"{spec.task}.samples.jsonl", "\n".join(lines) + ("\n" if lines else ""))
     return parse_results(res, spec.task, spec.benchmark, metrics, spec.notes)
+
+
+@register
+class HarnessRunner(Runner):
+    """lm-eval benchmarks: planned by :func:`materialize`, run by :func:`run_task` with the evaluated
+    model (``eval.gen_kwargs`` applies to the ``short_gen`` group: the generate_until tasks)."""
+
+    kind = "harness"
+    order = {"model": 10}
+
+    def plan(self, ev: EvalSession, bench: B.Benchmark) -> EvalPlan:
+        e = ev.e
+        spec = materialize(bench.name, e.data_dir, ev.eval_dir / "lm_eval" / "tasks", shots=ev.shots(bench.name),
+                           metrics=ev.metrics(bench.name), limit=e.limit, fewshot_seed=e.fewshot_seed,
+                           add_bos_token=e.add_bos_token)
+        evaluator = dict(spec.evaluator)
+        if plain(e.gen_kwargs) and bench.group == "short_gen":  # generate_until tasks only
+            evaluator["gen_kwargs"] = plain(e.gen_kwargs)
+        return EvalPlan(bench.name, evaluator or {"framework": "lm-eval", "task": spec.task}, spec.skip, spec)
+
+    def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
+        e = ev.e
+        gk = plain(e.gen_kwargs) or None
+        for n in names:
+            p = plans[n]
+            ev.attempt(p, lambda p=p, n=n: run_task(
+                lm, p.spec, metrics=ev.metrics(n), limit=e.limit,
+                gen_kwargs=gk if B.get(n).group == "short_gen" else None,
+                raw_dir=ev.eval_dir / "lm_eval", bootstrap_iters=e.bootstrap_iters,
+                fewshot_seed=e.fewshot_seed))

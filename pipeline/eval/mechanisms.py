@@ -20,15 +20,31 @@ Pure functions (tested against independent computations):
 I/O helpers: :func:`read_losses` (metrics.jsonl: the last ``"kind": "train"`` line of every step;
 bad lines are errors naming the file and line), :func:`summary_distance` (the distance the trainer
 wrote in ``train_summary.json``).
+
+:class:`MechanismRunner` (kind ``mechanism``, pipeline/eval/runner.py) computes the ``mech_*``
+benchmarks of runs (a pre-trained baseline: skipped); which metric a benchmark is comes from its
+YAML's ``compute``: ``memorization_bleu`` (with the evaluated model loaded), ``loss_rsd`` and
+``weight_distance`` (from the run's files). (``mech_alpacaeval_length`` belongs to the AlpacaEval
+runner, which has the generations.)
 """
 from __future__ import annotations
 
 import json
 import math
 import random
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from pipeline.data.build import load_dataset
+from pipeline.eval import benchmarks as B
+from pipeline.eval import generation
+from pipeline.eval.results import ResultRow
+from pipeline.eval.runner import EvalPlan, EvalSession, Runner, model_identity, register, short_hash
+from pipeline.preprocess import render_source
+from pipeline.runs import atomic_write_json
+from pipeline.trainer.distance import weight_distance as trainer_weight_distance
 
 BLEU_SIGNATURE = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp"
 
@@ -119,8 +135,6 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tuple[f
 def select_prompts(records: Sequence[Mapping[str, Any]], n: int, seed: int = 0) -> List[Tuple[str, str]]:
     """Up to ``n`` (prompt, output) pairs with unique prompts (first occurrence's output), in record
     order; a seeded sample of the unique prompts when there are more than ``n``."""
-    from pipeline.preprocess import render_source
-
     seen: Dict[str, str] = {}
     for i, r in enumerate(records):
         if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
@@ -168,8 +182,6 @@ def weight_distance(trained: Path, pretrained: Path) -> Distance:
     files: every tensor of the pre-trained checkpoint against the fine-tuned one's."""
     from safetensors import safe_open
 
-    from pipeline.trainer.distance import weight_distance as distance
-
     a, b = _tensor_index(trained), _tensor_index(pretrained)
     handles: Dict[Path, Any] = {}
 
@@ -179,7 +191,7 @@ def weight_distance(trained: Path, pretrained: Path) -> Distance:
         return handles[path].get_tensor(key)
 
     try:
-        res = distance(lambda k: get(a[k], k) if k in a else None, ((k, get(b[k], k)) for k in sorted(b)))
+        res = trainer_weight_distance(lambda k: get(a[k], k) if k in a else None, ((k, get(b[k], k)) for k in sorted(b)))
     except (KeyError, ValueError) as e:
         raise MechanismError(f"{trained} vs {pretrained}: {e.args[0] if e.args else e}") from None
     finally:
@@ -212,3 +224,101 @@ def summary_distance(run_dir: Path) -> Optional[Dict[str, Any]]:
     out["tensors"] = wd.get("tensors")
     out["source"] = str(p)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+COMPUTATIONS = ("loss_rsd", "weight_distance", "memorization_bleu")
+
+
+@register
+class MechanismRunner(Runner):
+    kind = "mechanism"
+    order = {"model": 40, "files": 10}
+
+    def plan(self, ev: EvalSession, bench) -> EvalPlan:
+        name, e = bench.name, ev.e
+        if bench.compute not in COMPUTATIONS:
+            raise ValueError(f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
+                             f"kind mechanism, got {bench.compute!r}")
+        if not ev.t.is_run:
+            return EvalPlan(name, {"kind": "mechanism"}, f"{name} needs a training run (this is a pre-trained model)")
+        if bench.compute == "loss_rsd":
+            return EvalPlan(name, {"kind": "mechanism", "source": "metrics.jsonl", "window": e.rsd_window,
+                                   "windows": e.rsd_windows, "ddof": 1, "statistic": "mean over windows of sd/mean"})
+        if bench.compute == "weight_distance":
+            return EvalPlan(name, {"kind": "mechanism", "definitions": "pipeline.trainer.distance",
+                                   "source": "train_summary.json, else final/ vs the pre-trained checkpoint",
+                                   "pretrained": short_hash(model_identity(ev.t.model_cfg))})
+        ds = ev.t.run_cfg.dataset.name if ev.t.run_cfg is not None else "?"
+        return EvalPlan(name, {"kind": "mechanism", "signature": BLEU_SIGNATURE,
+                               "prompts": int(e.memorization_prompts), "seed": int(e.memorization_seed),
+                               "dataset": ds, "decoding": "greedy", "max_new_tokens": int(e.max_new_tokens),
+                               "template": "alpaca (pipeline.preprocess.render_source)"})
+
+    def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
+        for n in names:
+            if B.get(n).compute == "memorization_bleu":
+                ev.attempt(plans[n], lambda n=n: rows_memorization(ev, n, lm.model, lm.tokenizer))
+
+    def files_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str]) -> None:
+        for n in names:
+            c = B.get(n).compute
+            if c == "loss_rsd":
+                ev.attempt(plans[n], lambda n=n: rows_loss_rsd(ev, n))
+            elif c == "weight_distance":
+                ev.attempt(plans[n], lambda n=n: rows_weight_distance(ev, n))
+
+
+def rows_loss_rsd(ev: EvalSession, name: str) -> List[ResultRow]:
+    losses, steps = read_losses(ev.t.folder / "metrics.jsonl")
+    mean, per = loss_rsd(losses, ev.e.rsd_window, ev.e.rsd_windows)
+    se = statistics.stdev(per) / len(per) ** 0.5 if len(per) > 1 else None
+    msg = f"{len(steps)} optimizer steps, {len(per)} {ev.e.rsd_windows} windows of {ev.e.rsd_window}"
+    return [ResultRow(name, m, mean if m == "rsd_mean" else None, se if m == "rsd_mean" else None,
+                      len(per), "ok" if m == "rsd_mean" else "skipped",
+                      msg if m == "rsd_mean" else f"unknown metric {m!r}")
+            for m in ev.metrics(name)]
+
+
+def rows_weight_distance(ev: EvalSession, name: str) -> List[ResultRow]:
+    s = summary_distance(ev.t.folder)
+    if s is not None:
+        vals, n, msg = s, s.get("tensors"), f"from the trainer's summary {s['source']}"
+    else:
+        final = ev.t.model_dir
+        if final is None or not Path(final).is_dir():
+            raise MechanismError(f"missing checkpoint {final} (and no train_summary.json with weight_distance)")
+        folder, _ = ev.pretrained_source()
+        if folder is None:
+            raise MechanismError(
+                f"the pre-trained model '{getattr(ev.t.model_cfg, 'name', '?')}' has no local folder "
+                f"(hub cache only): set model.local_path to compute the weight distance")
+        d = weight_distance(Path(final), Path(folder))
+        vals, n = d.values, d.n_tensors
+        msg = "; ".join([f"computed from the saved checkpoint {final} vs {folder} (no train_summary.json)"]
+                        + d.notes)
+    return [ResultRow(name, m, vals.get(m), None, n, "ok" if m in vals else "skipped",
+                      msg if m in vals else f"metric {m!r} not available (available: {list(DISTANCE_METRICS)})")
+            for m in ev.metrics(name)]
+
+
+def rows_memorization(ev: EvalSession, name: str, model, tok) -> List[ResultRow]:
+    e = ev.e
+    if ev.t.run_cfg is None:
+        raise MechanismError("no run config (config.yaml): cannot find the training data")
+    records, _meta = load_dataset(ev.t.run_cfg)
+    pairs = select_prompts(records, int(e.memorization_prompts), int(e.memorization_seed))
+    if not pairs:
+        raise MechanismError(f"dataset {ev.t.run_cfg.dataset.name}: no training prompts")
+    gens = generation.generate(model, tok, [p for p, _ in pairs], max_new_tokens=e.max_new_tokens,
+                               batch_size=e.batch_size, desc="memorization")
+    hyps = [g.text for g in gens]
+    atomic_write_json(ev.eval_dir / "memorization" / "generations.json",
+                      [{"prompt": p, "reference": r, "generation": h} for (p, r), h in zip(pairs, hyps)])
+    score, sig = corpus_bleu(hyps, [r for _, r in pairs])
+    msg = f"sacreBLEU {sig}; {len(pairs)} unique training prompts of {len(records)} records"
+    return [ResultRow(name, m, score if m == "bleu" else None, None, len(pairs),
+                      "ok" if m == "bleu" else "skipped", msg if m == "bleu" else f"unknown metric {m!r}")
+            for m in ev.metrics(name)]

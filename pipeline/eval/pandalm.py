@@ -29,6 +29,10 @@ Steps:
    with the comparator; stderr over items). Item verdicts: win if its two judgments sum to a win
    (win+win, win+tie), loss likewise, tie otherwise (tie+tie, or the orders disagree).
    ``position_consistency`` = share of items whose two judgments agree.
+
+:class:`PandaLMRunner` (kind ``pandalm``, pipeline/eval/runner.py) drives the steps: candidates of
+the evaluated model while it is loaded, then (after it is released) the comparator's candidates and
+the judge.
 """
 from __future__ import annotations
 
@@ -37,15 +41,22 @@ import json
 import logging
 import math
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from pipeline.eval import benchmarks as B
+from pipeline.eval import generation
 from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
-from pipeline.eval.results import Row
-from pipeline.runs import append_jsonl, atomic_write_json, read_jsonl
+from pipeline.eval.results import ResultRow
+from pipeline.eval.runner import (BASELINES_DIR, EvalPlan, EvalSession, Runner, model_identity, register,
+                                  short_hash)
+from pipeline.models import ensure_pad_token
+from pipeline.preprocess import render_source
+from pipeline.runs import append_jsonl, atomic_write_json, file_lock, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +118,6 @@ def load_testset(path: Path) -> List[Dict[str, str]]:
 
 
 def candidate_prompts(items: Sequence[Dict[str, str]]) -> List[str]:
-    from pipeline.preprocess import render_source
-
     return [render_source({"instruction": it["instruction"], "input": it["input"]}) for it in items]
 
 
@@ -234,12 +243,10 @@ class HFJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.eval.generation import resolve_device
-
         self.conf = conf
         model_id, rev = conf["model"], conf.get("revision")
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[conf.get("dtype", "bfloat16")]
-        dev = resolve_device(device)
+        dev = generation.resolve_device(device)
         kw: Dict[str, Any] = {"dtype": dtype}
         if dev.startswith("cuda"):
             kw["device_map"] = "auto"
@@ -257,8 +264,6 @@ class HFJudge:
                                f"{str(e).splitlines()[0]}. Download it where the hub is reachable or set "
                                f"eval.pandalm_judge_model=<local folder>") from e
         if conf.get("tokenizer") == "pandalm":  # PandaLM's own set-up (pandalm_inference.py)
-            from pipeline.models import ensure_pad_token
-
             model, tok = ensure_pad_token(model, tok)
             tok.add_special_tokens({"eos_token": "</s>", "bos_token": "</s>", "unk_token": "</s>"})
             model.config.pad_token_id = tok.pad_token_id = 0
@@ -268,11 +273,9 @@ class HFJudge:
         self.model, self.tok = model.eval(), tok
 
     def __call__(self, prompts: Sequence[str]) -> List[str]:
-        from pipeline.eval.generation import generate
-
         dec = dict(self.conf.get("decoding") or {})
         max_new = int(dec.pop("max_new_tokens", 512))
-        gens = generate(self.model, self.tok, prompts, max_new_tokens=max_new,
+        gens = generation.generate(self.model, self.tok, prompts, max_new_tokens=max_new,
                         batch_size=int(self.conf.get("batch_size", 1)), gen_kwargs=dec, desc="PandaLM judging")
         return [g.text for g in gens]
 
@@ -305,8 +308,6 @@ def evaluator_info(judge_name: str, judge_model: Optional[str], testset: Path, c
 # --------------------------------------------------------------------------------------------
 def generate_candidates(model, tokenizer, items: Sequence[Dict[str, str]], *, out_file: Path, who: str,
                         max_new_tokens: int, batch_size: int) -> List[str]:
-    from pipeline.eval.generation import generate
-
     settings = {"who": who, "max_new_tokens": int(max_new_tokens), "decoding": "greedy",
                 "prompts": _sha(json.dumps(candidate_prompts(items)).encode())}
     if out_file.is_file():
@@ -316,7 +317,7 @@ def generate_candidates(model, tokenizer, items: Sequence[Dict[str, str]], *, ou
                 return cached["outputs"]
         except (ValueError, KeyError):
             pass
-    gens = generate(model, tokenizer, candidate_prompts(items), max_new_tokens=max_new_tokens,
+    gens = generation.generate(model, tokenizer, candidate_prompts(items), max_new_tokens=max_new_tokens,
                     batch_size=batch_size, desc=f"PandaLM candidates ({who})")
     outputs = [g.text for g in gens]
     atomic_write_json(out_file, {"settings": settings, "outputs": outputs})
@@ -383,7 +384,8 @@ def judge_pairs(judge: Callable[[Sequence[str]], List[str]], items: Sequence[Dic
     return pairs, records
 
 
-def rows_from(t: Tally, metrics: Sequence[str], judge_name: str, comparator: str) -> List[Row]:
+def rows_from(t: Tally, metrics: Sequence[str], judge_name: str, comparator: str,
+              name: str = "pandalm") -> List[ResultRow]:
     notes = [f"vs {comparator}: {t.wins} wins, {t.ties} ties, {t.losses} losses over {t.n} items "
              f"(both orders)"]
     if t.unparsable:
@@ -396,11 +398,118 @@ def rows_from(t: Tally, metrics: Sequence[str], judge_name: str, comparator: str
     rows = []
     for m in metrics:
         if m not in values:
-            rows.append(Row("pandalm", m, None, None, None, "skipped",
-                            f"unknown metric {m!r} (available: {sorted(values)})"))
+            rows.append(ResultRow(name, m, None, None, None, "skipped",
+                                  f"unknown metric {m!r} (available: {sorted(values)})"))
         elif t.n == 0:
-            rows.append(Row("pandalm", m, None, None, 0, "error", f"no judgment could be parsed; {msg}"))
+            rows.append(ResultRow(name, m, None, None, 0, "error", f"no judgment could be parsed; {msg}"))
         else:
             v, se = values[m]
-            rows.append(Row("pandalm", m, v, se, t.n, "ok", msg))
+            rows.append(ResultRow(name, m, v, se, t.n, "ok", msg))
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------
+def comparator_id(ev: EvalSession) -> str:
+    c = str(ev.e.pandalm_comparator)
+    return f"pretrained ({ev.model_name()})" if c == "pretrained" else c
+
+
+def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List[str]:
+    """The comparator's outputs for ``items``: the run's pre-trained model (generated once per
+    pre-trained model, cached under ``<runs_dir>/_baselines/<model>/``), a model folder, or a file."""
+    e = ev.e
+    c = str(e.pandalm_comparator)
+    if c == "pretrained":
+        if not ev.t.is_run:
+            raise PandaLMError("the comparator (pretrained) is the evaluated model itself")
+        name = str(getattr(ev.t.model_cfg, "name", "model"))
+        ident = short_hash(model_identity(ev.t.model_cfg))
+        cache = Path(ev.cfg.paths.runs_dir) / BASELINES_DIR / name / "eval" / "pandalm" / f"candidates-{ident}.json"
+        who = f"pretrained {name} {ident}"
+        folder, mcfg = ev.pretrained_source()
+    else:
+        p = Path(c).expanduser()
+        if p.is_file():
+            return load_outputs_file(p, len(items))
+        if not p.is_dir():
+            raise PandaLMError(
+                f"config key 'eval.pandalm_comparator': {c!r} is neither 'pretrained', a model folder nor "
+                f"a JSON/JSONL file of outputs")
+        cache = ev.eval_dir / "pandalm" / f"comparator-{short_hash(str(p.resolve()))}.json"
+        who, folder, mcfg = str(p.resolve()), p, None
+    # one process generates a shared cache, the others wait for it (parallel workers)
+    lock = cache.parent / f".{cache.name}.lock"
+    with file_lock(lock, wait=True, on_wait=lambda: log.info("waiting for %s (another process holds it)", lock)):
+        if cache.is_file():  # cheap check before loading a model
+            try:
+                got = json.loads(cache.read_text(encoding="utf-8"))
+                if got.get("settings", {}).get("who") == who and len(got.get("outputs", [])) >= len(items) \
+                        and got["settings"].get("max_new_tokens") == int(e.max_new_tokens):
+                    if got["settings"].get("prompts") == _sha(json.dumps(candidate_prompts(items)).encode()):
+                        return got["outputs"]
+            except (ValueError, KeyError):
+                pass
+        lm = ev.load_model(folder, mcfg)
+        try:
+            return generate_candidates(lm.model, lm.tokenizer, items, out_file=cache, who=who,
+                                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        finally:
+            del lm
+            generation.release()
+
+
+@register
+class PandaLMRunner(Runner):
+    kind = "pandalm"
+    order = {"model": 30, "judge": 10}
+
+    def plan(self, ev: EvalSession, bench: B.Benchmark) -> EvalPlan:
+        e = ev.e
+        try:
+            ts = testset_path(e.pandalm_testset, e.data_dir)
+        except DataUnavailable as ex:
+            return EvalPlan(bench.name, {"framework": "pandalm"}, str(ex))
+        comp = comparator_id(ev)
+        evaluator = evaluator_info(e.pandalm_judge, e.pandalm_judge_model, ts, comp, max_new_tokens=e.max_new_tokens,
+                                   limit=e.limit, unparsable=e.pandalm_unparsable)
+        if comp.startswith("pretrained") and not ev.t.is_run:
+            return EvalPlan(bench.name, evaluator, "the comparator (the pre-trained model) is the evaluated model itself")
+        return EvalPlan(bench.name, evaluator)
+
+    def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
+        """The evaluated model's candidates (once for every benchmark of this kind)."""
+        e = ev.e
+        try:
+            items = load_testset(testset_path(e.pandalm_testset, e.data_dir))
+            ev.shared["pandalm_items"] = items[: e.limit] if e.limit else items
+            ev.shared["pandalm_model_out"] = generate_candidates(
+                lm.model, lm.tokenizer, ev.shared["pandalm_items"], out_file=ev.eval_dir / "pandalm" / "candidates.json",
+                who=ev.t.run_id, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        except Exception as ex:
+            log.error("PandaLM candidates failed:\n%s", traceback.format_exc())
+            ev.fail_all(plans, names, f"PandaLM candidate generation failed: {type(ex).__name__}: {ex}")
+
+    def judge_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str]) -> None:
+        e = ev.e
+        for n in names:
+            def fn(n=n) -> List[ResultRow]:
+                items, model_out = ev.shared.get("pandalm_items"), ev.shared.get("pandalm_model_out")
+                if items is None or model_out is None:
+                    raise RuntimeError("no PandaLM candidates for the evaluated model")
+                comp = comparator_outputs(ev, items)
+                conf = judge_config(e.pandalm_judge, e.pandalm_judge_model)
+                judge = make_judge(conf, e.device)
+                try:
+                    pairs, records = judge_pairs(
+                        judge, items, model_out, comp, style=conf.get("prompt", "pandalm"),
+                        cache=ev.eval_dir / "pandalm" / f"judgments-{e.pandalm_judge}.jsonl")
+                finally:
+                    del judge
+                    generation.release()
+                atomic_write_json(ev.eval_dir / "pandalm" / "judgments.json", records)
+                t = tally(pairs, e.pandalm_unparsable)
+                return rows_from(t, ev.metrics(n), e.pandalm_judge, comparator_id(ev), name=n)
+
+            ev.attempt(plans[n], fn)

@@ -3,13 +3,13 @@
 Schema (one row per (benchmark, metric); the analysis stage reads exactly this)::
 
     run_id     the run's id (run.json), or ``baseline__<model>`` for a pre-trained model
-    benchmark  arc_challenge, ..., alpaca_eval, pandalm, mech_* (pipeline/eval/benchmarks.py)
+    benchmark  arc_challenge, ..., alpaca_eval, pandalm, mech_* (one YAML each: pipeline/eval/benchmarks.py)
     metric     acc, acc_norm, bleu_max, win_rate, score, rsd_mean, ...
     value      the number (lm-eval's scale: accuracies in [0, 1], BLEU/chrF 0-100; AlpacaEval and
                PandaLM win rates 0-100); empty when status is not ok
     stderr     its standard error (empty when there is none)
     n          items the value is computed over
-    group      mc | short_gen | long_gen | mechanism
+    group      mc | short_gen | long_gen | mechanism (pipeline/eval/groups.py; declared in the YAML)
     status     ok | skipped | error
     message    why it was skipped / failed, or a note (e.g. the test-double judge, few-shot source)
     evaluator  compact JSON of the exact evaluator config (framework and version, task version,
@@ -50,7 +50,7 @@ def evaluator_json(evaluator: Mapping[str, Any]) -> str:
 
 
 @dataclass
-class Row:
+class ResultRow:
     benchmark: str
     metric: str
     value: Optional[float] = None
@@ -78,7 +78,7 @@ class BenchmarkResult:
 
     benchmark: str
     evaluator: Dict[str, Any]
-    rows: List[Row] = field(default_factory=list)
+    rows: List[ResultRow] = field(default_factory=list)
     finished: str = ""
 
     @property
@@ -98,13 +98,13 @@ class BenchmarkResult:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "BenchmarkResult":
         return cls(benchmark=obj["benchmark"], evaluator=dict(obj["evaluator"]),
-                   rows=[Row(**r) for r in obj["rows"]], finished=obj.get("finished", ""))
+                   rows=[ResultRow(**r) for r in obj["rows"]], finished=obj.get("finished", ""))
 
 
 def status_rows(benchmark: str, metrics: Sequence[str], status: str, message: str,
-                n: Optional[int] = None) -> List[Row]:
+                n: Optional[int] = None) -> List[ResultRow]:
     """One row per metric with no value (a skipped or failed benchmark keeps its shape)."""
-    return [Row(benchmark, m, None, None, n, status, message) for m in (metrics or ["-"])]
+    return [ResultRow(benchmark, m, None, None, n, status, message) for m in (metrics or ["-"])]
 
 
 class ResultStore:
@@ -152,8 +152,9 @@ class ResultStore:
 
     def all_results(self, order: Sequence[str] = ()) -> List[BenchmarkResult]:
         names = [p.stem for p in sorted(self.done_dir.glob("*.json"))] if self.done_dir.is_dir() else []
-        registry = [b for b in B.ALL if b in names and b not in order]  # the others in the registry's order
-        ranked = [b for b in order if b in names] + registry + [b for b in names if b not in order and b not in B.ALL]
+        known = B.registry()
+        registry = [b for b in known if b in names and b not in order]  # the others in the registry's order
+        ranked = [b for b in order if b in names] + registry + [b for b in names if b not in order and b not in known]
         out = []
         for b in ranked:
             r = self.load(b)
@@ -163,9 +164,10 @@ class ResultStore:
 
     def write_table(self, order: Sequence[str] = ()) -> Path:
         rows = []
+        known = B.registry()
         for res in self.all_results(order):
             ev = evaluator_json(res.evaluator)
-            group = B.ALL[res.benchmark].group if res.benchmark in B.ALL else ""
+            group = known[res.benchmark].group if res.benchmark in known else ""
             for r in res.rows:
                 rows.append({"run_id": self.run_id, "benchmark": r.benchmark, "metric": r.metric,
                              "value": r.value, "stderr": r.stderr, "n": r.n, "group": group,

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+
+from pipeline.eval.results import read_results
+from pipeline.eval.stage import evaluate_run, finished_runs, load_run_config, pending_benchmarks
+from pipeline.sweep.slurm import available, sbatch_parameters, submitit_folder
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +36,9 @@ class EvalTask:
         self.cfg = cfg
 
     def __call__(self) -> Dict[str, Any]:
-        from pipeline.eval.results import read_results
-        from pipeline.eval.stage import evaluate_run
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         threads = int(os.environ.get("SLURM_CPUS_PER_TASK", "0") or 0)
         if threads:
-            import torch
-
             torch.set_num_threads(threads)
         path = evaluate_run(self.run_dir, self.cfg)
         rows = read_results(path)
@@ -55,8 +56,6 @@ def _portable(cfg: DictConfig) -> DictConfig:
 
 
 def _resources(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Tuple[int, int, int, int, int]:
-    from pipeline.eval.stage import load_run_config
-
     run_cfg, _ = load_run_config(run_dir, cfg)
     r = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(run_cfg.model.resources, resolve=True)),
                         OmegaConf.from_dotlist([o[len("model.resources."):] for o in overrides
@@ -66,8 +65,6 @@ def _resources(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Tupl
 
 def runs_to_submit(cfg: DictConfig) -> List[Path]:
     """Finished runs of ``paths.runs_dir`` with some benchmark left to evaluate."""
-    from pipeline.eval.stage import finished_runs, pending_benchmarks
-
     out = []
     for p in finished_runs(Path(str(cfg.paths.runs_dir))):
         try:
@@ -85,8 +82,6 @@ def runs_to_submit(cfg: DictConfig) -> List[Path]:
 def submit(runs: List[Path], cfg: DictConfig, overrides: Sequence[str] = ()) -> List[Tuple[str, Any]]:
     """One job array per distinct resource request; returns (run folder name, submitit job)."""
     import submitit
-
-    from pipeline.sweep.slurm import sbatch_parameters, submitit_folder
 
     launcher = cfg.launcher
     folder = submitit_folder(cfg)
@@ -130,10 +125,6 @@ def wait(jobs: List[Tuple[str, Any]], poll_s: float) -> Dict[str, Optional[str]]
 
 def main(cfg: DictConfig, overrides: Sequence[str]) -> int:
     """The ``launcher=slurm`` branch of ``python -m pipeline.eval`` (every finished run lacking results)."""
-    import sys
-
-    from pipeline.sweep.slurm import available
-
     why = available()
     if why is not None:
         print(f"error: launcher=slurm: {why}", file=sys.stderr)

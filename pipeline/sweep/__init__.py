@@ -10,5 +10,6 @@ Modules: :mod:`~pipeline.sweep.grid` (pure: the grid of an experiment config),
 decisions, the status table, manifests), :mod:`~pipeline.sweep.plan` (composition, run ids, launch
 files), :mod:`~pipeline.sweep.worker` (executes one run), :mod:`~pipeline.sweep.supervise` (starts
 and watches a worker), :mod:`~pipeline.sweep.local` and :mod:`~pipeline.sweep.slurm` (launchers),
-:mod:`~pipeline.sweep.__main__` (the command). See docs/sweep.md.
+:mod:`~pipeline.sweep.__main__` (the command). Every run status change goes through
+:mod:`pipeline.lifecycle`. See docs/sweep.md.
 """

@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, load_config
+from pipeline.runs import RunDir, list_runs
+from pipeline.sweep import slurm
 from pipeline.sweep import store as st
+from pipeline.sweep.estimate import Estimate
+from pipeline.sweep.local import run_local
+from pipeline.sweep.plan import make_plan, manifest_entries, mark_stale, prepare_launch, refresh
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -38,9 +48,6 @@ def _row(pr) -> st.Row:
 
 def _slurm_refresh(plan) -> None:
     """Re-decide runs that have a SLURM job, with the job states from squeue/sacct."""
-    from pipeline.sweep import slurm
-    from pipeline.sweep.plan import refresh
-
     ids = slurm.status_job_ids(plan.runs)
     if not ids or slurm.available() is not None:
         return
@@ -74,8 +81,6 @@ def _cost_lines(plan) -> str:
 
 
 def cmd_run(overrides: List[str], dry_run: bool) -> int:
-    from pipeline.sweep.plan import make_plan, manifest_entries, mark_stale, prepare_launch, refresh
-
     plan = make_plan(overrides, estimates=dry_run)
     _slurm_refresh(plan)
     lc = plan.root.launcher
@@ -114,16 +119,12 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
         prepare_launch(pr, lc)
 
     if lc.kind == "local":
-        from pipeline.sweep.local import run_local
-
         try:
             run_local(todo, lc)
         except KeyboardInterrupt:
             print("sweep interrupted: the runs checkpointed; `make sweep` resumes them", file=sys.stderr)
             return 130
     else:
-        from pipeline.sweep import slurm
-
         why = slurm.available()
         if why is not None:
             print(f"error: launcher=slurm: {why}", file=sys.stderr)
@@ -148,8 +149,6 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
 
 def _keep_costs(plan) -> None:
     """Carry GPU-hour estimates of an earlier dry run into the manifest."""
-    from pipeline.sweep.estimate import Estimate
-
     old = st.read_manifest(plan.runs_dir, plan.experiment) or {}
     costs = {e["run_id"]: e.get("gpu_hours") for e in old.get("runs", [])}
     for pr in plan.runs:
@@ -159,11 +158,6 @@ def _keep_costs(plan) -> None:
 
 
 def _wait_slurm(plan, submitted) -> None:
-    from tqdm import tqdm
-
-    from pipeline.sweep import slurm
-    from pipeline.sweep.plan import refresh
-
     lc = plan.root.launcher
     bar = tqdm(total=len(submitted), desc="sweep (slurm)", unit="run", dynamic_ncols=True)
     reported = set()
@@ -191,10 +185,6 @@ def _wait_slurm(plan, submitted) -> None:
 
 
 def cmd_status(overrides: List[str]) -> int:
-    from pipeline.config import load_config
-    from pipeline.runs import RunDir
-    from pipeline.sweep import slurm
-
     cfg = load_config(list(overrides))
     runs_dir = Path(cfg.paths.runs_dir)
     exp = cfg.experiment.name if cfg.get("experiment") is not None else None
@@ -205,8 +195,6 @@ def cmd_status(overrides: List[str]) -> int:
             man = st.read_manifest(runs_dir, exp) or {"runs": []}
             dirs = [RunDir(runs_dir / e["run_id"]) for e in man["runs"]]
         else:
-            from pipeline.runs import list_runs
-
             dirs = list_runs(runs_dir)
         for rd in dirs:
             if rd.status_file.exists():
@@ -225,11 +213,6 @@ def cmd_status(overrides: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from pipeline.config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

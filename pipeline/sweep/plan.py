@@ -20,6 +20,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import lifecycle
+from pipeline.config import ConfigError, load_config, merge_overrides
+from pipeline.data import store as dstore
+from pipeline.data.build import prepare
+from pipeline.data.records import load_records
 from pipeline.runs import RunDir, atomic_write_json, atomic_write_text, create_run, run_id
 from pipeline.sweep import estimate as est
 from pipeline.sweep.grid import GridPoint, enumerate_grid, split_overrides
@@ -60,26 +65,9 @@ class Plan:
         return Path(self.root.paths.runs_dir)
 
 
-def _key(o: str) -> str:
-    return o.lstrip("+~").split("=", 1)[0]
-
-
-def merge_overrides(*lists: Sequence[str]) -> List[str]:
-    """Concatenate override lists; a later override of the same key replaces the earlier one."""
-    out: Dict[str, str] = {}
-    for lst in lists:
-        for o in lst:
-            k = _key(o)
-            out.pop(k, None)
-            out[k] = o
-    return list(out.values())
-
-
 def compose_runs(experiment: Mapping[str, Any], run_overrides: Sequence[str],
                  points: Sequence[GridPoint]) -> List[Tuple[GridPoint, DictConfig, List[str]]]:
     """A composed, validated config per grid point (composing once per model/dataset/variant)."""
-    from pipeline.config import load_config
-
     base = list(experiment.get("overrides") or [])
     cache: Dict[Tuple[str, str, str], DictConfig] = {}
     out = []
@@ -101,19 +89,13 @@ def compose_runs(experiment: Mapping[str, Any], run_overrides: Sequence[str],
 def dataset_token_stats(cfg: DictConfig) -> Tuple[Optional[est.TokenStats], str]:
     """Size of ``cfg.dataset``: from the processed dataset if built, else the raw file (characters
     / 4), else the paper's Table 1; ``(None, reason)`` when none is available. Never builds."""
-    from pipeline.data import store as dstore
-
     name = cfg.dataset.name
     max_len = int(cfg.train.model_max_length)
     try:
-        from pipeline.data.build import prepare
-
         p = prepare(cfg)
         if dstore.is_done(p.folder, verify=False):
             records, _ = dstore.read(p.folder)
             return _stats_from_records(records, max_len, "processed"), "processed"
-        from pipeline.data.records import load_records
-
         ds = cfg.dataset
         loaded = load_records(p.raw.path, ds.source.format, ds.empty_output, ds.max_records)
         return _stats_from_records(loaded.records, max_len, "raw"), "raw"
@@ -157,8 +139,6 @@ def run_estimate(cfg: DictConfig, stats: Optional[est.TokenStats], peak_tflops: 
 def make_plan(overrides: Sequence[str], estimates: bool = False,
               slurm_states: Optional[Mapping[str, str]] = None) -> Plan:
     """Compose the sweep (``overrides`` must select an experiment) and plan every run."""
-    from pipeline.config import ConfigError, load_config
-
     grid_ov, run_ov = split_overrides(overrides)
     root = load_config(list(overrides))
     if root.get("experiment") is None:
@@ -199,12 +179,7 @@ def refresh(pr: PlannedRun, max_retries: int, stale_after_s: float,
 
 def mark_stale(pr: PlannedRun) -> None:
     """A stale run (status running, process gone) is recorded as a failed attempt."""
-    st = pr.status
-    hb = pr.rd.heartbeat() or {}
-    where = f"host {st.get('host')}, pid {st.get('pid')}" + (f", SLURM job {st['slurm_job_id']}"
-                                                             if st.get("slurm_job_id") else "")
-    pr.rd.set_status("failed", error=f"stale: status was running ({where}) but the process is gone; "
-                     f"last heartbeat {hb.get('iso', 'never')}", stale=True)
+    lifecycle.mark_stale(pr.rd, pr.status)
 
 
 def prepare_launch(pr: PlannedRun, launcher: DictConfig) -> None:
@@ -215,8 +190,7 @@ def prepare_launch(pr: PlannedRun, launcher: DictConfig) -> None:
         "variant": pr.point.variant, "overrides": pr.overrides, "launcher": str(launcher.name),
         "heartbeat_s": float(launcher.heartbeat_s), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
-    if not pr.rd.status_file.exists():
-        pr.rd.set_status("pending")
+    lifecycle.mark_prepared(pr.rd)
 
 
 def manifest_entries(plan: Plan) -> List[Dict[str, Any]]:

@@ -40,8 +40,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import lifecycle
 from pipeline.config import ConfigError
-from pipeline.runs import RunDir, now_iso
+from pipeline.runs import RunDir
 from pipeline.sweep.plan import PlannedRun
 from pipeline.sweep.supervise import Supervisor, describe
 
@@ -162,8 +163,7 @@ def submit(runs: List[PlannedRun], root: DictConfig, folder: Path) -> Dict[str, 
                     for pr in group]
         for pr, job in zip(group, jobs):
             ids[pr.run_id] = str(job.job_id)
-            pr.rd.set_status("pending", slurm_job_id=str(job.job_id), submitted=now_iso(),
-                             submitit_folder=str(folder))
+            lifecycle.mark_queued(pr.rd, str(job.job_id), str(folder))
     return ids
 
 

@@ -13,7 +13,9 @@ The worker runs in its own session (so a terminal's Ctrl-C reaches only the swee
 runs cleanly), logs to ``<run>/logs/attempt-<n>.log``, ignores SIGUSR2 (submitit's warning signal,
 which SLURM sends to every process of the job: the task process handles it and forwards SIGUSR1)
 and gets SIGTERM if the process that started it dies (Linux ``PR_SET_PDEATHSIG``), so an orphaned
-run checkpoints and stops instead of training on unwatched.
+run checkpoints and stops instead of training on unwatched. It starts with SIGTERM/SIGUSR1 blocked
+(until it catches them): a stop sent while it imports torch is kept, not fatal. Run status changes
+made here (a worker that died before recording anything) go through :mod:`pipeline.lifecycle`.
 
 Waiting uses ``os.waitpid`` directly, never ``Popen.wait``: a signal handler (submitit's
 checkpoint) may wait for the same child while the main loop is polling it.
@@ -31,10 +33,23 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from pipeline import lifecycle
+from pipeline.lifecycle import EXIT_BUSY, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
 from pipeline.runs import RunDir
-from pipeline.sweep.worker import EXIT_BUSY, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED, log_header
 
 _PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # ask a worker to checkpoint and stop
+
+
+def next_attempt_log(rd: RunDir) -> Path:
+    """``<run>/logs/attempt-<n>.log`` of the attempt about to start (n = attempts so far + 1)."""
+    st = rd.status() if rd.status_file.exists() else {}
+    return rd.logs / f"attempt-{int(st.get('attempts', 0)) + 1}.log"
+
+
+def log_header(cmd: Sequence[str]) -> str:
+    """The first line of an attempt log (the same for one-run and several-run workers)."""
+    return f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
 
 
 def worker_command(run_dir: Path, python: Optional[str] = None) -> List[str]:
@@ -51,6 +66,8 @@ def group_command(run_dirs: Sequence[Path], report: Path, python: Optional[str] 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    # blocked until the worker catches them (StopFlag.install): a stop sent during its imports waits
+    signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in STOP_SIGNALS])
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -167,7 +184,8 @@ def run_outcome(rd: RunDir, code: int, log_path: Optional[Path]) -> str:
         return "interrupted"
     if state == "failed" and code == EXIT_FAILED:
         return "failed"
-    rd.set_status("failed", error=f"worker {_how(code)}; log {log_path}: {_tail(log_path) if log_path else ''}")
+    lifecycle.mark_failed(rd, f"worker {_how(code)}; log {log_path}: {_tail(log_path) if log_path else ''}",
+                          keep_first=False)
     return "failed"
 
 
@@ -181,8 +199,7 @@ class Supervisor(_WorkerProcess):
         self.rd = rd
 
     def start(self) -> "Supervisor":
-        st = self.rd.status() if self.rd.status_file.exists() else {}
-        self._spawn(self.rd.logs / f"attempt-{int(st.get('attempts', 0)) + 1}.log", self.rd.path)
+        self._spawn(next_attempt_log(self.rd), self.rd.path)
         return self
 
     def finalize(self) -> str:
@@ -289,8 +306,8 @@ class GroupSupervisor(_WorkerProcess):
             if rd.run_id in self.run_logs:  # executing when the worker died
                 outcome = run_outcome(rd, rc if rc != EXIT_DONE else EXIT_FAILED, self.run_logs[rd.run_id])
             elif broken:  # the worker died before its first run: charge that run, as a one-run worker
-                rd.set_status("failed", error=f"worker {_how(rc)} before starting its first run; "
-                                              f"log {self.worker_log}: {_tail(self.worker_log)}")
+                lifecycle.mark_failed(rd, f"worker {_how(rc)} before starting its first run; "
+                                          f"log {self.worker_log}: {_tail(self.worker_log)}", keep_first=False)
                 outcome, broken = "failed", False
             else:
                 outcome = NOT_STARTED

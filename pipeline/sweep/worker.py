@@ -3,14 +3,19 @@
 The launchers (local subprocesses, SLURM array tasks) start this process; it is a thin driver. For
 each run folder given, in order:
 
-1. takes the run's execution lock (``<run>/.lock``, flock); if another process holds it, the run is
-   skipped (:data:`EXIT_BUSY`) without touching anything (two sweeps never train one run twice);
+1. takes the run's execution lock (``<run>/.lock``, :func:`pipeline.lifecycle.acquire`); if another
+   process holds it, the run is skipped (:data:`EXIT_BUSY`) without touching anything (two sweeps
+   never train one run twice);
 2. rewrites ``<run>/heartbeat.json`` every ``launcher.heartbeat_s`` seconds from a thread;
-3. loads the resolved config the sweep wrote (``<run>/launch.yaml``; Hydra does not run here) and
-   calls :func:`pipeline.train.run` ``(cfg, variant)``, which resumes from the latest checkpoint,
-   sets the status (running, done, failed with the error) and checkpoints on SIGTERM/SIGUSR1;
+3. loads the resolved config the sweep wrote (``<run>/launch.yaml``, :meth:`RunDir.load_config`;
+   Hydra does not run here) and calls :func:`pipeline.train.run` ``(cfg, variant)``, which resumes
+   from the latest checkpoint, executes the attempt under the lock this worker holds (status
+   running, done, failed with the error: :func:`pipeline.lifecycle.execute`) and checkpoints on
+   SIGTERM/SIGUSR1;
 4. maps the ending onto :data:`EXIT_DONE` (status done), :data:`EXIT_INTERRUPTED` (checkpointed on a
-   signal and stopped: resumable) or :data:`EXIT_FAILED` (status failed, the error recorded).
+   signal and stopped: resumable) or :data:`EXIT_FAILED` (status failed, the error recorded). A
+   failure before the attempt starts (an invalid ``launch.yaml``) is recorded through
+   :func:`pipeline.lifecycle.mark_failed`.
 
 One run (how the SLURM launcher and ``launcher.runs_per_worker=1`` use it): the process's exit code
 is that run's code, and its output goes wherever the caller sent it (the supervisor's
@@ -35,15 +40,14 @@ line was executing when the worker died; a run with neither was not started.
 
 Stop signals: SIGTERM/SIGUSR1 are caught for the whole life of the worker (not only while the
 trainer's step loop runs): a signal that arrives while a run loads its model or data makes the
-trainer stop at its first step boundary (a stop callback; single-process runs) instead of killing
-the process mid-load; one that arrives between runs stops the worker before the next run.
+trainer stop at its first step boundary (:class:`StopOnRequest`; single-process runs) instead of
+killing the process mid-load; one that arrives between runs stops the worker before the next run.
+The supervisor starts the worker with both signals blocked (:mod:`pipeline.sweep.supervise`), so one
+sent while Python imports torch stays pending until :meth:`StopFlag.install` unblocks it.
 
 Multi-GPU runs: :func:`pipeline.train.run` itself starts ``train.nproc`` training processes
 (torchrun/accelerate) and forwards SIGTERM/SIGUSR1 to them; this worker is one process.
 (Should it ever run under torchrun, only global rank 0 takes the lock and writes the heartbeat.)
-
-``PLW_SWEEP_TRAINER`` (environment) names another module providing ``run(cfg, variant)`` in place of
-``pipeline.train`` (a seam for developing the launchers against another trainer; unset = the real one).
 """
 from __future__ import annotations
 
@@ -60,13 +64,16 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from pipeline.runs import RunDir
+from pipeline import lifecycle
+from pipeline.lifecycle import EXIT_BUSY, EXIT_DONE, EXIT_FAILED, EXIT_INTERRUPTED
+from pipeline.runs import RunDir, slurm_job_id_from_env
+from pipeline.sweep.supervise import STOP_SIGNALS, log_header, next_attempt_log
+from pipeline.train import resolve_nproc
+from pipeline.train import run as train_run
+from pipeline.trainer.loop import TrainerCallback
 
-EXIT_DONE = 0
-EXIT_FAILED = 1
-EXIT_INTERRUPTED = 75  # checkpointed on a signal and stopped (= pipeline.train's PREEMPTED_EXIT_CODE)
-EXIT_BUSY = 79  # another process executes this run (its lock is held): nothing was done
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+__all__ = ["EXIT_BUSY", "EXIT_DONE", "EXIT_FAILED", "EXIT_INTERRUPTED", "StopFlag", "StopOnRequest",
+           "execute", "execute_many", "main"]
 
 log = logging.getLogger("pipeline.sweep.worker")
 
@@ -76,29 +83,6 @@ def load_launch(rd: RunDir) -> Dict[str, Any]:
         return json.loads(rd.launch_json.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{rd.launch_json}: missing (the sweep writes it before launching a run)")
-
-
-def load_run_config(rd: RunDir):
-    """The resolved config of the latest launch, validated against the schema (no Hydra)."""
-    from omegaconf import OmegaConf
-
-    from pipeline.config import Config, validate
-
-    base = OmegaConf.structured(Config)
-    cfg = OmegaConf.merge(base, OmegaConf.load(rd.launch_config))
-    validate(cfg)
-    return cfg
-
-
-def next_attempt_log(rd: RunDir) -> Path:
-    """``<run>/logs/attempt-<n>.log`` of the attempt about to start (n = attempts so far + 1)."""
-    st = rd.status() if rd.status_file.exists() else {}
-    return rd.logs / f"attempt-{int(st.get('attempts', 0)) + 1}.log"
-
-
-def log_header(cmd: Sequence[str]) -> str:
-    """The first line of an attempt log (the same for one-run and several-run workers)."""
-    return f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n"
 
 
 class Heartbeat:
@@ -146,11 +130,13 @@ class StopFlag:
         self.reason = name
 
     def install(self) -> "StopFlag":
+        """Catch the stop signals, then unblock them (the supervisor starts the worker with them
+        blocked: one sent earlier is delivered now)."""
         if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                sig = getattr(signal, name, None)
-                if sig is not None:
-                    self._old[sig] = signal.signal(sig, self._on_signal)
+            sigs = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+            for sig in sigs:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
         return self
 
     def restore(self) -> None:
@@ -163,85 +149,70 @@ class StopFlag:
         return self.reason is not None
 
 
-def _stop_callbacks(train: Any, cfg: Any, stop: StopFlag) -> list:
-    """A trainer callback that turns a stop request received outside the step loop (while the model
-    or data load) into the trainer's own stop at its next step boundary; only for the real trainer
-    training in this process (``train.nproc`` = 1: callbacks need it)."""
-    if getattr(train, "TrainerCallback", None) is None or not hasattr(train, "resolve_nproc"):
-        return []
+class StopOnRequest(TrainerCallback):
+    """Turns a stop request received outside the step loop (while the model or data load) into the
+    trainer's own stop at its next step boundary."""
+
+    def __init__(self, stop: StopFlag) -> None:
+        self.stop = stop
+
+    def on_train_begin(self, trainer, start_step):
+        if self.stop.requested:
+            trainer.request_stop(str(self.stop.reason))
+
+    def on_step_end(self, trainer, step, row):
+        return self.stop.requested
+
+
+def stop_callbacks(cfg: Any, stop: StopFlag) -> List[TrainerCallback]:
+    """:class:`StopOnRequest` for a run trained in this process (``train.nproc`` = 1: callbacks need
+    it); none for a multi-process run (pipeline.train forwards the signals to its ranks)."""
     try:
-        if train.resolve_nproc(cfg.train) != 1:
+        if resolve_nproc(cfg.train) != 1:
             return []
     except Exception:  # noqa: BLE001 - train.run reports the bad setting itself
         return []
-
-    class _StopOnRequest(train.TrainerCallback):
-        def on_train_begin(self, trainer, start_step):
-            if stop.requested:
-                trainer.request_stop(str(stop.reason))
-
-        def on_step_end(self, trainer, step, row):
-            return stop.requested
-
-    return [_StopOnRequest()]
-
-
-def _record_failure(rd: RunDir, message: str) -> None:
-    st = rd.status() if rd.status_file.exists() else {}
-    if st.get("state") != "failed":
-        rd.set_status("failed", error=message)
+    return [StopOnRequest(stop)]
 
 
 def _execute_one(rd: RunDir, stop: Optional[StopFlag] = None, on_locked=None) -> int:
     """One run (steps 1-4 of the module docstring); returns its exit code. ``on_locked(rd)`` is
     called once the lock is held, before anything else (the multi-run worker redirects its output)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    fd = None
-    if rank0:
-        fd = rd.try_lock()
-        if fd is None:
-            print(f"[worker] {rd.path}: another process holds {rd.lock_file}; not starting", flush=True)
-            return EXIT_BUSY
+    if rank0 and not lifecycle.acquire(rd):
+        print(f"[worker] {rd.path}: another process holds {rd.lock_file}; not starting", flush=True)
+        return EXIT_BUSY
     hb = None
     try:
         if on_locked is not None:
             on_locked(rd)
         launch = load_launch(rd)
         if rank0:
-            from pipeline.runs import slurm_job_id_from_env
-
             hb = Heartbeat(rd, float(launch.get("heartbeat_s", 30.0)), run_id=rd.run_id,
                            slurm_job_id=slurm_job_id_from_env()).start()
         try:
-            cfg = load_run_config(rd)
+            cfg = rd.load_config()
         except Exception as e:  # noqa: BLE001 - recorded in status.json, then re-raised
             if rank0:
-                _record_failure(rd, f"config {rd.launch_config}: {type(e).__name__}: {e}")
+                lifecycle.mark_failed(rd, f"{type(e).__name__}: {e}")
             raise
         variant = launch.get("variant", "none")
-        import importlib
-
-        train = importlib.import_module(os.environ.get("PLW_SWEEP_TRAINER") or "pipeline.train")
-        callbacks = _stop_callbacks(train, cfg, stop) if stop is not None else []
-
         try:
-            if callbacks:
-                train.run(cfg, variant, callbacks=callbacks)
-            else:
-                train.run(cfg, variant)
+            train_run(cfg, variant, callbacks=stop_callbacks(cfg, stop) if stop is not None else [])
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             return _outcome(rd, code, rank0)
         except BaseException as e:  # noqa: BLE001
             if rank0:
-                _record_failure(rd, f"{type(e).__name__}: {e}")
+                lifecycle.mark_failed(rd, f"{type(e).__name__}: {e}")
             traceback.print_exc()
             return EXIT_FAILED
         return _outcome(rd, 0, rank0)
     finally:
         if hb is not None:
             hb.stop()
-        RunDir.unlock(fd)
+        if rank0:
+            lifecycle.release(rd)
 
 
 def execute(run_dir: Path, stop: Optional[StopFlag] = None) -> int:
@@ -268,8 +239,8 @@ def _outcome(rd: RunDir, code: int, rank0: bool) -> int:
         return EXIT_FAILED
     # Not done, not failed: the trainer stopped on a signal after checkpointing (status pending with
     # `interrupted`, SystemExit 75), or ended otherwise. Either way the run resumes next time.
-    if rank0 and not (state == "pending" and st.get("interrupted")):
-        rd.set_status("pending", interrupted={"reason": f"trainer ended with code {code} in state {state}"})
+    if rank0:
+        lifecycle.mark_interrupted(rd, f"trainer ended with code {code} in state {state}")
     return EXIT_INTERRUPTED
 
 
@@ -357,9 +328,7 @@ def execute_many(run_dirs: Sequence[Path], report: Optional[Path] = None,
                 if isinstance(e, KeyboardInterrupt):
                     raise
                 code = EXIT_FAILED
-                st = rd.status() if rd.status_file.exists() else {}
-                if st.get("state") != "failed":
-                    _record_failure(rd, f"{type(e).__name__}: {e}")
+                lifecycle.mark_failed(rd, f"{type(e).__name__}: {e}")
             finally:
                 out.restore()
                 os.chdir(cwd)

@@ -13,7 +13,8 @@ Layout (``<run>/checkpoints/``)::
     .tmp-step-00000008/       being written (or left by a kill): ignored and deleted on start
 
 Protocol: every rank writes its part into ``.tmp-step-N/``; after a barrier rank 0 writes ``DONE``,
-fsyncs and renames the folder to ``step-N`` (atomic on POSIX), then deletes the oldest complete
+fsyncs and renames the folder to ``step-N`` (atomic on POSIX; :func:`pipeline.atomic_dir.publish`,
+the helper of every complete-or-absent folder of the pipeline), then deletes the oldest complete
 checkpoints beyond ``train.save_total_limit``. A run killed at any moment (SIGKILL, scancel, time
 limit) leaves either a complete ``step-N`` or debris under a ``.tmp-`` name, never a partial
 ``step-N``; it resumes from the highest complete one.
@@ -27,9 +28,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from pipeline.atomic_dir import DONE, is_complete, publish
+
+__all__ = ["DONE", "PREFIX", "TMP_PREFIX", "STATE_FILE", "checkpoint_name", "complete_checkpoints",
+           "latest_checkpoint", "checkpoint_step", "remove_debris", "tmp_dir", "commit", "prune", "read_state"]
+
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
-DONE = "DONE"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -46,7 +51,7 @@ def complete_checkpoints(ckpt_dir: Path) -> List[Path]:
     found = []
     for p in ckpt_dir.iterdir():
         m = _NAME.match(p.name)
-        if m and p.is_dir() and (p / DONE).is_file():
+        if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -70,7 +75,7 @@ def remove_debris(ckpt_dir: Path) -> List[str]:
         return []
     gone = []
     for p in ckpt_dir.iterdir():
-        if p.name.startswith(TMP_PREFIX) or (_NAME.match(p.name) and not (p / DONE).is_file()):
+        if p.name.startswith(TMP_PREFIX) or (_NAME.match(p.name) and not is_complete(p)):
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
     return gone
@@ -80,34 +85,13 @@ def tmp_dir(ckpt_dir: Path, step: int) -> Path:
     return Path(ckpt_dir) / f"{TMP_PREFIX}{checkpoint_name(step)}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def commit(tmp: Path, step: int, info: Optional[Dict[str, Any]] = None) -> Path:
-    """Rank 0, after every rank finished writing into ``tmp``: DONE, then rename to ``step-N``."""
+    """Rank 0, after every rank finished writing into ``tmp``: DONE (step, files and sizes), then
+    rename to ``step-N``, replacing a complete checkpoint of the same step from an earlier attempt."""
     tmp = Path(tmp)
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    done = {"step": int(step), "files": files, **(info or {})}
-    with open(tmp / DONE, "w", encoding="utf-8") as f:
-        f.write(json.dumps(done, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
     final = tmp.parent / checkpoint_name(step)
-    if final.exists():  # a complete checkpoint of the same step from an earlier attempt
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(tmp.parent)
+    publish(tmp, final, {"step": int(step), "files": files, **(info or {})}, replace=True)
     return final
 
 

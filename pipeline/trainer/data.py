@@ -33,7 +33,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-from pipeline.preprocess import IGNORE_INDEX, TruncationReport, build_examples, tokenize_records
+from pipeline.loss import IGNORE_INDEX
+from pipeline.preprocess import TruncationReport, build_examples, tokenize_records
 
 
 def derived_seed(seed: int, purpose: str, *parts: Any) -> int:

@@ -11,7 +11,7 @@
           and fp32 master weights when ``train.bf16``. Gradients are reduce-scattered (mean) after every
           micro-batch, so accumulation never holds unsharded gradients.
 ``deepspeed``  ``deepspeed.initialize`` with ``conf/distributed/ds_zero3.json`` (ZeRO-3); see
-          :mod:`pipeline.trainer.wrapper` for how the LM head is gathered. Not installable/testable here.
+          :class:`pipeline.loss.WeightedLossModel` for how the LM head is gathered. Not installable/testable here.
 ========  ==================================================================================
 
 The same code runs on CPU (gloo) and GPU (NCCL): the tests train with 2 gloo processes under FSDP.
@@ -37,6 +37,8 @@ from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+
+from pipeline.loss import register_for_zero3
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +171,7 @@ class Backend:
         return torch.bfloat16 if bool(train_cfg.bf16) else None
 
     def wrap(self, wrapper: nn.Module, model_cfg: Any, train_cfg: Any) -> nn.Module:
-        """Move/shard ``wrapper`` (a :class:`~pipeline.trainer.wrapper.WeightedLossModel`)."""
+        """Move/shard ``wrapper`` (a :class:`~pipeline.loss.WeightedLossModel`)."""
         if self.mode == "fsdp":
             return self._wrap_fsdp(wrapper, model_cfg, train_cfg)
         if self.mode == "deepspeed":
@@ -214,8 +216,6 @@ class Backend:
         import json
 
         import deepspeed
-
-        from pipeline.trainer.wrapper import register_for_zero3
 
         path = self.settings.get("deepspeed_config") or str(
             Path(__file__).resolve().parents[2] / "conf" / "distributed" / "ds_zero3.json")

@@ -58,7 +58,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.loss import step_normalisers
+from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
+from pipeline.loss import WeightedLossModel, step_normalisers
 from pipeline.preprocess import Collator
 from pipeline.regularizers import (MinkowskiPenalty, decay_parameter_names, optimizer_groups,
                                    set_attention_dropout, trainable_parameters)
@@ -68,25 +69,11 @@ from pipeline.trainer.data import (TrainData, batch_tokens, filler_example, rank
                                    step_epoch, step_examples, steps_per_epoch, total_steps)
 from pipeline.trainer.dist import Backend, seed_everything
 from pipeline.trainer.reporting import Trackers, format_row
-from pipeline.trainer.wrapper import WeightedLossModel
 
 log = logging.getLogger("pipeline.train")
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" (a checkpoint was saved; requeue and resume)
 SUMMARY_FILE = "train_summary.json"
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
-
-
-class Preempted(SystemExit):
-    """Training stopped at a step boundary on request (signal or callback), after a checkpoint."""
-
-    def __init__(self, step: int, reason: str, checkpoint: Optional[str]):
-        super().__init__(PREEMPTED_EXIT_CODE)
-        self.step, self.reason, self.checkpoint = step, reason, checkpoint
-
-    def __str__(self) -> str:
-        return (f"training stopped by {self.reason} at step {self.step} (checkpoint {self.checkpoint}); "
-                f"exit code {PREEMPTED_EXIT_CODE}: requeue to resume")
 
 
 class TrainerCallback:
@@ -174,7 +161,7 @@ class Trainer:
         mp = b.mixed_precision(tc) if b.device.type == "cuda" else None
         self.compute_dtype = mp or next(self.lm.parameters()).dtype
         wrapper = WeightedLossModel(self.lm, label_smoothing=float(tc.label_smoothing),
-                                    chunk_size=int(tc.loss_chunk_size))
+                                    chunk_size=int(tc.loss_chunk_size), compute_dtype=self.compute_dtype)
         decay = decay_parameter_names(wrapper)
         self.model = b.wrap(wrapper, self.cfg.model, self.cfg.train)
         self.optimizer = torch.optim.AdamW(
@@ -269,16 +256,8 @@ class Trainer:
         return self._to_device(self.collate(examples if examples else [self.filler]))
 
     def _forward(self, batch: Mapping[str, torch.Tensor], normaliser=None) -> Dict[str, torch.Tensor]:
-        kwargs = {}
-        mask = batch.get("attention_mask")
-        if mask is not None:
-            if mask.dim() == 4 and mask.is_floating_point():  # packed batches: additive mask in compute dtype
-                mask = mask.to(self.compute_dtype)
-            kwargs["attention_mask"] = mask
-        if batch.get("position_ids") is not None:
-            kwargs["position_ids"] = batch["position_ids"]
-        return self.model(input_ids=batch["input_ids"], labels=batch["labels"], weights=batch["weights"],
-                          prompt_mask=batch.get("prompt_mask"), normaliser=normaliser, **kwargs)
+        # the (wrapped) pipeline.loss.WeightedLossModel: ordinary and packed batches alike
+        return self.model(**batch, normaliser=normaliser)
 
     def step_batches(self, step: int) -> List[Dict[str, torch.Tensor]]:
         """This rank's collated micro-batches of optimizer step ``step``."""

@@ -1,4 +1,4 @@
-# Beta GLMM of min-max scaled benchmark scores on transformed PLW (SPEC section 6; paper 5.2).
+# Beta GLMM of min-max scaled benchmark scores on transformed PLW (docs/study.md section 6; paper 5.2).
 # Pure functions: data in, plain lists/data frames out. No file or console I/O.
 # Needs: capture.R (plw_capture), glmmTMB, car (Anova method for glmmTMB).
 #
