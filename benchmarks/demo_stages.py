@@ -53,7 +53,10 @@ def main() -> int:
     base = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="plw_demo_bench_"))
     cold = run_demo(args.experiment, base, extra, args.warm_data)
     warm = run_demo(args.experiment, base, extra, args.warm_data)
-    sec = lambda s, name: next((st["seconds"] for st in s["stages"] if st["name"] == name), float("nan"))
+
+    def sec(s, name):
+        return next((st["seconds"] for st in s["stages"] if st["name"] == name), float("nan"))
+
     print(f"\nmake demo stage times, experiment {args.experiment} ({cold['runs_total']} runs), cold run "
           f"({'repository data/' if args.warm_data else 'fresh data/ and caches'}) vs warm re-run, same "
           f"invocation; folder {base}")

@@ -35,16 +35,20 @@ def parser(prog: str, doc: Optional[str], commands: Sequence[str] = (),
     """An argparse parser with the module docstring as its help and, if given, a command argument."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if commands:
-        if default_command is None:
-            ap.add_argument("command", choices=list(commands))
-        else:
-            ap.add_argument("command", nargs="?", choices=list(commands), default=default_command)
+        ap.add_argument("command", choices=list(commands),
+                        help=f"default: {default_command}" if default_command else None)
+        ap.set_defaults(_default_command=default_command)
     return ap
 
 
 def parse(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> Tuple[argparse.Namespace, list]:
     """Options and command from ``argv`` (default ``sys.argv[1:]``); the rest must be Hydra overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    default = ap.get_default("_default_command")
+    if default is not None:  # no command given: the first word that is not an option is an override
+        words = [a for a in argv if not a.startswith("-")]
+        if not words or "=" in words[0]:
+            argv = [default, *argv]
     args, rest = ap.parse_known_args(argv)
     bad = [a for a in rest if "=" not in a or a.startswith("-")]
     if bad:

@@ -31,7 +31,6 @@ summary says which; what earlier stages computed stays in the run store), 2 bad 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from pipeline import cli
 from pipeline.config import load_config
 from pipeline.models import pretrained_dir
 from pipeline.runs import RunDir, atomic_write_json
@@ -209,14 +209,12 @@ def format_summary(s: Summary) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser("python -m pipeline.demo", __doc__)
     ap.add_argument("--experiment", default="demo", help="conf/experiment/<NAME>.yaml (demo_ci: reduced)")
     ap.add_argument("--eval", dest="eval_config", default="demo", help="conf/eval/<NAME>.yaml")
     ap.add_argument("--no-figures", action="store_true", help="regress without figures")
     ap.add_argument("--force-regress", action="store_true", help="refit even if inputs are unchanged")
-    args, overrides = ap.parse_known_args(argv)
+    args, overrides = cli.parse(ap, argv)
     try:
         cmds = stage_commands(args.experiment, args.eval_config, overrides, no_figures=args.no_figures)
     except ValueError as e:

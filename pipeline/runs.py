@@ -241,22 +241,27 @@ class RunDir:
     def run_id(self) -> str:
         return self.path.name
 
-    def load_config(self, latest: bool = True) -> DictConfig:
+    def load_config(self, latest: bool = True, notes: Optional[List[str]] = None) -> DictConfig:
         """The run's resolved config on the schema (:class:`pipeline.config.Config`), validated; no
         Hydra runs. ``latest``: the config of the latest launch (``launch.yaml``) when there is one,
         else (and with ``latest=False``) the config the run was created with (``config.yaml``).
-        A config that does not validate raises :class:`~pipeline.config.ConfigError` naming the file."""
+        A config that does not validate raises :class:`~pipeline.config.ConfigError` naming the file;
+        given a ``notes`` list instead (readers of finished runs: a run made under an older schema is
+        still evaluated), the file is returned as it is and the problem appended to ``notes``."""
         path = self.launch_config if latest and self.launch_config.is_file() else self.config
         if not path.is_file():
             raise FileNotFoundError(f"{self.path}: no {path.name} (not a run folder written by "
                                     f"pipeline.runs.create_run?)")
+        raw = OmegaConf.load(path)
         try:
-            cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path))
+            cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
             validate(cfg)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
-        except (OmegaConfBaseException, ValueError) as e:
-            raise ConfigError(f"{path}: {type(e).__name__}: {e}") from e
+        except (ConfigError, OmegaConfBaseException, ValueError) as e:
+            problem = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            if notes is None:
+                raise ConfigError(f"{path}: {problem}") from e
+            notes.append(f"{path} does not fit the current schema ({problem}); read as is")
+            return raw
         return cfg
 
     def info(self) -> Dict[str, Any]:

@@ -62,12 +62,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from pipeline import cli
 from pipeline import lifecycle
-from pipeline.config import ConfigError, load_config, validate
+from pipeline.config import Config, ConfigError, validate
 from pipeline.data.build import load_dataset
 from pipeline.lifecycle import EXIT_BUSY, PREEMPTED_EXIT_CODE, Preempted, RunBusy
 from pipeline.models import load_pretrained, pretrained_dir
@@ -92,8 +91,12 @@ ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", 
 # the linear entry point (every training process)
 # ------------------------------------------------------------------------------------------------
 def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
-          callbacks: Sequence[TrainerCallback] = ()) -> Dict[str, Any]:
-    """Load model, load data, build the trainer, train (resuming), save; returns the summary (rank 0)."""
+          callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None) -> Dict[str, Any]:
+    """Load model, load data, build the trainer, train (resuming), save; returns the summary (rank 0).
+
+    ``typed``: ``cfg`` validated (:func:`pipeline.config.validate`) by the caller; validated here if
+    not given. The typed sections go inward; ``cfg`` is what the run folder records."""
+    typed = validate(cfg) if typed is None else typed
     if cfg.train.num_threads:
         torch.set_num_threads(int(cfg.train.num_threads))
     backend = Backend.from_env(cfg.train)
@@ -102,12 +105,12 @@ def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
         #    cached checkpoint (scratch / GGUF) and the processed dataset first.
         if backend.distributed:
             if backend.is_main:
-                pretrained_dir(cfg.model, cfg.paths)
-                load_dataset(cfg)
+                pretrained_dir(typed.model, typed.paths)
+                load_dataset(typed)
             backend.barrier()
-        lm, tokenizer = load_pretrained(cfg.model, cfg.paths, dtype=torch.float32)
+        lm, tokenizer = load_pretrained(typed.model, typed.paths, dtype=torch.float32)
         # 2. data
-        records, meta = load_dataset(cfg)
+        records, meta = load_dataset(typed)
         t = cfg.train
         data = prepare_examples(records, tokenizer, plw=float(cfg.plw), completion_weight=float(cfg.completion_weight),
                                 model_max_length=int(t.model_max_length), truncation=str(t.truncation),
@@ -115,7 +118,7 @@ def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
         if backend.is_main:
             log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())
         # 3. trainer, 4. train (resumes from the latest checkpoint)
-        trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks)
+        trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks, typed=typed)
         trainer.train()
         # 5. save: final model, summary
         return trainer.finalize({**data.summary(), "dataset_dir": str(meta.get("dir")),
@@ -167,7 +170,7 @@ def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallb
     def work() -> Dict[str, Any]:
         nproc = resolve_nproc(typed.train)
         if nproc <= 1:
-            return train(cfg, rd, variant, callbacks)
+            return train(cfg, rd, variant, callbacks, typed=typed)
         if callbacks:
             raise ValueError("callbacks need training in this process (train.nproc=1)")
         return _run_ranks(cfg, rd, nproc)
@@ -310,10 +313,7 @@ def setup_logging() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
+    _, argv = cli.parse(cli.parser("python -m pipeline.train", __doc__), argv)
     setup_logging()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     variant = "none"
@@ -322,8 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             variant = a.split("=", 1)[1]
             argv.remove(a)
     try:
-        cfg = load_config(argv)
-    except (ConfigError, HydraException, OmegaConfBaseException) as e:
+        cfg, _ = cli.compose(argv)
+    except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

@@ -73,7 +73,7 @@ def test_non_editable_install_runs_from_another_directory(tmp_path, llama_tokeni
     proc = subprocess.run([sys.executable, "-P", "-c", SCRIPT, str(data), str(llama_tokenizer_dir)], cwd=work,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))[7:])
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["package"] == str(installed.resolve())
     assert Path(out["conf"]).resolve() == (installed / "conf").resolve()
     # outside a checkout, data/runs/reports default to the working directory

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.eval.results import read_results
-from pipeline.eval.stage import evaluate_run, finished_runs, load_run_config, pending_benchmarks
+from pipeline.eval.stage import evaluate_run, finished_runs, eval_run_config, pending_benchmarks
 from pipeline.sweep.slurm import available, sbatch_parameters, submitit_folder
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def _portable(cfg: DictConfig) -> DictConfig:
 
 
 def _resources(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Tuple[int, int, int, int, int]:
-    run_cfg, _ = load_run_config(run_dir, cfg)
+    run_cfg, _ = eval_run_config(run_dir, cfg)
     r = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(run_cfg.model.resources, resolve=True)),
                         OmegaConf.from_dotlist([o[len("model.resources."):] for o in overrides
                                                 if o.startswith("model.resources.")]))

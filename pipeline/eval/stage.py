@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from pipeline import models
-from pipeline.config import Config, ConfigError
+from pipeline.config import ConfigError
 from pipeline.eval import alpacaeval, harness, mechanisms, pandalm  # noqa: F401  (they register the runners)
 from pipeline.eval import benchmarks as B
 from pipeline.eval.generation import ModelMissing, check_checkpoint, fast_causal_masks, release, resolve_device
@@ -60,7 +60,7 @@ from pipeline.runs import RunDir, atomic_write_json, file_lock
 log = logging.getLogger("pipeline.eval")
 
 __all__ = ["BASELINES_DIR", "EvalError", "EvalPlan", "Evaluation", "Target", "check_names", "evaluate_all",
-           "evaluate_pretrained", "evaluate_run", "finished_runs", "folder_lock", "load_run_config",
+           "evaluate_pretrained", "evaluate_run", "finished_runs", "folder_lock", "eval_run_config",
            "pending_benchmarks"]
 
 
@@ -100,15 +100,6 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-_SCHEMA: Optional[DictConfig] = None
-
-
-def _schema() -> DictConfig:
-    """The config schema as a DictConfig (built once per process; merges copy it)."""
-    global _SCHEMA
-    if _SCHEMA is None:
-        _SCHEMA = OmegaConf.structured(Config)
-    return _SCHEMA
 
 
 _FROZEN = False
@@ -126,20 +117,16 @@ def freeze_imported_objects() -> None:
         _FROZEN = True
 
 
-def load_run_config(run_dir: Path, cfg: DictConfig) -> Tuple[DictConfig, List[str]]:
-    """The run's config.yaml on the schema, with this machine's ``paths`` (runs move between clusters)."""
+def eval_run_config(run_dir: Path, cfg: DictConfig) -> Tuple[DictConfig, List[str]]:
+    """The config the run was created with (:meth:`pipeline.runs.RunDir.load_config`; a run made
+    under an older schema is read as is, with a note), with this machine's ``paths`` (runs move
+    between clusters)."""
     notes: List[str] = []
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise EvalError(f"{run_dir}: no config.yaml (not a run folder written by pipeline.runs.create_run)")
-    raw = OmegaConf.load(path)
     try:
-        run_cfg = OmegaConf.merge(_schema(), raw)
-    except Exception as e:  # schema changed since the run was made
-        notes.append(f"{path} does not fit the current schema ({type(e).__name__}: {e}); read as is")
-        run_cfg = raw
-    run_cfg = OmegaConf.merge(run_cfg, {"paths": plain(cfg.paths)})
-    return run_cfg, notes
+        run_cfg = RunDir(Path(run_dir)).load_config(latest=False, notes=notes)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    return OmegaConf.merge(run_cfg, {"paths": plain(cfg.paths)}), notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +242,7 @@ def _run_json(run_dir: Path) -> Dict[str, Any]:
 
 def _run_target(rd: RunDir, cfg: DictConfig) -> Target:
     meta = _run_json(rd.path)
-    run_cfg, notes = load_run_config(rd.path, cfg)
+    run_cfg, notes = eval_run_config(rd.path, cfg)
     return Target(folder=rd.path, run_id=str(meta.get("run_id") or rd.path.name), model_dir=rd.final,
                   model_cfg=run_cfg.model, run_cfg=run_cfg, is_run=True, notes=notes)
 

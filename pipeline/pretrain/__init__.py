@@ -1,4 +1,4 @@
-"""Pre-train a tiny language model offline: the demo's "pre-trained models" (issue #7).
+"""Pre-train a tiny language model offline: the demo's "pre-trained models".
 
 The paper fine-tunes pre-trained LLaMA models; on a CPU without the hub the pipeline makes its own,
 tiny ones, in a first, cached step. A model config with ``source: scratch`` and a ``pretrain`` block

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, load_config
+from pipeline import cli
+from pipeline.config import load_config
 from pipeline.runs import RunDir, list_runs
 from pipeline.sweep import slurm
 from pipeline.sweep import store as st
@@ -213,23 +212,13 @@ def cmd_status(overrides: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    cmd = "run"
-    if argv and argv[0] in ("run", "status"):
-        cmd = argv.pop(0)
-    dry_run = "--dry-run" in argv
-    argv = [a for a in argv if a != "--dry-run"]
-    bad = [a for a in argv if a.startswith("-")]
-    if bad:
-        print(f"error: unknown option(s) {bad}; see --help", file=sys.stderr)
-        return 2
+    ap = cli.parser("python -m pipeline.sweep", __doc__, commands=("run", "status"), default_command="run")
+    ap.add_argument("--dry-run", action="store_true", help="run: print the grid, its state and cost; start nothing")
+    args, argv = cli.parse(ap, argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return cmd_status(argv) if cmd == "status" else cmd_run(argv, dry_run)
-    except (ConfigError, HydraException, OmegaConfBaseException, FileNotFoundError, ValueError) as e:
+        return cmd_status(argv) if args.command == "status" else cmd_run(argv, args.dry_run)
+    except (*cli.CONFIG_ERRORS, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

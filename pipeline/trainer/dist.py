@@ -39,6 +39,8 @@ import torch
 from torch import nn
 
 from pipeline.loss import register_for_zero3
+from pipeline.models import decoder_layer_class
+from pipeline.regularizers import local_tensor
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,6 @@ class Backend:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-        from pipeline.models import decoder_layer_class
 
         cls_name = self.settings.get("fsdp_wrap_class") or model_cfg.fsdp_wrap_class
         if not cls_name:
@@ -341,7 +342,6 @@ def clip_grad_norm_fp64(grads, max_norm: float, reduce=None) -> float:
     over ranks by ``reduce`` when gradients are sharded. torch's float32 norm of a 7B-parameter
     gradient is only good to ~1e-4 relative and depends on how tensors are split; this one does not
     (1 process and N FSDP processes clip by the same factor). Returns the norm before clipping."""
-    from pipeline.regularizers import local_tensor
 
     parts = [torch.linalg.vector_norm(local_tensor(g), 2, dtype=torch.float64).pow(2)
              for g in grads if local_tensor(g).numel()]

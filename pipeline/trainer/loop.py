@@ -58,6 +58,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import pipeline
+from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
 from pipeline.preprocess import Collator
@@ -67,7 +69,9 @@ from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_
 from pipeline.trainer import checkpoint as ckpt
 from pipeline.trainer.data import (TrainData, batch_tokens, filler_example, rank_micro_batches,
                                    step_epoch, step_examples, steps_per_epoch, total_steps)
+from pipeline.models import load_model, torch_dtype
 from pipeline.trainer.dist import Backend, seed_everything
+from pipeline.trainer.distance import reference_parameters, weight_distance
 from pipeline.trainer.reporting import Trackers, format_row
 
 log = logging.getLogger("pipeline.train")
@@ -101,11 +105,9 @@ class Trainer:
     """Trains ``lm`` on ``data`` as ``cfg.train`` says, in ``run_dir`` (see the module docstring)."""
 
     def __init__(self, cfg: DictConfig, run_dir: RunDir, backend: Backend, lm: torch.nn.Module, tokenizer,
-                 data: TrainData, callbacks: Sequence[TrainerCallback] = ()):
-        from pipeline.config import validate
-
+                 data: TrainData, callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None):
         self.cfg = cfg
-        self.typed = validate(cfg)
+        self.typed = validate(cfg) if typed is None else typed  # validated once, by the entry point
         self.tc = self.typed.train
         self.rd = run_dir
         self.backend = backend
@@ -456,8 +458,6 @@ class Trainer:
 def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "none") -> Dict[str, Any]:
     """Every rank calls it (the full state dict is gathered collectively); rank 0 writes
     ``<run>/final/`` (atomically: a temporary folder renamed) and ``<run>/train_summary.json``."""
-    from pipeline.models import load_model, torch_dtype
-    from pipeline.trainer.distance import reference_parameters, weight_distance
 
     b = self.backend
     sd = b.full_state_dict(self.model)
@@ -537,7 +537,6 @@ def _versions() -> Dict[str, str]:
 
     import transformers
 
-    import pipeline
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "pipeline": getattr(pipeline, "__version__", "?")}
