@@ -25,8 +25,9 @@ test: setup ## run the test suite (set-up included; slow checks excluded, see te
 test-slow: setup ## the slow checks only (longer end-to-end runs)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-lint: setup ## ruff lint (configured in pyproject.toml) and the import graph (no cycles)
+lint: setup ## ruff lint and format check (configured in pyproject.toml) and the import graph (no cycles)
 	$(VENV)/bin/ruff check pipeline tests benchmarks scripts
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks scripts
 	$(PY) scripts/check_imports.py pipeline
 
 format: setup ## ruff format, in place

@@ -9,6 +9,7 @@ reads the stored records. Target: at least 10x faster than the cold build for da
 tokenizes (prompt inversion); for untransformed datasets the ratio is shown for information (their
 cold build is little more than parsing). Tokenizer loading is timed separately (it is shared).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ TARGET_RATIO = 10.0
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="shared_alpaca_gpt4,shared_alpaca_gpt4_short,shared_alpaca_gpt4_medium,"
-                                           "shared_dolly_hhrlhf_short")
+    ap.add_argument(
+        "--datasets",
+        default="shared_alpaca_gpt4,shared_alpaca_gpt4_short,shared_alpaca_gpt4_medium,shared_dolly_hhrlhf_short",
+    )
     ap.add_argument("--shared-dir", default=os.environ.get("PLW_SHARED_DIR", str(PROJECT_ROOT.parent / "shared")))
     args = ap.parse_args()
     shared = Path(args.shared_dir)
@@ -46,8 +49,14 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.datasets.split(","):
-            cfg = load_config([f"dataset={name}", f"paths.data_dir={tmp}", f"paths.shared_dir={shared}",
-                               f"paths.llama_tokenizer={tok_dir}"])
+            cfg = load_config(
+                [
+                    f"dataset={name}",
+                    f"paths.data_dir={tmp}",
+                    f"paths.shared_dir={shared}",
+                    f"paths.llama_tokenizer={tok_dir}",
+                ]
+            )
             t0 = time.perf_counter()
             cold = build(cfg)
             t_cold = time.perf_counter() - t0

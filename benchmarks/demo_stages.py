@@ -11,6 +11,7 @@ Prints one row per stage (pretrain, sweep, eval, regress, total) with the cold a
 the ratio cold/warm, read from each run's demo_summary.json, then PASS/FAIL against the targets:
 the full ``demo`` cold under 15 min on this 2-core CPU, the warm re-run under 30 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def run_demo(experiment: str, base: Path, extra, warm_data: bool) -> dict:
         env["PLW_CACHE_DIR"] = str(base / "cache")
         paths.append(f"paths.data_dir={base / 'data'}")
     t0 = time.monotonic()
-    rc = subprocess.call([sys.executable, "-m", "pipeline.demo", "--experiment", experiment, *paths, *extra],
-                         cwd=ROOT, env=env)
+    rc = subprocess.call(
+        [sys.executable, "-m", "pipeline.demo", "--experiment", experiment, *paths, *extra], cwd=ROOT, env=env
+    )
     wall = time.monotonic() - t0
     s = json.loads((base / "reports" / "analysis" / "demo_summary.json").read_text())
     s["wall"], s["rc"] = wall, rc
@@ -57,9 +59,11 @@ def main() -> int:
     def sec(s, name):
         return next((st["seconds"] for st in s["stages"] if st["name"] == name), float("nan"))
 
-    print(f"\nmake demo stage times, experiment {args.experiment} ({cold['runs_total']} runs), cold run "
-          f"({'repository data/' if args.warm_data else 'fresh data/ and caches'}) vs warm re-run, same "
-          f"invocation; folder {base}")
+    print(
+        f"\nmake demo stage times, experiment {args.experiment} ({cold['runs_total']} runs), cold run "
+        f"({'repository data/' if args.warm_data else 'fresh data/ and caches'}) vs warm re-run, same "
+        f"invocation; folder {base}"
+    )
     print(f"{'stage':<10}{'cold s':>10}{'warm s':>10}{'cold/warm':>11}")
     for name in STAGES:
         c, w = sec(cold, name), sec(warm, name)
@@ -67,8 +71,10 @@ def main() -> int:
     print(f"{'total':<10}{cold['wall']:>10.1f}{warm['wall']:>10.1f}{cold['wall'] / warm['wall']:>11.1f}")
     ok_cold = cold["rc"] == 0 and (args.experiment != "demo" or cold["wall"] < COLD_TARGET_S)
     ok_warm = warm["rc"] == 0 and warm["wall"] < WARM_TARGET_S
-    print(f"cold run ok{' and < 15 min' if args.experiment == 'demo' else ''}: {'PASS' if ok_cold else 'FAIL'}; "
-          f"warm re-run < {WARM_TARGET_S:.0f} s: {'PASS' if ok_warm else 'FAIL'}")
+    print(
+        f"cold run ok{' and < 15 min' if args.experiment == 'demo' else ''}: {'PASS' if ok_cold else 'FAIL'}; "
+        f"warm re-run < {WARM_TARGET_S:.0f} s: {'PASS' if ok_warm else 'FAIL'}"
+    )
     return 0 if ok_cold and ok_warm else 1
 
 

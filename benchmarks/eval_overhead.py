@@ -22,6 +22,7 @@ Identical results are what the tests check (tests/test_eval_*.py); this script o
     .venv/bin/python benchmarks/eval_overhead.py
     .venv/bin/python benchmarks/eval_overhead.py --runs-from runs --runs 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,22 +79,36 @@ def micro(args):
     from pipeline.eval import harness
 
     rows = []
-    rows.append(("task manager (per process)",) + alternate(lambda: TaskManager(),
-                                                            lambda: TaskManager(include_defaults=False), 1))
+    rows.append(
+        ("task manager (per process)",)
+        + alternate(lambda: TaskManager(), lambda: TaskManager(include_defaults=False), 1)
+    )
     harness.cached_add_env_info({})  # the first call computes; later calls copy
-    rows.append(("env info (per benchmark)",) + alternate(lambda: lm_utils.add_env_info({}),
-                                                          lambda: harness.cached_add_env_info({}), args.repeat))
+    rows.append(
+        ("env info (per benchmark)",)
+        + alternate(lambda: lm_utils.add_env_info({}), lambda: harness.cached_add_env_info({}), args.repeat)
+    )
     kv = args.kv
     am = torch.ones(4, kv, dtype=torch.bool)
     for b in range(4):
         am[b, : 20 * b] = False  # left padding
-    case = dict(batch_size=4, cache_position=torch.tensor([kv - 1]), kv_length=kv, attention_mask=am,
-                mask_function=mu.causal_mask_function)
+    case = dict(
+        batch_size=4,
+        cache_position=torch.tensor([kv - 1]),
+        kv_length=kv,
+        attention_mask=am,
+        mask_function=mu.causal_mask_function,
+    )
     theirs = mu.AttentionMaskInterface._global_mapping["sdpa"]
     n = 100
-    rows.append((f"attention mask (per token, x{n})",) + alternate(
-        lambda: [theirs(**case) for _ in range(n)], lambda: [G.causal_padding_mask(**case) for _ in range(n)],
-        args.repeat))
+    rows.append(
+        (f"attention mask (per token, x{n})",)
+        + alternate(
+            lambda: [theirs(**case) for _ in range(n)],
+            lambda: [G.causal_padding_mask(**case) for _ in range(n)],
+            args.repeat,
+        )
+    )
     from lm_eval.tasks.truthfulqa import utils as tqa
     from rouge_score import scoring
 
@@ -125,8 +140,13 @@ def _eval_once(store: Path, workers: int, n: int):
     env = dict(os.environ)
     t0 = time.time()
     r0 = os.times()
-    p = subprocess.run([sys.executable, "-m", "pipeline.eval", "eval=demo", f"paths.runs_dir={store}",
-                        f"eval.workers={workers}"], cwd=REPO, env=env, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline.eval", "eval=demo", f"paths.runs_dir={store}", f"eval.workers={workers}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     total = time.time() - t0
     r1 = os.times()
     if p.returncode != 0:
@@ -138,9 +158,18 @@ def _eval_once(store: Path, workers: int, n: int):
 
     lines = p.stderr.splitlines()
     stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}")
-    done = [ts(m.group(0)) for ln in lines for m in [stamp.search(ln)] if m and re.search(r"pipeline.eval: \[\d+/\d+\] ", ln)]
-    starts = [ts(m.group(0)) for ln in lines for m in [stamp.search(ln)] if m and "pipeline.eval: evaluating " in ln
-              and " run(s) in " not in ln]
+    done = [
+        ts(m.group(0))
+        for ln in lines
+        for m in [stamp.search(ln)]
+        if m and re.search(r"pipeline.eval: \[\d+/\d+\] ", ln)
+    ]
+    starts = [
+        ts(m.group(0))
+        for ln in lines
+        for m in [stamp.search(ln)]
+        if m and "pipeline.eval: evaluating " in ln and " run(s) in " not in ln
+    ]
     last = max(ts(m.group(0)) for ln in lines for m in [stamp.search(ln)] if m)
     if done:  # parallel: the parent's line per finished run
         first, further = min(done) - t0, (max(done) - min(done)) / max(1, n - 1)
@@ -151,8 +180,11 @@ def _eval_once(store: Path, workers: int, n: int):
 
 
 def end_to_end(args):
-    src = sorted(p for p in Path(args.runs_from).iterdir()
-                 if (p / "run.json").is_file() and (p / "final").is_dir() and not p.name.startswith(("_", ".")))
+    src = sorted(
+        p
+        for p in Path(args.runs_from).iterdir()
+        if (p / "run.json").is_file() and (p / "final").is_dir() and not p.name.startswith(("_", "."))
+    )
     src = src[: args.runs]
     if len(src) < 2:
         raise SystemExit(f"--runs-from {args.runs_from}: needs at least 2 finished runs with final/")
@@ -161,8 +193,12 @@ def end_to_end(args):
         for workers in (1, 2):
             store = Path(tmp) / f"w{workers}"
             for p in src:
-                shutil.copytree(p, store / p.name, symlinks=True,
-                                ignore=shutil.ignore_patterns("eval", "results.csv", "checkpoints"))
+                shutil.copytree(
+                    p,
+                    store / p.name,
+                    symlinks=True,
+                    ignore=shutil.ignore_patterns("eval", "results.csv", "checkpoints"),
+                )
             out[workers] = _eval_once(store, workers, len(src))
             shutil.rmtree(store)
     return len(src), out
@@ -187,7 +223,9 @@ def main(argv=None) -> int:
     if args.runs_from:
         n, out = end_to_end(args)
         print(f"\n# python -m pipeline.eval eval=demo on {n} runs (workers=1 is the baseline)")
-        print(f"{'workers':<8} {'first run done':>15} {'per further run':>16} {'total':>8} {'CPU':>8} {'ratio (total)':>14}")
+        print(
+            f"{'workers':<8} {'first run done':>15} {'per further run':>16} {'total':>8} {'CPU':>8} {'ratio (total)':>14}"
+        )
         for w, (first, further, total, cpu) in out.items():
             print(f"{w:<8} {first:14.1f}s {further:15.1f}s {total:7.1f}s {cpu:7.1f}s {out[1][2] / total:13.2f}x")
     return 0

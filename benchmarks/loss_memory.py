@@ -22,6 +22,7 @@ Target (at vocab 128k x sequence 4096): >= 4x less peak memory than naive, and n
     .venv/bin/python benchmarks/loss_memory.py --quick          # CPU: hidden 256, seq 512 and 4096
     .venv/bin/python benchmarks/loss_memory.py --device cuda    # GPU: hidden 4096, bf16, seq 512..4096
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,18 +116,47 @@ def worker(args) -> None:
         sync()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    print(json.dumps({"peak_bytes": int(peak), "seconds": statistics.median(times) if times else first,
-                      "cpu_seconds": statistics.median(cpu) if cpu else first_cpu, "loss": value}))
+    print(
+        json.dumps(
+            {
+                "peak_bytes": int(peak),
+                "seconds": statistics.median(times) if times else first,
+                "cpu_seconds": statistics.median(cpu) if cpu else first_cpu,
+                "loss": value,
+            }
+        )
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------
 def run_one(args, impl: str, V: int, T: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--impl", impl, "--vocab", str(V), "--seq", str(T),
-           "--hidden", str(args.hidden), "--dtype", args.dtype, "--device", args.device,
-           "--threads", str(args.threads), "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size),
-           "--plw", str(args.plw)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--impl",
+        impl,
+        "--vocab",
+        str(V),
+        "--seq",
+        str(T),
+        "--hidden",
+        str(args.hidden),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+        "--chunk-size",
+        str(args.chunk_size),
+        "--plw",
+        str(args.plw),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -135,8 +165,9 @@ def run_one(args, impl: str, V: int, T: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--vocabs", default="32000,128256", help="comma-separated vocabulary sizes")
     ap.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 512,1024,2048,4096)")
@@ -167,11 +198,15 @@ def main(argv=None) -> int:
     vocabs = [int(v) for v in args.vocabs.split(",")]
     elt = 2 if args.dtype == "bfloat16" else 4
 
-    print(f"# loss memory/time: device={args.device} hidden={args.hidden} dtype={args.dtype} batch=1 "
-          f"chunk={args.chunk_size} threads={args.threads} repeats={args.repeats} (peak = extra over inputs)")
-    header = (f"| {'vocab':>6} | {'seq':>5} | {'naive MiB':>9} | {'chunked MiB':>11} | {'mem ratio':>9} | "
-              f"{'naive s':>8} | {'chunked s':>9} | {'time ratio':>10} | {'cpu-time ratio':>14} | "
-              f"{'loss rel diff':>13} | target |")
+    print(
+        f"# loss memory/time: device={args.device} hidden={args.hidden} dtype={args.dtype} batch=1 "
+        f"chunk={args.chunk_size} threads={args.threads} repeats={args.repeats} (peak = extra over inputs)"
+    )
+    header = (
+        f"| {'vocab':>6} | {'seq':>5} | {'naive MiB':>9} | {'chunked MiB':>11} | {'mem ratio':>9} | "
+        f"{'naive s':>8} | {'chunked s':>9} | {'time ratio':>10} | {'cpu-time ratio':>14} | "
+        f"{'loss rel diff':>13} | target |"
+    )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     verdicts = []
@@ -179,8 +214,10 @@ def main(argv=None) -> int:
         for T in seqs:
             need = _naive_estimate(V, T, args.hidden, elt)
             if not cuda and need > 0.8 * _available_bytes():
-                print(f"| {V:>6} | {T:>5} | SKIP: naive needs ~{need / 2**30:.1f} GiB, "
-                      f"{_available_bytes() / 2**30:.1f} GiB available |")
+                print(
+                    f"| {V:>6} | {T:>5} | SKIP: naive needs ~{need / 2**30:.1f} GiB, "
+                    f"{_available_bytes() / 2**30:.1f} GiB available |"
+                )
                 continue
             n = run_one(args, "naive", V, T)
             c = run_one(args, "chunked", V, T)
@@ -198,12 +235,17 @@ def main(argv=None) -> int:
                 ok = mem_ratio >= TARGET_MEM_RATIO and judged <= TARGET_TIME_RATIO
                 verdict = "PASS" if ok else "MISS"
                 verdicts.append(verdict)
-            print(f"| {V:>6} | {T:>5} | {n['peak_bytes'] / 2**20:>9.1f} | {c['peak_bytes'] / 2**20:>11.1f} | "
-                  f"{mem_ratio:>8.2f}x | {n['seconds']:>8.3f} | {c['seconds']:>9.3f} | {time_ratio:>9.2f}x | "
-                  f"{cpu_ratio:>13.2f}x | {rel:>13.2e} | {verdict:>6} |", flush=True)
-    print(f"\ntarget at vocab {TARGET_CONFIG[0]} x seq {TARGET_CONFIG[1]}: mem ratio >= {TARGET_MEM_RATIO:g}x "
-          f"and {'time' if cuda else 'cpu-time'} ratio (chunked/naive) <= {TARGET_TIME_RATIO:g}x -> "
-          f"{verdicts[0] if verdicts else 'not measured'}")
+            print(
+                f"| {V:>6} | {T:>5} | {n['peak_bytes'] / 2**20:>9.1f} | {c['peak_bytes'] / 2**20:>11.1f} | "
+                f"{mem_ratio:>8.2f}x | {n['seconds']:>8.3f} | {c['seconds']:>9.3f} | {time_ratio:>9.2f}x | "
+                f"{cpu_ratio:>13.2f}x | {rel:>13.2e} | {verdict:>6} |",
+                flush=True,
+            )
+    print(
+        f"\ntarget at vocab {TARGET_CONFIG[0]} x seq {TARGET_CONFIG[1]}: mem ratio >= {TARGET_MEM_RATIO:g}x "
+        f"and {'time' if cuda else 'cpu-time'} ratio (chunked/naive) <= {TARGET_TIME_RATIO:g}x -> "
+        f"{verdicts[0] if verdicts else 'not measured'}"
+    )
     return 0
 
 

@@ -21,6 +21,7 @@ machine disturbs it far less than wall time).
     .venv/bin/python benchmarks/packing_throughput.py --quick            # tiny + SmolLM2-135M on CPU
     .venv/bin/python benchmarks/packing_throughput.py --models tiny --batch 8 --batches 40
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,13 +75,11 @@ def bench_model(name: str, lengths, args) -> dict:
     base, tok = load_pretrained(cfg.model, cfg.paths)
     g = torch.Generator().manual_seed(args.seed)
     vocab = base.get_input_embeddings().weight.shape[0]
-    examples = [build_example(torch.randint(0, vocab, (n,), generator=g).tolist(), p, args.plw)
-                for n, p in lengths]
+    examples = [build_example(torch.randint(0, vocab, (n,), generator=g).tolist(), p, args.plw) for n, p in lengths]
     perm = torch.randperm(len(examples), generator=g).tolist()
-    groups = [[examples[i] for i in perm[s:s + args.batch]] for s in range(0, len(perm) - args.batch + 1, args.batch)]
-    groups = groups[:args.batches + 1]  # +1: warm-up
-    collate = {"padded": Collator(tok.pad_token_id),
-               "packed": PackedCollator(tok, args.max_length)}
+    groups = [[examples[i] for i in perm[s : s + args.batch]] for s in range(0, len(perm) - args.batch + 1, args.batch)]
+    groups = groups[: args.batches + 1]  # +1: warm-up
+    collate = {"padded": Collator(tok.pad_token_id), "packed": PackedCollator(tok, args.max_length)}
     models = {k: WeightedLossModel(copy.deepcopy(base).train()) for k in collate}
     del base
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-5) for k, m in models.items()}
@@ -113,19 +112,31 @@ def bench_model(name: str, lengths, args) -> dict:
                 slots[kind] += n_slots
         if j > 0:
             real += sum(int(torch.as_tensor(e["input_ids"]).numel()) for e in group)
-    return {"model": name, "real": real, "secs": secs, "cpu": cpu, "cpu_fb": cpu_fb, "slots": slots,
-            "batches": len(groups) - 1}
+    return {
+        "model": name,
+        "real": real,
+        "secs": secs,
+        "cpu": cpu,
+        "cpu_fb": cpu_fb,
+        "slots": slots,
+        "batches": len(groups) - 1,
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="tiny,smollm2_135m", help="model config names (conf/model/)")
     ap.add_argument("--datasets", default=DATASETS, help="dataset configs whose lengths are used")
     ap.add_argument("--batch", type=int, default=4, help="examples per micro-batch (the recipe's 4 per device)")
     ap.add_argument("--batches", type=int, default=20, help="timed micro-batches per model (default 20)")
-    ap.add_argument("--accumulation", type=int, default=8,
-                    help="micro-batches per optimizer step (the recipe's 128 = 4 x 8 x 4 GPUs: 8)")
+    ap.add_argument(
+        "--accumulation",
+        type=int,
+        default=8,
+        help="micro-batches per optimizer step (the recipe's 128 = 4 x 8 x 4 GPUs: 8)",
+    )
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--plw", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
@@ -136,14 +147,20 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     lengths, per = real_lengths(args.datasets, args.max_length)
     ls = [n for n, _ in lengths]
-    print(f"# lengths: {len(ls)} instances ({', '.join(f'{k} {v}' for k, v in per.items())}), LLaMA tokenizer, "
-          f"max_length {args.max_length}: mean {statistics.mean(ls):.0f}, median {statistics.median(ls):.0f}, "
-          f"max {max(ls)}")
-    print(f"# {args.batch} examples per micro-batch, shuffled, CPU threads={args.threads}, forward+backward per "
-          f"micro-batch, AdamW step every {args.accumulation} micro-batches (--quick: see --help)")
-    header = (f"| {'model':<13} | {'batches':>7} | {'real tok':>8} | {'padded fill':>11} | {'packed fill':>11} | "
-              f"{'padded tok/s':>12} | {'packed tok/s':>12} | {'wall x':>6} | {'padded tok/cpu-s':>16} | "
-              f"{'packed tok/cpu-s':>16} | {'cpu x':>6} | {'fwd+bwd cpu x':>13} | target |")
+    print(
+        f"# lengths: {len(ls)} instances ({', '.join(f'{k} {v}' for k, v in per.items())}), LLaMA tokenizer, "
+        f"max_length {args.max_length}: mean {statistics.mean(ls):.0f}, median {statistics.median(ls):.0f}, "
+        f"max {max(ls)}"
+    )
+    print(
+        f"# {args.batch} examples per micro-batch, shuffled, CPU threads={args.threads}, forward+backward per "
+        f"micro-batch, AdamW step every {args.accumulation} micro-batches (--quick: see --help)"
+    )
+    header = (
+        f"| {'model':<13} | {'batches':>7} | {'real tok':>8} | {'padded fill':>11} | {'packed fill':>11} | "
+        f"{'padded tok/s':>12} | {'packed tok/s':>12} | {'wall x':>6} | {'padded tok/cpu-s':>16} | "
+        f"{'packed tok/cpu-s':>16} | {'cpu x':>6} | {'fwd+bwd cpu x':>13} | target |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for name in [m for m in args.models.split(",") if m]:
@@ -156,13 +173,18 @@ def main(argv=None) -> int:
         tpc = {k: r["real"] / r["cpu"][k] for k in r["cpu"]}
         ratio, cratio = tps["packed"] / tps["padded"], tpc["packed"] / tpc["padded"]
         fb = r["cpu_fb"]["padded"] / r["cpu_fb"]["packed"]
-        print(f"| {name:<13} | {r['batches']:>7} | {r['real']:>8} | {r['real'] / r['slots']['padded']:>11.3f} | "
-              f"{r['real'] / r['slots']['packed']:>11.3f} | {tps['padded']:>12.0f} | {tps['packed']:>12.0f} | "
-              f"{ratio:>5.3f}x | {tpc['padded']:>16.0f} | {tpc['packed']:>16.0f} | {cratio:>5.3f}x | {fb:>12.3f}x | "
-              f"{'PASS' if cratio >= TARGET else 'MISS':>6} |", flush=True)
-    print(f"\nfill = real tokens / (rows x padded length); 'fwd+bwd cpu x' leaves out the AdamW steps (same cost "
-          f"for both layouts).\ntarget: packed >= {TARGET:g}x padded real tokens per second, judged on process CPU "
-          f"time of the whole step ('cpu x'; wall time on a shared machine mostly measures other processes)")
+        print(
+            f"| {name:<13} | {r['batches']:>7} | {r['real']:>8} | {r['real'] / r['slots']['padded']:>11.3f} | "
+            f"{r['real'] / r['slots']['packed']:>11.3f} | {tps['padded']:>12.0f} | {tps['packed']:>12.0f} | "
+            f"{ratio:>5.3f}x | {tpc['padded']:>16.0f} | {tpc['packed']:>16.0f} | {cratio:>5.3f}x | {fb:>12.3f}x | "
+            f"{'PASS' if cratio >= TARGET else 'MISS':>6} |",
+            flush=True,
+        )
+    print(
+        f"\nfill = real tokens / (rows x padded length); 'fwd+bwd cpu x' leaves out the AdamW steps (same cost "
+        f"for both layouts).\ntarget: packed >= {TARGET:g}x padded real tokens per second, judged on process CPU "
+        f"time of the whole step ('cpu x'; wall time on a shared machine mostly measures other processes)"
+    )
     return 0
 
 

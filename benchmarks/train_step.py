@@ -18,6 +18,7 @@ disturbs far less than wall time.
     .venv/bin/python benchmarks/train_step.py --quick                 # tiny + SmolLM2-135M, CPU
     .venv/bin/python benchmarks/train_step.py --models tiny --steps 10 --batch 8 --max-length 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,7 @@ def make_batch(model_name: str, tokenizer, batch: int, max_length: int, plw: flo
         cfg = load_config(["dataset=shared_alpaca52k", f"model={model_name}"])
         records, _ = load_dataset(cfg)
         pick = torch.randperm(len(records), generator=g)[:batch].tolist()
-        examples, _ = preprocess_records([records[i] for i in pick], tokenizer, plw=plw,
-                                         model_max_length=max_length)
+        examples, _ = preprocess_records([records[i] for i in pick], tokenizer, plw=plw, model_max_length=max_length)
         source = f"shared_alpaca52k ({len(examples)} random records)"
     except Exception as e:  # no ../shared: synthetic data of a typical shape
         print(f"# real data unavailable ({type(e).__name__}: {e}); using random tokens", file=sys.stderr)
@@ -83,8 +83,12 @@ def bench_model(name: str, args) -> dict:
         opt.zero_grad(set_to_none=True)
         t0, c0 = time.perf_counter(), time.process_time()
         if kind == "HF":
-            loss = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"], use_cache=False).loss
+            loss = m(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                use_cache=False,
+            ).loss
         else:
             loss = m(**batch)["loss"]
         loss.backward()
@@ -103,15 +107,25 @@ def bench_model(name: str, args) -> dict:
             cpu[kind].append(c)
     med = statistics.median
     n_params = sum(p.numel() for p in models["HF"].parameters())
-    return {"model": name, "params": n_params, "shape": tuple(batch["input_ids"].shape),
-            "real": int(batch["attention_mask"].sum()), "source": source,
-            "hf": med(wall["HF"]), "plw": med(wall["PLW"]), "hf_cpu": med(cpu["HF"]), "plw_cpu": med(cpu["PLW"]),
-            "spread_hf": (min(wall["HF"]), max(wall["HF"])), "spread_plw": (min(wall["PLW"]), max(wall["PLW"]))}
+    return {
+        "model": name,
+        "params": n_params,
+        "shape": tuple(batch["input_ids"].shape),
+        "real": int(batch["attention_mask"].sum()),
+        "source": source,
+        "hf": med(wall["HF"]),
+        "plw": med(wall["PLW"]),
+        "hf_cpu": med(cpu["HF"]),
+        "plw_cpu": med(cpu["PLW"]),
+        "spread_hf": (min(wall["HF"]), max(wall["HF"])),
+        "spread_plw": (min(wall["PLW"]), max(wall["PLW"])),
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="tiny,smollm2_135m", help="model config names (conf/model/)")
     ap.add_argument("--batch", type=int, default=4, help="examples per step (default 4, the recipe's per device)")
     ap.add_argument("--max-length", type=int, default=512, help="model_max_length (default 512)")
@@ -125,11 +139,16 @@ def main(argv=None) -> int:
         args.batch, args.max_length, args.steps = 2, 256, 3
 
     import torch
+
     torch.set_num_threads(args.threads)
-    print(f"# optimizer-step time, CPU threads={args.threads}, AdamW, PLW={args.plw:g}, "
-          f"{args.steps} timed steps per variant (alternating), medians")
-    header = (f"| {'model':<13} | {'params':>7} | {'batch':>8} | {'real tok':>8} | {'HF wall s':>9} | "
-              f"{'PLW wall s':>10} | {'wall ratio':>10} | {'HF cpu s':>8} | {'PLW cpu s':>9} | {'cpu ratio':>9} | target |")
+    print(
+        f"# optimizer-step time, CPU threads={args.threads}, AdamW, PLW={args.plw:g}, "
+        f"{args.steps} timed steps per variant (alternating), medians"
+    )
+    header = (
+        f"| {'model':<13} | {'params':>7} | {'batch':>8} | {'real tok':>8} | {'HF wall s':>9} | "
+        f"{'PLW wall s':>10} | {'wall ratio':>10} | {'HF cpu s':>8} | {'PLW cpu s':>9} | {'cpu ratio':>9} | target |"
+    )
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     sources = set()
@@ -138,13 +157,21 @@ def main(argv=None) -> int:
         sources.add(r["source"])
         ratio, cratio = r["plw"] / r["hf"], r["plw_cpu"] / r["hf_cpu"]
         verdict = "PASS" if cratio <= TARGET else "MISS"
-        print(f"| {r['model']:<13} | {r['params'] / 1e6:>6.1f}M | {r['shape'][0]:>3}x{r['shape'][1]:<4} | "
-              f"{r['real']:>8} | {r['hf']:>9.3f} | {r['plw']:>10.3f} | {ratio:>9.3f}x | {r['hf_cpu']:>8.3f} | "
-              f"{r['plw_cpu']:>9.3f} | {cratio:>8.3f}x | {verdict:>6} |", flush=True)
-        print(f"#   {name}: HF min/max {r['spread_hf'][0]:.3f}/{r['spread_hf'][1]:.3f} s, "
-              f"PLW min/max {r['spread_plw'][0]:.3f}/{r['spread_plw'][1]:.3f} s", flush=True)
-    print(f"\ndata: {'; '.join(sorted(sources))}. target: PLW step time <= {TARGET:g} x HF's, judged on process "
-          f"CPU time (wall time on a shared machine mostly measures the other processes; both are shown)")
+        print(
+            f"| {r['model']:<13} | {r['params'] / 1e6:>6.1f}M | {r['shape'][0]:>3}x{r['shape'][1]:<4} | "
+            f"{r['real']:>8} | {r['hf']:>9.3f} | {r['plw']:>10.3f} | {ratio:>9.3f}x | {r['hf_cpu']:>8.3f} | "
+            f"{r['plw_cpu']:>9.3f} | {cratio:>8.3f}x | {verdict:>6} |",
+            flush=True,
+        )
+        print(
+            f"#   {name}: HF min/max {r['spread_hf'][0]:.3f}/{r['spread_hf'][1]:.3f} s, "
+            f"PLW min/max {r['spread_plw'][0]:.3f}/{r['spread_plw'][1]:.3f} s",
+            flush=True,
+        )
+    print(
+        f"\ndata: {'; '.join(sorted(sources))}. target: PLW step time <= {TARGET:g} x HF's, judged on process "
+        f"CPU time (wall time on a shared machine mostly measures the other processes; both are shown)"
+    )
     return 0
 
 

@@ -1,2 +1,3 @@
 """PLW study pipeline: data, training, evaluation and analysis for prompt-loss-weight studies."""
+
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ under the final name, and a reader only needs to check :func:`is_complete`.
 :func:`publish` is the last step alone, for a folder filled by several processes (every rank of a
 training run writes its part of a checkpoint into one temporary folder, rank 0 publishes it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,12 @@ def publish(tmp: Path, final: Path, done: Done, replace: bool = False) -> bool:
 
 
 @contextlib.contextmanager
-def building(final: Path, done: Union[Done, Callable[[Path], Done], None] = None,
-             replace: bool = False, prefix: Optional[str] = None) -> Iterator[Path]:
+def building(
+    final: Path,
+    done: Union[Done, Callable[[Path], Done], None] = None,
+    replace: bool = False,
+    prefix: Optional[str] = None,
+) -> Iterator[Path]:
     """Yield a new temporary folder beside ``final`` (``.<name>.tmp-<random>``, or ``prefix`` +
     random) to build into; when the block ends normally, :func:`publish` it as ``final`` with
     ``done`` (a value, or a function of the temporary folder called once it is filled; default

@@ -9,6 +9,7 @@ options (``--dry-run``, ``--force``, ...; argparse, so ``--help`` lists them) an
 Errors the user can fix end the command with one line on stderr and no traceback: exit 2 for a bad
 command line or configuration, 1 for bad input data or a failed stage (:func:`run`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,15 @@ class UsageError(ValueError):
     """A bad command line (exit 2)."""
 
 
-def parser(prog: str, doc: Optional[str], commands: Sequence[str] = (),
-           default_command: Optional[str] = None) -> argparse.ArgumentParser:
+def parser(
+    prog: str, doc: Optional[str], commands: Sequence[str] = (), default_command: Optional[str] = None
+) -> argparse.ArgumentParser:
     """An argparse parser with the module docstring as its help and, if given, a command argument."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if commands:
-        ap.add_argument("command", choices=list(commands),
-                        help=f"default: {default_command}" if default_command else None)
+        ap.add_argument(
+            "command", choices=list(commands), help=f"default: {default_command}" if default_command else None
+        )
         ap.set_defaults(_default_command=default_command)
     return ap
 

@@ -10,6 +10,7 @@ or :func:`load_config` for the composed form alone) and passes the typed section
 :class:`ModelConfig`, ...) inward; :func:`validate` returns a typed :class:`Config` as it is. Which
 fields define a run (its identity, pipeline.runs) is marked on the schema: see :data:`RUNTIME`.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -61,8 +62,7 @@ def _one_of(value: Any, allowed: Sequence[Any], key: str) -> None:
 
 def _sha256(value: Optional[str], key: str) -> None:
     if value is not None:
-        _check(len(value) == 64 and all(c in "0123456789abcdef" for c in value), key,
-               "must be 64 lowercase hex digits")
+        _check(len(value) == 64 and all(c in "0123456789abcdef" for c in value), key, "must be 64 lowercase hex digits")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,8 +180,11 @@ class PretrainConfig:
     seed: int = 0  # block order
 
     def __post_init__(self) -> None:
-        _check(self.vocab_size == 0 or self.vocab_size >= 259, "model.pretrain.vocab_size",
-               "must be 0 (use model.tokenizer) or >= 259 (256 bytes + 3 special tokens)")
+        _check(
+            self.vocab_size == 0 or self.vocab_size >= 259,
+            "model.pretrain.vocab_size",
+            "must be 0 (use model.tokenizer) or >= 259 (256 bytes + 3 special tokens)",
+        )
         _check(self.steps >= 0, "model.pretrain.steps", "must be >= 0")
         for k in ("batch_size", "seq_len"):
             _check(getattr(self, k) >= 1, f"model.pretrain.{k}", "must be >= 1")
@@ -189,8 +192,11 @@ class PretrainConfig:
         _check(0 <= self.warmup_steps, "model.pretrain.warmup_steps", "must be >= 0")
         _check(self.weight_decay >= 0, "model.pretrain.weight_decay", "must be >= 0")
         _check(0 < self.held_out_fraction < 0.5, "model.pretrain.held_out_fraction", "must be in (0, 0.5)")
-        _check(bool(self.corpus) or (self.vocab_size == 0 and self.steps == 0), "model.pretrain.corpus",
-               "required when model.pretrain.vocab_size or steps is set")
+        _check(
+            bool(self.corpus) or (self.vocab_size == 0 and self.steps == 0),
+            "model.pretrain.corpus",
+            "required when model.pretrain.vocab_size or steps is set",
+        )
         _check(bool(self.text_fields), "model.pretrain.text_fields", "must not be empty")
 
 
@@ -227,27 +233,38 @@ class ModelConfig:
         trained_tok = self.pretrain is not None and self.pretrain.vocab_size > 0
         if self.pretrain is not None:
             _check(self.source == "scratch", "model.pretrain", "only for model.source=scratch")
-            _check(not (trained_tok and self.tokenizer), "model.tokenizer",
-                   "must be null when model.pretrain.vocab_size > 0 (the tokenizer is trained on the corpus)")
+            _check(
+                not (trained_tok and self.tokenizer),
+                "model.tokenizer",
+                "must be null when model.pretrain.vocab_size > 0 (the tokenizer is trained on the corpus)",
+            )
         if self.source == "hub":
             _check(bool(self.hub_id), "model.hub_id", "required when model.source=hub")
         if self.source == "local":
             _check(bool(self.local_path), "model.local_path", "required when model.source=local")
         if self.source == "package_gguf":
-            _check(bool(self.package) and bool(self.gguf_file), "model.gguf_file",
-                   "model.package and model.gguf_file are required when model.source=package_gguf")
+            _check(
+                bool(self.package) and bool(self.gguf_file),
+                "model.gguf_file",
+                "model.package and model.gguf_file are required when model.source=package_gguf",
+            )
         _sha256(self.gguf_sha256, "model.gguf_sha256")
         if self.source == "scratch":
             _check(bool(self.architecture), "model.architecture", "required when model.source=scratch")
-            _check(bool(self.tokenizer) or trained_tok, "model.tokenizer",
-                   "required when model.source=scratch (or set model.pretrain.vocab_size)")
+            _check(
+                bool(self.tokenizer) or trained_tok,
+                "model.tokenizer",
+                "required when model.source=scratch (or set model.pretrain.vocab_size)",
+            )
         _one_of(self.dtype, DTYPES, "model.dtype")
         _check(self.params_billion >= 0, "model.params_billion", "must be >= 0")
         _check(self.init_seed >= 0, "model.init_seed", "must be >= 0")
         if self.fsdp_wrap_class is not None:
-            _check(all(part.isidentifier() for part in self.fsdp_wrap_class.split(".")),
-                   "model.fsdp_wrap_class",
-                   f"must be a class name or a dotted path, got {self.fsdp_wrap_class!r}")
+            _check(
+                all(part.isidentifier() for part in self.fsdp_wrap_class.split(".")),
+                "model.fsdp_wrap_class",
+                f"must be a class name or a dotted path, got {self.fsdp_wrap_class!r}",
+            )
         if self.revision is not None and self.source == "hub":
             _check(bool(self.revision.strip()), "model.revision", "must not be empty (null = unpinned)")
 
@@ -276,10 +293,16 @@ class SourceConfig:
         if self.kind == "url":
             _check(bool(self.url), "dataset.source.url", "required when dataset.source.kind=url")
         if self.kind == "hf":
-            _check(bool(self.repo_id) and bool(self.filename), "dataset.source.repo_id",
-                   "dataset.source.repo_id and dataset.source.filename are required when kind=hf")
-            _check(bool(self.revision), "dataset.source.revision",
-                   "a pinned revision is required for hub datasets (reproducibility)")
+            _check(
+                bool(self.repo_id) and bool(self.filename),
+                "dataset.source.repo_id",
+                "dataset.source.repo_id and dataset.source.filename are required when kind=hf",
+            )
+            _check(
+                bool(self.revision),
+                "dataset.source.revision",
+                "a pinned revision is required for hub datasets (reproducibility)",
+            )
         _sha256(self.sha256, "dataset.source.sha256")
 
 
@@ -302,8 +325,11 @@ class TransformConfig:
         _one_of(self.kind, ["none", "invert"], "dataset.transform.kind")
         if self.target_rg is not None:
             _check(self.kind == "invert", "dataset.transform.target_rg", "only valid with kind=invert")
-            _check(self.target_rg > 0 and math.isfinite(self.target_rg), "dataset.transform.target_rg",
-                   "must be a positive number")
+            _check(
+                self.target_rg > 0 and math.isfinite(self.target_rg),
+                "dataset.transform.target_rg",
+                "must be a positive number",
+            )
         _check(0 < self.tolerance < 1, "dataset.transform.tolerance", "must be in (0, 1)")
 
 
@@ -390,13 +416,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
         _check(self.learning_rate > 0, "train.learning_rate", "must be > 0")
-        for k in ("global_batch_size", "per_device_batch_size", "model_max_length",
-                  "logging_steps", "save_steps"):
+        for k in ("global_batch_size", "per_device_batch_size", "model_max_length", "logging_steps", "save_steps"):
             _check(getattr(self, k) >= 1, f"train.{k}", "must be >= 1")
         _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
         _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)")
-        _one_of(self.lr_scheduler, ["cosine", "linear", "constant", "constant_with_warmup"],
-                "train.lr_scheduler")
+        _one_of(self.lr_scheduler, ["cosine", "linear", "constant", "constant_with_warmup"], "train.lr_scheduler")
         _one_of(self.truncation, TRUNCATION_POLICIES, "train.truncation")
         _one_of(self.loss_normaliser, NORMALISERS, "train.loss_normaliser")
         _one_of(self.distributed, ["none", "ddp", "fsdp", "deepspeed"], "train.distributed")
@@ -404,11 +428,17 @@ class TrainConfig:
         _check(0 <= self.attention_dropout < 1, "train.attention_dropout", "must be in [0, 1)")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(0 <= self.eval_fraction < 1, "train.eval_fraction", "must be in [0, 1)")
-        _check(self.global_batch_size % self.per_device_batch_size == 0, "train.global_batch_size",
-               f"must be a multiple of train.per_device_batch_size ({self.per_device_batch_size})")
+        _check(
+            self.global_batch_size % self.per_device_batch_size == 0,
+            "train.global_batch_size",
+            f"must be a multiple of train.per_device_batch_size ({self.per_device_batch_size})",
+        )
         _check(self.max_steps == -1 or self.max_steps >= 1, "train.max_steps", "must be >= 1 or -1 (use epochs)")
-        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "train.adam_beta1",
-               "train.adam_beta1 and train.adam_beta2 must be in [0, 1)")
+        _check(
+            0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+            "train.adam_beta1",
+            "train.adam_beta1 and train.adam_beta2 must be in [0, 1)",
+        )
         _check(self.adam_epsilon > 0, "train.adam_epsilon", "must be > 0")
         _one_of(self.optimizer, ["adamw_torch"], "train.optimizer")
         _one_of(self.minkowski_reduction, ["sum", "mean"], "train.minkowski_reduction")
@@ -429,7 +459,8 @@ class TrainConfig:
         if self.global_batch_size % per_step:
             raise ConfigError(
                 f"config key 'train.global_batch_size': {self.global_batch_size} is not divisible by "
-                f"train.per_device_batch_size x processes = {self.per_device_batch_size} x {world_size}")
+                f"train.per_device_batch_size x processes = {self.per_device_batch_size} x {world_size}"
+            )
         return self.global_batch_size // per_step
 
 
@@ -506,8 +537,11 @@ class EvalConfig:
             _check(self.judge_chunksize >= 1, "eval.judge_chunksize", "must be >= 1 or null")
         if self.dtype is not None:
             _one_of(self.dtype, DTYPES, "eval.dtype")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "eval.device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        _check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "eval.device",
+            f"must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
         # The names in benchmarks / mechanisms / shots / metrics are the eval stage's (its YAML
         # registry, pipeline/eval/benchmarks.py), checked there: the config layer does not import it.
         for b, k in self.shots.items():
@@ -568,8 +602,9 @@ class LauncherConfig:
         _check(self.runs_per_worker >= 1, "launcher.runs_per_worker", "must be >= 1")
         _check(self.max_retries >= 0, "launcher.max_retries", "must be >= 0")
         _check(self.heartbeat_s > 0, "launcher.heartbeat_s", "must be > 0")
-        _check(self.stale_after_s > self.heartbeat_s, "launcher.stale_after_s",
-               "must be larger than launcher.heartbeat_s")
+        _check(
+            self.stale_after_s > self.heartbeat_s, "launcher.stale_after_s", "must be larger than launcher.heartbeat_s"
+        )
         _check(self.gpu_peak_tflops > 0, "launcher.gpu_peak_tflops", "must be > 0")
         _check(0 < self.mfu <= 1, "launcher.mfu", "must be in (0, 1]")
         _check(self.max_num_timeout >= 0, "launcher.max_num_timeout", "must be >= 0")
@@ -605,16 +640,19 @@ class ExperimentConfig:
         _check(bool(self.plw), "experiment.plw", "must list at least one PLW")
         _check(bool(self.seeds), "experiment.seeds", "must list at least one seed")
         for name in self.variants:
-            _check(name != "none" and name.replace("_", "").replace(".", "").replace("-", "").isalnum(),
-                   f"experiment.variants.{name}",
-                   "a variant name is letters, digits, '_', '-' or '.', and not 'none'")
+            _check(
+                name != "none" and name.replace("_", "").replace(".", "").replace("-", "").isalnum(),
+                f"experiment.variants.{name}",
+                "a variant name is letters, digits, '_', '-' or '.', and not 'none'",
+            )
         for i, v in enumerate(self.plw):
             _check(v >= 0 and math.isfinite(v), f"experiment.plw[{i}]", f"PLW must be >= 0, got {v}")
         for k in ("models", "datasets"):
             for name in getattr(self, k):
                 group = "model" if k == "models" else "dataset"
-                _check((CONF_DIR / group / f"{name}.yaml").is_file(), f"experiment.{k}",
-                       f"no config '{group}/{name}.yaml'")
+                _check(
+                    (CONF_DIR / group / f"{name}.yaml").is_file(), f"experiment.{k}", f"no config '{group}/{name}.yaml'"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,8 +689,9 @@ class GamConfig:
     scaling: str = "across_datasets"  # across_datasets | within_dataset | none
     subsets: List[str] = field(default_factory=lambda: ["all", "mc", "gen"])
     gen_benchmarks: List[str] = field(default_factory=lambda: ["truthfulqa_gen", "alpaca_eval", "pandalm"])
-    r_values: List[float] = field(default_factory=lambda: [0.042, 0.082, 0.16, 0.25, 0.5, 0.75, 1.0,
-                                                           1.25, 1.5, 2.0, 3.27, 5.0, 7.83])
+    r_values: List[float] = field(
+        default_factory=lambda: [0.042, 0.082, 0.16, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.27, 5.0, 7.83]
+    )
     w_grid: int = 201  # PLW grid points over [0, 1] for the optimum search
     flat_fraction: float = 0.05  # "flat" when max - min over PLW < this x score range (Table 5's *)
     tolerance: float = 0.01  # near-optimal PLW range: within this x score range of the optimum
@@ -730,8 +769,11 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(math.isfinite(self.plw) and self.plw >= 0, "plw", f"PLW must be >= 0, got {self.plw}")
-        _check(math.isfinite(self.completion_weight) and self.completion_weight > 0,
-               "completion_weight", f"must be > 0, got {self.completion_weight}")
+        _check(
+            math.isfinite(self.completion_weight) and self.completion_weight > 0,
+            "completion_weight",
+            f"must be > 0, got {self.completion_weight}",
+        )
 
 
 def register_configs() -> None:
@@ -801,8 +843,7 @@ def compose_config(overrides: Optional[List[str]] = None, config_name: str = "co
         cfg = compose(config_name=config_name, overrides=overrides)
         experiment = cfg.get("experiment")
         if experiment is not None and experiment.get("overrides"):
-            cfg = compose(config_name=config_name,
-                          overrides=merge_overrides(list(experiment.overrides), overrides))
+            cfg = compose(config_name=config_name, overrides=merge_overrides(list(experiment.overrides), overrides))
     return cfg
 
 

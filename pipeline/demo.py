@@ -29,6 +29,7 @@ The summary is also written atomically to ``<analysis.output_dir>/demo_summary.j
 (``benchmarks/demo_stages.py`` reads it). Exit status: 0 every stage ok, 1 a stage failed (the
 summary says which; what earlier stages computed stays in the run store), 2 bad arguments.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,7 +60,7 @@ class StageResult:
     command: List[str]
     seconds: float = 0.0
     returncode: Optional[int] = None
-    skipped: str = ""                    # non-empty: why the stage did not run
+    skipped: str = ""  # non-empty: why the stage did not run
 
 
 @dataclass
@@ -74,8 +75,8 @@ class Summary:
     total_seconds: float = 0.0
     ok: bool = False
     inputs_hash: str = ""
-    models_key: str = ""                 # hash of the grid's model definitions (pretrain's skip check)
-    model_dirs: Dict[str, str] = field(default_factory=dict)   # model name -> its checkpoint folder
+    models_key: str = ""  # hash of the grid's model definitions (pretrain's skip check)
+    model_dirs: Dict[str, str] = field(default_factory=dict)  # model name -> its checkpoint folder
 
 
 def _key(override: str) -> str:
@@ -106,8 +107,9 @@ def route_overrides(overrides: Sequence[str]) -> Dict[str, List[str]]:
     return out
 
 
-def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
-                   python: str = sys.executable, no_figures: bool = False) -> Dict[str, List[str]]:
+def stage_commands(
+    experiment: str, eval_config: str, overrides: Sequence[str], python: str = sys.executable, no_figures: bool = False
+) -> Dict[str, List[str]]:
     """The exact command line of each stage (pure)."""
     r = route_overrides(overrides)
     chosen = any(o.split("=", 1)[0].lstrip("+~") == "launcher" for o in r["sweep"])  # launcher=<name>
@@ -116,8 +118,14 @@ def stage_commands(experiment: str, eval_config: str, overrides: Sequence[str],
         "pretrain": [python, "-m", "pipeline.pretrain", f"experiment={experiment}", *r["pretrain"]],
         "sweep": [python, "-m", "pipeline.sweep", "run", f"experiment={experiment}", *launcher, *r["sweep"]],
         "eval": [python, "-m", "pipeline.eval", f"eval={eval_config}", *r["eval"]],
-        "regress": [python, "-m", "pipeline.analysis", "regress",
-                    *(["--no-figures"] if no_figures else []), *r["regress"]],
+        "regress": [
+            python,
+            "-m",
+            "pipeline.analysis",
+            "regress",
+            *(["--no-figures"] if no_figures else []),
+            *r["regress"],
+        ],
     }
 
 
@@ -139,8 +147,12 @@ def models_ready(previous: Dict, models_key: str) -> bool:
     """Whether the last demo built every model of the same definitions and their folders still
     hold a complete checkpoint (``DONE``)."""
     dirs = previous.get("model_dirs") or {}
-    return (bool(models_key) and previous.get("models_key") == models_key and bool(dirs)
-            and all((Path(d) / "DONE").is_file() for d in dirs.values()))
+    return (
+        bool(models_key)
+        and previous.get("models_key") == models_key
+        and bool(dirs)
+        and all((Path(d) / "DONE").is_file() for d in dirs.values())
+    )
 
 
 def built_models(plan) -> Dict[str, str]:
@@ -177,9 +189,11 @@ def _state(run_dir: Path) -> str:
 
 def _count(plan) -> Dict[str, int]:
     dirs = _run_dirs(plan)
-    return {"total": len(dirs),
-            "done": sum(_state(Path(d)) == "done" for d in dirs),
-            "evaluated": sum((Path(d) / "results.csv").exists() for d in dirs)}
+    return {
+        "total": len(dirs),
+        "done": sum(_state(Path(d)) == "done" for d in dirs),
+        "evaluated": sum((Path(d) / "results.csv").exists() for d in dirs),
+    }
 
 
 def _run_dirs(plan) -> List[Path]:
@@ -193,12 +207,20 @@ def _run_stage(cmd: List[str], env: Dict[str, str]) -> int:
 
 
 def format_summary(s: Summary) -> str:
-    lines = ["", "=" * 72, f"make demo: experiment {s.experiment}, eval={s.eval_config} "
-             f"-> {'OK' if s.ok else 'FAILED'}",
-             f"runs: {s.runs_done}/{s.runs_total} trained, {s.runs_evaluated}/{s.runs_total} evaluated"]
+    lines = [
+        "",
+        "=" * 72,
+        f"make demo: experiment {s.experiment}, eval={s.eval_config} -> {'OK' if s.ok else 'FAILED'}",
+        f"runs: {s.runs_done}/{s.runs_total} trained, {s.runs_evaluated}/{s.runs_total} evaluated",
+    ]
     for st in s.stages:
-        state = (f"skipped ({st.skipped})" if st.skipped
-                 else "ok" if st.returncode == 0 else f"FAILED (exit {st.returncode})")
+        state = (
+            f"skipped ({st.skipped})"
+            if st.skipped
+            else "ok"
+            if st.returncode == 0
+            else f"FAILED (exit {st.returncode})"
+        )
         lines.append(f"  {st.name:<8} {st.seconds:8.1f} s  {state}")
     lines.append(f"  {'total':<8} {s.total_seconds:8.1f} s")
     for name, folder in sorted(s.model_dirs.items()):
@@ -240,8 +262,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             previous = json.loads(summary_file.read_text())
         except ValueError:
             previous = {}
-    print(f"make demo: {len(plan.runs)} runs of experiment {args.experiment}; stages: "
-          f"{', '.join(STAGES)}; report -> {out_dir}", flush=True)
+    print(
+        f"make demo: {len(plan.runs)} runs of experiment {args.experiment}; stages: "
+        f"{', '.join(STAGES)}; report -> {out_dir}",
+        flush=True,
+    )
 
     for name in STAGES:
         st = StageResult(name=name, command=cmds[name])
@@ -262,8 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             h = inputs_hash(_run_dirs(plan))
             summary.inputs_hash = h
             report = out_dir / "report.md"
-            if (not args.force_regress and report.exists() and previous.get("inputs_hash") == h
-                    and previous.get("ok")):
+            if not args.force_regress and report.exists() and previous.get("inputs_hash") == h and previous.get("ok"):
                 st.skipped = "inputs unchanged since the last report"
         if st.skipped:
             print(f"\n=== {name}: skipped ({st.skipped})", flush=True)
@@ -280,8 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary.runs_total, summary.runs_done, summary.runs_evaluated = c["total"], c["done"], c["evaluated"]
     report = out_dir / "report.md"
     summary.report = str(report) if report.exists() else ""
-    summary.ok = all(st.skipped or st.returncode == 0 for st in summary.stages) and \
-        len(summary.stages) == len(STAGES)
+    summary.ok = all(st.skipped or st.returncode == 0 for st in summary.stages) and len(summary.stages) == len(STAGES)
     summary.total_seconds = time.monotonic() - t0
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(summary_file, asdict(summary))

@@ -29,6 +29,7 @@ Also here, because every layer needs them without importing the trainer (torch):
 (:data:`EXIT_DONE`, :data:`EXIT_FAILED`, :data:`EXIT_INTERRUPTED` = :data:`PREEMPTED_EXIT_CODE`,
 :data:`EXIT_BUSY`), :class:`Preempted` and :func:`error_text`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,13 +56,19 @@ class Preempted(SystemExit):
         self.step, self.reason, self.checkpoint = step, reason, checkpoint
 
     def __str__(self) -> str:
-        return (f"training stopped by {self.reason} at step {self.step} (checkpoint {self.checkpoint}); "
-                f"exit code {PREEMPTED_EXIT_CODE}: requeue to resume")
+        return (
+            f"training stopped by {self.reason} at step {self.step} (checkpoint {self.checkpoint}); "
+            f"exit code {PREEMPTED_EXIT_CODE}: requeue to resume"
+        )
 
     def info(self) -> Dict[str, Any]:
         """What ``status.json``'s ``interrupted`` records (also rank 0's ``logs/preempted.json``)."""
-        return {"reason": self.reason, "step": self.step, "checkpoint": self.checkpoint,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        return {
+            "reason": self.reason,
+            "step": self.step,
+            "checkpoint": self.checkpoint,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
 
 
 class RunBusy(RuntimeError):
@@ -122,8 +129,10 @@ def hold(rd: RunDir) -> Iterator[RunDir]:
             who = rd.lock_file.read_text(encoding="utf-8").strip()
         except OSError:
             who = "?"
-        raise RunBusy(f"run {rd.run_id} is being executed by another process ({who}, holding "
-                      f"{rd.lock_file}); not starting it twice")
+        raise RunBusy(
+            f"run {rd.run_id} is being executed by another process ({who}, holding "
+            f"{rd.lock_file}); not starting it twice"
+        )
     try:
         yield rd
     finally:
@@ -167,17 +176,20 @@ def mark_prepared(rd: RunDir) -> None:
 
 def mark_queued(rd: RunDir, slurm_job_id: str, submitit_folder: str) -> None:
     """Submitted to SLURM: ``pending`` with its job (a later sweep sees it queued)."""
-    rd.set_status("pending", slurm_job_id=str(slurm_job_id), submitted=now_iso(),
-                  submitit_folder=str(submitit_folder))
+    rd.set_status("pending", slurm_job_id=str(slurm_job_id), submitted=now_iso(), submitit_folder=str(submitit_folder))
 
 
 def mark_stale(rd: RunDir, status: Mapping[str, Any]) -> None:
     """Status ``running`` but the process is gone (no lock, no live pid or job): a failed attempt."""
     hb = rd.heartbeat() or {}
     where = f"host {status.get('host')}, pid {status.get('pid')}" + (
-        f", SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else "")
-    rd.set_status("failed", error=f"stale: status was running ({where}) but the process is gone; "
-                  f"last heartbeat {hb.get('iso', 'never')}", stale=True)
+        f", SLURM job {status['slurm_job_id']}" if status.get("slurm_job_id") else ""
+    )
+    rd.set_status(
+        "failed",
+        error=f"stale: status was running ({where}) but the process is gone; last heartbeat {hb.get('iso', 'never')}",
+        stale=True,
+    )
 
 
 def mark_failed(rd: RunDir, error: str, keep_first: bool = True) -> None:

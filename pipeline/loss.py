@@ -51,6 +51,7 @@ the tests and the model-level benchmarks all use it (``benchmarks/loss_memory.py
 
 :func:`naive_weighted_loss` is the straightforward logits-based reference (tests and benchmarks).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -70,8 +71,9 @@ Number = Union[float, int, torch.Tensor]
 # --------------------------------------------------------------------------------------------
 # The weight rule: where PLW enters
 # --------------------------------------------------------------------------------------------
-def token_weights(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, plw: float,
-                  completion_weight: float = 1.0) -> torch.Tensor:
+def token_weights(
+    prompt_mask: torch.Tensor, completion_mask: torch.Tensor, plw: float, completion_weight: float = 1.0
+) -> torch.Tensor:
     """Per-target loss weights (float32, same shape as the masks): the paper's weight rule.
 
     ``prompt_mask[j]`` / ``completion_mask[j]`` say that position ``j`` holds a loss term whose target
@@ -83,8 +85,9 @@ def token_weights(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, plw:
         raise ValueError(f"weights must be >= 0 (plw={plw}, completion_weight={completion_weight})")
     prompt_mask, completion_mask = prompt_mask.bool(), completion_mask.bool()
     if prompt_mask.shape != completion_mask.shape or bool((prompt_mask & completion_mask).any()):
-        raise ValueError("token_weights: prompt_mask and completion_mask must have the same shape and "
-                         "never both be set")
+        raise ValueError(
+            "token_weights: prompt_mask and completion_mask must have the same shape and never both be set"
+        )
     w = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
     return w.masked_fill_(prompt_mask, float(plw)).masked_fill_(completion_mask, float(completion_weight))
 
@@ -92,8 +95,12 @@ def token_weights(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, plw:
 # --------------------------------------------------------------------------------------------
 # Alignment helpers
 # --------------------------------------------------------------------------------------------
-def shift_targets(labels: torch.Tensor, weights: torch.Tensor, prompt_mask: Optional[torch.Tensor] = None,
-                  ignore_index: int = IGNORE_INDEX):
+def shift_targets(
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    prompt_mask: Optional[torch.Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+):
     """Map unshifted ``(B, T)`` labels/weights to the positions of the hidden states that predict them.
 
     Returns ``(targets, w, pm)`` of shape ``(B, T)``: row position ``t`` holds the target
@@ -110,8 +117,7 @@ def shift_targets(labels: torch.Tensor, weights: torch.Tensor, prompt_mask: Opti
     return targets, w, pm
 
 
-def effective_weights(labels: torch.Tensor, weights: torch.Tensor, ignore_index: int = IGNORE_INDEX
-                      ) -> torch.Tensor:
+def effective_weights(labels: torch.Tensor, weights: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Unshifted weights with position 0 (no target) and ignored labels set to 0."""
     w = weights.clone()
     w[:, 0] = 0
@@ -125,9 +131,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
 
-def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       token_weights: torch.Tensor, label_smoothing: float, ignore_index: int,
-                       chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool):
+def _chunked_linear_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    label_smoothing: float,
+    ignore_index: int,
+    chunk_size: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+):
     """Kernel shared by the autograd Function and the no-grad path.
 
     hidden (N, H), weight (V, H), targets (N,), token_weights (N,). Returns
@@ -142,8 +156,9 @@ def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     ce = torch.zeros(N, dtype=cdt, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
-    grad_weight = torch.zeros((V, H), dtype=_compute_dtype(weight.dtype), device=weight.device) \
-        if need_grad_weight else None
+    grad_weight = (
+        torch.zeros((V, H), dtype=_compute_dtype(weight.dtype), device=weight.device) if need_grad_weight else None
+    )
     eps = float(label_smoothing)
     chunk_size = max(1, int(chunk_size))
     weight_h = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
@@ -188,11 +203,29 @@ class ChunkedLinearWeightedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, label_smoothing, ignore_index, chunk_size,
-                need_grad_hidden, need_grad_weight):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        label_smoothing,
+        ignore_index,
+        chunk_size,
+        need_grad_hidden,
+        need_grad_weight,
+    ):
         weighted_sum, ce, gh, gw = _chunked_linear_ce(
-            hidden, weight, targets, token_weights, label_smoothing, ignore_index, chunk_size,
-            need_grad_hidden, need_grad_weight)
+            hidden,
+            weight,
+            targets,
+            token_weights,
+            label_smoothing,
+            ignore_index,
+            chunk_size,
+            need_grad_hidden,
+            need_grad_weight,
+        )
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         ctx.has_gh, ctx.has_gw = gh is not None, gw is not None
         ctx.save_for_backward(*(x for x in (gh, gw) if x is not None))
@@ -211,9 +244,16 @@ class ChunkedLinearWeightedCE(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None
 
 
-def linear_weighted_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                           token_weights: torch.Tensor, *, label_smoothing: float = 0.0,
-                           ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE):
+def linear_weighted_ce_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+):
     """Flat, already-shifted interface: hidden (N, H), weight (V, H), targets (N,), token_weights (N,).
 
     Returns ``(weighted_sum, ce)``; ``weighted_sum`` is differentiable w.r.t. hidden and weight.
@@ -221,11 +261,21 @@ def linear_weighted_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: 
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
     if not (need_h or need_w):
-        ws, ce, _, _ = _chunked_linear_ce(hidden, weight, targets, token_weights, label_smoothing,
-                                          ignore_index, chunk_size, False, False)
+        ws, ce, _, _ = _chunked_linear_ce(
+            hidden, weight, targets, token_weights, label_smoothing, ignore_index, chunk_size, False, False
+        )
         return ws, ce
-    return ChunkedLinearWeightedCE.apply(hidden, weight, targets, token_weights, float(label_smoothing),
-                                         int(ignore_index), int(chunk_size), need_h, need_w)
+    return ChunkedLinearWeightedCE.apply(
+        hidden,
+        weight,
+        targets,
+        token_weights,
+        float(label_smoothing),
+        int(ignore_index),
+        int(chunk_size),
+        need_h,
+        need_w,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +289,7 @@ class WeightedLossOutput:
     completion-target positions with a non-ignored label, so they can be summed over micro-batches
     and ranks before taking the mean (``prompt_ce`` / ``completion_ce`` are this batch's means).
     """
+
     loss: torch.Tensor
     weighted_ce_sum: torch.Tensor
     weight_sum: torch.Tensor
@@ -250,13 +301,15 @@ class WeightedLossOutput:
 
     @property
     def prompt_ce(self) -> torch.Tensor:
-        return self.prompt_ce_sum / self.prompt_tokens if self.prompt_tokens > 0 \
-            else torch.tensor(float("nan"))
+        return self.prompt_ce_sum / self.prompt_tokens if self.prompt_tokens > 0 else torch.tensor(float("nan"))
 
     @property
     def completion_ce(self) -> torch.Tensor:
-        return self.completion_ce_sum / self.completion_tokens if self.completion_tokens > 0 \
+        return (
+            self.completion_ce_sum / self.completion_tokens
+            if self.completion_tokens > 0
             else torch.tensor(float("nan"))
+        )
 
 
 def _safe_divide(num: torch.Tensor, den: Number) -> torch.Tensor:
@@ -264,12 +317,18 @@ def _safe_divide(num: torch.Tensor, den: Number) -> torch.Tensor:
     return num / torch.where(den_t > 0, den_t, torch.ones_like(den_t))
 
 
-def weighted_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor,
-                            labels: torch.Tensor, weights: torch.Tensor,
-                            normaliser: Optional[Number] = None, *,
-                            prompt_mask: Optional[torch.Tensor] = None, label_smoothing: float = 0.0,
-                            ignore_index: int = IGNORE_INDEX, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                            ) -> WeightedLossOutput:
+def weighted_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    normaliser: Optional[Number] = None,
+    *,
+    prompt_mask: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> WeightedLossOutput:
     """``sum(w * CE) / normaliser`` for one micro-batch, from final hidden states and the LM head.
 
     hidden_states (B, T, H) (after the final norm), lm_head_weight (V, H) (no bias), labels/weights/
@@ -284,9 +343,15 @@ def weighted_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.T
     targets, w, pm = shift_targets(labels, weights, prompt_mask, ignore_index)
     flat_t = targets.reshape(-1)
     flat_w = w.reshape(-1)
-    wsum, ce = linear_weighted_ce_sum(hidden_states.reshape(B * T, H), lm_head_weight, flat_t, flat_w,
-                                      label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                      chunk_size=chunk_size)
+    wsum, ce = linear_weighted_ce_sum(
+        hidden_states.reshape(B * T, H),
+        lm_head_weight,
+        flat_t,
+        flat_w,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        chunk_size=chunk_size,
+    )
     weight_total = flat_w.detach().to(wsum.dtype).sum()
     den = weight_total if normaliser is None else normaliser
     loss = _safe_divide(wsum, den)
@@ -300,21 +365,37 @@ def weighted_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.T
         c = valid
         prompt_sum, prompt_n = ce.new_zeros(()), valid.new_zeros((), dtype=torch.long)
     return WeightedLossOutput(
-        loss=loss, weighted_ce_sum=wsum.detach(), weight_sum=weight_total,
+        loss=loss,
+        weighted_ce_sum=wsum.detach(),
+        weight_sum=weight_total,
         normaliser=torch.as_tensor(den, dtype=wsum.dtype, device=wsum.device).detach(),
-        prompt_ce_sum=prompt_sum, prompt_tokens=prompt_n,
-        completion_ce_sum=ce[c].sum(), completion_tokens=c.sum())
+        prompt_ce_sum=prompt_sum,
+        prompt_tokens=prompt_n,
+        completion_ce_sum=ce[c].sum(),
+        completion_tokens=c.sum(),
+    )
 
 
-def naive_weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                        normaliser: Optional[Number] = None, *, label_smoothing: float = 0.0,
-                        ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def naive_weighted_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    normaliser: Optional[Number] = None,
+    *,
+    label_smoothing: float = 0.0,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """Reference: the same loss from full ``(B, T, V)`` logits (materialises fp32 logits)."""
     B, T, V = logits.shape
     targets, w, _ = shift_targets(labels, weights, None, ignore_index)
     cdt = _compute_dtype(logits.dtype)
-    ce = F.cross_entropy(logits.to(cdt).reshape(B * T, V), targets.reshape(-1), reduction="none",
-                         ignore_index=ignore_index, label_smoothing=label_smoothing)
+    ce = F.cross_entropy(
+        logits.to(cdt).reshape(B * T, V),
+        targets.reshape(-1),
+        reduction="none",
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+    )
     w = w.reshape(-1).to(cdt)
     num = (w * ce).sum()
     den = w.sum() if normaliser is None else normaliser
@@ -328,9 +409,14 @@ def _dist_ready(group=None) -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def step_normalisers(micro_batches: Sequence[Mapping[str, torch.Tensor]], mode: str = "weight_sum", *,
-                     ignore_index: int = IGNORE_INDEX, group=None, grad_reduction: str = "mean",
-                     ) -> List[torch.Tensor]:
+def step_normalisers(
+    micro_batches: Sequence[Mapping[str, torch.Tensor]],
+    mode: str = "weight_sum",
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    group=None,
+    grad_reduction: str = "mean",
+) -> List[torch.Tensor]:
     """Per-micro-batch denominators for one optimizer step on this rank.
 
     ``micro_batches``: this rank's micro-batches of the step (dicts with ``labels`` and ``weights``,
@@ -366,6 +452,7 @@ def step_normalisers(micro_batches: Sequence[Mapping[str, torch.Tensor]], mode: 
     world = 1
     if _dist_ready(group):
         import torch.distributed as dist
+
         world = dist.get_world_size(group)
         red = local
         if dist.get_backend(group) == "nccl" and red.device.type != "cuda":
@@ -419,8 +506,13 @@ class WeightedLossModel(nn.Module):
     float dtype differs from the query's.
     """
 
-    def __init__(self, lm: nn.Module, label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 compute_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        lm: nn.Module,
+        label_smoothing: float = 0.0,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compute_dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         self.lm = lm
         self.label_smoothing = float(label_smoothing)
@@ -441,22 +533,41 @@ class WeightedLossModel(nn.Module):
             raise NotImplementedError("LM heads with a bias are not supported by the chunked loss")
         return head.weight
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-                normaliser: Optional[Number] = None, prompt_mask: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        weights: torch.Tensor,
+        normaliser: Optional[Number] = None,
+        prompt_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        segment_ids: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
         head = self.head_weight()
         mask_dtype = self.compute_dtype if self.compute_dtype is not None else head.dtype
         kwargs = attention_inputs(self.lm, attention_mask, position_ids, mask_dtype)
         out = self.base_model()(input_ids=input_ids, use_cache=False, **kwargs)
         hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
-        res = weighted_causal_lm_loss(hidden, head, labels, weights, normaliser, prompt_mask=prompt_mask,
-                                      label_smoothing=self.label_smoothing, chunk_size=self.chunk_size)
+        res = weighted_causal_lm_loss(
+            hidden,
+            head,
+            labels,
+            weights,
+            normaliser,
+            prompt_mask=prompt_mask,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+        )
         return {f.name: getattr(res, f.name) for f in fields(res)}
 
 
-def attention_inputs(lm: Any, attention_mask: Optional[torch.Tensor], position_ids: Optional[torch.Tensor],
-                     dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+def attention_inputs(
+    lm: Any,
+    attention_mask: Optional[torch.Tensor],
+    position_ids: Optional[torch.Tensor],
+    dtype: Optional[torch.dtype] = None,
+) -> Dict[str, torch.Tensor]:
     """The ``attention_mask`` / ``position_ids`` keyword arguments for ``lm``'s base model.
 
     A 4-D floating mask (packed batches, ``attention="mask4d"``) is cast to ``dtype``. Raises a clear
@@ -468,9 +579,11 @@ def attention_inputs(lm: Any, attention_mask: Optional[torch.Tensor], position_i
         if attention_mask.dim() == 4:
             impl = str(getattr(getattr(lm, "config", None), "_attn_implementation", "") or "")
             if "flash" in impl:
-                raise ValueError(f"packed batch has a 4-D attention mask but the model uses "
-                                 f"attn_implementation={impl!r}: build the collator with "
-                                 f"PackedCollator.for_model(...) (attention='position_ids')")
+                raise ValueError(
+                    f"packed batch has a 4-D attention mask but the model uses "
+                    f"attn_implementation={impl!r}: build the collator with "
+                    f"PackedCollator.for_model(...) (attention='position_ids')"
+                )
             if dtype is not None and attention_mask.is_floating_point() and attention_mask.dtype != dtype:
                 attention_mask = attention_mask.to(dtype)  # finfo(float32).min -> -inf in bf16: harmless
         out["attention_mask"] = attention_mask

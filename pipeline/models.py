@@ -41,6 +41,7 @@ weight file) is written last, then the folder is renamed into place, so a folder
 complete; loads verify the weights against ``DONE``. That folder is the "pre-trained" checkpoint
 training starts from and measures its weight distance to: it loads back bit-identically.
 """
+
 from __future__ import annotations
 
 import copy
@@ -62,8 +63,16 @@ from pipeline.atomic_dir import building
 from pipeline.config import DTYPES, ConfigError, ModelConfig, PathsConfig
 from pipeline.data.records import sha256_file
 from pipeline.pretrain import pretrain
-from pipeline.tokenizer import (BPE_VERSION, PACKAGE_GGUF, TokenizerError, corpus_texts, load_tokenizer,
-                                package_file, tokenizer_fingerprint, trained_bpe_spec)
+from pipeline.tokenizer import (
+    BPE_VERSION,
+    PACKAGE_GGUF,
+    TokenizerError,
+    corpus_texts,
+    load_tokenizer,
+    package_file,
+    tokenizer_fingerprint,
+    trained_bpe_spec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +166,10 @@ def decoder_layer_class(model_cfg: ModelLike) -> type:
             obj = None
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             return obj
-    raise ConfigError(f"config key '{key}': cannot resolve {name!r} to a torch.nn.Module class "
-                      f"(tried {', '.join(m + '.' + c for m, c in candidates)})")
+    raise ConfigError(
+        f"config key '{key}': cannot resolve {name!r} to a torch.nn.Module class "
+        f"(tried {', '.join(m + '.' + c for m, c in candidates)})"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +206,8 @@ def load_tokenizer_for(model_cfg: ModelLike):
     except TokenizerError as e:
         raise ModelLoadError(
             f"model config '{_name(m)}': cannot load its tokenizer '{spec}': {e}. Set "
-            f"model.tokenizer (or model.local_path) to a local folder holding it.") from e
+            f"model.tokenizer (or model.local_path) to a local folder holding it."
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,8 +257,10 @@ def _models_dir(model_cfg: ModelLike, paths_cfg: Optional[PathsLike]) -> Path:
     """``paths.data_dir/models``; ``paths_cfg`` is ``cfg.paths`` (typed or not) or a dict."""
     m = model_config(model_cfg)
     if paths_cfg is None:
-        raise ModelLoadError(f"model config '{_name(m)}' (source={m.source}) "
-                             "is built into paths.data_dir/models/: pass paths_cfg (cfg.paths)")
+        raise ModelLoadError(
+            f"model config '{_name(m)}' (source={m.source}) "
+            "is built into paths.data_dir/models/: pass paths_cfg (cfg.paths)"
+        )
     data_dir = paths_cfg["data_dir"] if isinstance(paths_cfg, Mapping) else paths_cfg.data_dir
     return Path(str(data_dir)).expanduser() / MODELS_SUBDIR
 
@@ -258,8 +272,7 @@ def _architecture(m: ModelConfig) -> Dict[str, Any]:
     known = set(LlamaConfig().to_dict())
     for k in arch:
         if k in _ARCH_FROM_TOKENIZER:
-            raise ConfigError(f"config key 'model.architecture.{k}': set from the tokenizer "
-                              f"({m.tokenizer}); remove it")
+            raise ConfigError(f"config key 'model.architecture.{k}': set from the tokenizer ({m.tokenizer}); remove it")
         if k not in known:
             raise ConfigError(f"config key 'model.architecture.{k}': not a LlamaConfig field")
     return arch
@@ -271,9 +284,14 @@ def model_definition(model_cfg: ModelLike, tokenizer=None) -> Dict[str, Any]:
     source = m.source
     tok = tokenizer if tokenizer is not None else load_tokenizer_for(m)
     if source == "scratch":
-        defn = {"kind": "scratch", "models_version": MODELS_VERSION,
-                "architecture": _architecture(m), "init_seed": int(m.init_seed),
-                "tokenizer": tokenizer_fingerprint(tok), "vocab_size": len(tok)}
+        defn = {
+            "kind": "scratch",
+            "models_version": MODELS_VERSION,
+            "architecture": _architecture(m),
+            "init_seed": int(m.init_seed),
+            "tokenizer": tokenizer_fingerprint(tok),
+            "vocab_size": len(tok),
+        }
         pre = _pretrain(m)
         if pre and pre["steps"] > 0:
             # what the pre-training reads and does; the corpus by content, not by path
@@ -287,10 +305,15 @@ def model_definition(model_cfg: ModelLike, tokenizer=None) -> Dict[str, Any]:
         import transformers
 
         path = _gguf_path(m)
-        return {"kind": "gguf", "models_version": MODELS_VERSION, "file": path.name,
-                "file_sha256": _checked_gguf_sha256(m, path), "tokenizer": tokenizer_fingerprint(tok),
-                # the GGUF -> transformers conversion is done by this library
-                "transformers": transformers.__version__}
+        return {
+            "kind": "gguf",
+            "models_version": MODELS_VERSION,
+            "file": path.name,
+            "file_sha256": _checked_gguf_sha256(m, path),
+            "tokenizer": tokenizer_fingerprint(tok),
+            # the GGUF -> transformers conversion is done by this library
+            "transformers": transformers.__version__,
+        }
     raise ValueError(f"model.source={source} has no cached checkpoint")
 
 
@@ -305,13 +328,17 @@ def _checked_gguf_sha256(m: ModelConfig, path: Path) -> str:
     digest = sha256_file(path)
     expected = m.gguf_sha256
     if expected and digest != expected:
-        raise ModelLoadError(f"model config '{_name(m)}': {path} has sha256 {digest}, but "
-                             f"model.gguf_sha256 is {expected} (a different package version?)")
+        raise ModelLoadError(
+            f"model config '{_name(m)}': {path} has sha256 {digest}, but "
+            f"model.gguf_sha256 is {expected} (a different package version?)"
+        )
     return digest
 
 
 def _weight_files(folder: Path):
-    return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json"))
+    return sorted(
+        p for p in folder.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".safetensors.index.json")
+    )
 
 
 def _done_ok(folder: Path, verify: bool) -> bool:
@@ -327,8 +354,10 @@ def _done_ok(folder: Path, verify: bool) -> bool:
     for name, digest in files.items():
         p = folder / name
         if not p.is_file() or sha256_file(p) != digest:
-            raise ModelLoadError(f"cached checkpoint {folder}: '{name}' no longer matches the sha256 in "
-                                 f"{DONE_FILE}; delete the folder to rebuild it")
+            raise ModelLoadError(
+                f"cached checkpoint {folder}: '{name}' no longer matches the sha256 in "
+                f"{DONE_FILE}; delete the folder to rebuild it"
+            )
     return True
 
 
@@ -370,8 +399,13 @@ def build_scratch_model(model_cfg: ModelLike, tokenizer):
 
     m = model_config(model_cfg)
     arch = _architecture(m)
-    config = LlamaConfig(**arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        **arch,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config).to(torch.float32)
     gen = torch.Generator().manual_seed(int(m.init_seed))
@@ -397,12 +431,23 @@ def build_pretrained_model(model_cfg: ModelLike, tokenizer):
     pre = m.pretrain
     model = build_scratch_model(m, tokenizer)
     texts = corpus_texts(pre.corpus, pre.text_fields)
-    log.info("pre-training model '%s': %d steps x %d x %d tokens on %d documents", _name(m),
-             pre.steps, pre.batch_size, pre.seq_len, len(texts))
+    log.info(
+        "pre-training model '%s': %d steps x %d x %d tokens on %d documents",
+        _name(m),
+        pre.steps,
+        pre.batch_size,
+        pre.seq_len,
+        len(texts),
+    )
     with torch.random.fork_rng(devices=[]):
         record = pretrain(model, tokenizer, texts, pre, desc=f"pretrain {_name(m)}")
-    log.info("pre-trained model '%s': held-out loss %.3f -> %.3f in %.0f s", _name(m),
-             record["held_out_loss_before"], record["held_out_loss_after"], record["seconds"])
+    log.info(
+        "pre-trained model '%s': held-out loss %.3f -> %.3f in %.0f s",
+        _name(m),
+        record["held_out_loss_before"],
+        record["held_out_loss_after"],
+        record["seconds"],
+    )
     return model.eval(), {PRETRAIN_LOG: record}
 
 
@@ -457,20 +502,29 @@ def _from_hub(m: ModelConfig, dtype: torch.dtype):
     hub_id = str(m.hub_id)
     revision = m.revision
     if not revision or not _HEX40.match(str(revision)):
-        log.warning("model config '%s': revision %r of '%s' is not a pinned commit; runs are not "
-                    "reproducible (set model.revision to a 40-hex commit)", _name(m), revision, hub_id)
+        log.warning(
+            "model config '%s': revision %r of '%s' is not a pinned commit; runs are not "
+            "reproducible (set model.revision to a 40-hex commit)",
+            _name(m),
+            revision,
+            hub_id,
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        why = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
-               if offline else "it is not in the Hugging Face cache and the hub could not provide it")
+        why = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+            if offline
+            else "it is not in the Hugging Face cache and the hub could not provide it"
+        )
         raise ModelLoadError(
             f"model config '{_name(m)}': cannot load '{hub_id}' at revision {revision}: {why} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Either download it once where "
             f"the hub is reachable (`huggingface-cli download {hub_id} --revision {revision}`; gated models "
             f"need an accepted licence and `huggingface-cli login`), or point the config at a local copy: "
-            f"model.local_path=/path/to/{hub_id.split('/')[-1]}") from e
+            f"model.local_path=/path/to/{hub_id.split('/')[-1]}"
+        ) from e
 
 
 def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None):
@@ -489,8 +543,9 @@ def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtyp
     return model.eval()
 
 
-def load_pretrained(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None,
-                    add_pad_token: bool = True):
+def load_pretrained(
+    model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None, add_pad_token: bool = True
+):
     """``(model, tokenizer)`` for training: :func:`load_model`, :func:`load_tokenizer_for` and, with
     ``add_pad_token``, :func:`ensure_pad_token`. Checks that the vocabularies agree."""
     m = model_config(model_cfg)
@@ -498,14 +553,24 @@ def load_pretrained(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None,
     model = load_model(m, paths_cfg, dtype)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"model config '{_name(m)}': tokenizer has {len(tokenizer)} tokens but "
-                             f"the model's embedding only {rows} rows (wrong model.tokenizer?)")
+        raise ModelLoadError(
+            f"model config '{_name(m)}': tokenizer has {len(tokenizer)} tokens but "
+            f"the model's embedding only {rows} rows (wrong model.tokenizer?)"
+        )
     eos = model.config.eos_token_id
-    if tokenizer.eos_token_id is not None and eos is not None and tokenizer.eos_token_id not in (
-            eos if isinstance(eos, (list, tuple)) else [eos]):
-        log.warning("model config '%s': the tokenizer's eos token %r (id %s) is not the model's eos id %s; "
-                    "training appends the tokenizer's eos to every response", _name(m),
-                    tokenizer.eos_token, tokenizer.eos_token_id, eos)
+    if (
+        tokenizer.eos_token_id is not None
+        and eos is not None
+        and tokenizer.eos_token_id not in (eos if isinstance(eos, (list, tuple)) else [eos])
+    ):
+        log.warning(
+            "model config '%s': the tokenizer's eos token %r (id %s) is not the model's eos id %s; "
+            "training appends the tokenizer's eos to every response",
+            _name(m),
+            tokenizer.eos_token,
+            tokenizer.eos_token_id,
+            eos,
+        )
     if add_pad_token:
         model, tokenizer = ensure_pad_token(model, tokenizer)
     return model, tokenizer

@@ -67,6 +67,7 @@ Batch keys: ``input_ids``, ``labels``, ``weights``, ``prompt_mask``, ``position_
 (example index within the micro-batch, -1 for padding) and, in ``mask4d`` mode, ``attention_mask``.
 Count real tokens with ``segment_ids >= 0`` (not ``attention_mask.sum()``, which is 4-D here).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -96,8 +97,10 @@ def pack_bins(lengths: Sequence[int], max_length: int, balance: bool = True) -> 
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     for i, n in enumerate(lengths):
         if n > max_length:
-            raise ValueError(f"packing: example {i} of the micro-batch has {n} tokens > max_length "
-                             f"{max_length} (preprocess with model_max_length <= max_length)")
+            raise ValueError(
+                f"packing: example {i} of the micro-batch has {n} tokens > max_length "
+                f"{max_length} (preprocess with model_max_length <= max_length)"
+            )
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
     rows: List[List[int]] = []
     room: List[int] = []
@@ -135,9 +138,13 @@ def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.floa
     return mask
 
 
-def pack_examples(examples: Sequence[Mapping[str, Any]], max_length: int, pad_token_id: int = 0,
-                  attention: str = "mask4d", pad_to_multiple_of: Optional[int] = None,
-                  ) -> Dict[str, torch.Tensor]:
+def pack_examples(
+    examples: Sequence[Mapping[str, Any]],
+    max_length: int,
+    pad_token_id: int = 0,
+    attention: str = "mask4d",
+    pad_to_multiple_of: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
     """Pack :func:`~pipeline.preprocess.build_example` dicts into one batch (see module docstring)."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"packing attention mode must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -147,18 +154,24 @@ def pack_examples(examples: Sequence[Mapping[str, Any]], max_length: int, pad_to
     for i, e in enumerate(examples):
         for key in ("input_ids", "labels", "weights"):
             if key not in e:
-                raise ValueError(f"packing: example {i} of the micro-batch has no '{key}' "
-                                 f"(expected pipeline.preprocess.build_example output)")
+                raise ValueError(
+                    f"packing: example {i} of the micro-batch has no '{key}' "
+                    f"(expected pipeline.preprocess.build_example output)"
+                )
         ids = torch.as_tensor(e["input_ids"], dtype=torch.long).reshape(-1)
         n = ids.numel()
         labels = torch.as_tensor(e["labels"], dtype=torch.long).reshape(-1)
         weights = torch.as_tensor(e["weights"], dtype=torch.float32).reshape(-1)
-        pm = torch.as_tensor(e["prompt_mask"], dtype=torch.bool).reshape(-1) if "prompt_mask" in e \
+        pm = (
+            torch.as_tensor(e["prompt_mask"], dtype=torch.bool).reshape(-1)
+            if "prompt_mask" in e
             else torch.zeros(n, dtype=torch.bool)
+        )
         for key, t in (("labels", labels), ("weights", weights), ("prompt_mask", pm)):
             if t.numel() != n:
-                raise ValueError(f"packing: example {i} of the micro-batch: '{key}' has {t.numel()} "
-                                 f"entries, input_ids {n}")
+                raise ValueError(
+                    f"packing: example {i} of the micro-batch: '{key}' has {t.numel()} entries, input_ids {n}"
+                )
         seqs.append((ids, labels, weights, pm))
     lengths = [s[0].numel() for s in seqs]
     rows = pack_bins(lengths, max_length)
@@ -184,17 +197,17 @@ def pack_examples(examples: Sequence[Mapping[str, Any]], max_length: int, pad_to
         for i in members:
             ids, labels, weights, pm = seqs[i]
             n = ids.numel()
-            batch["input_ids"][r, s:s + n] = ids
-            batch["labels"][r, s:s + n] = labels
-            batch["weights"][r, s:s + n] = weights
-            batch["prompt_mask"][r, s:s + n] = pm
+            batch["input_ids"][r, s : s + n] = ids
+            batch["labels"][r, s : s + n] = labels
+            batch["weights"][r, s : s + n] = weights
+            batch["prompt_mask"][r, s : s + n] = pm
             # The first token of an example has no target: never let the previous example's last
             # hidden state "predict" it (pipeline.loss shifts labels by one inside each row).
             batch["labels"][r, s] = IGNORE_INDEX
             batch["weights"][r, s] = 0.0
             batch["prompt_mask"][r, s] = False
-            batch["position_ids"][r, s:s + n] = torch.arange(n)
-            batch["segment_ids"][r, s:s + n] = i
+            batch["position_ids"][r, s : s + n] = torch.arange(n)
+            batch["segment_ids"][r, s : s + n] = i
             s += n
         if s < T:  # trailing padding: positions of its own (a new "sequence" for position-based detection)
             batch["position_ids"][r, s:] = torch.arange(T - s)
@@ -217,6 +230,7 @@ class PackedCollator:
     is irrelevant to the loss: pad tokens have no target and are attended by no real token); an int
     is accepted too. See the module docstring for ``attention``.
     """
+
     tokenizer: Any
     max_length: int
     attention: str = "mask4d"
@@ -244,8 +258,7 @@ class PackedCollator:
         return 0
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> Dict[str, torch.Tensor]:
-        return pack_examples(examples, int(self.max_length), self.pad_token_id, self.attention,
-                             self.pad_to_multiple_of)
+        return pack_examples(examples, int(self.max_length), self.pad_token_id, self.attention, self.pad_to_multiple_of)
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,5 +276,10 @@ def packing_stats(batch: Mapping[str, torch.Tensor]) -> Dict[str, float]:
     else:
         real, n_ex = ids.numel(), ids.shape[0]
     slots = ids.numel()
-    return {"rows": ids.shape[0], "examples": n_ex, "real_tokens": real, "slots": slots,
-            "fill": real / slots if slots else 0.0}
+    return {
+        "rows": ids.shape[0],
+        "examples": n_ex,
+        "real_tokens": real,
+        "slots": slots,
+        "fill": real / slots if slots else 0.0,
+    }

@@ -40,6 +40,7 @@ alone fills the budget) is counted in :class:`TruncationReport`; the policy deci
 completion fits; if the completion alone is longer than ``model_max_length - 1`` the prompt is
 reduced to BOS and the completion is right-truncated).
 """
+
 from __future__ import annotations
 
 import json
@@ -121,10 +122,12 @@ class TruncationReport:
     examples_lost_completion: List[int] = field(default_factory=list)  # indices (first 20)
 
     def summary(self) -> str:
-        return (f"{self.n_instances} instances, model_max_length={self.model_max_length}: "
-                f"{self.n_truncated} truncated, {self.n_lost_completion} lost every completion token "
-                f"(policy {self.policy}: {self.n_dropped} dropped, {self.n_prompt_left_truncated} "
-                f"prompt-left-truncated, {self.n_kept_without_completion} kept without completion)")
+        return (
+            f"{self.n_instances} instances, model_max_length={self.model_max_length}: "
+            f"{self.n_truncated} truncated, {self.n_lost_completion} lost every completion token "
+            f"(policy {self.policy}: {self.n_dropped} dropped, {self.n_prompt_left_truncated} "
+            f"prompt-left-truncated, {self.n_kept_without_completion} kept without completion)"
+        )
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -136,8 +139,9 @@ def _ids(tokenizer, text: str, max_length: Optional[int]) -> List[int]:
     return list(tokenizer(text, max_length=max_length, truncation=True).input_ids)
 
 
-def tokenize_instance(record: Mapping[str, Any], tokenizer, model_max_length: int = 512,
-                      truncation: str = "keep") -> Optional[TokenizedInstance]:
+def tokenize_instance(
+    record: Mapping[str, Any], tokenizer, model_max_length: int = 512, truncation: str = "keep"
+) -> Optional[TokenizedInstance]:
     """Tokenise one record as Alpaca does; apply the truncation ``policy``.
 
     Returns ``None`` when the policy is ``drop`` and the instance lost every completion token.
@@ -148,8 +152,9 @@ def tokenize_instance(record: Mapping[str, Any], tokenizer, model_max_length: in
     return _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
 
 
-def _finish_instance(source: str, target: str, full: List[int], n_src: int, tokenizer,
-                     model_max_length: int, truncation: str) -> Optional[TokenizedInstance]:
+def _finish_instance(
+    source: str, target: str, full: List[int], n_src: int, tokenizer, model_max_length: int, truncation: str
+) -> Optional[TokenizedInstance]:
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     n_prompt = min(n_src, len(full))
@@ -172,17 +177,21 @@ def _finish_instance(source: str, target: str, full: List[int], n_src: int, toke
     prompt, completion = untrunc[:n_src_full], untrunc[n_src_full:]
     keep_bos = bool(prompt) and tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id
     head = prompt[:1] if keep_bos else []
-    body = prompt[len(head):]
+    body = prompt[len(head) :]
     budget = max(model_max_length - len(head) - len(completion), 0)  # prompt-body tokens that fit
-    kept_body = body[len(body) - budget:] if budget > 0 else []
+    kept_body = body[len(body) - budget :] if budget > 0 else []
     new_prompt = head + kept_body
     ids = (new_prompt + completion)[:model_max_length]
-    return TokenizedInstance(ids, len(new_prompt), truncated=True, lost_completion=True,
-                             prompt_tokens_dropped_left=len(body) - len(kept_body))
+    return TokenizedInstance(
+        ids,
+        len(new_prompt),
+        truncated=True,
+        lost_completion=True,
+        prompt_tokens_dropped_left=len(body) - len(kept_body),
+    )
 
 
-def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int,
-                      batch_size: int):
+def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int, batch_size: int):
     """Yield ``(source, target, full_ids, n_source_ids)``; batched calls give the same ids as single ones."""
     buf: List[Tuple[str, str]] = []
 
@@ -203,16 +212,21 @@ def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max
         yield from flush()
 
 
-def tokenize_records(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int = 512,
-                     truncation: str = "keep", batch_size: int = 512,
-                     ) -> Tuple[List[TokenizedInstance], TruncationReport]:
+def tokenize_records(
+    records: Iterable[Mapping[str, Any]],
+    tokenizer,
+    model_max_length: int = 512,
+    truncation: str = "keep",
+    batch_size: int = 512,
+) -> Tuple[List[TokenizedInstance], TruncationReport]:
     """Tokenise many records (batched); returns the kept instances and a :class:`TruncationReport`."""
     report = TruncationReport(policy=truncation, model_max_length=model_max_length)
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     out: List[TokenizedInstance] = []
     for i, (source, target, full, n_src) in enumerate(
-            _batched_tokenize(records, tokenizer, model_max_length, batch_size)):
+        _batched_tokenize(records, tokenizer, model_max_length, batch_size)
+    ):
         report.n_instances += 1
         inst = _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
         if inst is None:
@@ -238,8 +252,13 @@ def tokenize_records(records: Iterable[Mapping[str, Any]], tokenizer, model_max_
 # --------------------------------------------------------------------------------------------
 # Labels and weights
 # --------------------------------------------------------------------------------------------
-def build_example(input_ids: Sequence[int], n_prompt: int, plw: float, completion_weight: float = 1.0,
-                  mask_zero_weight_labels: bool = True) -> Dict[str, torch.Tensor]:
+def build_example(
+    input_ids: Sequence[int],
+    n_prompt: int,
+    plw: float,
+    completion_weight: float = 1.0,
+    mask_zero_weight_labels: bool = True,
+) -> Dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``weights``, ``prompt_mask`` for one sequence (see module docstring).
 
     ``n_prompt`` = number of leading prompt positions (BOS included). The weights are
@@ -260,16 +279,25 @@ def build_example(input_ids: Sequence[int], n_prompt: int, plw: float, completio
     return {"input_ids": ids, "labels": labels, "weights": weights, "prompt_mask": prompt_mask}
 
 
-def build_examples(instances: Iterable[TokenizedInstance], plw: float, completion_weight: float = 1.0,
-                   mask_zero_weight_labels: bool = True) -> List[Dict[str, torch.Tensor]]:
-    return [build_example(t.input_ids, t.n_prompt, plw, completion_weight, mask_zero_weight_labels)
-            for t in instances]
+def build_examples(
+    instances: Iterable[TokenizedInstance],
+    plw: float,
+    completion_weight: float = 1.0,
+    mask_zero_weight_labels: bool = True,
+) -> List[Dict[str, torch.Tensor]]:
+    return [build_example(t.input_ids, t.n_prompt, plw, completion_weight, mask_zero_weight_labels) for t in instances]
 
 
-def preprocess_records(records: Iterable[Mapping[str, Any]], tokenizer, *, plw: float,
-                       completion_weight: float = 1.0, model_max_length: int = 512,
-                       truncation: str = "keep", mask_zero_weight_labels: bool = True,
-                       ) -> Tuple[List[Dict[str, torch.Tensor]], TruncationReport]:
+def preprocess_records(
+    records: Iterable[Mapping[str, Any]],
+    tokenizer,
+    *,
+    plw: float,
+    completion_weight: float = 1.0,
+    model_max_length: int = 512,
+    truncation: str = "keep",
+    mask_zero_weight_labels: bool = True,
+) -> Tuple[List[Dict[str, torch.Tensor]], TruncationReport]:
     """Render, tokenise, truncate and weight records in one go (``tokenize_records`` + ``build_examples``)."""
     instances, report = tokenize_records(records, tokenizer, model_max_length, truncation)
     return build_examples(instances, plw, completion_weight, mask_zero_weight_labels), report
@@ -286,6 +314,7 @@ class Collator:
     ``prompt_mask`` with False; ``attention_mask`` comes from the true lengths (not from
     ``input_ids != pad``, so a pad id equal to a real token id is harmless).
     """
+
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
 
@@ -318,8 +347,11 @@ class Collator:
 # --------------------------------------------------------------------------------------------
 # Inspection
 # --------------------------------------------------------------------------------------------
-def inspect_examples(examples: Sequence[Mapping[str, Any]], tokenizer, max_examples: Optional[int] = None,
-                     ) -> List[Dict[str, Any]]:
+def inspect_examples(
+    examples: Sequence[Mapping[str, Any]],
+    tokenizer,
+    max_examples: Optional[int] = None,
+) -> List[Dict[str, Any]]:
     """Per-token rows ``{example, position, token, token_id, role, weight, label, is_target}``.
 
     Accepts a list of :func:`build_example` dicts or one collated batch (a dict of 2-D tensors).
@@ -332,8 +364,7 @@ def inspect_examples(examples: Sequence[Mapping[str, Any]], tokenizer, max_examp
         seqs = []
         for i in range(b["input_ids"].shape[0]):
             n = int(b["attention_mask"][i].sum()) if "attention_mask" in b else b["input_ids"].shape[1]
-            seqs.append({k: b[k][i] for k in ("input_ids", "labels", "weights", "prompt_mask") if k in b}
-                        | {"_len": n})
+            seqs.append({k: b[k][i] for k in ("input_ids", "labels", "weights", "prompt_mask") if k in b} | {"_len": n})
         examples = seqs
     rows: List[Dict[str, Any]] = []
     for ei, e in enumerate(examples):
@@ -361,9 +392,18 @@ def inspect_examples(examples: Sequence[Mapping[str, Any]], tokenizer, max_examp
             else:
                 tok = tokenizer.convert_ids_to_tokens(int(tid))
                 tok = tok if isinstance(tok, str) else repr(tok)
-            rows.append({"example": ei, "position": j, "token": tok, "token_id": int(tid), "role": role,
-                         "weight": float(weights[j]), "label": int(labels[j]),
-                         "is_target": bool(j >= 1 and role != ROLE_PAD and labels[j] != IGNORE_INDEX)})
+            rows.append(
+                {
+                    "example": ei,
+                    "position": j,
+                    "token": tok,
+                    "token_id": int(tid),
+                    "role": role,
+                    "weight": float(weights[j]),
+                    "label": int(labels[j]),
+                    "is_target": bool(j >= 1 and role != ROLE_PAD and labels[j] != IGNORE_INDEX),
+                }
+            )
     return rows
 
 
@@ -378,6 +418,8 @@ def format_rows(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         tok = r["token"].replace("\n", "\\n")
         tok = tok if len(tok) <= 20 else tok[:19] + "…"
-        lines.append(f"{r['example']:>3} {r['position']:>4} {tok:<20} {r['token_id']:>7} {r['role']:<10} "
-                     f"{r['weight']:>10.4g} {r['label']:>7}")
+        lines.append(
+            f"{r['example']:>3} {r['position']:>4} {tok:<20} {r['token_id']:>7} {r['role']:<10} "
+            f"{r['weight']:>10.4g} {r['label']:>7}"
+        )
     return "\n".join(lines)

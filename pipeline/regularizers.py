@@ -41,6 +41,7 @@ numbers). Under DDP or one process the parameters are whole and the reference is
 memory; one host-to-device copy per tensor per step). Resuming a run re-creates the reference from
 the pre-trained weights (not from the checkpoint).
 """
+
 from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence, Tuple
@@ -60,7 +61,7 @@ def clean_name(name: str) -> str:
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     if name.startswith("module."):
-        name = name[len("module."):]
+        name = name[len("module.") :]
     return name
 
 
@@ -101,8 +102,7 @@ def optimizer_groups(model: nn.Module, weight_decay: float, decay_names: Optiona
     decay, other = [], []
     for n, p in trainable_parameters(model):
         (decay if n in names else other).append(p)
-    groups = [{"params": decay, "weight_decay": float(weight_decay)},
-              {"params": other, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": other, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -124,16 +124,19 @@ def set_attention_dropout(model: nn.Module, p: float) -> int:
             m.attention_dropout = float(p)
             n += 1
     if p > 0 and n == 0:
-        raise ValueError(f"{type(model).__name__} has no attention module with an `attention_dropout` "
-                         "attribute: train.attention_dropout is not supported for this model")
+        raise ValueError(
+            f"{type(model).__name__} has no attention module with an `attention_dropout` "
+            "attribute: train.attention_dropout is not supported for this model"
+        )
     return n
 
 
 # --------------------------------------------------------------------------------------------
 # Minkowski (p = 1) penalty
 # --------------------------------------------------------------------------------------------
-def minkowski_penalty(params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], coef: float,
-                      reduction: str = "sum") -> torch.Tensor:
+def minkowski_penalty(
+    params: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], coef: float, reduction: str = "sum"
+) -> torch.Tensor:
     """Reference definition (differentiable, whole tensors): ``coef x mean_t D_t``.
 
     ``D_t = sum |p_t - ref_t|`` (``reduction="sum"``, the p = 1 Minkowski distance) or its mean.
@@ -156,8 +159,14 @@ class MinkowskiPenalty:
     group over which sharded tensors are split (``None``: the default group when one is initialised).
     """
 
-    def __init__(self, named_params: Iterable[Tuple[str, nn.Parameter]], coef: float, reduction: str = "sum",
-                 reference_device: str = "device", group=None):
+    def __init__(
+        self,
+        named_params: Iterable[Tuple[str, nn.Parameter]],
+        coef: float,
+        reduction: str = "sum",
+        reference_device: str = "device",
+        group=None,
+    ):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"minkowski reduction must be 'sum' or 'mean', got {reduction!r}")
         if reference_device not in ("device", "cpu"):
@@ -223,8 +232,11 @@ class MinkowskiPenalty:
             loc = local_tensor(p.detach())
             device = loc.device
             diff = loc - ref.to(loc.device, non_blocking=True).to(loc.dtype)
-            sums.append(diff.abs().sum(dtype=torch.float64) if diff.numel() else
-                        torch.zeros((), dtype=torch.float64, device=loc.device))
+            sums.append(
+                diff.abs().sum(dtype=torch.float64)
+                if diff.numel()
+                else torch.zeros((), dtype=torch.float64, device=loc.device)
+            )
             if add_grad:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)

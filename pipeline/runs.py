@@ -30,6 +30,7 @@ so a crash never leaves a half-written file that looks complete. ``status.json``
 :mod:`pipeline.lifecycle` only (it decides every transition); :meth:`RunDir.load_config` is the one
 reader of a run's config.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import data
-from pipeline.config import (Config, ConfigError, DatasetConfig, ModelConfig, TrainConfig, identity_of,
-                             runtime_fields, validate)
+from pipeline.config import (
+    Config,
+    ConfigError,
+    DatasetConfig,
+    ModelConfig,
+    TrainConfig,
+    identity_of,
+    runtime_fields,
+    validate,
+)
 
 # Bump when the meaning of a run changes (tokenization, loss, trainer semantics) so that old results
 # are never mistaken for new ones.
@@ -250,8 +259,9 @@ class RunDir:
         still evaluated), the file is returned as it is and the problem appended to ``notes``."""
         path = self.launch_config if latest and self.launch_config.is_file() else self.config
         if not path.is_file():
-            raise FileNotFoundError(f"{self.path}: no {path.name} (not a run folder written by "
-                                    f"pipeline.runs.create_run?)")
+            raise FileNotFoundError(
+                f"{self.path}: no {path.name} (not a run folder written by pipeline.runs.create_run?)"
+            )
         raw = OmegaConf.load(path)
         try:
             cfg = OmegaConf.merge(OmegaConf.structured(Config), raw)
@@ -324,8 +334,10 @@ class RunDir:
 
     # -- liveness ---------------------------------------------------------------------------------
     def write_heartbeat(self, **info: Any) -> None:
-        atomic_write_json(self.heartbeat_file, {"time": time.time(), "iso": now_iso(),
-                                                "host": socket.gethostname(), "pid": os.getpid(), **info})
+        atomic_write_json(
+            self.heartbeat_file,
+            {"time": time.time(), "iso": now_iso(), "host": socket.gethostname(), "pid": os.getpid(), **info},
+        )
 
     def heartbeat(self) -> Optional[Dict[str, Any]]:
         try:
@@ -401,11 +413,20 @@ def create_run(cfg: DictConfig, variant: str = "none") -> RunDir:
     if not rd.run_json.exists():
         ident = run_identity(cfg, variant)
         atomic_write_text(rd.config, OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_json(rd.run_json, {
-            "run_id": rid, "hash": identity_hash(ident), "model": cfg.model.name,
-            "dataset": cfg.dataset.name, "plw": float(cfg.plw), "variant": variant,
-            "regularizer": variant, "seed": int(cfg.seed), "identity": ident,
-        })
+        atomic_write_json(
+            rd.run_json,
+            {
+                "run_id": rid,
+                "hash": identity_hash(ident),
+                "model": cfg.model.name,
+                "dataset": cfg.dataset.name,
+                "plw": float(cfg.plw),
+                "variant": variant,
+                "regularizer": variant,
+                "seed": int(cfg.seed),
+                "identity": ident,
+            },
+        )
     return rd
 
 

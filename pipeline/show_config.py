@@ -1,4 +1,5 @@
 """Print the composed, validated config: ``python -m pipeline.show_config model=llama2_7b plw=0.1``."""
+
 from __future__ import annotations
 
 import sys

@@ -10,6 +10,7 @@ Tokenizer specs (strings, as they appear in configs):
     tokenizer; :func:`pipeline.models.tokenizer_spec` writes this spec from ``model.pretrain``),
     cached by the files' content under ``PLW_CACHE_DIR/tokenizers/bpe-<hash>/``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,7 @@ def package_file(package: str, filename: str) -> Path:
     """Path of a data file shipped inside an installed Python package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise TokenizerError(
-            f"Python package '{package}' is not installed (needed for '{filename}'); run `make setup`")
+        raise TokenizerError(f"Python package '{package}' is not installed (needed for '{filename}'); run `make setup`")
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise TokenizerError(f"'{filename}' not found in package '{package}' ({path})")
@@ -44,7 +44,7 @@ def package_file(package: str, filename: str) -> Path:
 
 
 def parse_package_gguf(spec: str) -> Tuple[str, str]:
-    rest = spec[len(PACKAGE_GGUF):]
+    rest = spec[len(PACKAGE_GGUF) :]
     if "/" not in rest:
         raise TokenizerError(f"tokenizer spec '{spec}': expected package_gguf:<package>/<file.gguf>")
     package, filename = rest.split("/", 1)
@@ -70,10 +70,11 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
         return AutoTokenizer.from_pretrained(spec, revision=revision)
     except OSError as e:  # offline and not cached, gated, or a typo
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (" HF_HUB_OFFLINE=1 is set and it is not in the Hugging Face cache;" if offline else "")
+        hint = " HF_HUB_OFFLINE=1 is set and it is not in the Hugging Face cache;" if offline else ""
         raise TokenizerError(
             f"cannot load tokenizer '{spec}':{hint} {e}. Point the config at a local folder instead, "
-            f"e.g. paths.llama_tokenizer=../shared/tokenizers/llama") from e
+            f"e.g. paths.llama_tokenizer=../shared/tokenizers/llama"
+        ) from e
 
 
 # Bump when the conversion below changes (the disk cache is keyed by it).
@@ -96,8 +97,9 @@ def _load_gguf_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     st = path.stat()
-    key = hashlib.sha256(repr((path.name, st.st_size, int(st.st_mtime), transformers.__version__,
-                               GGUF_TOKENIZER_VERSION)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        repr((path.name, st.st_size, int(st.st_mtime), transformers.__version__, GGUF_TOKENIZER_VERSION)).encode()
+    ).hexdigest()[:16]
     folder = gguf_tokenizer_cache_dir() / f"{path.stem}-{key}"
     if (folder / "DONE").is_file():
         return AutoTokenizer.from_pretrained(str(folder))
@@ -180,24 +182,38 @@ def train_bpe(texts: Sequence[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=int(vocab_size),
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(texts), trainer)
     bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False,
-                                   model_input_names=["input_ids", "attention_mask"])
-
-
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=1 << 30,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
+    )
 
 
 def trained_bpe_spec(corpus, text_fields, vocab_size: int) -> str:
     """The ``trained_bpe:`` spec string (canonical JSON, so equal definitions share the lru cache)."""
-    return TRAINED_BPE + json.dumps({"corpus": [str(Path(str(c)).expanduser()) for c in corpus],
-                                     "text_fields": [str(f) for f in text_fields],
-                                     "vocab_size": int(vocab_size)}, sort_keys=True)
+    return TRAINED_BPE + json.dumps(
+        {
+            "corpus": [str(Path(str(c)).expanduser()) for c in corpus],
+            "text_fields": [str(f) for f in text_fields],
+            "vocab_size": int(vocab_size),
+        },
+        sort_keys=True,
+    )
 
 
 def _load_trained_bpe(spec: str):
@@ -208,16 +224,21 @@ def _load_trained_bpe(spec: str):
     from transformers import AutoTokenizer
 
     try:
-        d = json.loads(spec[len(TRAINED_BPE):])
+        d = json.loads(spec[len(TRAINED_BPE) :])
         corpus, fields, vocab = list(d["corpus"]), list(d["text_fields"]), int(d["vocab_size"])
     except (ValueError, KeyError, TypeError) as e:
         raise TokenizerError(f"tokenizer spec '{spec}': expected trained_bpe:{{corpus, text_fields, vocab_size}} ({e})")
     for c in corpus:
         if not Path(c).is_file():
-            raise TokenizerError(f"corpus file {c} of model.pretrain.corpus does not exist (the tokenizer is trained "
-                                 f"on it; the demo's corpus is in ../shared: set paths.shared_dir)")
-    key = hashlib.sha256(json.dumps([[sha256_file(Path(c)) for c in corpus], fields, vocab,
-                                     tokenizers.__version__, BPE_VERSION]).encode()).hexdigest()[:16]
+            raise TokenizerError(
+                f"corpus file {c} of model.pretrain.corpus does not exist (the tokenizer is trained "
+                f"on it; the demo's corpus is in ../shared: set paths.shared_dir)"
+            )
+    key = hashlib.sha256(
+        json.dumps(
+            [[sha256_file(Path(c)) for c in corpus], fields, vocab, tokenizers.__version__, BPE_VERSION]
+        ).encode()
+    ).hexdigest()[:16]
     folder = gguf_tokenizer_cache_dir() / f"bpe{vocab}-{key}"
     if (folder / "DONE").is_file():
         return AutoTokenizer.from_pretrained(str(folder))
@@ -250,8 +271,12 @@ def _apply_gguf_special_tokens(tok, path: Path):
         f = fields.get(key)
         return None if f is None or not f.data else f.parts[f.data[0]][0].item()
 
-    names = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
-             "pad_token": "tokenizer.ggml.padding_token_id", "unk_token": "tokenizer.ggml.unknown_token_id"}
+    names = {
+        "bos_token": "tokenizer.ggml.bos_token_id",
+        "eos_token": "tokenizer.ggml.eos_token_id",
+        "pad_token": "tokenizer.ggml.padding_token_id",
+        "unk_token": "tokenizer.ggml.unknown_token_id",
+    }
     for attr, key in names.items():
         token_id = value(key)
         if token_id is not None:
@@ -277,6 +302,16 @@ def tokenizer_fingerprint(tok) -> str:
         h.update(backend.to_str().encode("utf-8"))
     else:  # slow tokenizer: vocabulary is the best we have
         h.update(repr(sorted(tok.get_vocab().items())).encode("utf-8"))
-    h.update(repr((tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token,
-                   getattr(tok, "add_bos_token", None), getattr(tok, "add_eos_token", None))).encode())
+    h.update(
+        repr(
+            (
+                tok.bos_token,
+                tok.eos_token,
+                tok.pad_token,
+                tok.unk_token,
+                getattr(tok, "add_bos_token", None),
+                getattr(tok, "add_eos_token", None),
+            )
+        ).encode()
+    )
     return h.hexdigest()[:16]

@@ -48,6 +48,7 @@ are already in ``cfg``. It is part of the run's identity.
 load model, load data, build the trainer, train, save; it returns the summary or raises, and never
 touches the status.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import cli
 from pipeline import lifecycle
-from pipeline.config import Config, ConfigError, validate
+from pipeline.config import CONF_DIR, Config, ConfigError, validate
 from pipeline.data.build import load_dataset
 from pipeline.lifecycle import EXIT_BUSY, PREEMPTED_EXIT_CODE, Preempted, RunBusy
 from pipeline.models import load_pretrained, pretrained_dir
@@ -77,21 +78,35 @@ from pipeline.trainer.loop import SUMMARY_FILE, Trainer, TrainerCallback
 
 log = logging.getLogger("pipeline.train")
 
-__all__ = ["run", "train", "main", "Preempted", "RunBusy", "TrainerCallback", "PREEMPTED_EXIT_CODE",
-           "SUMMARY_FILE", "launch_command", "resolve_nproc"]
+__all__ = [
+    "run",
+    "train",
+    "main",
+    "Preempted",
+    "RunBusy",
+    "TrainerCallback",
+    "PREEMPTED_EXIT_CODE",
+    "SUMMARY_FILE",
+    "launch_command",
+    "resolve_nproc",
+]
 
-REPO = Path(__file__).resolve().parent.parent
-DISTRIBUTED_DIR = REPO / "conf" / "distributed"
+REPO = Path(__file__).resolve().parent.parent  # the folder holding the package (checkout or site-packages)
+DISTRIBUTED_DIR = CONF_DIR / "distributed"
 PREEMPTED_MARKER = "preempted.json"  # logs/: written by rank 0 of a stopped multi-process attempt
-ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", "ddp": "ddp.yaml",
-                      "none": "ddp.yaml"}
+ACCELERATE_CONFIGS = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero3.yaml", "ddp": "ddp.yaml", "none": "ddp.yaml"}
 
 
 # ------------------------------------------------------------------------------------------------
 # the linear entry point (every training process)
 # ------------------------------------------------------------------------------------------------
-def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
-          callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None) -> Dict[str, Any]:
+def train(
+    cfg: DictConfig,
+    run_dir: RunDir,
+    variant: str = "none",
+    callbacks: Sequence[TrainerCallback] = (),
+    typed: Optional[Config] = None,
+) -> Dict[str, Any]:
     """Load model, load data, build the trainer, train (resuming), save; returns the summary (rank 0).
 
     ``typed``: ``cfg`` validated (:func:`pipeline.config.validate`) by the caller; validated here if
@@ -112,17 +127,31 @@ def train(cfg: DictConfig, run_dir: RunDir, variant: str = "none",
         # 2. data
         records, meta = load_dataset(typed)
         t = cfg.train
-        data = prepare_examples(records, tokenizer, plw=float(cfg.plw), completion_weight=float(cfg.completion_weight),
-                                model_max_length=int(t.model_max_length), truncation=str(t.truncation),
-                                eval_fraction=float(t.eval_fraction), seed=int(cfg.seed))
+        data = prepare_examples(
+            records,
+            tokenizer,
+            plw=float(cfg.plw),
+            completion_weight=float(cfg.completion_weight),
+            model_max_length=int(t.model_max_length),
+            truncation=str(t.truncation),
+            eval_fraction=float(t.eval_fraction),
+            seed=int(cfg.seed),
+        )
         if backend.is_main:
             log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())
         # 3. trainer, 4. train (resumes from the latest checkpoint)
         trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks, typed=typed)
         trainer.train()
         # 5. save: final model, summary
-        return trainer.finalize({**data.summary(), "dataset_dir": str(meta.get("dir")),
-                                 "dataset_hash": meta.get("hash"), "dataset_rg": meta.get("rg")}, variant)
+        return trainer.finalize(
+            {
+                **data.summary(),
+                "dataset_dir": str(meta.get("dir")),
+                "dataset_hash": meta.get("hash"),
+                "dataset_rg": meta.get("rg"),
+            },
+            variant,
+        )
     finally:
         backend.close()
 
@@ -136,8 +165,9 @@ def resolve_nproc(train_cfg: Any) -> int:
     if n > 0:
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if gpus and n > gpus:
-            raise ConfigError(f"config key 'train.nproc': {n} processes but only {gpus} GPUs are visible "
-                              f"(one process per GPU)")
+            raise ConfigError(
+                f"config key 'train.nproc': {n} processes but only {gpus} GPUs are visible (one process per GPU)"
+            )
         return n
     if str(train_cfg.distributed) != "none" and torch.cuda.is_available():
         return max(1, torch.cuda.device_count())
@@ -185,8 +215,13 @@ def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallb
         except Preempted as e:
             log.warning("%s", e)
             raise
-    log.info("run %s done: %d steps, final loss %.4f -> %s", rd.path.name, summary.get("steps", 0),
-             summary.get("final_loss") or float("nan"), rd.final)
+    log.info(
+        "run %s done: %d steps, final loss %.4f -> %s",
+        rd.path.name,
+        summary.get("steps", 0),
+        summary.get("final_loss") or float("nan"),
+        rd.final,
+    )
     return rd
 
 
@@ -215,9 +250,19 @@ def launch_command(cfg: DictConfig, run_dir: Path, nproc: int) -> List[str]:
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *tail]
     mode = str(t.distributed)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(DISTRIBUTED_DIR / ACCELERATE_CONFIGS[mode]),
-           "--num_processes", str(nproc), "--num_machines", "1", "--main_process_port", str(_free_port())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(DISTRIBUTED_DIR / ACCELERATE_CONFIGS[mode]),
+        "--num_processes",
+        str(nproc),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     if mode != "deepspeed":  # DeepSpeed takes precision from ds_zero3.json ("auto" = train.bf16)
         cmd += ["--mixed_precision", "bf16" if bool(t.bf16) else "no"]
     if mode == "fsdp" and cfg.model.fsdp_wrap_class:
@@ -297,8 +342,11 @@ def _run_ranks(cfg: DictConfig, rd: RunDir, nproc: int) -> Dict[str, Any]:
     if rc == 0 and summary is not None:
         return summary
     errors = [p.read_text(encoding="utf-8", errors="replace").strip() for p in _error_files(rd)]
-    detail = ("\n".join(e for e in errors if e)[-4000:] if errors else
-              "no rank wrote an error (killed? out of memory?); see the launcher output above")
+    detail = (
+        "\n".join(e for e in errors if e)[-4000:]
+        if errors
+        else "no rank wrote an error (killed? out of memory?); see the launcher output above"
+    )
     raise RuntimeError(f"training processes exited with code {rc} ({' '.join(cmd)}):\n{detail}")
 
 
@@ -307,8 +355,9 @@ def _run_ranks(cfg: DictConfig, rd: RunDir, nproc: int) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 def setup_logging() -> None:
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+        )
     logging.getLogger("pipeline").setLevel(logging.INFO)
 
 

@@ -8,6 +8,7 @@ A function-level import of one of the package's own modules is allowed only when
 with a trailing ``# lazy: <reason>`` comment (for a module that wraps a heavy optional package).
 Exit 1 when a cycle exists or an unexplained function-level import is found.
 """
+
 from __future__ import annotations
 
 import ast

@@ -8,6 +8,7 @@ runs a DDP (gloo, CPU) accumulation step per mode through pipeline.loss.Weighted
 it, as in the trainer) and rank 0 saves the all-reduced gradients and the step loss (mean over ranks
 of the summed micro-batch losses) to OUT.pt.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,10 +38,10 @@ def main(spec_path: str, out_path: str) -> None:
     ddp = DDP(WeightedLossModel(model, label_smoothing=spec.get("label_smoothing", 0.0)))
     examples = spec["examples"]
     per_rank = len(examples) // world
-    mine = examples[rank * per_rank:(rank + 1) * per_rank]
+    mine = examples[rank * per_rank : (rank + 1) * per_rank]
     mbs_size = spec["micro_batch_size"]
     collate = Collator(pad_token_id=0)
-    mbs = [collate(mine[i:i + mbs_size]) for i in range(0, len(mine), mbs_size)]
+    mbs = [collate(mine[i : i + mbs_size]) for i in range(0, len(mine), mbs_size)]
     out = {"world": world}
     for mode in spec["modes"]:
         model.zero_grad(set_to_none=True)
@@ -53,9 +54,11 @@ def main(spec_path: str, out_path: str) -> None:
                 res.loss.backward()
             step_loss += res.loss.detach().to(torch.float64)
         dist.all_reduce(step_loss, op=dist.ReduceOp.SUM)
-        out[mode] = {"grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
-                     "loss": step_loss / world,
-                     "denominators": [float(d) for d in dens]}
+        out[mode] = {
+            "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+            "loss": step_loss / world,
+            "denominators": [float(d) for d in dens],
+        }
     if rank == 0:
         torch.save(out, out_path)
     dist.barrier()

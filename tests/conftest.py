@@ -1,4 +1,5 @@
 """Shared fixtures. Tests that need the offline data in ../shared skip with a reason when it is absent."""
+
 from __future__ import annotations
 
 import os

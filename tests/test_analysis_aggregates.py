@@ -1,12 +1,19 @@
 """Collection of the run store, score selection, aggregates and per-dataset checks (pure Python)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.analysis.aggregates import (check_datasets, minmax_scale, regularizer_table,
-                                          run_aggregates, select_primary, squeeze)
+from pipeline.analysis.aggregates import (
+    check_datasets,
+    minmax_scale,
+    regularizer_table,
+    run_aggregates,
+    select_primary,
+    squeeze,
+)
 from pipeline.analysis.collect import collect_runs
 from pipeline.analysis.common import P_EXP
 from pipeline.analysis.simulate import write_run_folders
@@ -24,10 +31,16 @@ def _scores(rows):
     return df
 
 
-def _grid(datasets=("d1",), models=("m1", "m2"), plws=(0.0, 0.1, 1.0), benches=(("b1", "mc"), ("b2", "long_gen")),
-          value=lambda ds, m, p, b: p + (0.1 if m == "m2" else 0) + (0.5 if b == "b2" else 0)):
-    return _scores([(ds, m, p, b, g, value(ds, m, p, b)) for ds in datasets for m in models
-                    for p in plws for b, g in benches])
+def _grid(
+    datasets=("d1",),
+    models=("m1", "m2"),
+    plws=(0.0, 0.1, 1.0),
+    benches=(("b1", "mc"), ("b2", "long_gen")),
+    value=lambda ds, m, p, b: p + (0.1 if m == "m2" else 0) + (0.5 if b == "b2" else 0),
+):
+    return _scores(
+        [(ds, m, p, b, g, value(ds, m, p, b)) for ds in datasets for m in models for p in plws for b, g in benches]
+    )
 
 
 # ------------------------------------------------------------------------------ collection
@@ -46,8 +59,22 @@ def test_collect_joins_factors_and_adds_wp(tmp_path):
     df, log = collect_runs(tmp_path / "runs")
     assert len(log) == 0
     assert df["run_id"].nunique() == len(folders) == 6
-    assert set(df.columns) >= {"run_id", "dataset", "model", "plw", "w_p", "regularizer", "seed",
-                               "r_g", "benchmark", "metric", "value", "stderr", "n", "group"}
+    assert set(df.columns) >= {
+        "run_id",
+        "dataset",
+        "model",
+        "plw",
+        "w_p",
+        "regularizer",
+        "seed",
+        "r_g",
+        "benchmark",
+        "metric",
+        "value",
+        "stderr",
+        "n",
+        "group",
+    }
     np.testing.assert_allclose(df["w_p"], df["plw"] ** 0.30103)
     assert (df["regularizer"] == "none").all()
     assert dict(df.groupby("dataset")["r_g"].first()) == {"d1": 0.1, "d2": 3.0}
@@ -92,9 +119,20 @@ def test_collect_leaves_out_rows_the_evaluation_marked_skipped_reporting_once(tm
     for f in folders:
         res = pd.read_csv(f / "results.csv")
         res["status"], res["message"] = "ok", ""
-        extra = pd.DataFrame([{**res.iloc[0].to_dict(), "benchmark": "wmt14_en_fr", "metric": m, "value": np.nan,
-                               "group": "short_gen", "status": "skipped", "message": "not in the offline mirror"}
-                              for m in ("bleu", "chrf")])
+        extra = pd.DataFrame(
+            [
+                {
+                    **res.iloc[0].to_dict(),
+                    "benchmark": "wmt14_en_fr",
+                    "metric": m,
+                    "value": np.nan,
+                    "group": "short_gen",
+                    "status": "skipped",
+                    "message": "not in the offline mirror",
+                }
+                for m in ("bleu", "chrf")
+            ]
+        )
         pd.concat([res, extra]).to_csv(f / "results.csv", index=False)
     df, log = collect_runs(tmp_path / "runs")
     assert df["run_id"].nunique() == 6 and "wmt14_en_fr" not in set(df["benchmark"])
@@ -135,11 +173,16 @@ def test_squeeze_matches_smithson_verkuilen():
 
 
 def test_simple_and_relative_aggregates_by_hand():
-    df = _scores([
-        ("d", "m", 0.0, "b1", "mc", 0.2), ("d", "m", 0.0, "b2", "long_gen", 10.0),
-        ("d", "m", 1.0, "b1", "mc", 0.6), ("d", "m", 1.0, "b2", "long_gen", 30.0),
-        ("d", "m", 0.5, "b1", "mc", 0.3), ("d", "m", 0.5, "b2", "long_gen", 30.0),
-    ])
+    df = _scores(
+        [
+            ("d", "m", 0.0, "b1", "mc", 0.2),
+            ("d", "m", 0.0, "b2", "long_gen", 10.0),
+            ("d", "m", 1.0, "b1", "mc", 0.6),
+            ("d", "m", 1.0, "b2", "long_gen", 30.0),
+            ("d", "m", 0.5, "b1", "mc", 0.3),
+            ("d", "m", 0.5, "b2", "long_gen", 30.0),
+        ]
+    )
     agg = run_aggregates(minmax_scale(df)).set_index(["plw", "group"])
     assert agg.loc[(0.0, "all"), "simple"] == pytest.approx(5.1)
     assert agg.loc[(0.0, "all"), "relative"] == pytest.approx(0.0)
@@ -147,7 +190,7 @@ def test_simple_and_relative_aggregates_by_hand():
     assert agg.loc[(0.5, "all"), "relative"] == pytest.approx((0.25 + 1.0) / 2)
     assert agg.loc[(0.5, "mc"), "relative"] == pytest.approx(0.25)
     assert agg.loc[(0.5, "long_gen"), "relative"] == pytest.approx(1.0)
-    assert ("short_gen" not in agg.index.get_level_values("group"))
+    assert "short_gen" not in agg.index.get_level_values("group")
 
 
 def test_relative_scaling_is_within_each_dataset():
@@ -183,9 +226,13 @@ def test_single_plw_level_gets_aggregates_but_no_glmm():
 
 
 def test_constant_scores():
-    df = pd.concat([_grid(datasets=("good",)),
-                    _grid(datasets=("flat",), value=lambda *a: 0.5),
-                    _grid(datasets=("one_flat",), value=lambda ds, m, p, b: 0.5 if b == "b1" else p)])
+    df = pd.concat(
+        [
+            _grid(datasets=("good",)),
+            _grid(datasets=("flat",), value=lambda *a: 0.5),
+            _grid(datasets=("one_flat",), value=lambda ds, m, p, b: 0.5 if b == "b1" else p),
+        ]
+    )
     usable, st, log = check_datasets(df)
     assert not st["flat"].analysable and "constant scores" in log.for_scope("dataset", "flat")[0].message
     assert st["one_flat"].analysable and st["one_flat"].benchmarks == ["b2"]

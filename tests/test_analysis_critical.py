@@ -1,4 +1,5 @@
 """Critical PLW (pure Python) and the w_p transform."""
+
 from __future__ import annotations
 
 import math

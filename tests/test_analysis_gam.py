@@ -1,5 +1,6 @@
 """The GAM across datasets (mgcv through rpy2): a planted optimum is found, no effect reads as
 flat, too few R_g values are refused, and the saved bundle gives the same answer to `suggest`."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.analysis import rbridge as rb
-from pipeline.analysis.gam import (fit_gam, gam_data_problems, optimal_plw_table, prepare_gam_data,
-                                   save_bundle, surface)
+from pipeline.analysis.gam import fit_gam, gam_data_problems, optimal_plw_table, prepare_gam_data, save_bundle, surface
 from pipeline.analysis.simulate import simulate_gam_scores
 from pipeline.analysis.suggest import generation_ratio, recommend, token_counts
 
@@ -113,8 +113,12 @@ def test_bundle_round_trip_gives_the_table_answer(planted, tmp_path):
 
 def test_optimal_table_by_hand():
     w = np.linspace(0, 1, 101)
-    surf = pd.concat([pd.DataFrame({"w": w, "r": 0.1, "term": -(w - 0.3) ** 2}),
-                      pd.DataFrame({"w": w, "r": 5.0, "term": 0.001 * w})])
+    surf = pd.concat(
+        [
+            pd.DataFrame({"w": w, "r": 0.1, "term": -((w - 0.3) ** 2)}),
+            pd.DataFrame({"w": w, "r": 5.0, "term": 0.001 * w}),
+        ]
+    )
     t = optimal_plw_table(surf, 1.0, flat_fraction=0.05, tolerance=0.01, r_range=(0.05, 2.0)).set_index("r_g")
     assert t.loc[0.1, "optimal_plw"] == pytest.approx(0.3) and not t.loc[0.1, "flat"]
     assert t.loc[0.1, "near_opt_low"] == pytest.approx(0.2) and t.loc[0.1, "near_opt_high"] == pytest.approx(0.4)
@@ -131,8 +135,10 @@ class _CharTokenizer:
 
 
 def test_generation_ratio_counts_fields_alone():
-    recs = [{"instruction": "abcd", "input": "", "output": "ab"},
-            {"instruction": "ab", "input": "cdef", "output": "abcdefghijkl"}]
+    recs = [
+        {"instruction": "abcd", "input": "", "output": "ab"},
+        {"instruction": "ab", "input": "cdef", "output": "abcdefghijkl"},
+    ]
     c = token_counts(recs, _CharTokenizer())
     assert c["prompt"].tolist() == [4, 6] and c["completion"].tolist() == [2, 12]
     g = generation_ratio(c["prompt"], c["completion"])

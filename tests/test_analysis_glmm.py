@@ -1,6 +1,7 @@
 """The beta GLMM in R (glmmTMB through rpy2; no mocks): recovery of planted effects, the nominal
 false-positive rate, captured convergence warnings, model simplification, residual checks, and
 agreement of the rpy2 path with a plain Rscript run."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,12 +13,12 @@ from pipeline.analysis.glmm import fit_glmm, prepare_glmm_data
 from pipeline.analysis.simulate import PAPER_SHORT, simulate_beta_glmm
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _need_r():
     reason = rb.r_unavailable_reason()
     if reason is not None:
         pytest.skip(f"R analysis stack unavailable (R, glmmTMB, mgcv, car, rpy2): {reason}")
+
 
 TRUTH = dict(zip(("intercept", "w_p", "w_p2"), PAPER_SHORT))  # -1.043, 5.590, -4.284
 # Two PTLMs with symmetric offsets: with two levels a drawn pair would mostly shift the intercept.
@@ -141,9 +142,17 @@ def test_residual_checks_flag_contaminated_data():
 
 
 def test_prepare_scales_per_benchmark_and_squeezes():
-    scores = pd.DataFrame({"dataset": "d", "benchmark": ["a"] * 3 + ["b"] * 3, "model": "m",
-                           "w_p": [0, 0.5, 1] * 2, "plw": [0, 0.1, 1] * 2,
-                           "value": [0.2, 0.4, 0.6, 10, 30, 20], "run_id": list("xyzxyz")})
+    scores = pd.DataFrame(
+        {
+            "dataset": "d",
+            "benchmark": ["a"] * 3 + ["b"] * 3,
+            "model": "m",
+            "w_p": [0, 0.5, 1] * 2,
+            "plw": [0, 0.1, 1] * 2,
+            "value": [0.2, 0.4, 0.6, 10, 30, 20],
+            "run_id": list("xyzxyz"),
+        }
+    )
     g = prepare_glmm_data(scores)
     n = len(g)
     np.testing.assert_allclose(g["scaled"], [0, 0.5, 1, 0, 1, 0.5])
@@ -166,8 +175,9 @@ def test_rpy2_and_rscript_agree():
     a = emb.coef.set_index("term")
     b = cli["coef"].set_index("term")
     for col in ("estimate", "std_error", "ci_low", "ci_high"):
-        np.testing.assert_allclose(a.loc[["intercept", "w_p", "w_p2"], col],
-                                   b.loc[["intercept", "w_p", "w_p2"], col], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            a.loc[["intercept", "w_p", "w_p2"], col], b.loc[["intercept", "w_p", "w_p2"], col], rtol=0, atol=1e-6
+        )
     assert abs(emb.chisq - float(cli["anova"]["chisq"].iloc[0])) < 1e-6
     assert abs(emb.precision_phi - float(cli["scalars"]["precision_phi"])) < 1e-6
 
@@ -181,8 +191,10 @@ def test_starting_r_leaves_child_processes_environment_alone():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-    code = ("import os; from pipeline.analysis.rbridge import r_env; r_env(); "
-            "print(repr(os.environ.get('LD_LIBRARY_PATH')))")
+    code = (
+        "import os; from pipeline.analysis.rbridge import r_env; r_env(); "
+        "print(repr(os.environ.get('LD_LIBRARY_PATH')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "None"

@@ -9,6 +9,7 @@ run's train_summary.json, the analysis only reads it (docs/analysis.md, "Input")
   byte-identical, also for runs in the old layouts, and gives the same report on a read-only store
   with its output elsewhere.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -49,13 +50,17 @@ def snapshot(root: Path) -> dict:
 # the data stage's value
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.shared
-@pytest.mark.parametrize("name,file,short", [
-    ("shared_alpaca52k", "alpaca52k_torchtune_tiny.jsonl", False),
-    ("shared_alpaca52k_short", "alpaca52k_torchtune_tiny.jsonl", True),
-    ("shared_alpaca_gpt4", "alpaca_gpt4_llamafactory_en_demo.jsonl", False),
-])
-def test_processed_meta_records_rg_equal_to_an_independent_count(name, file, short, tmp_path, instructions_dir,
-                                                                 llama_tokenizer_dir):
+@pytest.mark.parametrize(
+    "name,file,short",
+    [
+        ("shared_alpaca52k", "alpaca52k_torchtune_tiny.jsonl", False),
+        ("shared_alpaca52k_short", "alpaca52k_torchtune_tiny.jsonl", True),
+        ("shared_alpaca_gpt4", "alpaca_gpt4_llamafactory_en_demo.jsonl", False),
+    ],
+)
+def test_processed_meta_records_rg_equal_to_an_independent_count(
+    name, file, short, tmp_path, instructions_dir, llama_tokenizer_dir
+):
     import sentencepiece as spm
 
     cfg = load_config([f"dataset={name}", f"paths.data_dir={tmp_path}"])
@@ -77,8 +82,9 @@ def test_processed_meta_records_rg_equal_to_an_independent_count(name, file, sho
 # collect: where a run's R_g is read from (only read)
 # ------------------------------------------------------------------------------------------------
 def _one_run(runs: Path, ds: str, r_g: float, rg_in: str = "summary") -> Path:
-    df = pd.DataFrame([(ds, r_g, "arc_challenge", "m", 0.1, 0.5)],
-                      columns=["dataset", "r_g", "benchmark", "model", "plw", "value"])
+    df = pd.DataFrame(
+        [(ds, r_g, "arc_challenge", "m", 0.1, 0.5)], columns=["dataset", "r_g", "benchmark", "model", "plw", "value"]
+    )
     (folder,) = write_run_folders(runs, df, rg_in=rg_in).values()
     return folder
 
@@ -96,17 +102,18 @@ def _dataset_meta(data_dir: Path, name: str, meta: dict) -> Path:
 
 def test_collect_reads_rg_from_the_run_store_in_order_and_writes_nothing(tmp_path):
     runs, data = tmp_path / "runs", tmp_path / "data"
-    new = _one_run(runs, "new", 0.5)                              # trained now: train_summary.json
+    new = _one_run(runs, "new", 0.5)  # trained now: train_summary.json
     analysed = _one_run(runs, "analysed", 2.0, rg_in="run.json")  # r_g written by an earlier analysis
-    both = _one_run(runs, "both", 3.0)                            # the data stage's value wins
+    both = _one_run(runs, "both", 3.0)  # the data stage's value wins
     meta = json.loads((both / "run.json").read_text())
     (both / "run.json").write_text(json.dumps({**meta, "r_g": 99.0}))
-    upgraded = _one_run(runs, "upgraded", 1.0)                    # trained before: meta.json has rg
+    upgraded = _one_run(runs, "upgraded", 1.0)  # trained before: meta.json has rg
     _summary(upgraded, dataset_dir=str(_dataset_meta(data, "upgraded", {"rg": 4.25, "transform": {"kind": "none"}})))
-    inverted = _one_run(runs, "inverted", 1.0)                    # trained before: an inverted dataset
-    _summary(inverted, dataset_dir=str(_dataset_meta(data, "inverted", {"transform": {"kind": "invert",
-                                                                                       "rg_after": 0.14}})))
-    old = _one_run(runs, "old", 1.0)                              # trained before, dataset never rebuilt
+    inverted = _one_run(runs, "inverted", 1.0)  # trained before: an inverted dataset
+    _summary(
+        inverted, dataset_dir=str(_dataset_meta(data, "inverted", {"transform": {"kind": "invert", "rg_after": 0.14}}))
+    )
+    old = _one_run(runs, "old", 1.0)  # trained before, dataset never rebuilt
     old_ds = _dataset_meta(data, "old", {"transform": {"kind": "none"}})
     _summary(old, dataset_dir=str(old_ds))
     gone = _one_run(runs, "gone", 1.0)
@@ -135,8 +142,14 @@ def test_collect_reads_rg_from_the_run_store_in_order_and_writes_nothing(tmp_pat
 
 def test_collect_works_on_a_read_only_store(tmp_path):
     runs = tmp_path / "runs"
-    simulate_run_store(runs, datasets={"a": 0.1, "b": 1.0}, benchmarks=("piqa",), models=("m",),
-                       plw_levels=(0.0, 1.0), mechanisms=False)
+    simulate_run_store(
+        runs,
+        datasets={"a": 0.1, "b": 1.0},
+        benchmarks=("piqa",),
+        models=("m",),
+        plw_levels=(0.0, 1.0),
+        mechanisms=False,
+    )
     before = snapshot(runs)
     _read_only(runs)
     try:
@@ -152,15 +165,26 @@ def test_collect_works_on_a_read_only_store(tmp_path):
 # the data stage -> training -> analysis, with a real (tiny) training run
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.shared
-def test_training_records_the_processed_datasets_rg_and_collect_reads_it(request, tmp_path, instructions_dir,
-                                                                         llama_tokenizer_dir):
+def test_training_records_the_processed_datasets_rg_and_collect_reads_it(
+    request, tmp_path, instructions_dir, llama_tokenizer_dir
+):
     import sentencepiece as spm
 
     cache = request.config.cache.mkdir("plw_train")
     base = {"data_dir": tmp_path / "data", "tokenizer": tokenizer_dir(cache)}
     one_step = [o for o in SMALL if not o.startswith(("train.max_steps=", "train.save_steps=", "train.eval_steps="))]
-    rd = run(load_config(overrides(base, tmp_path / "runs", "train.max_steps=1", "train.save_steps=1",
-                                   "train.eval_steps=1", recipe=one_step)))
+    rd = run(
+        load_config(
+            overrides(
+                base,
+                tmp_path / "runs",
+                "train.max_steps=1",
+                "train.save_steps=1",
+                "train.eval_steps=1",
+                recipe=one_step,
+            )
+        )
+    )
     summary = json.loads((rd.path / "train_summary.json").read_text())["data"]
     meta = json.loads((Path(summary["dataset_dir"]) / "meta.json").read_text())
     assert summary["dataset_hash"] == meta["hash"] and summary["dataset_rg"] == meta["rg"]
@@ -170,8 +194,9 @@ def test_training_records_the_processed_datasets_rg_and_collect_reads_it(request
     (tmp_path / "first40.jsonl").write_text("".join(rows))
     assert meta["rg"] == pytest.approx(_independent(tmp_path / "first40.jsonl", sp)[4], abs=1e-12)
     # evaluated (a results.csv), then collected: R_g from train_summary.json, nothing written
-    pd.DataFrame({"run_id": [rd.path.name], "benchmark": ["piqa"], "metric": ["acc"], "value": [0.5],
-                  "group": ["mc"]}).to_csv(rd.path / "results.csv", index=False)
+    pd.DataFrame(
+        {"run_id": [rd.path.name], "benchmark": ["piqa"], "metric": ["acc"], "value": [0.5], "group": ["mc"]}
+    ).to_csv(rd.path / "results.csv", index=False)
     before = snapshot(tmp_path)
     df, log = collect_runs(tmp_path / "runs")
     assert snapshot(tmp_path) == before
@@ -197,9 +222,15 @@ def _mixed_store(root: Path) -> Path:
     an upgraded folder and an inverted dataset's rg_after), and one run with no R_g at all."""
     runs, data = root / "runs", root / "data"
     datasets = {"new": 0.08, "analysed": 1.0, "upgraded": 7.83, "inverted": 0.3}
-    folders = simulate_run_store(runs, datasets=datasets, benchmarks=("arc_challenge", "piqa", "truthfulqa_gen"),
-                                 models=("llama1_7b", "llama2_7b"), plw_levels=(0.0, 0.01, 0.1, 0.5, 1.0),
-                                 mechanisms=False, seed=3)
+    folders = simulate_run_store(
+        runs,
+        datasets=datasets,
+        benchmarks=("arc_challenge", "piqa", "truthfulqa_gen"),
+        models=("llama1_7b", "llama2_7b"),
+        plw_levels=(0.0, 0.01, 0.1, 0.5, 1.0),
+        mechanisms=False,
+        seed=3,
+    )
     up = _dataset_meta(data, "upgraded", {"rg": 7.83, "transform": {"kind": "none"}})
     inv = _dataset_meta(data, "inverted", {"transform": {"kind": "invert", "rg_after": 0.3}})
     for folder in folders.values():
@@ -233,7 +264,8 @@ def _normalised(out: Path) -> dict:
 
 
 def test_regress_writes_nothing_into_the_run_store_and_a_read_only_store_gives_the_same_report(
-        need_r, tmp_path, capsys):
+    need_r, tmp_path, capsys
+):
     from pipeline.analysis.__main__ import main
 
     runs = _mixed_store(tmp_path)
@@ -252,8 +284,7 @@ def test_regress_writes_nothing_into_the_run_store_and_a_read_only_store_gives_t
     try:
         # tests run as root, whom chmod does not stop: the snapshots are the real check
         out2 = tmp_path / "elsewhere"
-        assert main(["regress", *ov, f"paths.reports_dir={tmp_path / 'reports2'}",
-                     f"analysis.output_dir={out2}"]) == 0
+        assert main(["regress", *ov, f"paths.reports_dir={tmp_path / 'reports2'}", f"analysis.output_dir={out2}"]) == 0
     finally:
         _writable(runs)
         _writable(data)
@@ -261,11 +292,22 @@ def test_regress_writes_nothing_into_the_run_store_and_a_read_only_store_gives_t
     assert not (tmp_path / "reports2").exists()
 
     first, second = _normalised(out1), _normalised(out2)
-    assert set(first) >= {"report.md", "collected.csv", "aggregates.csv", "glmm_table3.csv", "gam_optimal_plw.csv",
-                          "issues.csv", "results.json"}
+    assert set(first) >= {
+        "report.md",
+        "collected.csv",
+        "aggregates.csv",
+        "glmm_table3.csv",
+        "gam_optimal_plw.csv",
+        "issues.csv",
+        "results.json",
+    }
     assert first == second
     collected = pd.read_csv(out1 / "collected.csv")
-    assert collected.groupby("dataset")["r_g"].first().to_dict() == {"new": 0.08, "analysed": 1.0,
-                                                                      "upgraded": 7.83, "inverted": 0.3}
+    assert collected.groupby("dataset")["r_g"].first().to_dict() == {
+        "new": 0.08,
+        "analysed": 1.0,
+        "upgraded": 7.83,
+        "inverted": 0.3,
+    }
     assert "lost" in first["report.md"] and "no R_g recorded" in first["report.md"]
     assert os.access(out2 / "report.md", os.R_OK)

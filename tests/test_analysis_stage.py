@@ -2,6 +2,7 @@
 bad ones (single PLW level, missing benchmarks, constant scores, broken run folders) get a clear
 message and do not stop the others; tables, figures (PNG + PDF), fitted GAMs and the report are
 written; the CLI entry points work."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,7 @@ def _bad_datasets(runs):
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     runs = root / "runs"
-    simulate_run_store(runs, datasets=GOOD, benchmarks=BENCH, regularizers=("weight_decay=0.1",),
-                       seed=0)
+    simulate_run_store(runs, datasets=GOOD, benchmarks=BENCH, regularizers=("weight_decay=0.1",), seed=0)
     _bad_datasets(runs)
     return root
 
@@ -57,8 +57,15 @@ def store(tmp_path_factory):
 def output(store):
     from pipeline.analysis.stage import run_analysis
 
-    cfg = load_config([f"paths.runs_dir={store / 'runs'}", f"paths.reports_dir={store / 'reports'}",
-                       "analysis.glmm.n_sim=100", "analysis.figure_formats=[png,pdf]", "analysis.dpi=60"])
+    cfg = load_config(
+        [
+            f"paths.runs_dir={store / 'runs'}",
+            f"paths.reports_dir={store / 'reports'}",
+            "analysis.glmm.n_sim=100",
+            "analysis.figure_formats=[png,pdf]",
+            "analysis.dpi=60",
+        ]
+    )
     return run_analysis(cfg.analysis)
 
 
@@ -76,8 +83,9 @@ def test_bad_datasets_get_one_clear_message_each(output):
     st = output.status
     assert not st["holey"].analysable and not st["flat"].analysable
     assert st["one_plw"].analysable and not st["one_plw"].glmm
-    msgs = {ds: " ".join(i.message for i in output.issues.for_scope("dataset", ds))
-            for ds in ("holey", "flat", "one_plw")}
+    msgs = {
+        ds: " ".join(i.message for i in output.issues.for_scope("dataset", ds)) for ds in ("holey", "flat", "one_plw")
+    }
     assert "missing benchmarks" in msgs["holey"] and "lacks ['alpaca_eval']" in msgs["holey"]
     assert "constant scores" in msgs["flat"]
     assert "a single PLW level (0.1)" in msgs["one_plw"]
@@ -92,21 +100,49 @@ def test_bad_datasets_get_one_clear_message_each(output):
 
 def test_files_and_report(output):
     out = output.out_dir
-    for f in ("collected.csv", "collected.parquet", "scores.csv", "aggregates.csv", "glmm_table3.csv",
-              "glmm_coefficients.csv", "glmm_residual_checks.csv", "gam_optimal_plw.csv",
-              "regularizers_table4.csv", "issues.csv", "report.md", "results.json",
-              "gam/gam_all.rds", "gam/gam_mc.rds", "gam/gam_gen.rds"):
+    for f in (
+        "collected.csv",
+        "collected.parquet",
+        "scores.csv",
+        "aggregates.csv",
+        "glmm_table3.csv",
+        "glmm_coefficients.csv",
+        "glmm_residual_checks.csv",
+        "gam_optimal_plw.csv",
+        "regularizers_table4.csv",
+        "issues.csv",
+        "report.md",
+        "results.json",
+        "gam/gam_all.rds",
+        "gam/gam_mc.rds",
+        "gam/gam_gen.rds",
+    ):
         assert (out / f).is_file(), f
-    for fig in ("fig1_aggregates", "fig1_group_aggregates", "fig2_mechanisms", "fig5_benchmarks",
-                "fig8_regularizers", "fig10_gam_contours", "fig_glmm_residuals"):
+    for fig in (
+        "fig1_aggregates",
+        "fig1_group_aggregates",
+        "fig2_mechanisms",
+        "fig5_benchmarks",
+        "fig8_regularizers",
+        "fig10_gam_contours",
+        "fig_glmm_residuals",
+    ):
         for ext in ("png", "pdf"):
             assert (out / "figures" / f"{fig}.{ext}").stat().st_size > 1000, (fig, ext)
     pq = pd.read_parquet(out / "collected.parquet")
     assert {"w_p", "r_g", "regularizer"} <= set(pq.columns)
     rep = (out / "report.md").read_text()
-    heads = ["## 1. Data", "## 2. Grid", "## 3. Results", "## 4. Regression", "## 5. Diagnostics",
-             "## 6. Optimal PLW", "## 7. Alternative regularizers", "## 8. Recommendations",
-             "## 9. Problems"]
+    heads = [
+        "## 1. Data",
+        "## 2. Grid",
+        "## 3. Results",
+        "## 4. Regression",
+        "## 5. Diagnostics",
+        "## 6. Optimal PLW",
+        "## 7. Alternative regularizers",
+        "## 8. Recommendations",
+        "## 9. Problems",
+    ]
     pos = [rep.index(h) for h in heads]
     assert pos == sorted(pos)
     for ds in ("holey", "flat", "one_plw", "broken_run"):
@@ -121,10 +157,23 @@ def test_files_and_report(output):
 def test_no_mechanisms_or_regularizers_is_graceful(tmp_path):
     from pipeline.analysis.stage import run_analysis
 
-    simulate_run_store(tmp_path / "runs", datasets={"a": 0.1, "b": 1.0}, benchmarks=BENCH[:3],
-                       models=("llama2_7b",), mechanisms=False, seed=1)
-    cfg = load_config([f"paths.runs_dir={tmp_path / 'runs'}", f"paths.reports_dir={tmp_path / 'rep'}",
-                       "analysis.glmm.n_sim=0", "analysis.figure_formats=[png]", "analysis.dpi=50"])
+    simulate_run_store(
+        tmp_path / "runs",
+        datasets={"a": 0.1, "b": 1.0},
+        benchmarks=BENCH[:3],
+        models=("llama2_7b",),
+        mechanisms=False,
+        seed=1,
+    )
+    cfg = load_config(
+        [
+            f"paths.runs_dir={tmp_path / 'runs'}",
+            f"paths.reports_dir={tmp_path / 'rep'}",
+            "analysis.glmm.n_sim=0",
+            "analysis.figure_formats=[png]",
+            "analysis.dpi=50",
+        ]
+    )
     o = run_analysis(cfg.analysis)
     assert o.glmm["a"].status == "fitted"
     assert any("one PTLM only" in n for n in o.glmm["a"].notes)
@@ -161,12 +210,21 @@ def test_suggest_on_a_jsonl_with_the_llama_tokenizer(store, tmp_path, capsys, ll
     from pipeline.analysis.__main__ import main
 
     data = tmp_path / "my.jsonl"
-    recs = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
-            {"instruction": "Summarise the text.", "input": "A long text about many things " * 5,
-             "output": "Things."}]
+    recs = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Summarise the text.", "input": "A long text about many things " * 5, "output": "Things."},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    rc = main(["suggest", "--data", str(data), "--tokenizer", str(llama_tokenizer_dir),
-               f"paths.reports_dir={store / 'reports'}"])
+    rc = main(
+        [
+            "suggest",
+            "--data",
+            str(data),
+            "--tokenizer",
+            str(llama_tokenizer_dir),
+            f"paths.reports_dir={store / 'reports'}",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "R_g = " in out and "Recommended PLW:" in out

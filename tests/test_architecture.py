@@ -1,6 +1,7 @@
 """The map of the code stays true: no import cycle in pipeline/, the project's own modules imported at
 the top of files (scripts/check_imports.py, also run by `make lint`), and every citation of the study's
 definitions points at docs/study.md, which exists and has the cited sections."""
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,11 @@ def _tracked_text_files():
 
 
 def test_import_graph_has_no_cycle_and_no_unexplained_lazy_import():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_imports.py"), str(REPO / "pipeline")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_imports.py"), str(REPO / "pipeline")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout
     assert "cycles 0, unexplained function-level imports 0" in proc.stdout
 
@@ -32,10 +36,13 @@ def test_the_import_checker_finds_a_cycle(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from pkg import b\n")
     (pkg / "b.py").write_text("def f():\n    from pkg import a\n")
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "check_imports.py"), str(pkg)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_imports.py"), str(pkg)], capture_output=True, text=True
+    )
     assert proc.returncode == 1
-    assert "import cycle: pkg.a <-> pkg.b" in proc.stdout and "b.py:2: function-level import of pkg, pkg.a" in proc.stdout
+    assert (
+        "import cycle: pkg.a <-> pkg.b" in proc.stdout and "b.py:2: function-level import of pkg, pkg.a" in proc.stdout
+    )
 
 
 def test_citations_point_at_docs_study_sections():

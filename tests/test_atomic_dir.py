@@ -1,4 +1,5 @@
 """pipeline.atomic_dir: a folder appears complete (with DONE) or not at all."""
+
 from __future__ import annotations
 
 import json
@@ -72,11 +73,18 @@ def test_an_incomplete_folder_under_the_final_name_is_an_error(tmp_path):
 
 def test_a_process_killed_while_building_leaves_only_debris(tmp_path):
     final = tmp_path / "x"
-    code = (f"import time, pathlib; from pipeline.atomic_dir import building\n"
-            f"with building(pathlib.Path({str(final)!r})) as tmp:\n"
-            f"    (tmp / 'a').write_text('1'); print('ready', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        f"import time, pathlib; from pipeline.atomic_dir import building\n"
+        f"with building(pathlib.Path({str(final)!r})) as tmp:\n"
+        f"    (tmp / 'a').write_text('1'); print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)

@@ -1,6 +1,7 @@
 """Every entry point reads its command line one way (pipeline/cli.py): ``--help`` works, a stray word
 that is neither an option nor a key=value override is refused with exit 2, and a bad config key is
 one line naming it (exit 2, no traceback). The console scripts point at those entry points."""
+
 from __future__ import annotations
 
 import importlib
@@ -15,8 +16,10 @@ from pipeline import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-ENTRY_POINTS = sorted(set(SCRIPTS.values()) | {"pipeline.data.build:main", "pipeline.data.stats:main",
-                                                "pipeline.eval.fetch:main", "pipeline.inspect_data:main"})
+ENTRY_POINTS = sorted(
+    set(SCRIPTS.values())
+    | {"pipeline.data.build:main", "pipeline.data.stats:main", "pipeline.eval.fetch:main", "pipeline.inspect_data:main"}
+)
 
 
 def _main(target: str):
@@ -25,7 +28,9 @@ def _main(target: str):
 
 
 def test_console_scripts_cover_the_stages():
-    assert {"plw-train", "plw-sweep", "plw-eval", "plw-analysis", "plw-data", "plw-pretrain", "plw-demo"} <= set(SCRIPTS)
+    assert {"plw-train", "plw-sweep", "plw-eval", "plw-analysis", "plw-data", "plw-pretrain", "plw-demo"} <= set(
+        SCRIPTS
+    )
 
 
 @pytest.mark.parametrize("target", ENTRY_POINTS)
@@ -58,7 +63,8 @@ def test_default_command_and_overrides_are_told_apart():
 
 @pytest.mark.parametrize("module", ["pipeline.train", "pipeline.show_config", "pipeline.eval", "pipeline.data.build"])
 def test_a_bad_key_is_one_line_without_traceback(module):
-    proc = subprocess.run([sys.executable, "-m", module, "train.learning_rte=1"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "train.learning_rte=1"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert "learning_rte" in proc.stderr and "Traceback" not in proc.stderr

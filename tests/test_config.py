@@ -1,4 +1,5 @@
 """Every config file composes and validates; typos and out-of-range values fail naming the key."""
+
 from __future__ import annotations
 
 import pytest
@@ -166,8 +167,10 @@ def test_the_config_layer_does_not_import_the_eval_stage():
     import subprocess
     import sys
 
-    code = ("import sys, pipeline.config as c; c.load_config(); "
-            "print(sorted(m for m in sys.modules if m.startswith('pipeline.eval')))")
+    code = (
+        "import sys, pipeline.config as c; c.load_config(); "
+        "print(sorted(m for m in sys.modules if m.startswith('pipeline.eval')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

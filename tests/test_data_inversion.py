@@ -1,4 +1,5 @@
 """Prompt inversion (docs/study.md section 4): hand-computed examples with word counts, then the LLaMA tokenizer."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,22 +8,41 @@ import random
 
 import pytest
 
-from pipeline.data.inversion import (INSTRUCTION_NO_INPUT, InversionError, Lengths, achievable_range,
-                                     dataset_rg, invert, inverted_lengths, measure, order_key, per_text,
-                                     select_for_target, select_short, transform)
+from pipeline.data.inversion import (
+    INSTRUCTION_NO_INPUT,
+    InversionError,
+    Lengths,
+    achievable_range,
+    dataset_rg,
+    invert,
+    inverted_lengths,
+    measure,
+    order_key,
+    per_text,
+    select_for_target,
+    select_short,
+    transform,
+)
 
 words = per_text(lambda s: len(s.split()))
 
 
 def test_invert_texts_follow_the_spec():
     r = {"instruction": "Name a color.", "input": "", "output": "Blue."}
-    assert invert(r) == {"instruction": "Predict the prompt that generated the following AI output.",
-                         "input": "Blue.", "output": "Name a color.", "inverted": True}
+    assert invert(r) == {
+        "instruction": "Predict the prompt that generated the following AI output.",
+        "input": "Blue.",
+        "output": "Name a color.",
+        "inverted": True,
+    }
     r = {"instruction": "Summarize.", "input": "Long text.", "output": "Short."}
     assert invert(r) == {
         "instruction": "Predict the prompt that generated the below AI output given the following context. "
-                       "Context: Long text.",
-        "input": "Short.", "output": "Summarize.", "inverted": True}
+        "Context: Long text.",
+        "input": "Short.",
+        "output": "Summarize.",
+        "inverted": True,
+    }
     assert r == {"instruction": "Summarize.", "input": "Long text.", "output": "Short."}  # pure
 
 
@@ -90,8 +110,7 @@ def test_target_can_raise_rg_too():
 
 def _random_dataset(n, rng):
     recs = [{"instruction": f"ins {k} {rng.random()}", "input": "", "output": f"out {k}"} for k in range(n)]
-    orig = [Lengths(rng.randint(1, 30), rng.choice([0, 0, rng.randint(1, 40)]), rng.randint(0, 200))
-            for _ in range(n)]
+    orig = [Lengths(rng.randint(1, 30), rng.choice([0, 0, rng.randint(1, 40)]), rng.randint(0, 200)) for _ in range(n)]
     inv = [Lengths(rng.randint(9, 60), o.output, o.instruction) for o in orig]
     return recs, orig, inv
 
@@ -116,8 +135,9 @@ def test_selection_is_deterministic_order_independent_and_seeded():
     target = (lo * hi) ** 0.5
 
     def chosen(seed, perm):
-        sel = select_for_target([recs[i] for i in perm], [orig[i] for i in perm], [inv[i] for i in perm],
-                                target, 0.01, seed)
+        sel = select_for_target(
+            [recs[i] for i in perm], [orig[i] for i in perm], [inv[i] for i in perm], target, 0.01, seed
+        )
         assert abs(sel.rg_after - target) <= 0.01 * target
         return {json.dumps(recs[i]) for i, c in zip(perm, sel.invert) if c}
 
@@ -128,8 +148,9 @@ def test_selection_is_deterministic_order_independent_and_seeded():
     assert a == chosen(7, ident) == chosen(7, shuffled)
     assert a != chosen(8, ident)
     # the order key depends on content and seed only (a missing input is the empty input)
-    assert order_key({"instruction": "a", "input": "", "output": "b"}, 0) == \
-        order_key({"instruction": "a", "output": "b", "other": 1}, 0)
+    assert order_key({"instruction": "a", "input": "", "output": "b"}, 0) == order_key(
+        {"instruction": "a", "output": "b", "other": 1}, 0
+    )
 
 
 def test_order_key_is_pinned():

@@ -1,4 +1,5 @@
 """Raw files -> Alpaca records: formats, and every kind of bad input names file, record and field."""
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,13 @@ def test_alpaca_jsonl_and_json_array_and_missing_input(tmp_path):
 
 
 def test_dolly_mapping(tmp_path):
-    p = _jsonl(tmp_path / "d.jsonl", [
-        {"instruction": "Who?", "context": "Ann met Bob.", "response": "Bob", "category": "qa"},
-        {"instruction": "Name a fruit.", "context": "", "response": "Apple"},
-    ])
+    p = _jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"instruction": "Who?", "context": "Ann met Bob.", "response": "Bob", "category": "qa"},
+            {"instruction": "Name a fruit.", "context": "", "response": "Apple"},
+        ],
+    )
     r = load_records(p, "dolly").records
     assert r[0] == {"instruction": "Who?", "input": "Ann met Bob.", "output": "Bob"}
     assert r[1]["input"] == ""
@@ -40,11 +44,17 @@ def test_ultrafeedback_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"prompt": "Write a haiku.", "prompt_id": "x",
-             "chosen": [{"role": "user", "content": "Write a haiku."},
-                        {"role": "assistant", "content": "Leaves fall / ..."}],
-             "rejected": [{"role": "user", "content": "Write a haiku."},
-                          {"role": "assistant", "content": "No."}]}]
+    rows = [
+        {
+            "prompt": "Write a haiku.",
+            "prompt_id": "x",
+            "chosen": [
+                {"role": "user", "content": "Write a haiku."},
+                {"role": "assistant", "content": "Leaves fall / ..."},
+            ],
+            "rejected": [{"role": "user", "content": "Write a haiku."}, {"role": "assistant", "content": "No."}],
+        }
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "uf.parquet")
     r = load_records(tmp_path / "uf.parquet", "ultrafeedback").records
     assert r == [{"instruction": "Write a haiku.", "input": "", "output": "Leaves fall / ..."}]
@@ -76,15 +86,18 @@ def test_malformed_json_array_gives_line(tmp_path):
 
 
 def test_field_problems_are_collected_with_index_and_field(tmp_path):
-    p = _jsonl(tmp_path / "f.jsonl", [
-        GOOD,
-        ["not", "an", "object"],
-        {"input": "", "output": "x"},  # missing instruction
-        {"instruction": "x", "input": ""},  # missing output
-        {"instruction": 3, "input": None, "output": "x"},  # non-strings
-        {"instruction": "   ", "input": "", "output": "x"},  # empty instruction
-        {"instruction": "x", "input": "", "output": ["x"]},
-    ])
+    p = _jsonl(
+        tmp_path / "f.jsonl",
+        [
+            GOOD,
+            ["not", "an", "object"],
+            {"input": "", "output": "x"},  # missing instruction
+            {"instruction": "x", "input": ""},  # missing output
+            {"instruction": 3, "input": None, "output": "x"},  # non-strings
+            {"instruction": "   ", "input": "", "output": "x"},  # empty instruction
+            {"instruction": "x", "input": "", "output": ["x"]},
+        ],
+    )
     with pytest.raises(DataError) as ei:
         load_records(p)
     got = [(q.index, q.field, q.message.split(",")[0]) for q in ei.value.problems]
@@ -137,8 +150,10 @@ def test_invalid_utf8_gives_byte_offset_and_line(tmp_path):
 
 @pytest.mark.parametrize("policy", ["error", "drop", "keep"])
 def test_empty_output_policy(tmp_path, policy):
-    p = _jsonl(tmp_path / "e.jsonl", [GOOD, {"instruction": "a", "input": "", "output": "  \n"}, GOOD,
-                                       {"instruction": "b", "output": ""}])
+    p = _jsonl(
+        tmp_path / "e.jsonl",
+        [GOOD, {"instruction": "a", "input": "", "output": "  \n"}, GOOD, {"instruction": "b", "output": ""}],
+    )
     if policy == "error":
         with pytest.raises(DataError) as ei:
             load_records(p, empty_output=policy)
@@ -154,8 +169,7 @@ def test_empty_output_policy(tmp_path, policy):
 
 def test_max_records_and_bom(tmp_path):
     p = tmp_path / "bom.jsonl"
-    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(dict(GOOD, output=str(i))) + "\n"
-                                            for i in range(5)).encode())
+    p.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(dict(GOOD, output=str(i))) + "\n" for i in range(5)).encode())
     res = load_records(p, max_records=3)
     assert [r["output"] for r in res.records] == ["0", "1", "2"] and res.n_raw == 5 and res.n_considered == 3
 

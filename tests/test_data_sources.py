@@ -1,4 +1,5 @@
 """Sources: local files, pinned urls (a real HTTP server on localhost), the HF cache; offline behaviour."""
+
 from __future__ import annotations
 
 import functools

@@ -1,5 +1,6 @@
 """Table 1 statistics: hand-computed rows, and the real data checked against an independent
 computation (the `sentencepiece` package on tokenizer.model and plain Python, not the HF tokenizer)."""
+
 from __future__ import annotations
 
 import csv
@@ -59,13 +60,17 @@ def _independent(path, sp, invert_short=False):
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name,file,short", [
-    ("shared_alpaca52k", "alpaca52k_torchtune_tiny.jsonl", False),
-    ("shared_alpaca52k_short", "alpaca52k_torchtune_tiny.jsonl", True),
-    ("shared_seed_tasks", "stanford_alpaca_seed_tasks.jsonl", False),
-])
-def test_stats_match_an_independent_sentencepiece_computation(name, file, short, tmp_path, instructions_dir,
-                                                             llama_tokenizer_dir):
+@pytest.mark.parametrize(
+    "name,file,short",
+    [
+        ("shared_alpaca52k", "alpaca52k_torchtune_tiny.jsonl", False),
+        ("shared_alpaca52k_short", "alpaca52k_torchtune_tiny.jsonl", True),
+        ("shared_seed_tasks", "stanford_alpaca_seed_tasks.jsonl", False),
+    ],
+)
+def test_stats_match_an_independent_sentencepiece_computation(
+    name, file, short, tmp_path, instructions_dir, llama_tokenizer_dir
+):
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(llama_tokenizer_dir / "tokenizer.model"))
@@ -79,8 +84,14 @@ def test_stats_match_an_independent_sentencepiece_computation(name, file, short,
 
 @pytest.mark.shared
 def test_stats_cli_writes_csv_and_markdown(tmp_path, instructions_dir, llama_tokenizer_dir, capsys):
-    rc = main(["stats_datasets=[shared_alpaca52k,shared_alpaca52k_short]", f"paths.data_dir={tmp_path / 'd'}",
-               f"paths.reports_dir={tmp_path / 'r'}", f"paths.llama_tokenizer={llama_tokenizer_dir}"])
+    rc = main(
+        [
+            "stats_datasets=[shared_alpaca52k,shared_alpaca52k_short]",
+            f"paths.data_dir={tmp_path / 'd'}",
+            f"paths.reports_dir={tmp_path / 'r'}",
+            f"paths.llama_tokenizer={llama_tokenizer_dir}",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and "| shared_alpaca52k | 100 |" in out and "| shared_alpaca52k_short | 100 |" in out
     rows = list(csv.DictReader(open(tmp_path / "r" / "table1.csv")))
@@ -93,8 +104,13 @@ def test_stats_cli_writes_csv_and_markdown(tmp_path, instructions_dir, llama_tok
 
 @pytest.mark.shared
 def test_stats_cli_reports_a_failing_dataset_and_exits_1(tmp_path, instructions_dir, llama_tokenizer_dir, capsys):
-    rc = main(["stats_datasets=[shared_seed_tasks,alpaca_data]", f"paths.data_dir={tmp_path / 'd'}",
-               f"paths.reports_dir={tmp_path / 'r'}"])
+    rc = main(
+        [
+            "stats_datasets=[shared_seed_tasks,alpaca_data]",
+            f"paths.data_dir={tmp_path / 'd'}",
+            f"paths.reports_dir={tmp_path / 'r'}",
+        ]
+    )
     cap = capsys.readouterr()
     assert rc == 1 and "| shared_seed_tasks | 175 |" in cap.out
     assert "dataset alpaca_data: SourceError: HF_HUB_OFFLINE=1" in cap.err and "1 dataset(s) failed" in cap.err
@@ -104,8 +120,12 @@ def test_stats_cli_reports_a_failing_dataset_and_exits_1(tmp_path, instructions_
 def test_dropped_and_kept_empty_outputs_are_reported(tmp_path, llama_tokenizer_dir):
     p = tmp_path / "e.jsonl"
     p.write_text('{"instruction": "Say hi.", "output": "Hi there!"}\n{"instruction": "Say nothing.", "output": ""}\n')
-    base = ["dataset=local_jsonl", f"dataset.source.path={p}", f"paths.data_dir={tmp_path}",
-            f"paths.llama_tokenizer={llama_tokenizer_dir}"]
+    base = [
+        "dataset=local_jsonl",
+        f"dataset.source.path={p}",
+        f"paths.data_dir={tmp_path}",
+        f"paths.llama_tokenizer={llama_tokenizer_dir}",
+    ]
     s = dataset_stats(load_config([*base, "dataset.empty_output=drop"]))
     assert s.n == 1 and s.n_dropped == 1 and s.ratio_excluded == 0
     s = dataset_stats(load_config([*base, "dataset.empty_output=keep"]))

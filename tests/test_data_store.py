@@ -1,4 +1,5 @@
 """The processed-dataset store: content hash, reuse, rebuild of interrupted writes, meta.json, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,10 @@ def toks(tmp_path_factory):
 
 @pytest.fixture()
 def raw(tmp_path):
-    rows = [{"instruction": "w " * k, "input": "ctx" if k % 3 == 0 else "", "output": "v " * (2 * k + 1)}
-            for k in range(1, 41)]
+    rows = [
+        {"instruction": "w " * k, "input": "ctx" if k % 3 == 0 else "", "output": "v " * (2 * k + 1)}
+        for k in range(1, 41)
+    ]
     rows.append({"instruction": "empty one", "input": "", "output": "  "})
     p = tmp_path / "raw.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -41,8 +44,16 @@ def raw(tmp_path):
 
 
 def cfg_for(tmp_path, raw, tok, *extra):
-    return load_config(["dataset=local_jsonl", f"dataset.source.path={raw}", f"paths.data_dir={tmp_path / 'data'}",
-                        f"dataset.transform.tokenizer={tok}", "dataset.empty_output=drop", *extra])
+    return load_config(
+        [
+            "dataset=local_jsonl",
+            f"dataset.source.path={raw}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"dataset.transform.tokenizer={tok}",
+            "dataset.empty_output=drop",
+            *extra,
+        ]
+    )
 
 
 TARGET = ["dataset.transform.kind=invert", "dataset.transform.target_rg=1.0", "dataset.transform.tolerance=0.05"]
@@ -56,8 +67,14 @@ def test_build_writes_records_meta_and_done(tmp_path, raw, toks):
     recs, meta = store.read(res.folder)
     assert recs == res.records and len(recs) == 40
     m = meta
-    assert m["counts"] == {"raw_records": 41, "considered": 41, "dropped_empty_output": 1, "kept_empty_output": 0,
-                           "records": 40, "inverted": sum(r["inverted"] for r in recs)}
+    assert m["counts"] == {
+        "raw_records": 41,
+        "considered": 41,
+        "dropped_empty_output": 1,
+        "kept_empty_output": 0,
+        "records": 40,
+        "inverted": sum(r["inverted"] for r in recs),
+    }
     assert m["dropped_empty_output_indices"] == [40]
     assert m["raw"]["sha256"] == m["definition"]["raw_sha256"] and len(m["raw"]["sha256"]) == 64
     assert m["tokenizer"]["fingerprint"] == m["definition"]["transform"]["tokenizer"]
@@ -71,8 +88,13 @@ def test_build_writes_records_meta_and_done(tmp_path, raw, toks):
     # the dataset's R_g (docs/study.md section 1): completion / prompt words, here the transform's value
     words = lambda *fields: sum(len(r[f].split()) for r in recs for f in fields)
     assert m["rg"] == words("output") / words("instruction", "input") == m["transform"]["rg_after"]
-    assert m["rg_measure"] == {"prompt_tokens": words("instruction", "input"), "completion_tokens": words("output"),
-                               "tokenizer": toks[0], "fingerprint": m["tokenizer"]["fingerprint"], "error": None}
+    assert m["rg_measure"] == {
+        "prompt_tokens": words("instruction", "input"),
+        "completion_tokens": words("output"),
+        "tokenizer": toks[0],
+        "fingerprint": m["tokenizer"]["fingerprint"],
+        "error": None,
+    }
 
 
 def test_every_dataset_records_its_rg_and_an_old_folder_gets_it_on_its_next_load(tmp_path, raw, toks):
@@ -88,8 +110,11 @@ def test_every_dataset_records_its_rg_and_an_old_folder_gets_it_on_its_next_load
     kept = {n: ((res.folder / n).read_bytes(), (res.folder / n).stat().st_mtime_ns) for n in ("data.jsonl", "DONE")}
     again = build(cfg_for(tmp_path, raw, toks[0]))
     assert again.reused and again.meta["rg"] == meta["rg"]
-    assert json.loads((res.folder / "meta.json").read_text()) == {**old, "rg": meta["rg"],
-                                                                  "rg_measure": meta["rg_measure"]}
+    assert json.loads((res.folder / "meta.json").read_text()) == {
+        **old,
+        "rg": meta["rg"],
+        "rg_measure": meta["rg_measure"],
+    }
     assert {n: ((res.folder / n).read_bytes(), (res.folder / n).stat().st_mtime_ns) for n in kept} == kept
     stamp = (res.folder / "meta.json").stat().st_mtime_ns
     assert build(cfg_for(tmp_path, raw, toks[0])).reused and (res.folder / "meta.json").stat().st_mtime_ns == stamp
@@ -146,8 +171,16 @@ def test_settings_that_cannot_change_content_share_a_folder(tmp_path, raw, toks)
     b = build(cfg_for(tmp_path, raw, toks[1], "dataset.transform.seed=5")).folder
     # Short: seed/tolerance do not matter
     c = build(cfg_for(tmp_path, raw, toks[0], "dataset.transform.kind=invert")).folder
-    d = build(cfg_for(tmp_path, raw, toks[0], "dataset.transform.kind=invert", "dataset.transform.seed=3",
-                      "dataset.transform.tolerance=0.2")).folder
+    d = build(
+        cfg_for(
+            tmp_path,
+            raw,
+            toks[0],
+            "dataset.transform.kind=invert",
+            "dataset.transform.seed=3",
+            "dataset.transform.tolerance=0.2",
+        )
+    ).folder
     assert a == b and c == d and a != c
 
 
@@ -178,8 +211,14 @@ def test_errors_leave_no_folder(tmp_path, toks):
 
 
 def test_build_cli_prints_folder_and_summary(tmp_path, raw, toks, capsys):
-    args = ["dataset=local_jsonl", f"dataset.source.path={raw}", f"paths.data_dir={tmp_path / 'data'}",
-            f"dataset.transform.tokenizer={toks[0]}", "dataset.empty_output=drop", "dataset.transform.kind=invert"]
+    args = [
+        "dataset=local_jsonl",
+        f"dataset.source.path={raw}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"dataset.transform.tokenizer={toks[0]}",
+        "dataset.empty_output=drop",
+        "dataset.transform.kind=invert",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "(built)" in out and str(tmp_path / "data" / "processed" / "local_jsonl-") in out

@@ -1,5 +1,6 @@
 """make demo (pipeline/demo.py): the pure parts (override routing, stage commands, input hash) and the
 reduced demo end to end through the same command (`make demo EXPERIMENT=demo_ci`, slow)."""
+
 from __future__ import annotations
 
 import json
@@ -17,13 +18,30 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_route_overrides_sends_each_key_to_its_stage():
-    r = route_overrides(["experiment.plw=[0.0]", "train.max_steps=2", "eval.limit=2",
-                         "analysis.dpi=50", "paths.runs_dir=/x", "+experiment.variants.a={weight_decay:0.1}",
-                         "model.pretrain.steps=5"])
-    assert r["sweep"] == ["experiment.plw=[0.0]", "train.max_steps=2", "paths.runs_dir=/x",
-                          "+experiment.variants.a={weight_decay:0.1}", "model.pretrain.steps=5"]
-    assert r["pretrain"] == ["experiment.plw=[0.0]", "paths.runs_dir=/x",
-                             "+experiment.variants.a={weight_decay:0.1}", "model.pretrain.steps=5"]
+    r = route_overrides(
+        [
+            "experiment.plw=[0.0]",
+            "train.max_steps=2",
+            "eval.limit=2",
+            "analysis.dpi=50",
+            "paths.runs_dir=/x",
+            "+experiment.variants.a={weight_decay:0.1}",
+            "model.pretrain.steps=5",
+        ]
+    )
+    assert r["sweep"] == [
+        "experiment.plw=[0.0]",
+        "train.max_steps=2",
+        "paths.runs_dir=/x",
+        "+experiment.variants.a={weight_decay:0.1}",
+        "model.pretrain.steps=5",
+    ]
+    assert r["pretrain"] == [
+        "experiment.plw=[0.0]",
+        "paths.runs_dir=/x",
+        "+experiment.variants.a={weight_decay:0.1}",
+        "model.pretrain.steps=5",
+    ]
     assert r["eval"] == ["eval.limit=2", "paths.runs_dir=/x"]
     assert r["regress"] == ["analysis.dpi=50", "paths.runs_dir=/x"]
     with pytest.raises(ValueError, match="not key=value"):
@@ -33,12 +51,21 @@ def test_route_overrides_sends_each_key_to_its_stage():
 def test_stage_commands_are_the_stages_own_entry_points():
     c = stage_commands("demo_ci", "demo", ["paths.runs_dir=/r"], python="PY", no_figures=True)
     assert c["pretrain"] == ["PY", "-m", "pipeline.pretrain", "experiment=demo_ci", "paths.runs_dir=/r"]
-    assert c["sweep"] == ["PY", "-m", "pipeline.sweep", "run", "experiment=demo_ci", "launcher=demo",
-                          "paths.runs_dir=/r"]
+    assert c["sweep"] == [
+        "PY",
+        "-m",
+        "pipeline.sweep",
+        "run",
+        "experiment=demo_ci",
+        "launcher=demo",
+        "paths.runs_dir=/r",
+    ]
     # a launcher chosen by the user replaces the demo's
     assert stage_commands("demo", "demo", ["launcher=local"], python="PY")["sweep"][-1] == "launcher=local"
     assert stage_commands("demo", "demo", ["launcher.max_parallel=1"], python="PY")["sweep"][-2:] == [
-        "launcher=demo", "launcher.max_parallel=1"]
+        "launcher=demo",
+        "launcher.max_parallel=1",
+    ]
     assert c["eval"] == ["PY", "-m", "pipeline.eval", "eval=demo", "paths.runs_dir=/r"]
     assert c["regress"] == ["PY", "-m", "pipeline.analysis", "regress", "--no-figures", "paths.runs_dir=/r"]
 
@@ -48,7 +75,7 @@ def test_inputs_hash_changes_with_any_results_file(tmp_path):
     a.mkdir(), b.mkdir()
     (a / "results.csv").write_text("x\n1\n")
     h0 = inputs_hash([a, b])
-    assert h0 == inputs_hash([b, a])                         # order-free
+    assert h0 == inputs_hash([b, a])  # order-free
     (b / "results.csv").write_text("x\n2\n")
     h1 = inputs_hash([a, b])
     (a / "results.csv").write_text("x\n3\n")

@@ -4,6 +4,7 @@ The win rate alpaca_eval reports is checked against an independent computation f
 lengths (the double's rule), the cache is checked to avoid re-judging, and bad inputs are checked
 to name the file, record and field.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,10 @@ def reference(shared_dir):
 def test_reference_set(reference):
     assert len(reference) == 805 and {r["generator"] for r in reference} == {"text_davinci_003"}
     prompts = A.prompts_for(reference[:1])
-    assert prompts[0] == ("Below is an instruction that describes a task. Write a response that appropriately "
-                          "completes the request.\n\n### Instruction:\n" + reference[0]["instruction"]
-                          + "\n\n### Response:")
+    assert prompts[0] == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n" + reference[0]["instruction"] + "\n\n### Response:"
+    )
 
 
 def test_mixtral_evaluator_config_is_guanaco_in_inst_format():
@@ -43,6 +45,7 @@ def test_mixtral_evaluator_config_is_guanaco_in_inst_format():
     import alpaca_eval
 
     from pathlib import Path
+
     g = Path(alpaca_eval.__file__).parent / "evaluators_configs" / "guanaco_33b"
     guanaco = (g / "basic_prompt.txt").read_text()
     body = guanaco.split("### Human: ", 1)[1].rsplit("### Assistant:", 1)[0].rstrip()
@@ -68,10 +71,13 @@ def _expected(model_out, ref_out):
 def test_win_rate_through_alpaca_eval_with_the_test_double(reference, tmp_path):
     ref = reference[:6]
     texts = ["x", ref[1]["output"] + " and more", ref[2]["output"], "y" * (len(ref[3]["output"]) + 5), "", "z" * 3]
-    outputs = [{"instruction": r["instruction"], "output": t, "generator": "m", "n_tokens": 1, "finished": True}
-               for r, t in zip(ref, texts)]
-    board, ann = A.annotate(outputs, reference, judge=judges.TEST_DOUBLE, judge_model=None,
-                            out_dir=tmp_path, name="run-x")
+    outputs = [
+        {"instruction": r["instruction"], "output": t, "generator": "m", "n_tokens": 1, "finished": True}
+        for r, t in zip(ref, texts)
+    ]
+    board, ann = A.annotate(
+        outputs, reference, judge=judges.TEST_DOUBLE, judge_model=None, out_dir=tmp_path, name="run-x"
+    )
     win, se = _expected(texts, [r["output"] for r in ref])
     assert board["win_rate"] == pytest.approx(win) and board["standard_error"] == pytest.approx(se)
     assert (board["n_wins"], board["n_draws"], board["n_total"]) == (2, 1, 6)
@@ -104,7 +110,9 @@ def test_annotations_are_cached(reference, tmp_path, monkeypatch):
 
 def test_unparsable_judgments_are_counted(reference, tmp_path, monkeypatch):
     ref = reference[:4]
-    outputs = [{"instruction": r["instruction"], "output": "out " * (i + 1), "generator": "m"} for i, r in enumerate(ref)]
+    outputs = [
+        {"instruction": r["instruction"], "output": "out " * (i + 1), "generator": "m"} for i, r in enumerate(ref)
+    ]
 
     real = judges.longer_wins_completions
 

@@ -1,4 +1,5 @@
 """`make fetch-data`: the mirror's layout and byte format; offline it reports, never crashes."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,10 @@ from pipeline.eval import fetch
 
 
 def test_layout_comes_from_the_task_templates():
-    assert fetch.targets("wmt16_ro_en") == [("validation", "wmt16/ro-en/validation.jsonl"),
-                                            ("test", "wmt16/ro-en/test.jsonl")]
+    assert fetch.targets("wmt16_ro_en") == [
+        ("validation", "wmt16/ro-en/validation.jsonl"),
+        ("test", "wmt16/ro-en/test.jsonl"),
+    ]
     assert fetch.targets("truthfulqa_mc2") == [("validation", "truthfulqa/multiple_choice/validation.jsonl")]
     assert ("test", "arc_challenge/test.jsonl") in fetch.targets("arc_challenge")
     from pipeline.eval import benchmarks as B
@@ -19,9 +22,16 @@ def test_layout_comes_from_the_task_templates():
     assert sorted(fetch.HUB) == sorted(harness)  # every lm-eval benchmark has a source
 
 
-@pytest.mark.parametrize("rel", ["arc_challenge/test.jsonl", "piqa/validation.jsonl", "winogrande/validation.jsonl",
-                                 "truthfulqa/generation/validation.jsonl",
-                                 "truthfulqa/multiple_choice/validation.jsonl"])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "arc_challenge/test.jsonl",
+        "piqa/validation.jsonl",
+        "winogrande/validation.jsonl",
+        "truthfulqa/generation/validation.jsonl",
+        "truthfulqa/multiple_choice/validation.jsonl",
+    ],
+)
 def test_writer_reproduces_the_shared_mirror_bytes(shared_dir, tmp_path, rel):
     src = shared_dir / "data" / "benchmarks" / rel
     rows = [json.loads(x) for x in src.read_text(encoding="utf-8").splitlines()]

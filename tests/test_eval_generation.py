@@ -3,6 +3,7 @@
 Uses the real SmolLM2-135M-Instruct (its dequantised checkpoint is cached in pytest's cache folder,
 shared with tests/test_models.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,11 +16,14 @@ from pipeline.preprocess import render_source
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-PROMPTS = [render_source({"instruction": i, "input": x}) for i, x in [
-    ("Name a primary colour.", ""),
-    ("Translate to French.", "Good morning, my friend, how are you today?"),
-    ("What is 2 + 2?", ""),
-]]
+PROMPTS = [
+    render_source({"instruction": i, "input": x})
+    for i, x in [
+        ("Name a primary colour.", ""),
+        ("Translate to French.", "Good morning, my friend, how are you today?"),
+        ("What is 2 + 2?", ""),
+    ]
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,10 @@ def test_batched_equals_one_at_a_time(smollm2):
     assert all(0 < g.n_tokens <= 8 for g in batched)
     assert all(g.finished == (g.n_tokens < 8) for g in batched)
     # the order of the results is the order of the prompts (they are sorted by length inside)
-    assert G.generate(model, tok, PROMPTS[::-1], max_new_tokens=8, batch_size=2, show_progress=False)[0].text \
+    assert (
+        G.generate(model, tok, PROMPTS[::-1], max_new_tokens=8, batch_size=2, show_progress=False)[0].text
         == batched[-1].text
+    )
 
 
 def test_prompts_longer_than_the_context_are_left_truncated(smollm2):
@@ -68,7 +74,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------------------------
 def _mask_cases():
     g = torch.Generator().manual_seed(0)
-    for batch, kv, q, offset, skip in __import__("itertools").product([1, 3], [1, 6, 17], [1, 4], [0, 2], [True, False]):
+    for batch, kv, q, offset, skip in __import__("itertools").product(
+        [1, 3], [1, 6, 17], [1, 4], [0, 2], [True, False]
+    ):
         if q > kv:
             continue
         for pad in (None, "none_padded", "left", "random"):
@@ -81,8 +89,14 @@ def _mask_cases():
                         am[b, :b] = False
                 elif pad == "random":
                     am = torch.rand(batch, kv + offset, generator=g) > 0.3
-            yield dict(batch_size=batch, cache_position=torch.arange(kv - q, kv) + offset, kv_length=kv,
-                       kv_offset=offset, attention_mask=am, allow_is_causal_skip=skip)
+            yield dict(
+                batch_size=batch,
+                cache_position=torch.arange(kv - q, kv) + offset,
+                kv_length=kv,
+                kv_offset=offset,
+                attention_mask=am,
+                allow_is_causal_skip=skip,
+            )
 
 
 def test_fast_mask_is_transformers_mask():
@@ -101,8 +115,13 @@ def test_fast_mask_is_transformers_mask():
     assert n > 50
     # another mask pattern (a sliding window) is transformers' own function's result
     sw = mu.sliding_window_causal_mask_function(3)
-    case = dict(batch_size=2, cache_position=torch.arange(6), kv_length=6, allow_is_causal_skip=False,
-                attention_mask=torch.ones(2, 6, dtype=torch.bool))
+    case = dict(
+        batch_size=2,
+        cache_position=torch.arange(6),
+        kv_length=6,
+        allow_is_causal_skip=False,
+        attention_mask=torch.ones(2, 6, dtype=torch.bool),
+    )
     want = theirs(mask_function=sw, **case)
     assert not want[0, 0, 5, 0]  # outside the window
     assert torch.equal(G.causal_padding_mask(mask_function=sw, **case), want)

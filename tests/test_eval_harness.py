@@ -8,6 +8,7 @@ its YAML by the TaskManager the evaluation uses (harness.task_manager: no built-
 build their requests with the same few-shot seed and the contexts/continuations (and doc_to_text,
 targets, choices) must be identical, few-shot ones included. No model is needed.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,13 +21,29 @@ from pipeline.eval import benchmarks as B
 from pipeline.eval import harness
 
 MIRRORED = {  # benchmark -> (built-in task, shots, evaluated split, {split: file in the shared mirror})
-    "arc_challenge": ("arc_challenge", 25, "test", {"train": "arc_challenge/train.jsonl",
-                                                    "validation": "arc_challenge/validation.jsonl",
-                                                    "test": "arc_challenge/test.jsonl"}),
-    "winogrande": ("winogrande", 5, "validation", {"train": "winogrande/train.jsonl",
-                                                   "validation": "winogrande/validation.jsonl"}),
+    "arc_challenge": (
+        "arc_challenge",
+        25,
+        "test",
+        {
+            "train": "arc_challenge/train.jsonl",
+            "validation": "arc_challenge/validation.jsonl",
+            "test": "arc_challenge/test.jsonl",
+        },
+    ),
+    "winogrande": (
+        "winogrande",
+        5,
+        "validation",
+        {"train": "winogrande/train.jsonl", "validation": "winogrande/validation.jsonl"},
+    ),
     "piqa": ("piqa", 0, "validation", {"validation": "piqa/validation.jsonl"}),
-    "truthfulqa_mc2": ("truthfulqa_mc2", 0, "validation", {"validation": "truthfulqa/multiple_choice/validation.jsonl"}),
+    "truthfulqa_mc2": (
+        "truthfulqa_mc2",
+        0,
+        "validation",
+        {"validation": "truthfulqa/multiple_choice/validation.jsonl"},
+    ),
     "truthfulqa_gen": ("truthfulqa_gen", 0, "validation", {"validation": "truthfulqa/generation/validation.jsonl"}),
 }
 LIMIT = 4
@@ -45,8 +62,9 @@ def _requests(task, shots: int):
     task.set_config(key="num_fewshot", value=shots)
     task.set_fewshot_seed(seed=SEED)
     task.build_all_requests(limit=LIMIT, rank=0, world_size=1)
-    return [(i.doc_id, i.idx, tuple(i.arguments) if isinstance(i.arguments, tuple) else i.arguments)
-            for i in task.instances]
+    return [
+        (i.doc_id, i.idx, tuple(i.arguments) if isinstance(i.arguments, tuple) else i.arguments) for i in task.instances
+    ]
 
 
 def _builtin(name: str, files: dict, eval_file: Path):
@@ -58,8 +76,11 @@ def _builtin(name: str, files: dict, eval_file: Path):
     tm = harness.builtin_task_manager()
     cfg = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
     splits = {cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split") if cfg.get(k)}
-    cfg.update(dataset_path="json", dataset_name=None,
-               dataset_kwargs={"data_files": {s: str(files.get(s, eval_file)) for s in splits}})
+    cfg.update(
+        dataset_path="json",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {s: str(files.get(s, eval_file)) for s in splits}},
+    )
     cfg.pop("tag", None)
     return tm.load([cfg])["tasks"][name]
 
@@ -73,8 +94,15 @@ def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
     name, shots, eval_split, rels = MIRRORED[benchmark]
     files = {s: mirror / r for s, r in rels.items()}
     assert B.shots_for(benchmark) == shots  # docs/study.md section 5
-    spec = harness.materialize(benchmark, str(mirror), tmp_path, shots=shots, metrics=list(B.get(benchmark).metrics),
-                               limit=LIMIT, fewshot_seed=SEED)
+    spec = harness.materialize(
+        benchmark,
+        str(mirror),
+        tmp_path,
+        shots=shots,
+        metrics=list(B.get(benchmark).metrics),
+        limit=LIMIT,
+        fewshot_seed=SEED,
+    )
     assert spec.skip is None, spec.skip
     text = spec.yaml_path.read_text()
     y = yaml.safe_load(text)
@@ -85,8 +113,11 @@ def test_mirror_task_builds_the_builtin_prompts(benchmark, mirror, tmp_path):
     ref = _builtin(name, files, files[eval_split])
     # the documents and their rendering
     ours_docs, ref_docs = list(ours.eval_docs)[:LIMIT], list(ref.eval_docs)[:LIMIT]
-    assert ours_docs == ref_docs == _jsonl(files[eval_split])[:LIMIT] or benchmark.startswith("truthfulqa") \
-        and ours_docs == ref_docs  # (TruthfulQA's process_docs rewrites the documents)
+    assert (
+        ours_docs == ref_docs == _jsonl(files[eval_split])[:LIMIT]
+        or benchmark.startswith("truthfulqa")
+        and ours_docs == ref_docs
+    )  # (TruthfulQA's process_docs rewrites the documents)
     for d in ours_docs:
         assert ours.doc_to_text(d) == ref.doc_to_text(d)
         assert ours.doc_to_target(d) == ref.doc_to_target(d)
@@ -123,8 +154,9 @@ def test_few_shot_examples_from_the_evaluated_split_when_the_mirror_has_no_train
     m = tmp_path / "mirror"
     (m / "arc_challenge").mkdir(parents=True)
     (m / "arc_challenge" / "test.jsonl").symlink_to(mirror / "arc_challenge" / "test.jsonl")
-    spec = harness.materialize("arc_challenge", str(m), tmp_path / "tasks", shots=25, metrics=["acc_norm"],
-                               limit=LIMIT, fewshot_seed=SEED)
+    spec = harness.materialize(
+        "arc_challenge", str(m), tmp_path / "tasks", shots=25, metrics=["acc_norm"], limit=LIMIT, fewshot_seed=SEED
+    )
     assert spec.skip is None
     y = yaml.safe_load(spec.yaml_path.read_text())
     assert y["dataset_kwargs"]["data_files"] == {"test": str(m / "arc_challenge" / "test.jsonl")}
@@ -137,8 +169,9 @@ def test_few_shot_examples_from_the_evaluated_split_when_the_mirror_has_no_train
 
 
 def test_truthfulqa_gen_keeps_its_six_qa_preamble(mirror, tmp_path):
-    spec = harness.materialize("truthfulqa_gen", str(mirror), tmp_path, shots=0, metrics=["bleu_max"], limit=1,
-                               fewshot_seed=SEED)
+    spec = harness.materialize(
+        "truthfulqa_gen", str(mirror), tmp_path, shots=0, metrics=["bleu_max"], limit=1, fewshot_seed=SEED
+    )
     task = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
     doc = list(task.eval_docs)[0]
     text = task.doc_to_text(doc)
@@ -157,16 +190,24 @@ def _wmt_mirror(root: Path, val: int, test: int) -> None:
 
 def test_wmt_task_uses_the_instruction_and_both_splits(tmp_path):
     _wmt_mirror(tmp_path / "mirror", val=3, test=2)
-    spec = harness.materialize("wmt14_fr_en", str(tmp_path / "mirror"), tmp_path / "tasks", shots=0,
-                               metrics=["bleu", "chrf"], limit=None, fewshot_seed=SEED)
+    spec = harness.materialize(
+        "wmt14_fr_en",
+        str(tmp_path / "mirror"),
+        tmp_path / "tasks",
+        shots=0,
+        metrics=["bleu", "chrf"],
+        limit=None,
+        fewshot_seed=SEED,
+    )
     assert spec.skip is None and not spec.notes
     y = yaml.safe_load(spec.yaml_path.read_text())
     assert [m["metric"] for m in y["metric_list"]] == ["bleu", "chrf"]  # TER not computed when not reported
     task = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
     docs = list(task.eval_docs)
     assert len(docs) == 5  # validation + test combined
-    assert task.doc_to_text(docs[0]) == ("Translate the following from French to English\n\n"
-                                         "French phrase: Bonjour validation 0.\nEnglish phrase:")
+    assert task.doc_to_text(docs[0]) == (
+        "Translate the following from French to English\n\nFrench phrase: Bonjour validation 0.\nEnglish phrase:"
+    )
     assert task.doc_to_target(docs[4]) == " Hello test 1."
     task.set_fewshot_seed(seed=SEED)
     task.build_all_requests(limit=None, rank=0, world_size=1)
@@ -177,15 +218,18 @@ def test_wmt_task_uses_the_instruction_and_both_splits(tmp_path):
 def test_wmt_partial_and_missing_mirror(tmp_path):
     _wmt_mirror(tmp_path / "m", val=2, test=0)
     (tmp_path / "m" / "wmt14" / "fr-en" / "test.jsonl").unlink()
-    spec = harness.materialize("wmt14_en_fr", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"],
-                               limit=None, fewshot_seed=SEED)
+    spec = harness.materialize(
+        "wmt14_en_fr", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"], limit=None, fewshot_seed=SEED
+    )
     assert spec.skip is None and "incomplete" in spec.notes[0] and "test.jsonl" in spec.notes[0]
-    spec = harness.materialize("wmt16_de_en", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"],
-                               limit=None, fewshot_seed=SEED)
+    spec = harness.materialize(
+        "wmt16_de_en", str(tmp_path / "m"), tmp_path / "t", shots=0, metrics=["bleu"], limit=None, fewshot_seed=SEED
+    )
     assert spec.skip and "not in the offline mirror" in spec.skip and "wmt16/de-en/validation.jsonl" in spec.skip
     assert "make fetch-data" in spec.skip
-    spec = harness.materialize("wmt16_de_en", None, tmp_path / "t", shots=0, metrics=["bleu"], limit=None,
-                               fewshot_seed=SEED)
+    spec = harness.materialize(
+        "wmt16_de_en", None, tmp_path / "t", shots=0, metrics=["bleu"], limit=None, fewshot_seed=SEED
+    )
     assert spec.skip and "eval.data_dir" in spec.skip
 
 
@@ -194,18 +238,31 @@ def test_hub_mode_keeps_the_builtin_dataset(tmp_path):
     y = yaml.safe_load(spec.yaml_path.read_text())
     assert "dataset_path" not in y and y["include"].endswith("lm_eval/tasks/piqa/piqa.yaml")
     assert spec.evaluator["data"] == {"source": "hub", "dataset_path": "baber/piqa", "dataset_name": None}
-    spec = harness.materialize("arc_challenge", None, tmp_path, shots=25, metrics=["acc_norm"], limit=None,
-                               fewshot_seed=SEED)
+    spec = harness.materialize(
+        "arc_challenge", None, tmp_path, shots=25, metrics=["acc_norm"], limit=None, fewshot_seed=SEED
+    )
     assert spec.evaluator["data"]["fewshot_split"] == "train"  # lm-eval's rule on the built-in splits
 
 
 def test_parse_results_maps_lm_eval_keys():
-    res = {"results": {"plw_piqa": {"alias": "plw_piqa", "acc,none": 0.75, "acc_stderr,none": 0.25,
-                                    "acc_norm,none": 0.5, "acc_norm_stderr,none": "N/A"}},
-           "n-samples": {"plw_piqa": {"original": 1838, "effective": 4}}}
+    res = {
+        "results": {
+            "plw_piqa": {
+                "alias": "plw_piqa",
+                "acc,none": 0.75,
+                "acc_stderr,none": 0.25,
+                "acc_norm,none": 0.5,
+                "acc_norm_stderr,none": "N/A",
+            }
+        },
+        "n-samples": {"plw_piqa": {"original": 1838, "effective": 4}},
+    }
     rows = harness.parse_results(res, "plw_piqa", "piqa", ["acc", "acc_norm", "bleurt_max"], ["note"])
     assert [(r.metric, r.value, r.stderr, r.n, r.status) for r in rows] == [
-        ("acc", 0.75, 0.25, 4, "ok"), ("acc_norm", 0.5, None, 4, "ok"), ("bleurt_max", None, None, 4, "skipped")]
+        ("acc", 0.75, 0.25, 4, "ok"),
+        ("acc_norm", 0.5, None, 4, "ok"),
+        ("bleurt_max", None, None, 4, "skipped"),
+    ]
     assert rows[0].message == "note"
     assert "BLEURT needs the BLEURT-20 model" in rows[2].message
 
@@ -239,8 +296,11 @@ def test_rouge_shortcut_equals_rouge_scores_loop():
     # lm-eval's TruthfulQA-Gen metric on real strings, with and without the shortcut
     from lm_eval.tasks.truthfulqa import utils as tqa
 
-    refs = ["The watermelon seeds pass through your digestive system.", "Nothing happens.",
-            "You eat watermelon seeds. They are harmless."]
+    refs = [
+        "The watermelon seeds pass through your digestive system.",
+        "Nothing happens.",
+        "You eat watermelon seeds. They are harmless.",
+    ]
     pred = "Nothing happens if you eat watermelon seeds; they pass through you."
     with_shortcut = [tqa.rouge([r], [pred]) for r in refs]
     scoring.BootstrapAggregator._bootstrap_resample = loop

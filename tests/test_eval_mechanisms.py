@@ -1,4 +1,5 @@
 """Mechanism metrics against independent computations (numpy, hand-computed BLEU, direct tensor maths)."""
+
 from __future__ import annotations
 
 import json
@@ -43,20 +44,28 @@ def test_loss_rsd_hand_value_and_too_short():
 
 def test_read_losses_last_line_per_step_wins_and_ignores_eval_lines(tmp_path):
     p = tmp_path / "metrics.jsonl"
-    lines = [{"step": 1, "loss": 3.0}, {"kind": "train", "step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 9.0},
-             {"kind": "eval", "step": 3, "loss": 9.9}, {"step": 3, "loss": 1.5},
-             {"kind": "train", "step": 2, "loss": 2.5}]  # step 2 logged again after a resume
+    lines = [
+        {"step": 1, "loss": 3.0},
+        {"kind": "train", "step": 2, "loss": 2.0},
+        {"step": 2, "eval_loss": 9.0},
+        {"kind": "eval", "step": 3, "loss": 9.9},
+        {"step": 3, "loss": 1.5},
+        {"kind": "train", "step": 2, "loss": 2.5},
+    ]  # step 2 logged again after a resume
     p.write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 4, "lo')  # torn last line
     losses, steps = M.read_losses(p)
     assert steps == [1, 2, 3] and losses == [3.0, 2.5, 1.5]
 
 
-@pytest.mark.parametrize("content,match", [
-    ('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 1.0}\n', r"metrics.jsonl: line 2 is not valid JSON"),
-    ('{"loss": 1.0}\n', r"line 1: field 'step' is missing"),
-    ('{"step": 1, "loss": "abc"}\n', r"line 1: fields 'step'/'loss' must be numbers"),
-    ('{"step": 1, "loss": NaN}\n', r"line 1: field 'loss' is not finite"),
-])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"step": 1, "loss": 1.0}\nnot json\n{"step": 2, "loss": 1.0}\n', r"metrics.jsonl: line 2 is not valid JSON"),
+        ('{"loss": 1.0}\n', r"line 1: field 'step' is missing"),
+        ('{"step": 1, "loss": "abc"}\n', r"line 1: fields 'step'/'loss' must be numbers"),
+        ('{"step": 1, "loss": NaN}\n', r"line 1: field 'loss' is not finite"),
+    ],
+)
 def test_read_losses_bad_lines_name_file_and_line(tmp_path, content, match):
     p = tmp_path / "metrics.jsonl"
     p.write_text(content)
@@ -80,8 +89,8 @@ def _independent_bleu(hyps, refs):
         ht, rt = h.split(), r.split()
         hl, rl = hl + len(ht), rl + len(rt)
         for n in range(1, 5):
-            hc = Counter(tuple(ht[i:i + n]) for i in range(len(ht) - n + 1))
-            rc = Counter(tuple(rt[i:i + n]) for i in range(len(rt) - n + 1))
+            hc = Counter(tuple(ht[i : i + n]) for i in range(len(ht) - n + 1))
+            rc = Counter(tuple(rt[i : i + n]) for i in range(len(rt) - n + 1))
             match[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
             total[n - 1] += max(0, len(ht) - n + 1)
     logp = sum(math.log(m / t) for m, t in zip(match, total)) / 4
@@ -91,8 +100,11 @@ def _independent_bleu(hyps, refs):
 
 def test_corpus_bleu_matches_an_independent_computation_and_signature():
     hyps = ["the cat sat on the mat today", "a quick brown fox jumps over the dog", "we like green tea a lot"]
-    refs = ["the cat sat on the red mat today", "the quick brown fox jumps over the lazy dog",
-            "we like green tea a lot"]
+    refs = [
+        "the cat sat on the red mat today",
+        "the quick brown fox jumps over the lazy dog",
+        "we like green tea a lot",
+    ]
     got, sig = M.corpus_bleu(hyps, refs)
     assert got == pytest.approx(_independent_bleu(hyps, refs), rel=1e-9)
     assert sig.startswith(M.BLEU_SIGNATURE + "|version:")  # nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp
@@ -121,8 +133,11 @@ def _save(folder: Path, tensors: dict) -> None:
 
 def test_weight_distance_matches_direct_computation(tmp_path):
     g = torch.Generator().manual_seed(0)
-    base = {"embed.weight": torch.randn(10, 4, generator=g), "layer.weight": torch.randn(4, 4, generator=g),
-            "norm.weight": torch.ones(4)}
+    base = {
+        "embed.weight": torch.randn(10, 4, generator=g),
+        "layer.weight": torch.randn(4, 4, generator=g),
+        "norm.weight": torch.ones(4),
+    }
     trained = {k: v.clone() for k, v in base.items()}
     trained["layer.weight"] += 0.01 * torch.arange(16, dtype=torch.float32).reshape(4, 4)
     trained["norm.weight"] -= 0.5
@@ -156,8 +171,11 @@ def test_weight_distance_bad_input(tmp_path):
 
 def test_summary_distance(tmp_path):
     assert M.summary_distance(tmp_path) is None
-    (tmp_path / "train_summary.json").write_text(json.dumps(
-        {"weight_distance": {"l1_mean": 1.5, "l2": 2.0, "l1_sum_per_tensor": 3.0, "tensors": 7, "note": "x"}}))
+    (tmp_path / "train_summary.json").write_text(
+        json.dumps(
+            {"weight_distance": {"l1_mean": 1.5, "l2": 2.0, "l1_sum_per_tensor": 3.0, "tensors": 7, "note": "x"}}
+        )
+    )
     s = M.summary_distance(tmp_path)
     assert (s["l1_mean"], s["l2"], s["l1_sum_per_tensor"], s["tensors"]) == (1.5, 2.0, 3.0, 7)
     assert s["source"].endswith("train_summary.json")

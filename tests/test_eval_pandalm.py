@@ -1,4 +1,5 @@
 """PandaLM: PandaLM's exact prompt and parser, both orders, tallies, the test-double judge, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -11,41 +12,57 @@ from pipeline.eval import judges, pandalm as P
 def test_prompt_is_pandalms_build_pandalm_prompt():
     # expected strings written out from PandaLM's pandalm/utils/pandalm_inference.py
     got = P.build_prompt("Sum the numbers.", "2, 3", " 5 </s>", "<s>six")
-    assert got == ("Below are two responses for a given task. The task is defined by the Instruction with an Input "
-                   "that provides further context. Evaluate the responses and generate a reference answer for the "
-                   "task.\n\n### Instruction:\nSum the numbers.\n\n### Input:\n2, 3\n\n### Response 1:\n5\n\n"
-                   "### Response 2:\nsix\n\n### Evaluation:\n")
+    assert got == (
+        "Below are two responses for a given task. The task is defined by the Instruction with an Input "
+        "that provides further context. Evaluate the responses and generate a reference answer for the "
+        "task.\n\n### Instruction:\nSum the numbers.\n\n### Input:\n2, 3\n\n### Response 1:\n5\n\n"
+        "### Response 2:\nsix\n\n### Evaluation:\n"
+    )
     got = P.build_prompt("Say hi.", "", "hi", "[PAD]hello")
-    assert got == ("Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
-                   "responses and generate a reference answer for the task.\n\n### Instruction:\nSay hi.\n\n"
-                   "### Response 1:\nhi\n\n### Response 2:\nhello\n\n### Evaluation:\n")
+    assert got == (
+        "Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
+        "responses and generate a reference answer for the task.\n\n### Instruction:\nSay hi.\n\n"
+        "### Response 1:\nhi\n\n### Response 2:\nhello\n\n### Evaluation:\n"
+    )
     mix = P.wrap_prompt(got, "mixtral")
     assert mix.startswith("[INST] Below are two responses") and mix.endswith(" [/INST]")
     assert "### Evaluation:" not in mix and "first line with exactly one of: 1" in mix
 
 
-@pytest.mark.parametrize("text,expect", [
-    ("1\n\n### Reason: ...", 1), ("2", 2), ("  Tie\n### Reason", 0), ("tie", 0), ("</s>2\nfoo", 2),
-    ("Response 1 is better", None), ("", None), ("12\n", None), (None, None),
-])
+@pytest.mark.parametrize(
+    "text,expect",
+    [
+        ("1\n\n### Reason: ...", 1),
+        ("2", 2),
+        ("  Tie\n### Reason", 0),
+        ("tie", 0),
+        ("</s>2\nfoo", 2),
+        ("Response 1 is better", None),
+        ("", None),
+        ("12\n", None),
+        (None, None),
+    ],
+)
 def test_parse_judgment(text, expect):
     assert P.parse_judgment(text) == expect
 
 
 def test_tally_by_hand():
     # (verdict with the model as Response 1, verdict with the model as Response 2)
-    pairs = [(1, 2),      # model wins both orders          -> points 1, win
-             (2, 1),      # comparator wins both            -> 0, loss
-             (1, 1),      # position bias: Response 1 always -> 0.5, tie (orders disagree)
-             (0, 2),      # tie + win                       -> 0.75, win
-             (None, 1),   # unparsable + loss               -> 0 (one judgment), loss
-             (None, None)]  # nothing parsable                -> excluded
+    pairs = [
+        (1, 2),  # model wins both orders          -> points 1, win
+        (2, 1),  # comparator wins both            -> 0, loss
+        (1, 1),  # position bias: Response 1 always -> 0.5, tie (orders disagree)
+        (0, 2),  # tie + win                       -> 0.75, win
+        (None, 1),  # unparsable + loss               -> 0 (one judgment), loss
+        (None, None),
+    ]  # nothing parsable                -> excluded
     t = P.tally(pairs)
     pts = [1, 0, 0.5, 0.75, 0]
     m = sum(pts) / 5
     sd = (sum((x - m) ** 2 for x in pts) / 4) ** 0.5
     assert (t.wins, t.ties, t.losses, t.n, t.unparsable, t.judgments) == (2, 1, 2, 5, 3, 12)
-    assert t.score == pytest.approx(100 * m) and t.stderr == pytest.approx(100 * sd / 5 ** 0.5)
+    assert t.score == pytest.approx(100 * m) and t.stderr == pytest.approx(100 * sd / 5**0.5)
     assert t.position_consistency == pytest.approx(2 / 4)  # items with two judgments: 4, agreeing: 2
     tt = P.tally(pairs, unparsable="tie")  # PandaLM's own parser: unparsable = tie
     assert tt.n == 6 and tt.unparsable == 3
@@ -136,18 +153,30 @@ def test_hf_judge_runs_a_real_model(request, tmp_path_factory):
     cache = request.config.cache.mkdir("plw_models") if request.config.cache else tmp_path_factory.mktemp("m")
     cfg = load_config(["model=smollm2_135m", f"paths.data_dir={cache}"])
     folder = models.pretrained_dir(cfg.model, cfg.paths)
-    conf = {**P.judge_config("mixtral_8x7b_instruct", str(folder)), "dtype": "float32", "batch_size": 2,
-            "decoding": {"do_sample": False, "max_new_tokens": 6}}
+    conf = {
+        **P.judge_config("mixtral_8x7b_instruct", str(folder)),
+        "dtype": "float32",
+        "batch_size": 2,
+        "decoding": {"do_sample": False, "max_new_tokens": 6},
+    }
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         judge = P.make_judge(conf, device="cpu")
         items = [{"instruction": "Name a colour.", "input": ""}]
-        pairs, records = P.judge_pairs(judge, items, ["Blue."], ["A colour is blue or red."], style="mixtral",
-                                       cache=tmp_path_factory.mktemp("j") / "j.jsonl")
+        pairs, records = P.judge_pairs(
+            judge,
+            items,
+            ["Blue."],
+            ["A colour is blue or red."],
+            style="mixtral",
+            cache=tmp_path_factory.mktemp("j") / "j.jsonl",
+        )
     finally:
         torch.set_num_threads(n)
     assert len(pairs) == 1 and all(v in (None, 0, 1, 2) for v in pairs[0])
     assert isinstance(records[0]["answer_model_first"], str)
-    assert [P.parse_judgment(records[0]["answer_model_first"]), P.parse_judgment(records[0]["answer_model_second"])] \
-        == list(pairs[0])
+    assert [
+        P.parse_judgment(records[0]["answer_model_first"]),
+        P.parse_judgment(records[0]["answer_model_second"]),
+    ] == list(pairs[0])

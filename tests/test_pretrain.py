@@ -1,5 +1,6 @@
 """The offline pre-training step (pipeline/pretrain/), its trained tokenizer (pipeline.tokenizer) and its
 cached checkpoints (pipeline.models)."""
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,10 @@ from pipeline.models import PRETRAIN_LOG, load_pretrained, load_tokenizer_for, p
 from pipeline.pretrain import lr_at, pack_blocks
 from pipeline.tokenizer import CorpusError, corpus_texts, train_bpe
 
-WORDS = ("the cat sat on the mat while a dog ran in the park and birds sang songs about rain "
-         "water flows down hills into rivers that reach the sea where fish swim all day long").split()
+WORDS = (
+    "the cat sat on the mat while a dog ran in the park and birds sang songs about rain "
+    "water flows down hills into rivers that reach the sea where fish swim all day long"
+).split()
 
 
 def _corpus(tmp_path: Path, n: int = 120, name: str = "corpus.jsonl") -> Path:
@@ -23,21 +26,50 @@ def _corpus(tmp_path: Path, n: int = 120, name: str = "corpus.jsonl") -> Path:
     lines = []
     for i in range(n):
         idx = torch.randint(0, len(WORDS), (12,), generator=g).tolist()
-        lines.append(json.dumps({"instruction": f"Say something about item {i}.", "input": "",
-                                 "output": " ".join(WORDS[j] for j in idx) + "."}))
+        lines.append(
+            json.dumps(
+                {
+                    "instruction": f"Say something about item {i}.",
+                    "input": "",
+                    "output": " ".join(WORDS[j] for j in idx) + ".",
+                }
+            )
+        )
     p = tmp_path / name
     p.write_text("\n".join(lines) + "\n")
     return p
 
 
 def _model_cfg(corpus: Path, steps: int = 30, **pre):
-    spec = {"corpus": [str(corpus)], "vocab_size": 300, "steps": steps, "batch_size": 8, "seq_len": 32,
-            "learning_rate": 3e-3, "warmup_steps": 3, "seed": 0, **pre}
-    return OmegaConf.create({"name": "pico", "source": "scratch", "tokenizer": None, "init_seed": 0,
-                             "architecture": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                              "num_attention_heads": 2, "num_key_value_heads": 2,
-                                              "max_position_embeddings": 128},
-                             "pretrain": spec, "dtype": "float32"})
+    spec = {
+        "corpus": [str(corpus)],
+        "vocab_size": 300,
+        "steps": steps,
+        "batch_size": 8,
+        "seq_len": 32,
+        "learning_rate": 3e-3,
+        "warmup_steps": 3,
+        "seed": 0,
+        **pre,
+    }
+    return OmegaConf.create(
+        {
+            "name": "pico",
+            "source": "scratch",
+            "tokenizer": None,
+            "init_seed": 0,
+            "architecture": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+            },
+            "pretrain": spec,
+            "dtype": "float32",
+        }
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +79,9 @@ def _cache(tmp_path, monkeypatch):
 
 def test_corpus_texts_joins_fields_and_names_bad_records(tmp_path):
     p = tmp_path / "a.jsonl"
-    p.write_text('{"instruction": "Q1", "input": "", "output": "A1"}\n\n{"instruction": "Q2", "input": "x", "output": "A2"}\n')
+    p.write_text(
+        '{"instruction": "Q1", "input": "", "output": "A1"}\n\n{"instruction": "Q2", "input": "x", "output": "A2"}\n'
+    )
     assert corpus_texts([str(p)], ["instruction", "input", "output"]) == ["Q1\nA1", "Q2\nx\nA2"]
     bad = tmp_path / "b.jsonl"
     bad.write_text('{"instruction": "Q1", "output": "A1"}\n{"instruction": 3, "output": "A"}\n')

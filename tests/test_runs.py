@@ -1,5 +1,6 @@
 """The run store (pipeline/runs.py): identity, folder naming, atomic status, attempts and failures,
 liveness (lock, heartbeat), progress and JSONL reading."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,18 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_config
-from pipeline.runs import (RunDir, append_jsonl, create_run, identity_hash, list_runs, read_jsonl,
-                           read_jsonl_tail, run_id, run_identity, slurm_job_id_from_env)
+from pipeline.runs import (
+    RunDir,
+    append_jsonl,
+    create_run,
+    identity_hash,
+    list_runs,
+    read_jsonl,
+    read_jsonl_tail,
+    run_id,
+    run_identity,
+    slurm_job_id_from_env,
+)
 
 BASE = ["model=tiny", "dataset=shared_alpaca52k", "train=cpu_small", "plw=0.1"]
 
@@ -32,21 +43,41 @@ def test_run_id_is_readable_and_hash_named(base_cfg):
     assert run_id(base_cfg, "weight_decay_0.1").split("__")[3] == "weight_decay_0.1"
 
 
-@pytest.mark.parametrize("runtime", [
-    "launcher=slurm", "launcher.partition=gpu", "model.resources.gpus_per_node=8",
-    "train.per_device_batch_size=2", "train.save_steps=7", "train.logging_steps=5",
-    "train.distributed=ddp", "train.gradient_checkpointing=true", "paths.runs_dir=/elsewhere",
-    "model.resources.mem_gb=999", "model.params_billion=9",
-])
+@pytest.mark.parametrize(
+    "runtime",
+    [
+        "launcher=slurm",
+        "launcher.partition=gpu",
+        "model.resources.gpus_per_node=8",
+        "train.per_device_batch_size=2",
+        "train.save_steps=7",
+        "train.logging_steps=5",
+        "train.distributed=ddp",
+        "train.gradient_checkpointing=true",
+        "paths.runs_dir=/elsewhere",
+        "model.resources.mem_gb=999",
+        "model.params_billion=9",
+    ],
+)
 def test_runtime_settings_do_not_change_the_identity(base_cfg, runtime):
     assert _rid(runtime) == run_id(base_cfg)
 
 
-@pytest.mark.parametrize("defining", [
-    "plw=0.2", "seed=1", "dataset=shared_alpaca52k_short", "dataset.max_records=10", "model.init_seed=1",
-    "train.learning_rate=1e-3", "train.global_batch_size=16", "train.loss_normaliser=token_count",
-    "completion_weight=0.5", "train.weight_decay=0.1",
-])
+@pytest.mark.parametrize(
+    "defining",
+    [
+        "plw=0.2",
+        "seed=1",
+        "dataset=shared_alpaca52k_short",
+        "dataset.max_records=10",
+        "model.init_seed=1",
+        "train.learning_rate=1e-3",
+        "train.global_batch_size=16",
+        "train.loss_normaliser=token_count",
+        "completion_weight=0.5",
+        "train.weight_decay=0.1",
+    ],
+)
 def test_defining_fields_change_the_identity(base_cfg, defining):
     assert _rid(defining) != run_id(base_cfg)
 
@@ -58,8 +89,11 @@ def test_variant_and_code_versions_are_part_of_the_identity(base_cfg, monkeypatc
     import pipeline.runs as runs
 
     before = run_id(base_cfg)
-    for module, name in [(pipeline.data.inversion, "TRANSFORM_VERSION"), (pipeline.data.records, "RECORDS_VERSION"),
-                         (runs, "RUN_VERSION")]:
+    for module, name in [
+        (pipeline.data.inversion, "TRANSFORM_VERSION"),
+        (pipeline.data.records, "RECORDS_VERSION"),
+        (runs, "RUN_VERSION"),
+    ]:
         monkeypatch.setattr(module, name, getattr(module, name) + 1)
         assert run_id(base_cfg) != before, name
         monkeypatch.undo()
@@ -100,17 +134,32 @@ def test_identity_is_marked_on_the_schema(base_cfg):
 PINNED_IDS = {
     (): "llama1_7b__alpaca_data__plw0__s42__b919f37606a4",
     tuple(BASE): "tiny__shared_alpaca52k__plw0.1__s42__4bc16f1ff879",
-    ("model=tinylm_a", "dataset=shared_alpaca52k_short", "train=demo", "plw=0.01"):
-        "tinylm_a__shared_alpaca52k_short__plw0.01__s42__21212b451d8d",
-    ("model=smollm2_135m", "dataset=dolly_short", "train=cpu_small"):
-        "smollm2_135m__dolly_short__plw0__s42__5eb9acdae68a",
-    ("model=llama3_8b", "dataset=ultrafeedback_short", "plw=1.0", "train.packing=true"):
-        "llama3_8b__ultrafeedback_short__plw1__s42__ad87a5241bcb",
+    (
+        "model=tinylm_a",
+        "dataset=shared_alpaca52k_short",
+        "train=demo",
+        "plw=0.01",
+    ): "tinylm_a__shared_alpaca52k_short__plw0.01__s42__21212b451d8d",
+    (
+        "model=smollm2_135m",
+        "dataset=dolly_short",
+        "train=cpu_small",
+    ): "smollm2_135m__dolly_short__plw0__s42__5eb9acdae68a",
+    (
+        "model=llama3_8b",
+        "dataset=ultrafeedback_short",
+        "plw=1.0",
+        "train.packing=true",
+    ): "llama3_8b__ultrafeedback_short__plw1__s42__ad87a5241bcb",
 }
 
 
 @pytest.mark.parametrize("overrides", list(PINNED_IDS), ids=lambda o: " ".join(o) or "default")
-def test_run_ids_of_existing_configs_are_stable(overrides):
+def test_run_ids_of_existing_configs_are_stable(overrides, monkeypatch):
+    # A local dataset's file path is part of its definition, and so of the run's identity: the ids
+    # above were computed in a checkout at /work/main with ../shared beside it. The same paths give
+    # the same ids from any checkout.
+    monkeypatch.setenv("PLW_SHARED_DIR", "/work/main/../shared")
     assert run_id(load_config(list(overrides))) == PINNED_IDS[overrides]
 
 
@@ -122,8 +171,13 @@ def test_create_run_writes_config_and_identity_once(base_cfg, tmp_path):
     rd = create_run(cfg)
     assert rd.path.parent == tmp_path and rd.path.name == run_id(cfg)
     info = json.loads(rd.run_json.read_text())
-    assert (info["model"], info["dataset"], info["plw"], info["variant"], info["seed"]) == \
-        ("tiny", "shared_alpaca52k", 0.1, "none", 42)
+    assert (info["model"], info["dataset"], info["plw"], info["variant"], info["seed"]) == (
+        "tiny",
+        "shared_alpaca52k",
+        0.1,
+        "none",
+        42,
+    )
     assert OmegaConf.load(rd.config).plw == 0.1
     first = rd.config.read_text()
     cfg.train.save_steps = 99  # runtime: same run, config.yaml is not rewritten
@@ -170,8 +224,9 @@ def test_concurrent_status_updates_lose_nothing(tmp_path):
 
 def test_slurm_job_id_from_env():
     assert slurm_job_id_from_env({"SLURM_JOB_ID": "12"}) == "12"
-    assert slurm_job_id_from_env({"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12",
-                                  "SLURM_ARRAY_TASK_ID": "3"}) == "12_3"
+    assert (
+        slurm_job_id_from_env({"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "3"}) == "12_3"
+    )
     assert slurm_job_id_from_env({}) is None
 
 

@@ -10,6 +10,7 @@ signal through submitit, which requeues the job) resumes from its checkpoint and
 the loss of an uninterrupted run; a run whose SLURM job ended while its status said running is seen
 as stale.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,15 @@ from _train_common import tokenizer_dir  # noqa: E402  (the tiny model's tokeniz
 from pipeline.runs import RunDir, list_runs, read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = ["train.max_steps=6", "train.global_batch_size=4", "train.per_device_batch_size=4",
-          "train.model_max_length=64", "train.save_steps=2", "dataset.max_records=24", "train.num_threads=1"]
+RECIPE = [
+    "train.max_steps=6",
+    "train.global_batch_size=4",
+    "train.per_device_batch_size=4",
+    "train.model_max_length=64",
+    "train.save_steps=2",
+    "dataset.max_records=24",
+    "train.num_threads=1",
+]
 BROKEN = "+experiment.variants.broken={dataset.source.path: /nonexistent/missing.jsonl}"
 SLURM_SMALL = ["model.resources.cpus_per_task=1", "model.resources.mem_gb=2", "model.resources.timeout_min=20"]
 
@@ -42,8 +50,10 @@ def _slurm_reason():
     r = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
     if r.returncode != 0 or "up" not in r.stdout:
         return f"SLURM not up (sinfo: {r.stderr.strip() or r.stdout.strip()}): `make slurm-up`"
-    if shutil.which("sacct") is None or subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"],
-                                                       capture_output=True).returncode != 0:
+    if (
+        shutil.which("sacct") is None
+        or subprocess.run(["sacct", "-n", "-X", "-S", "now-1minutes"], capture_output=True).returncode != 0
+    ):
         return "SLURM accounting (sacct) unavailable: `make slurm-up` starts slurmdbd"
     return None
 
@@ -59,10 +69,17 @@ def env_base(request, tmp_path_factory, shared_dir):
 
 
 def grid(base, runs_dir: Path, plw: str = "[0.1]", *extra: str) -> List[str]:
-    return ["experiment=demo", f"experiment.plw={plw}", "experiment.datasets=[shared_alpaca52k]",
-            "experiment.models=[tiny]",
-            f"paths.data_dir={base['data_dir']}", f"paths.runs_dir={runs_dir}",
-            f"model.tokenizer={base['tokenizer']}", *RECIPE, *extra]
+    return [
+        "experiment=demo",
+        f"experiment.plw={plw}",
+        "experiment.datasets=[shared_alpaca52k]",
+        "experiment.models=[tiny]",
+        f"paths.data_dir={base['data_dir']}",
+        f"paths.runs_dir={runs_dir}",
+        f"model.tokenizer={base['tokenizer']}",
+        *RECIPE,
+        *extra,
+    ]
 
 
 def sweep(args: List[str], timeout: float = 600, wait: bool = True):
@@ -183,8 +200,17 @@ def test_local_sweep_stopped_by_sigterm_resumes_to_the_same_loss(local_sweep, en
 # launcher=slurm (a real SLURM)
 # ------------------------------------------------------------------------------------------------
 def slurm_args(base, runs, plw="[0.1]", *extra):
-    return grid(base, runs, plw, "launcher=slurm", "launcher.wait=true", "launcher.poll_s=1",
-                "launcher.signal_delay_s=60", *SLURM_SMALL, *extra)
+    return grid(
+        base,
+        runs,
+        plw,
+        "launcher=slurm",
+        "launcher.wait=true",
+        "launcher.poll_s=1",
+        "launcher.signal_delay_s=60",
+        *SLURM_SMALL,
+        *extra,
+    )
 
 
 @needs_slurm
@@ -205,8 +231,11 @@ def test_slurm_grid_failure_relaunch_and_finished_sweep(env_base, tmp_path):
     from pipeline.sweep.slurm import job_states
 
     ids = [st["slurm_job_id"], bst["slurm_job_id"]]
-    states = wait_for(lambda: (lambda s: s if s.get(ids[0]) == "COMPLETED" else None)(job_states(ids)), 120,
-                      "the good task's job to complete (status done is written just before)")
+    states = wait_for(
+        lambda: (lambda s: s if s.get(ids[0]) == "COMPLETED" else None)(job_states(ids)),
+        120,
+        "the good task's job to complete (status done is written just before)",
+    )
     assert states[ids[1]] == "FAILED", states
     folders = sorted((runs / "_submitit").iterdir())
     assert len(folders) == 1
@@ -234,16 +263,33 @@ def test_slurm_requeued_run_resumes_to_the_same_loss(local_sweep, env_base, tmp_
         wait_for(lambda: len(train_rows(rd)) >= 1, 300, "the first training step")
         job = rd.status()["slurm_job_id"]
         subprocess.run(["scancel", "--signal=USR2", job], check=True)
-        st = wait_for(lambda: (lambda s: s if s.get("interrupted") and s["state"] == "pending" else None)(
-            rd.status()), 120, "the run to checkpoint and stop")
+        st = wait_for(
+            lambda: (lambda s: s if s.get("interrupted") and s["state"] == "pending" else None)(rd.status()),
+            120,
+            "the run to checkpoint and stop",
+        )
         stopped_at = st["interrupted"]["step"]
         assert 1 <= stopped_at < 6, st
         # SLURM holds a requeued job ~2 minutes (BeginTime); release it now
         # (after the old allocation is fully released: a start during its teardown fails)
-        wait_for(lambda: "PENDING" in subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"],
-                                                     capture_output=True, text=True).stdout, 60, "the requeue")
-        wait_for(lambda: "PENDING" in subprocess.run(["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"],
-                                                     capture_output=True, text=True).stdout, 60, "accounting")
+        wait_for(
+            lambda: (
+                "PENDING"
+                in subprocess.run(["squeue", "-h", "-r", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout
+            ),
+            60,
+            "the requeue",
+        )
+        wait_for(
+            lambda: (
+                "PENDING"
+                in subprocess.run(
+                    ["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"], capture_output=True, text=True
+                ).stdout
+            ),
+            60,
+            "accounting",
+        )
         time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
         out, _ = proc.communicate(timeout=400)
@@ -265,8 +311,12 @@ def test_slurm_job_state_decides_liveness(env_base, tmp_path):
     from pipeline.sweep.store import classify, liveness
 
     def submit(cmd):
-        r = subprocess.run(["sbatch", "--parsable", "--mem=100M", "-o", "/dev/null", "--wrap", cmd],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["sbatch", "--parsable", "--mem=100M", "-o", "/dev/null", "--wrap", cmd],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return r.stdout.strip().split(";")[0]
 
     ended, live = submit("true"), submit("sleep 120")

@@ -7,6 +7,7 @@ chunk is recorded failed and the worker goes on; SIGTERM stops a several-run wor
 run resumable and the later runs untouched; a worker killed mid-chunk charges only the run it was
 executing; the chunking rule keeps every slot busy.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,9 +60,18 @@ def _outcomes(sup) -> dict:
 # ------------------------------------------------------------------------------------------------
 # pure: the chunking rule
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("remaining,per_worker,max_parallel,expected", [
-    (60, 10, 2, 10), (60, 60, 2, 30), (7, 10, 2, 4), (1, 10, 2, 1), (3, 3, 1, 3), (5, 1, 2, 1), (2, 6, 4, 1),
-])
+@pytest.mark.parametrize(
+    "remaining,per_worker,max_parallel,expected",
+    [
+        (60, 10, 2, 10),
+        (60, 60, 2, 30),
+        (7, 10, 2, 4),
+        (1, 10, 2, 1),
+        (3, 3, 1, 3),
+        (5, 1, 2, 1),
+        (2, 6, 4, 1),
+    ],
+)
 def test_chunk_size(remaining, per_worker, max_parallel, expected):
     assert chunk_size(remaining, per_worker, max_parallel) == expected
 
@@ -186,8 +196,9 @@ def test_sigterm_stops_the_current_run_resumably_and_leaves_later_runs_untouched
 def test_a_killed_worker_charges_only_the_run_it_was_executing(env_base, tmp_path):
     rds = _prepared(env_base, tmp_path / "runs", "[0.8,0.9]")
     sup = _group(rds)
-    wait_for(lambda: any(k == "start" for k, _, _ in sup.events()) or sup.poll() is not None, 120,
-             "the first run to start")
+    wait_for(
+        lambda: any(k == "start" for k, _, _ in sup.events()) or sup.poll() is not None, 120, "the first run to start"
+    )
     time.sleep(0.5)
     sup.send(signal.SIGKILL)  # e.g. the OOM killer
     assert sup.wait(60) == -signal.SIGKILL
@@ -222,8 +233,11 @@ def test_the_sweep_requeues_the_runs_a_killed_worker_had_not_started(env_base, t
     and is done by a new worker in the same sweep."""
     runs = tmp_path / "runs"
     proc = sweep(grid(env_base, runs, "[0.15,0.35]", "launcher.runs_per_worker=2"), wait=False)
-    first = wait_for(lambda: next((rd for rd in list_runs(runs) if rd.lock_held()), None), 180,
-                     "the worker to take the first run's lock")
+    first = wait_for(
+        lambda: next((rd for rd in list_runs(runs) if rd.lock_held()), None),
+        180,
+        "the worker to take the first run's lock",
+    )
     pid = int(first.lock_file.read_text().split()[1])
     os.kill(pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=300)

@@ -1,5 +1,6 @@
 """Unit tests of the sweep's pure parts: grid, estimates, states/decisions, table, SLURM id parsing,
 and the planning of real experiment configs (composition, run ids) without launching anything."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,7 @@ import pytest
 from pipeline.config import PLW_LEVELS, ConfigError, load_config
 from pipeline.runs import RunDir, run_id
 from pipeline.sweep import estimate as est
-from pipeline.sweep.grid import (BASELINE, enumerate_grid, format_value, split_overrides,
-                                 variant_key, variants_of)
+from pipeline.sweep.grid import BASELINE, enumerate_grid, format_value, split_overrides, variant_key, variants_of
 from pipeline.sweep.plan import make_plan, merge_overrides
 from pipeline.sweep.slurm import expand_job_ids, parse_state_lines, sbatch_parameters
 from pipeline.sweep.store import Liveness, Row, classify, decide, format_table, liveness
@@ -26,8 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # grid
 # ------------------------------------------------------------------------------------------------
 def test_main_grid_is_60_runs_in_factor_order():
-    exp = {"plw": PLW_LEVELS, "models": ["llama1_7b", "llama2_7b"],
-           "datasets": ["alpaca_data", "alpaca_data_cleaned", "alpaca_data_short"], "seeds": [42]}
+    exp = {
+        "plw": PLW_LEVELS,
+        "models": ["llama1_7b", "llama2_7b"],
+        "datasets": ["alpaca_data", "alpaca_data_cleaned", "alpaca_data_short"],
+        "seeds": [42],
+    }
     pts = enumerate_grid(exp)
     assert len(pts) == 60
     assert len({(p.model, p.dataset, p.plw, p.seed) for p in pts}) == 60
@@ -38,8 +42,13 @@ def test_main_grid_is_60_runs_in_factor_order():
 
 
 def test_variants_become_train_overrides_and_keep_the_baseline():
-    exp = {"plw": [0.0, 1.0], "models": ["m"], "datasets": ["d"], "seeds": [1, 2],
-           "variants": {"wd": {"weight_decay": 0.1}, "broken": {"dataset.source.path": "/x y.jsonl"}}}
+    exp = {
+        "plw": [0.0, 1.0],
+        "models": ["m"],
+        "datasets": ["d"],
+        "seeds": [1, 2],
+        "variants": {"wd": {"weight_decay": 0.1}, "broken": {"dataset.source.path": "/x y.jsonl"}},
+    }
     pts = enumerate_grid(exp)
     assert len(pts) == 2 * 2 * 3
     assert [v for v, _ in variants_of(exp)] == ["none", "wd", "broken"]
@@ -68,9 +77,21 @@ def test_duplicate_or_empty_axis_is_an_error(axis):
         enumerate_grid(dict(exp, **{axis: []}))
 
 
-@pytest.mark.parametrize("value,text", [(0.0, "0.0"), (2.236e-3, "0.002236"), (5e-4, "0.0005"), (True, "true"),
-                                        (None, "null"), (3, "3"), ("abc", "abc"), ("1e3", "'1e3'"),
-                                        ("null", "'null'"), ([1, 0.5], "[1,0.5]")])
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        (0.0, "0.0"),
+        (2.236e-3, "0.002236"),
+        (5e-4, "0.0005"),
+        (True, "true"),
+        (None, "null"),
+        (3, "3"),
+        ("abc", "abc"),
+        ("1e3", "'1e3'"),
+        ("null", "'null'"),
+        ([1, 0.5], "[1,0.5]"),
+    ],
+)
 def test_format_value_reads_back_unchanged(value, text):
     assert format_value(value) == text
 
@@ -85,12 +106,12 @@ def test_format_value_round_trips_through_hydra():
 
 
 def test_split_and_merge_overrides():
-    grid, per_run = split_overrides(["experiment=main", "experiment.models=[llama2_7b]", "launcher=slurm",
-                                     "train.save_steps=10"])
+    grid, per_run = split_overrides(
+        ["experiment=main", "experiment.models=[llama2_7b]", "launcher=slurm", "train.save_steps=10"]
+    )
     assert grid == ["experiment=main", "experiment.models=[llama2_7b]"]
     assert per_run == ["launcher=slurm", "train.save_steps=10"]
-    assert merge_overrides(["train=cpu_small", "plw=0.5"], ["train=alpaca"], ["plw=0.1"]) == \
-        ["train=alpaca", "plw=0.1"]
+    assert merge_overrides(["train=cpu_small", "plw=0.5"], ["train=alpaca"], ["plw=0.1"]) == ["train=alpaca", "plw=0.1"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +120,9 @@ def test_split_and_merge_overrides():
 def test_gpu_hours_formula_against_a_hand_computation():
     # AlpacaData (Table 1): 52,002 instances, 84.16 tokens each + template; LLaMA 7B; 3 epochs.
     stats = est.TokenStats(n_records=52_002, mean_tokens=100.0, source="x")
-    e = est.estimate(stats, params_billion=6.74, epochs=3, max_steps=-1, global_batch_size=128,
-                     peak_tflops=312.0, mfu=0.5, gpus=4)
+    e = est.estimate(
+        stats, params_billion=6.74, epochs=3, max_steps=-1, global_batch_size=128, peak_tflops=312.0, mfu=0.5, gpus=4
+    )
     tokens = 52_002 * 3 * 100.0
     flops = 6 * 6.74e9 * tokens
     assert e.tokens == pytest.approx(tokens) and e.flops == pytest.approx(flops)
@@ -144,23 +166,26 @@ def test_template_token_constants_match_the_llama_tokenizer(llama_tokenizer_dir)
 RUN = {"state": "running", "host": "h", "pid": 1}
 
 
-@pytest.mark.parametrize("status,live,expected", [
-    ({"state": "done"}, Liveness(), "done"),
-    ({"state": "failed", "error": "x"}, Liveness(lock_held=True), "failed"),
-    ({"state": "pending"}, Liveness(), "pending"),
-    ({"state": "pending", "interrupted": {"step": 2}}, Liveness(), "interrupted"),
-    ({"state": "pending", "slurm_job_id": "5_1"}, Liveness(slurm_alive=True), "queued"),
-    ({"state": "pending", "slurm_job_id": "5_1"}, Liveness(slurm_alive=False), "pending"),
-    ({"state": "pending", "interrupted": {"step": 2}, "slurm_job_id": "5"}, Liveness(slurm_alive=True), "queued"),
-    (RUN, Liveness(lock_held=True, pid_alive=False), "running"),
-    (RUN, Liveness(lock_held=False, pid_alive=True), "running"),  # a trainer run by hand
-    (RUN, Liveness(lock_held=False, pid_alive=False, heartbeat_age=1.0), "stale"),
-    (RUN, Liveness(slurm_alive=False, heartbeat_age=1.0), "stale"),
-    (RUN, Liveness(slurm_alive=True, heartbeat_age=1e9), "running"),
-    (RUN, Liveness(heartbeat_age=601.0), "stale"),  # another host, no SLURM: the heartbeat decides
-    (RUN, Liveness(heartbeat_age=10.0), "running"),
-    (RUN, Liveness(), "running"),  # nothing to go on: never start a second copy blindly
-])
+@pytest.mark.parametrize(
+    "status,live,expected",
+    [
+        ({"state": "done"}, Liveness(), "done"),
+        ({"state": "failed", "error": "x"}, Liveness(lock_held=True), "failed"),
+        ({"state": "pending"}, Liveness(), "pending"),
+        ({"state": "pending", "interrupted": {"step": 2}}, Liveness(), "interrupted"),
+        ({"state": "pending", "slurm_job_id": "5_1"}, Liveness(slurm_alive=True), "queued"),
+        ({"state": "pending", "slurm_job_id": "5_1"}, Liveness(slurm_alive=False), "pending"),
+        ({"state": "pending", "interrupted": {"step": 2}, "slurm_job_id": "5"}, Liveness(slurm_alive=True), "queued"),
+        (RUN, Liveness(lock_held=True, pid_alive=False), "running"),
+        (RUN, Liveness(lock_held=False, pid_alive=True), "running"),  # a trainer run by hand
+        (RUN, Liveness(lock_held=False, pid_alive=False, heartbeat_age=1.0), "stale"),
+        (RUN, Liveness(slurm_alive=False, heartbeat_age=1.0), "stale"),
+        (RUN, Liveness(slurm_alive=True, heartbeat_age=1e9), "running"),
+        (RUN, Liveness(heartbeat_age=601.0), "stale"),  # another host, no SLURM: the heartbeat decides
+        (RUN, Liveness(heartbeat_age=10.0), "running"),
+        (RUN, Liveness(), "running"),  # nothing to go on: never start a second copy blindly
+    ],
+)
 def test_classify(status, live, expected):
     assert classify(status, live, stale_after_s=600.0) == expected
 
@@ -170,11 +195,21 @@ def test_classify_rejects_an_unknown_state():
         classify({"state": "sleeping"}, Liveness(), 60)
 
 
-@pytest.mark.parametrize("effective,failures,action", [
-    ("done", 0, "skip"), ("running", 0, "wait"), ("queued", 0, "wait"), ("pending", 0, "launch"),
-    ("interrupted", 5, "resume"), ("failed", 1, "retry"), ("failed", 2, "retry"), ("failed", 3, "give_up"),
-    ("stale", 1, "resume"), ("stale", 2, "give_up"),
-])
+@pytest.mark.parametrize(
+    "effective,failures,action",
+    [
+        ("done", 0, "skip"),
+        ("running", 0, "wait"),
+        ("queued", 0, "wait"),
+        ("pending", 0, "launch"),
+        ("interrupted", 5, "resume"),
+        ("failed", 1, "retry"),
+        ("failed", 2, "retry"),
+        ("failed", 3, "give_up"),
+        ("stale", 1, "resume"),
+        ("stale", 2, "give_up"),
+    ],
+)
 def test_decide_counts_failed_attempts_against_max_retries(effective, failures, action):
     assert decide(effective, failures, max_retries=2) == action
 
@@ -193,9 +228,15 @@ def test_liveness_of_a_dead_local_process_and_of_a_held_lock(tmp_path):
     try:
         assert rd.try_lock() is None  # flock is per open file: a second taker fails
         # another process sees it held
-        out = subprocess.run([sys.executable, "-c", "import sys; from pipeline.runs import RunDir; "
-                              f"sys.exit(0 if RunDir(__import__('pathlib').Path({str(rd.path)!r})).lock_held() else 1)"],
-                             cwd=REPO)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pipeline.runs import RunDir; "
+                f"sys.exit(0 if RunDir(__import__('pathlib').Path({str(rd.path)!r})).lock_held() else 1)",
+            ],
+            cwd=REPO,
+        )
         assert out.returncode == 0
         assert classify(status, liveness(rd, status), 600) == "running"
     finally:
@@ -204,10 +245,25 @@ def test_liveness_of_a_dead_local_process_and_of_a_held_lock(tmp_path):
 
 
 def test_format_table_shows_progress_error_and_counts():
-    rows = [Row("a", "tiny", "d", 0.1, "none", 42, "done", 1, 0, 8, 8, 1.2345),
-            Row("b", "tiny", "d", 1.0, "wd", 42, "failed", 2, 2, None, None, None,
-                error="SourceError: /nonexistent.jsonl: no such file\nTraceback ..."),
-            Row("c", "tiny", "d", 0.0, "none", 42, "running", 1, 0, 3, 8, 2.0, job="7_2")]
+    rows = [
+        Row("a", "tiny", "d", 0.1, "none", 42, "done", 1, 0, 8, 8, 1.2345),
+        Row(
+            "b",
+            "tiny",
+            "d",
+            1.0,
+            "wd",
+            42,
+            "failed",
+            2,
+            2,
+            None,
+            None,
+            None,
+            error="SourceError: /nonexistent.jsonl: no such file\nTraceback ...",
+        ),
+        Row("c", "tiny", "d", 0.0, "none", 42, "running", 1, 0, 3, 8, 2.0, job="7_2"),
+    ]
     text = format_table(rows, show_cost=True)
     lines = text.splitlines()
     assert "8/8" in lines[2] and "1.2345" in lines[2]
@@ -223,13 +279,20 @@ def test_array_ids_expand():
     assert expand_job_ids("12_[0-2,5%4]") == ["12_0", "12_1", "12_2", "12_5"]
     assert expand_job_ids("12_3") == ["12_3"] and expand_job_ids("13") == ["13"]
     text = "12_[3-4%2]|PENDING\n12_0|RUNNING\n12_0.batch|RUNNING\n13|CANCELLED by 0\n"
-    assert parse_state_lines(text) == {"12_3": "PENDING", "12_4": "PENDING", "12_0": "RUNNING",
-                                       "13": "CANCELLED by 0"}
+    assert parse_state_lines(text) == {"12_3": "PENDING", "12_4": "PENDING", "12_0": "RUNNING", "13": "CANCELLED by 0"}
 
 
 def test_sbatch_parameters_from_model_resources_and_launcher():
-    cfg = load_config(["launcher=slurm", "launcher.partition=gpu", "launcher.account=proj", "launcher.qos=high",
-                       "+launcher.additional_parameters.constraint=a100", "model=llama2_7b"])
+    cfg = load_config(
+        [
+            "launcher=slurm",
+            "launcher.partition=gpu",
+            "launcher.account=proj",
+            "launcher.qos=high",
+            "+launcher.additional_parameters.constraint=a100",
+            "model=llama2_7b",
+        ]
+    )
     r = cfg.model.resources
     p = sbatch_parameters((1, r.gpus_per_node, r.cpus_per_task, r.mem_gb, r.timeout_min), cfg.launcher, "plw-main")
     assert p["gpus_per_node"] == 4 and p["cpus_per_task"] == 32 and p["mem"] == "320GB" and p["time"] == 1440
@@ -273,18 +336,28 @@ def test_plan_of_the_main_grid_matches_single_run_ids_and_ignores_runtime_settin
         assert run_id(single, pr.point.variant) == pr.run_id
     sub = ["experiment=main", "experiment.datasets=[alpaca_data_short]", "experiment.models=[llama2_7b]", runs]
     subset = [r.run_id for r in plan.runs if r.point.dataset == "alpaca_data_short" and r.point.model == "llama2_7b"]
-    moved = make_plan([*sub, "launcher=slurm", "launcher.partition=big", "train.per_device_batch_size=2",
-                       "model.resources.gpus_per_node=8", "train.save_steps=7"])
+    moved = make_plan(
+        [
+            *sub,
+            "launcher=slurm",
+            "launcher.partition=big",
+            "train.per_device_batch_size=2",
+            "model.resources.gpus_per_node=8",
+            "train.save_steps=7",
+        ]
+    )
     assert [r.run_id for r in moved.runs] == subset
     changed = make_plan([*sub, "train.learning_rate=1e-5"])
     assert not {r.run_id for r in changed.runs} & set(subset)
 
 
 def test_grid_axes_are_overridable_from_the_command_line(tmp_path):
-    plan = make_plan(["experiment=main", "experiment.models=[llama2_7b]", "experiment.plw=[0.0,0.1]",
-                      f"paths.runs_dir={tmp_path}"])
+    plan = make_plan(
+        ["experiment=main", "experiment.models=[llama2_7b]", "experiment.plw=[0.0,0.1]", f"paths.runs_dir={tmp_path}"]
+    )
     assert [(r.point.model, r.point.dataset, r.point.plw) for r in plan.runs] == [
-        ("llama2_7b", d, w) for d in ("alpaca_data", "alpaca_data_cleaned", "alpaca_data_short") for w in (0.0, 0.1)]
+        ("llama2_7b", d, w) for d in ("alpaca_data", "alpaca_data_cleaned", "alpaca_data_short") for w in (0.0, 0.1)
+    ]
 
 
 def test_regularizer_variants_in_the_plan(tmp_path):
@@ -294,20 +367,42 @@ def test_regularizer_variants_in_the_plan(tmp_path):
     assert wd.cfg.train.weight_decay == 0.1 and "weight_decay_0.1" in wd.run_id
     # the same run as `python -m pipeline.train <the point's overrides> variant=weight_decay_0.1`
     assert run_id(load_config([*wd.point.overrides(), f"paths.runs_dir={tmp_path}"]), wd.point.variant) == wd.run_id
-    base = [r for r in plan.runs if r.point.variant == "none" and r.point.plw == wd.point.plw
-            and r.point.model == wd.point.model][0]
+    base = [
+        r
+        for r in plan.runs
+        if r.point.variant == "none" and r.point.plw == wd.point.plw and r.point.model == wd.point.model
+    ][0]
     assert base.cfg.train.weight_decay == 0.0 and base.run_id != wd.run_id
     # the baseline is the very run of the main grid
-    main = make_plan(["experiment=main", "experiment.models=[llama1_7b]", "experiment.datasets=[alpaca_data_short]",
-                      f"paths.runs_dir={tmp_path}"])
+    main = make_plan(
+        [
+            "experiment=main",
+            "experiment.models=[llama1_7b]",
+            "experiment.datasets=[alpaca_data_short]",
+            f"paths.runs_dir={tmp_path}",
+        ]
+    )
     assert base.run_id in {r.run_id for r in main.runs}
 
 
 def test_dry_run_prints_the_grid_with_estimates_and_launches_nothing(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PLW_RUNS_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-m", "pipeline.sweep", "--dry-run", "experiment=main",
-                          "experiment.datasets=[alpaca_data]", "launcher.mfu=0.5"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.sweep",
+            "--dry-run",
+            "experiment=main",
+            "experiment.datasets=[alpaca_data]",
+            "launcher.mfu=0.5",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("llama")]
     assert len(lines) == 20 and all(" pending " in ln for ln in lines)
@@ -321,8 +416,14 @@ def test_dry_run_prints_the_grid_with_estimates_and_launches_nothing(tmp_path):
     man = json.loads((tmp_path / "_sweeps" / "main.json").read_text())
     assert len(man["runs"]) == 20
     # and `make status` reads it from the store alone
-    st = subprocess.run([sys.executable, "-m", "pipeline.sweep", "status", "experiment=main"],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    st = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", "status", "experiment=main"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert st.returncode == 0, st.stderr
     assert "20 runs: 20 pending" in st.stdout
 
@@ -331,14 +432,25 @@ def test_stale_running_run_is_detected_marked_failed_and_relaunched(tmp_path):
     """status running, its process gone (SIGKILL, node failure): the next sweep sees it stale."""
     from pipeline.sweep.plan import mark_stale, prepare_launch, refresh
 
-    ov = ["experiment=demo", "experiment.plw=[0.1]", "experiment.datasets=[shared_alpaca52k]",
-          f"paths.runs_dir={tmp_path}"]
+    ov = [
+        "experiment=demo",
+        "experiment.plw=[0.1]",
+        "experiment.datasets=[shared_alpaca52k]",
+        f"paths.runs_dir={tmp_path}",
+    ]
     plan = make_plan(ov)
     pr = plan.runs[0]
     prepare_launch(pr, plan.root.launcher)
-    victim = subprocess.Popen([sys.executable, "-c", "from pipeline.runs import RunDir; import pathlib, time; "
-                               f"rd = RunDir(pathlib.Path({str(pr.rd.path)!r})); fd = rd.try_lock(); "
-                               "rd.set_status('running'); rd.write_heartbeat(); time.sleep(60)"], cwd=REPO)
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from pipeline.runs import RunDir; import pathlib, time; "
+            f"rd = RunDir(pathlib.Path({str(pr.rd.path)!r})); fd = rd.try_lock(); "
+            "rd.set_status('running'); rd.write_heartbeat(); time.sleep(60)",
+        ],
+        cwd=REPO,
+    )
     for _ in range(100):
         if pr.rd.status().get("state") == "running":
             break
@@ -362,8 +474,14 @@ def test_stale_running_run_is_detected_marked_failed_and_relaunched(tmp_path):
 def prepared_run(tmp_path):
     from pipeline.sweep.plan import prepare_launch
 
-    plan = make_plan(["experiment=demo", "experiment.plw=[0.1]", "experiment.datasets=[shared_alpaca52k]",
-                      f"paths.runs_dir={tmp_path}"])
+    plan = make_plan(
+        [
+            "experiment=demo",
+            "experiment.plw=[0.1]",
+            "experiment.datasets=[shared_alpaca52k]",
+            f"paths.runs_dir={tmp_path}",
+        ]
+    )
     pr = plan.runs[0]
     prepare_launch(pr, plan.root.launcher)
     return pr

@@ -4,6 +4,7 @@ Every test trains for real: metrics, checkpoints, resume after SIGKILL and SIGTE
 under FSDP against 1 process, PLW's effect on the gradient, the Minkowski penalty inside training,
 failures. Set-up shared with the other trainer tests: tests/_train_common.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -145,9 +146,11 @@ def test_run_writes_metrics_model_summary_and_status(reference, base):
 # --------------------------------------------------------------------------------------------
 # step 1 against an independent computation; PLW's effect on the gradient
 # --------------------------------------------------------------------------------------------
-PLW_RECIPE = [x for x in SMALL if not x.startswith(("train.max_steps", "train.eval_fraction", "train.minkowski",
-                                                    "train.weight_decay", "plw="))] + [
-    "train.max_steps=1", "train.eval_fraction=0"]
+PLW_RECIPE = [
+    x
+    for x in SMALL
+    if not x.startswith(("train.max_steps", "train.eval_fraction", "train.minkowski", "train.weight_decay", "plw="))
+] + ["train.max_steps=1", "train.eval_fraction=0"]
 
 
 class _Grads(TrainerCallback):
@@ -243,8 +246,14 @@ def test_resume_after_sigkill_is_exact(reference, base, tmp_path):
 
     ov = overrides(base, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PLW_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "_train_kill_helper.py"), json.dumps(ov), "3"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "_train_kill_helper.py"), json.dumps(ov), "3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(REPO),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     rd = RunDir(next(p for p in tmp_path.iterdir() if (p / "run.json").is_file()))
     assert rd.status()["state"] == "running"  # killed: nobody could say otherwise
@@ -328,7 +337,7 @@ def test_logged_minkowski_penalty_is_the_distance_to_the_pretrained_weights(base
 
     class Watch(TrainerCallback):
         def on_gradients(self, trainer, step):  # the weights the step's penalty is computed at
-            params = {n[len("lm."):]: p.detach() for n, p in trainer.model.named_parameters()}
+            params = {n[len("lm.") :]: p.detach() for n, p in trainer.model.named_parameters()}
             d = [float((params[k].double() - pre[k].double()).abs().sum()) for k in pre]
             seen[step] = 0.5 * sum(d) / len(d)
 
@@ -368,8 +377,14 @@ def test_failure_sets_status_failed_with_the_error(base, tmp_path):
 
 def test_cli_rejects_a_bad_override_naming_the_key():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "model=tiny", "train.learning_rte=1"],
-                          env=env, capture_output=True, text=True, timeout=120, cwd=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "model=tiny", "train.learning_rte=1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
+    )
     assert proc.returncode == 2
     assert "learning_rte" in proc.stderr
 
@@ -384,8 +399,18 @@ def test_smollm2_trains_on_cpu_with_cpu_small(request, tmp_path):
     from pipeline.train import run
 
     cache = request.config.cache.mkdir("plw_models")
-    rd = run(load_config(["model=smollm2_135m", "dataset=shared_alpaca52k", "train=cpu_small",
-                          f"paths.data_dir={cache}", f"paths.runs_dir={tmp_path}", "train.num_threads=2"]))
+    rd = run(
+        load_config(
+            [
+                "model=smollm2_135m",
+                "dataset=shared_alpaca52k",
+                "train=cpu_small",
+                f"paths.data_dir={cache}",
+                f"paths.runs_dir={tmp_path}",
+                "train.num_threads=2",
+            ]
+        )
+    )
     s = summary(rd)
     train = rows(rd)
     assert s["steps"] == 8 and len(train) == 8
@@ -438,8 +463,16 @@ def test_pad_token_row_added_for_training_is_left_out_of_the_distance(base, tmp_
     nopad = tmp_path / "tokenizer-without-pad"
     tok.save_pretrained(nopad)
     assert AutoTokenizer.from_pretrained(str(nopad)).pad_token is None
-    rd = run(_cfg(base, tmp_path / "runs", "train.max_steps=1", "train.eval_fraction=0",
-                  f"model.tokenizer={nopad}", recipe=PLW_RECIPE))
+    rd = run(
+        _cfg(
+            base,
+            tmp_path / "runs",
+            "train.max_steps=1",
+            "train.eval_fraction=0",
+            f"model.tokenizer={nopad}",
+            recipe=PLW_RECIPE,
+        )
+    )
     s = summary(rd)
     assert s["pad_token"]["token"] == "[PAD]" and s["pad_token"]["id"] == len(tok)
     wd = s["weight_distance"]
@@ -450,8 +483,7 @@ def test_pad_token_row_added_for_training_is_left_out_of_the_distance(base, tmp_
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launching_process_stops_the_workers_after_a_checkpoint(reference, base, tmp_path,
-                                                                                monkeypatch):
+def test_sigterm_to_the_launching_process_stops_the_workers_after_a_checkpoint(reference, base, tmp_path, monkeypatch):
     """Multi-process: SIGTERM to the process that launched the workers (what SLURM/the sweep signal) is
     forwarded; the workers checkpoint at the next step boundary and exit 75; a rerun resumes."""
     import threading
@@ -516,11 +548,18 @@ def test_a_run_another_process_executes_is_not_trained_twice(base, tmp_path):
 
     cfg = _cfg(base, tmp_path, "plw=0.4")
     rd = create_run(cfg)
-    code = (f"import pathlib, time; from pipeline.runs import RunDir\n"
-            f"fd = RunDir(pathlib.Path({str(rd.path)!r})).try_lock(); print('held' if fd else 'busy', flush=True)\n"
-            f"time.sleep(120)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        f"import pathlib, time; from pipeline.runs import RunDir\n"
+        f"fd = RunDir(pathlib.Path({str(rd.path)!r})).try_lock(); print('held' if fd else 'busy', flush=True)\n"
+        f"time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunBusy):

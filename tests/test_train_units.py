@@ -4,6 +4,7 @@ Data order and partition, checkpoint folders, weight distance, regularizers (Min
 and gradient vs autograd, weight-decay groups, attention dropout), the loss wrapper vs full logits,
 launch commands and the distributed config files.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ from pipeline.trainer.distance import weight_distance
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=97, max_position_embeddings=64)
+TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=97,
+    max_position_embeddings=64,
+)
 
 
 def tiny_llama(tied: bool = False, seed: int = 0):
@@ -60,7 +68,9 @@ def test_each_epoch_visits_every_example_once_in_a_seeded_order():
     assert D.step_examples(n, gb, 7, 7) == D.epoch_order(n, 7, 2)[:4]
 
 
-@pytest.mark.parametrize("n,world,per_device,accum", [(8, 2, 2, 2), (5, 2, 2, 2), (1, 2, 2, 2), (8, 1, 2, 4), (3, 1, 2, 4)])
+@pytest.mark.parametrize(
+    "n,world,per_device,accum", [(8, 2, 2, 2), (5, 2, 2, 2), (1, 2, 2, 2), (8, 1, 2, 4), (3, 1, 2, 4)]
+)
 def test_micro_batches_cover_the_step_once_and_ranks_stay_in_lockstep(n, world, per_device, accum):
     step = list(range(100, 100 + n))
     per_rank = [D.rank_micro_batches(step, world, r, per_device, accum) for r in range(world)]
@@ -110,8 +120,10 @@ def test_checkpoint_commit_latest_prune_and_debris(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_weight_distance_values_and_pad_row():
     ref = {"emb": torch.zeros(3, 2), "w": torch.ones(2, 2)}
-    trained = {"emb": torch.tensor([[1.0, -1.0], [0.0, 0.0], [0.0, 2.0], [9.0, 9.0]]),  # + a pad row
-               "w": torch.ones(2, 2) * 1.5}
+    trained = {
+        "emb": torch.tensor([[1.0, -1.0], [0.0, 0.0], [0.0, 2.0], [9.0, 9.0]]),  # + a pad row
+        "w": torch.ones(2, 2) * 1.5,
+    }
     d = weight_distance(trained.get, ref.items())
     diffs = [1, 1, 0, 0, 0, 2, 0.5, 0.5, 0.5, 0.5]
     assert d["elements"] == 10 and d["rows_excluded"] == {"emb": 1}
@@ -198,12 +210,22 @@ def test_wrapper_loss_and_gradients_equal_full_logits(tied):
 
     model = tiny_llama(tied=tied).double()
     g = torch.Generator().manual_seed(3)
-    exs = [build_example(torch.randint(0, 97, (L,), generator=g).tolist(), n_prompt=np_, plw=0.2,
-                         mask_zero_weight_labels=False) for L, np_ in ((9, 4), (6, 2), (11, 7))]
+    exs = [
+        build_example(
+            torch.randint(0, 97, (L,), generator=g).tolist(), n_prompt=np_, plw=0.2, mask_zero_weight_labels=False
+        )
+        for L, np_ in ((9, 4), (6, 2), (11, 7))
+    ]
     batch = Collator(pad_token_id=0)(exs)
     wrapper = WeightedLossModel(model, label_smoothing=0.1, chunk_size=5)
-    out = wrapper(input_ids=batch["input_ids"], labels=batch["labels"], weights=batch["weights"],
-                  prompt_mask=batch["prompt_mask"], attention_mask=batch["attention_mask"], normaliser=torch.tensor(7.0))
+    out = wrapper(
+        input_ids=batch["input_ids"],
+        labels=batch["labels"],
+        weights=batch["weights"],
+        prompt_mask=batch["prompt_mask"],
+        attention_mask=batch["attention_mask"],
+        normaliser=torch.tensor(7.0),
+    )
     out["loss"].backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -242,13 +264,22 @@ def test_launch_commands():
 def test_accelerate_environment_is_read(monkeypatch):
     from pipeline.trainer.dist import accelerate_settings
 
-    for k, v in {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "bf16",
-                 "FSDP_TRANSFORMER_CLS_TO_WRAP": "MistralDecoderLayer", "FSDP_RESHARD_AFTER_FORWARD": "false",
-                 "FSDP_ACTIVATION_CHECKPOINTING": "true"}.items():
+    for k, v in {
+        "ACCELERATE_USE_FSDP": "true",
+        "ACCELERATE_MIXED_PRECISION": "bf16",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "MistralDecoderLayer",
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+        "FSDP_ACTIVATION_CHECKPOINTING": "true",
+    }.items():
         monkeypatch.setenv(k, v)
     s = accelerate_settings()
-    assert s == {"distributed": "fsdp", "mixed_precision": "bf16", "fsdp_wrap_class": "MistralDecoderLayer",
-                 "reshard_after_forward": False, "activation_checkpointing": True}
+    assert s == {
+        "distributed": "fsdp",
+        "mixed_precision": "bf16",
+        "fsdp_wrap_class": "MistralDecoderLayer",
+        "reshard_after_forward": False,
+        "activation_checkpointing": True,
+    }
 
 
 def test_distributed_config_files():
@@ -262,7 +293,9 @@ def test_distributed_config_files():
     assert ds["distributed_type"] == "DEEPSPEED"
     assert (REPO / ds["deepspeed_config"]["deepspeed_config_file"]).is_file()
     z3 = json.loads((d / "ds_zero3.json").read_text())
-    assert z3["zero_optimization"]["stage"] == 3 and z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert (
+        z3["zero_optimization"]["stage"] == 3 and z3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    )
     assert yaml.safe_load((d / "ddp.yaml").read_text())["distributed_type"] == "MULTI_GPU"
 
 
@@ -272,9 +305,17 @@ def test_runtime_settings_do_not_change_the_run_id():
 
     base = ["model=tiny", "dataset=shared_alpaca52k", "train=cpu_small"]
     a = run_id(load_config(base))
-    for extra in ("train.nproc=4", "train.launcher=torchrun", "train.eval_steps=3", "train.save_total_limit=5",
-                  "train.resume=false", "train.loss_chunk_size=256", "train.num_threads=1",
-                  "train.minkowski_reference=cpu", "train.distributed=fsdp"):
+    for extra in (
+        "train.nproc=4",
+        "train.launcher=torchrun",
+        "train.eval_steps=3",
+        "train.save_total_limit=5",
+        "train.resume=false",
+        "train.loss_chunk_size=256",
+        "train.num_threads=1",
+        "train.minkowski_reference=cpu",
+        "train.distributed=fsdp",
+    ):
         assert run_id(load_config(base + [extra])) == a, extra
     for extra in ("train.max_grad_norm=0.5", "train.minkowski_reduction=mean", "train.adam_epsilon=1e-6"):
         assert run_id(load_config(base + [extra])) != a, extra

@@ -10,6 +10,7 @@ Commands:
 Overrides are Hydra-style (e.g. ``paths.runs_dir=/scratch/runs analysis.incomplete=intersect``).
 Exit status: 0 done, 1 failed, 2 bad configuration or arguments.
 """
+
 from __future__ import annotations
 
 import sys
@@ -44,8 +45,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         paths = write_collected(df, Path(a.output_dir))
         for i in log:
             print(i, file=sys.stderr)
-        print(f"collected {df['run_id'].nunique() if len(df) else 0} run(s) from {a.runs_dir} -> "
-              + ", ".join(map(str, paths)))
+        print(
+            f"collected {df['run_id'].nunique() if len(df) else 0} run(s) from {a.runs_dir} -> "
+            + ", ".join(map(str, paths))
+        )
         return 0 if len(df) else 1
 
     if args.command == "regress":
@@ -60,13 +63,20 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"analysed {n} run(s) from {out.runs_dir}; report: {out.out_dir / 'report.md'}")
         for ds, r in out.glmm.items():
             row = r.table_row()
-            print(f"  GLMM {ds}: {r.status}" + (
-                f", p = {row['p_value']:.3g}, b = {row['b_wp']:.3f}, a = {row['a_wp2']:.3f}, "
-                f"converged = {r.converged}; {r.critical.message if r.critical else ''}"
-                if r.status == "fitted" else ""))
+            print(
+                f"  GLMM {ds}: {r.status}"
+                + (
+                    f", p = {row['p_value']:.3g}, b = {row['b_wp']:.3f}, a = {row['a_wp2']:.3f}, "
+                    f"converged = {r.converged}; {r.critical.message if r.critical else ''}"
+                    if r.status == "fitted"
+                    else ""
+                )
+            )
         for s, g in out.gam.items():
-            print(f"  GAM {s}: {g.status}" + (f" -> {g.rds_path}" if g.rds_path else
-                                               f" ({'; '.join(g.errors)})" if g.errors else ""))
+            print(
+                f"  GAM {s}: {g.status}"
+                + (f" -> {g.rds_path}" if g.rds_path else f" ({'; '.join(g.errors)})" if g.errors else "")
+            )
         return 0 if n else 1
 
     # suggest
@@ -77,20 +87,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if r_g is None:
             if not data:
-                print("error: give the dataset (make suggest DATA=my.jsonl, or --data) or its R_g "
-                      "(--r-g)", file=sys.stderr)
+                print(
+                    "error: give the dataset (make suggest DATA=my.jsonl, or --data) or its R_g (--r-g)",
+                    file=sys.stderr,
+                )
                 return 2
             tok = args.tokenizer or s.tokenizer or cfg.paths.llama_tokenizer
             fmt = args.format or s.format
             stats = dataset_rg(Path(data), tok, fmt)
             r_g = stats["r_g"]
-            print(f"{data}: {stats['n']} instances, {stats['prompt_tokens']} prompt tokens, "
-                  f"{stats['completion_tokens']} completion tokens (tokenizer {tok}, fields alone, "
-                  f"no special tokens)")
-            print(f"R_g = {r_g:.4g} (mean per-instance ratio {stats['mean_ratio']:.4g}, geometric "
-                  f"mean {stats['geomean_ratio']:.4g})")
-        rec = recommend(gam_file, float(r_g), w_grid=a.gam.w_grid, tolerance=a.gam.tolerance,
-                        flat_fraction=a.gam.flat_fraction)
+            print(
+                f"{data}: {stats['n']} instances, {stats['prompt_tokens']} prompt tokens, "
+                f"{stats['completion_tokens']} completion tokens (tokenizer {tok}, fields alone, "
+                f"no special tokens)"
+            )
+            print(
+                f"R_g = {r_g:.4g} (mean per-instance ratio {stats['mean_ratio']:.4g}, geometric "
+                f"mean {stats['geomean_ratio']:.4g})"
+            )
+        rec = recommend(
+            gam_file, float(r_g), w_grid=a.gam.w_grid, tolerance=a.gam.tolerance, flat_fraction=a.gam.flat_fraction
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ and the per-dataset checks that decide what can be analysed. Pure functions on D
   PLW and PTLM, and seeds), then averaged per run.
 Both are computed over all benchmarks and per group (mc, short_gen, long_gen).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,8 +30,9 @@ def squeeze(y, n: Optional[int] = None):
     return (y * (n - 1) + 0.5) / n
 
 
-def select_primary(tidy: pd.DataFrame, primary_metrics: Dict[str, str],
-                   mechanism_prefix: str = "mech_") -> Tuple[pd.DataFrame, pd.DataFrame, IssueLog]:
+def select_primary(
+    tidy: pd.DataFrame, primary_metrics: Dict[str, str], mechanism_prefix: str = "mech_"
+) -> Tuple[pd.DataFrame, pd.DataFrame, IssueLog]:
     """One score per run x benchmark: the benchmark's primary metric.
 
     The metric is ``primary_metrics[benchmark]`` when given and reported, else the benchmark's
@@ -53,26 +55,37 @@ def select_primary(tidy: pd.DataFrame, primary_metrics: Dict[str, str],
             chosen = metrics[0]
             substituted.append(f"{b} ({want!r} -> {chosen!r})")
         elif want is not None:
-            log.add("benchmark", b, f"configured primary metric {want!r} is not among the "
-                                    f"reported metrics {metrics}; benchmark left out")
+            log.add(
+                "benchmark",
+                b,
+                f"configured primary metric {want!r} is not among the reported metrics {metrics}; benchmark left out",
+            )
             continue
         elif len(metrics) == 1:
             chosen = metrics[0]
         else:
-            log.add("benchmark", b, f"reports several metrics {metrics} and none is configured "
-                                    f"(analysis.primary_metrics.{b}); benchmark left out")
+            log.add(
+                "benchmark",
+                b,
+                f"reports several metrics {metrics} and none is configured "
+                f"(analysis.primary_metrics.{b}); benchmark left out",
+            )
             continue
         keep.append(g[g["metric"] == chosen])
     if substituted:
-        log.add("benchmark", ", ".join(s.split(" ")[0] for s in substituted),
-                "configured primary metric not reported, the benchmark's only metric is used: "
-                + ", ".join(substituted), level="warning")
+        log.add(
+            "benchmark",
+            ", ".join(s.split(" ")[0] for s in substituted),
+            "configured primary metric not reported, the benchmark's only metric is used: " + ", ".join(substituted),
+            level="warning",
+        )
     scores = pd.concat(keep, ignore_index=True) if keep else bench.iloc[0:0]
     return scores[SCORE_COLUMNS].reset_index(drop=True), mech.reset_index(drop=True), log
 
 
-def minmax_scale(scores: pd.DataFrame, by: Sequence[str] = ("dataset", "benchmark"),
-                 column: str = "value", out: str = "scaled") -> pd.DataFrame:
+def minmax_scale(
+    scores: pd.DataFrame, by: Sequence[str] = ("dataset", "benchmark"), column: str = "value", out: str = "scaled"
+) -> pd.DataFrame:
     """Add ``out`` = (value - min) / (max - min) within each ``by`` group (NaN when constant)."""
     df = scores.copy()
     g = df.groupby(list(by))[column]
@@ -94,9 +107,15 @@ def run_aggregates(scaled: pd.DataFrame) -> pd.DataFrame:
             if sub.empty:
                 continue
             rel = sub["scaled"].dropna()
-            rows.append({**base, "group": grp, "simple": float(sub["value"].mean()),
-                         "relative": float(rel.mean()) if len(rel) else np.nan,
-                         "n_benchmarks": int(sub["benchmark"].nunique())})
+            rows.append(
+                {
+                    **base,
+                    "group": grp,
+                    "simple": float(sub["value"].mean()),
+                    "relative": float(rel.mean()) if len(rel) else np.nan,
+                    "n_benchmarks": int(sub["benchmark"].nunique()),
+                }
+            )
     return pd.DataFrame(rows, columns=keys + ["group", "simple", "relative", "n_benchmarks"])
 
 
@@ -114,8 +133,9 @@ class DatasetStatus:
     r_g: float = float("nan")
 
 
-def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
-                   min_plw_levels: int = 3) -> Tuple[pd.DataFrame, Dict[str, DatasetStatus], IssueLog]:
+def check_datasets(
+    scores: pd.DataFrame, incomplete: str = "skip", min_plw_levels: int = 3
+) -> Tuple[pd.DataFrame, Dict[str, DatasetStatus], IssueLog]:
     """Decide per training dataset what can be analysed; returns the usable scores (unusable
     datasets and benchmarks removed), a status per dataset, and the issues (one clear message per
     problem and dataset).
@@ -133,16 +153,22 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
     status: Dict[str, DatasetStatus] = {}
     keep = []
     for ds, g in scores.groupby("dataset", sort=True):
-        st = DatasetStatus(ds, n_runs=g["run_id"].nunique(),
-                           plw_levels=sorted(g["plw"].unique().tolist()),
-                           models=sorted(g["model"].unique().tolist()), r_g=float(g["r_g"].iloc[0]))
+        st = DatasetStatus(
+            ds,
+            n_runs=g["run_id"].nunique(),
+            plw_levels=sorted(g["plw"].unique().tolist()),
+            models=sorted(g["model"].unique().tolist()),
+            r_g=float(g["r_g"].iloc[0]),
+        )
         status[ds] = st
         n_levels = len(st.plw_levels)
         if n_levels < min_plw_levels:
-            what = (f"a single PLW level ({st.plw_levels[0]:g}): no PLW effect can be estimated"
-                    if n_levels == 1 else
-                    f"only {n_levels} PLW levels ({', '.join(f'{x:g}' for x in st.plw_levels)}): "
-                    f"a quadratic in w_p needs at least {min_plw_levels}")
+            what = (
+                f"a single PLW level ({st.plw_levels[0]:g}): no PLW effect can be estimated"
+                if n_levels == 1
+                else f"only {n_levels} PLW levels ({', '.join(f'{x:g}' for x in st.plw_levels)}): "
+                f"a quadratic in w_p needs at least {min_plw_levels}"
+            )
             msg = f"{what}; no GLMM for this dataset"
             log.add("dataset", ds, msg)
             st.glmm = False
@@ -154,8 +180,10 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
             detail = "; ".join(f"run {r} lacks {b}" for r, b in list(lacking.items())[:5])
             more = f" (and {len(lacking) - 5} more runs)" if len(lacking) > 5 else ""
             if incomplete == "skip":
-                msg = (f"missing benchmarks: {detail}{more}. Dataset not analysed "
-                       f"(set analysis.incomplete=intersect to analyse the benchmarks every run has)")
+                msg = (
+                    f"missing benchmarks: {detail}{more}. Dataset not analysed "
+                    f"(set analysis.incomplete=intersect to analyse the benchmarks every run has)"
+                )
                 log.add("dataset", ds, msg)
                 st.analysable = st.glmm = False
                 st.reasons.append(msg)
@@ -163,8 +191,12 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
             common = sorted(set.intersection(*per_run.tolist()))
             for b in sorted(set(all_b) - set(common)):
                 st.dropped_benchmarks[b] = "missing in some runs"
-            log.add("dataset", ds, f"missing benchmarks: {detail}{more}. Analysed on the "
-                                   f"{len(common)} benchmarks every run has", level="warning")
+            log.add(
+                "dataset",
+                ds,
+                f"missing benchmarks: {detail}{more}. Analysed on the {len(common)} benchmarks every run has",
+                level="warning",
+            )
             g = g[g["benchmark"].isin(common)]
             if g.empty:
                 msg = "no benchmark is reported by every run; dataset not analysed"
@@ -175,8 +207,10 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
         rng = g.groupby("benchmark")["value"].agg(lambda v: v.max() - v.min())
         const = sorted(rng[rng <= 0].index)
         if const and len(const) == len(rng):
-            msg = (f"constant scores: every benchmark has the same score in every run "
-                   f"({', '.join(const)}); nothing to scale or fit, dataset not analysed")
+            msg = (
+                f"constant scores: every benchmark has the same score in every run "
+                f"({', '.join(const)}); nothing to scale or fit, dataset not analysed"
+            )
             log.add("dataset", ds, msg)
             st.analysable = st.glmm = False
             st.reasons.append(msg)
@@ -184,8 +218,12 @@ def check_datasets(scores: pd.DataFrame, incomplete: str = "skip",
         for b in const:
             st.dropped_benchmarks[b] = "constant scores (min-max scaling undefined)"
         if const:
-            log.add("dataset", ds, f"constant scores on {const}: left out of the relative "
-                                   f"aggregate and the GLMM", level="warning")
+            log.add(
+                "dataset",
+                ds,
+                f"constant scores on {const}: left out of the relative aggregate and the GLMM",
+                level="warning",
+            )
             g = g[~g["benchmark"].isin(const)]
         st.benchmarks = sorted(g["benchmark"].unique())
         keep.append(g)
@@ -221,9 +259,10 @@ def regularizer_table(scores: pd.DataFrame) -> pd.DataFrame:
         agg = agg[agg["group"] == "all"]
         for model, m in agg.groupby("model", sort=True):
             none = m[m["regularizer"] == "none"]
-            cands = {f"{regularizer_type(r)}": m[m["regularizer"].map(regularizer_type)
-                                                 == regularizer_type(r)]
-                     for r in sorted(m.loc[m["regularizer"] != "none", "regularizer"].unique())}
+            cands = {
+                f"{regularizer_type(r)}": m[m["regularizer"].map(regularizer_type) == regularizer_type(r)]
+                for r in sorted(m.loc[m["regularizer"] != "none", "regularizer"].unique())
+            }
             cands["PLW 0 (masking)"] = none[none["plw"] == 0]
             cands["PLW 1 (full loss)"] = none[none["plw"] == 1]
             cands["PLW fractional (ours)"] = none[(none["plw"] > 0) & (none["plw"] < 1)]
@@ -231,9 +270,30 @@ def regularizer_table(scores: pd.DataFrame) -> pd.DataFrame:
                 if c.empty:
                     continue
                 best = c.loc[c["relative"].idxmax()]
-                rows.append({"dataset": ds, "model": model, "regularization": name,
-                             "simple": float(c["simple"].max()), "relative": float(c["relative"].max()),
-                             "best_run": best["run_id"], "best_label": best["regularizer"],
-                             "best_plw": float(best["plw"]), "n_runs": int(c["run_id"].nunique())})
-    return pd.DataFrame(rows, columns=["dataset", "model", "regularization", "simple", "relative",
-                                       "best_run", "best_label", "best_plw", "n_runs"])
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "model": model,
+                        "regularization": name,
+                        "simple": float(c["simple"].max()),
+                        "relative": float(c["relative"].max()),
+                        "best_run": best["run_id"],
+                        "best_label": best["regularizer"],
+                        "best_plw": float(best["plw"]),
+                        "n_runs": int(c["run_id"].nunique()),
+                    }
+                )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "dataset",
+            "model",
+            "regularization",
+            "simple",
+            "relative",
+            "best_run",
+            "best_label",
+            "best_plw",
+            "n_runs",
+        ],
+    )

@@ -19,6 +19,7 @@ Rows the evaluation itself marked ``skipped``/``error`` (``status`` column; e.g.
 from an offline mirror) are left out and reported once per benchmark for the whole store (an info
 issue with scope ``benchmark``); an ``ok`` row without a numeric value is dropped with a warning.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,10 +74,21 @@ def _read_run_json(folder: Path, log: IssueLog) -> Optional[dict]:
     reg = meta.get("regularizer")
     reg = "none" if reg is None or str(reg).strip() == "" else str(reg)
     if str(meta["run_id"]) != folder.name:
-        log.add("run", where, f"run.json run_id {meta['run_id']!r} differs from the folder name; "
-                              f"the run_id in run.json is used", level="warning")
-    return {"run_id": str(meta["run_id"]), "dataset": str(meta["dataset"]), "model": str(meta["model"]),
-            "plw": plw, "regularizer": reg, "seed": seed, "r_g": r_g}
+        log.add(
+            "run",
+            where,
+            f"run.json run_id {meta['run_id']!r} differs from the folder name; the run_id in run.json is used",
+            level="warning",
+        )
+    return {
+        "run_id": str(meta["run_id"]),
+        "dataset": str(meta["dataset"]),
+        "model": str(meta["model"]),
+        "plw": plw,
+        "regularizer": reg,
+        "seed": seed,
+        "r_g": r_g,
+    }
 
 
 def _number(v: Any) -> Optional[float]:
@@ -127,18 +139,26 @@ def run_rg(folder: Path, meta: dict) -> Tuple[Optional[float], Optional[str]]:
             x = _number(rg)
             if x is not None and x > 0:
                 return x, None
-            return None, (f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
-                          f"{ds_meta_path} no rg (built before the data stage recorded R_g: `make data "
-                          f"OVERRIDES=\"dataset={meta.get('dataset')} ...\"` with the run's dataset settings adds it)")
-        return None, (f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
-                      + (ds_problem or f"the run's processed dataset {ds_meta_path} is gone"))
-    why = problem or (f"{folder / SUMMARY_FILE} is missing (not trained by the pipeline?)" if summary is None
-                      else f"{folder / SUMMARY_FILE} has neither data.dataset_rg nor data.dataset_dir")
+            return None, (
+                f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
+                f"{ds_meta_path} no rg (built before the data stage recorded R_g: `make data "
+                f"OVERRIDES=\"dataset={meta.get('dataset')} ...\"` with the run's dataset settings adds it)"
+            )
+        return None, (
+            f"no R_g recorded: {folder / SUMMARY_FILE} has no data.dataset_rg, run.json no r_g, and "
+            + (ds_problem or f"the run's processed dataset {ds_meta_path} is gone")
+        )
+    why = problem or (
+        f"{folder / SUMMARY_FILE} is missing (not trained by the pipeline?)"
+        if summary is None
+        else f"{folder / SUMMARY_FILE} has neither data.dataset_rg nor data.dataset_dir"
+    )
     return None, f"no R_g recorded: run.json has no r_g and {why}"
 
 
-def _read_results(folder: Path, run_id: str, log: IssueLog,
-                  not_ok: Optional[Dict[Tuple[str, str], List[str]]] = None) -> Optional[pd.DataFrame]:
+def _read_results(
+    folder: Path, run_id: str, log: IssueLog, not_ok: Optional[Dict[Tuple[str, str], List[str]]] = None
+) -> Optional[pd.DataFrame]:
     f = folder / "results.csv"
     where = str(folder)
     if not f.is_file():
@@ -162,8 +182,12 @@ def _read_results(folder: Path, run_id: str, log: IssueLog,
     if "run_id" in df.columns:
         other = sorted(set(df["run_id"].astype(str)) - {run_id})
         if other:
-            log.add("run", where, f"results.csv run_id {other} differs from run.json's {run_id!r}; "
-                                  f"run.json wins", level="warning")
+            log.add(
+                "run",
+                where,
+                f"results.csv run_id {other} differs from run.json's {run_id!r}; run.json wins",
+                level="warning",
+            )
     df["benchmark"] = df["benchmark"].astype(str)
     df["metric"] = df["metric"].astype(str)
     df["group"] = df["group"].astype(str)
@@ -186,8 +210,12 @@ def _read_results(folder: Path, run_id: str, log: IssueLog,
     bad = df.loc[vals.isna() | ~np.isfinite(vals.fillna(0)), ["benchmark", "metric"]]
     if len(bad):
         rows = ", ".join(f"{b}/{m}" for b, m in bad.head(5).itertuples(index=False))
-        log.add("run", where, f"results.csv: non-numeric or missing value for {rows}"
-                              f"{' ...' if len(bad) > 5 else ''}; those rows dropped", level="warning")
+        log.add(
+            "run",
+            where,
+            f"results.csv: non-numeric or missing value for {rows}{' ...' if len(bad) > 5 else ''}; those rows dropped",
+            level="warning",
+        )
     df["value"] = vals
     df = df[vals.notna() & np.isfinite(vals.fillna(0))].copy()
     dup = df.duplicated(["benchmark", "metric"], keep=False)
@@ -197,8 +225,7 @@ def _read_results(folder: Path, run_id: str, log: IssueLog,
         return None
     unknown = sorted(set(df.loc[~df["benchmark"].str.startswith("mech_"), "group"]) - set(GROUPS))
     if unknown:
-        log.add("run", where, f"results.csv: unknown group(s) {unknown} (expected {list(GROUPS)})",
-                level="warning")
+        log.add("run", where, f"results.csv: unknown group(s) {unknown} (expected {list(GROUPS)})", level="warning")
     df["stderr"] = pd.to_numeric(df["stderr"], errors="coerce")
     df["n"] = pd.to_numeric(df["n"], errors="coerce")
     return df[["benchmark", "metric", "value", "stderr", "n", "group"]]
@@ -221,8 +248,11 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
         if meta is None:
             continue
         if meta["run_id"] in seen:
-            log.add("run", str(folder), f"run_id {meta['run_id']!r} already collected from "
-                                        f"{seen[meta['run_id']]}; run skipped")
+            log.add(
+                "run",
+                str(folder),
+                f"run_id {meta['run_id']!r} already collected from {seen[meta['run_id']]}; run skipped",
+            )
             continue
         res = _read_results(folder, meta["run_id"], log, not_ok)
         if res is None:
@@ -235,8 +265,12 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
         frames.append(res)
     for (bench, st), messages in sorted(not_ok.items()):
         example = next((m for m in messages if m), "")
-        log.add("benchmark", bench, f"{st} in results.csv ({len(messages)} row(s) over the store; left out): "
-                                    f"{example[:200]}", level="info")
+        log.add(
+            "benchmark",
+            bench,
+            f"{st} in results.csv ({len(messages)} row(s) over the store; left out): {example[:200]}",
+            level="info",
+        )
     if not frames:
         return pd.DataFrame(columns=COLUMNS), log
     df = pd.concat(frames, ignore_index=True)[COLUMNS]
@@ -244,8 +278,12 @@ def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueL
     for ds, g in df.groupby("dataset"):
         vals = g["r_g"].unique()
         if len(vals) > 1 and (vals.max() - vals.min()) > 1e-6 * max(1.0, abs(vals.max())):
-            log.add("dataset", ds, f"runs disagree on r_g ({sorted(vals.tolist())}); their mean "
-                                   f"{vals.mean():.4g} is used", level="warning")
+            log.add(
+                "dataset",
+                ds,
+                f"runs disagree on r_g ({sorted(vals.tolist())}); their mean {vals.mean():.4g} is used",
+                level="warning",
+            )
             df.loc[g.index, "r_g"] = float(vals.mean())
     return df, log
 

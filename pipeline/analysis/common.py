@@ -1,4 +1,5 @@
 """Shared constants and the problem log of the analysis stage."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,6 +4,7 @@ score (link scale) = a w_p^2 + b w_p + c. Only a concave fit (a < 0) has a maxim
 w_p* = -b / (2a) and lambda = w_p* ** (1/p) with p = 0.30103. Otherwise there is none, and a
 maximum outside [0, 1] is reported as such (the best PLW of the fitted curve is then a boundary).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,17 @@ class CriticalPLW:
         return asdict(self)
 
 
-def critical_plw(a: float, b: float, *, p: float = P_EXP, intercept: Optional[float] = None,
-                 var_a: Optional[float] = None, var_b: Optional[float] = None,
-                 cov_ab: Optional[float] = None, conf_level: float = 0.95) -> CriticalPLW:
+def critical_plw(
+    a: float,
+    b: float,
+    *,
+    p: float = P_EXP,
+    intercept: Optional[float] = None,
+    var_a: Optional[float] = None,
+    var_b: Optional[float] = None,
+    cov_ab: Optional[float] = None,
+    conf_level: float = 0.95,
+) -> CriticalPLW:
     """Critical PLW of ``a w_p^2 + b w_p (+ intercept)``; see the module docstring.
 
     With the (co)variances of a and b, a delta-method confidence interval of w_p* is added."""
@@ -41,11 +50,11 @@ def critical_plw(a: float, b: float, *, p: float = P_EXP, intercept: Optional[fl
     if not (math.isfinite(a) and math.isfinite(b)):
         return CriticalPLW(False, a, b, message="coefficients are not finite: no critical PLW")
     if a >= 0:
-        shape = "convex (a > 0): the fitted curve has a minimum, not a maximum" if a > 0 \
-            else "linear (a = 0)"
+        shape = "convex (a > 0): the fitted curve has a minimum, not a maximum" if a > 0 else "linear (a = 0)"
         best = "PLW = 1" if a + b > 0 else "PLW = 0"
-        return CriticalPLW(False, a, b, message=f"no critical PLW: the fit is {shape}; "
-                                                f"of the two ends the fitted curve favours {best}")
+        return CriticalPLW(
+            False, a, b, message=f"no critical PLW: the fit is {shape}; of the two ends the fitted curve favours {best}"
+        )
     wp = -b / (2.0 * a)
     res = CriticalPLW(False, a, b, wp_star=wp)
     if intercept is not None:
@@ -62,12 +71,16 @@ def critical_plw(a: float, b: float, *, p: float = P_EXP, intercept: Optional[fl
             res.wp_ci = (lo, hi)
             res.plw_ci = (min(max(lo, 0.0), 1.0) ** (1.0 / p), min(max(hi, 0.0), 1.0) ** (1.0 / p))
     if wp < 0:
-        res.message = (f"no critical PLW in range: the vertex w_p* = {wp:.3f} lies below 0, so the "
-                       f"fitted curve decreases over [0, 1] (best fitted PLW = 0)")
+        res.message = (
+            f"no critical PLW in range: the vertex w_p* = {wp:.3f} lies below 0, so the "
+            f"fitted curve decreases over [0, 1] (best fitted PLW = 0)"
+        )
         return res
     if wp > 1:
-        res.message = (f"no critical PLW in range: the vertex w_p* = {wp:.3f} lies above 1, so the "
-                       f"fitted curve increases over [0, 1] (best fitted PLW = 1)")
+        res.message = (
+            f"no critical PLW in range: the vertex w_p* = {wp:.3f} lies above 1, so the "
+            f"fitted curve increases over [0, 1] (best fitted PLW = 1)"
+        )
         return res
     res.exists = True
     res.plw = wp ** (1.0 / p)

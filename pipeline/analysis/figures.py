@@ -1,5 +1,6 @@
 """Figures of the analysis (matplotlib, PNG and PDF). Each function takes tables and writes files;
 it returns the written paths (empty when there is nothing to draw)."""
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,7 @@ def _wp_axis(ax, p: float = P_EXP, top: bool = True):
     ax.set_xlabel("$w_p$ = PLW$^{%.5g}$" % p)
     if top:
         sec = ax.secondary_xaxis("top")
-        sec.set_xticks([t ** p for t in PLW_TICKS])
+        sec.set_xticks([t**p for t in PLW_TICKS])
         sec.set_xticklabels([f"{t:g}" for t in PLW_TICKS], fontsize=6)
         sec.tick_params(length=2)
 
@@ -63,8 +64,14 @@ def _styles(datasets: Sequence[str], models: Sequence[str]):
     return colors, lines
 
 
-def fig_aggregates(agg: pd.DataFrame, out_dir: Path, glmm_curves: Optional[Dict[str, tuple]] = None,
-                   formats=("png", "pdf"), dpi: int = 150, p: float = P_EXP) -> List[Path]:
+def fig_aggregates(
+    agg: pd.DataFrame,
+    out_dir: Path,
+    glmm_curves: Optional[Dict[str, tuple]] = None,
+    formats=("png", "pdf"),
+    dpi: int = 150,
+    p: float = P_EXP,
+) -> List[Path]:
     """Fig. 1: (a) simple aggregate by w_p for every dataset and PTLM; then per dataset the
     relative aggregate per PTLM, with the GLMM's fixed-effect curve (population level, inverse
     logit of c + b w_p + a w_p^2) where one was fitted."""
@@ -90,8 +97,7 @@ def fig_aggregates(agg: pd.DataFrame, out_dir: Path, glmm_curves: Optional[Dict[
         if glmm_curves and ds in glmm_curves:
             c, b, aa = glmm_curves[ds]
             w = np.linspace(0, 1, 101)
-            ax.plot(w, 1 / (1 + np.exp(-(c + b * w + aa * w * w))), color="k", lw=1,
-                    label="GLMM fixed effects")
+            ax.plot(w, 1 / (1 + np.exp(-(c + b * w + aa * w * w))), color="k", lw=1, label="GLMM fixed effects")
         ax.set_title(f"({chr(ord('b') + i)}) relative aggregate: {ds}", fontsize=9)
         ax.set_ylim(-0.02, 1.02)
         _wp_axis(ax, p)
@@ -100,8 +106,9 @@ def fig_aggregates(agg: pd.DataFrame, out_dir: Path, glmm_curves: Optional[Dict[
     return _save(fig, out_dir, "fig1_aggregates", formats, dpi)
 
 
-def fig_group_aggregates(agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150,
-                         p: float = P_EXP) -> List[Path]:
+def fig_group_aggregates(
+    agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150, p: float = P_EXP
+) -> List[Path]:
     """Relative aggregate per benchmark group (mc, short_gen, long_gen), one panel per dataset
     (mean over PTLMs and seeds)."""
     g = agg[agg["group"] != "all"]
@@ -121,8 +128,9 @@ def fig_group_aggregates(agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"
     return _save(fig, out_dir, "fig1_group_aggregates", formats, dpi)
 
 
-def fig_benchmarks(scores: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150,
-                   p: float = P_EXP) -> List[Path]:
+def fig_benchmarks(
+    scores: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150, p: float = P_EXP
+) -> List[Path]:
     """Figs. 5-7: one panel per benchmark, score by w_p, a line per dataset and PTLM."""
     if scores.empty:
         return []
@@ -146,8 +154,9 @@ def fig_benchmarks(scores: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), 
     return _save(fig, out_dir, "fig5_benchmarks", formats, dpi)
 
 
-def fig_mechanisms(mech: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150,
-                   p: float = P_EXP) -> List[Path]:
+def fig_mechanisms(
+    mech: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150, p: float = P_EXP
+) -> List[Path]:
     """Fig. 2: mechanism metrics (benchmarks named mech_*) by w_p; skipped when there are none."""
     if mech is None or mech.empty:
         return []
@@ -161,15 +170,14 @@ def fig_mechanisms(mech: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dp
         sub = sub.groupby(["dataset", "model", "w_p"], as_index=False)["value"].mean()
         for (ds, mo), g in sub.groupby(["dataset", "model"]):
             ax.plot(g["w_p"], g["value"], lines[mo], marker="o", ms=3, color=colors[ds], label=f"{ds} / {mo}")
-        ax.set_title(f"{b[len('mech_'):] if b.startswith('mech_') else b} ({met})", fontsize=8)
+        ax.set_title(f"{b[len('mech_') :] if b.startswith('mech_') else b} ({met})", fontsize=8)
         _wp_axis(ax, p, top=False)
     axes[0].legend(fontsize=5)
     fig.tight_layout()
     return _save(fig, out_dir, "fig2_mechanisms", formats, dpi)
 
 
-def fig_regularizers(reg_agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"),
-                     dpi: int = 150) -> List[Path]:
+def fig_regularizers(reg_agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"), dpi: int = 150) -> List[Path]:
     """Fig. 8: relative aggregate (scaled over all runs of the dataset) of every regularised run at
     PLW 0 and 1, beside PLW alone; one panel per dataset and PTLM."""
     if reg_agg is None or reg_agg.empty:
@@ -183,8 +191,7 @@ def fig_regularizers(reg_agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"
         labels = sorted(sub.loc[sub["regularizer"] != "none", "regularizer"].unique())
         x = np.arange(len(labels))
         for j, plw in enumerate(sorted(sub.loc[sub["regularizer"] != "none", "plw"].unique())):
-            vals = [sub[(sub["regularizer"] == lab) & (sub["plw"] == plw)]["relative"].mean()
-                    for lab in labels]
+            vals = [sub[(sub["regularizer"] == lab) & (sub["plw"] == plw)]["relative"].mean() for lab in labels]
             ax.bar(x + (j - 0.5) * 0.38, vals, width=0.38, label=f"regularizer, PLW {plw:g}")
         if len(none):
             frac = none[(none.index > 0) & (none.index < 1)]
@@ -202,8 +209,13 @@ def fig_regularizers(reg_agg: pd.DataFrame, out_dir: Path, formats=("png", "pdf"
     return _save(fig, out_dir, "fig8_regularizers", formats, dpi)
 
 
-def fig_gam_contours(surfaces: Dict[str, pd.DataFrame], optima: Dict[str, pd.DataFrame],
-                     out_dir: Path, formats=("png", "pdf"), dpi: int = 150) -> List[Path]:
+def fig_gam_contours(
+    surfaces: Dict[str, pd.DataFrame],
+    optima: Dict[str, pd.DataFrame],
+    out_dir: Path,
+    formats=("png", "pdf"),
+    dpi: int = 150,
+) -> List[Path]:
     """Fig. 10: contour of the fitted te(w, r) term per subset, with the optimal PLW per R_g."""
     subsets = [s for s in surfaces if surfaces[s] is not None and not surfaces[s].empty]
     if not subsets:
@@ -232,13 +244,16 @@ def fig_gam_contours(surfaces: Dict[str, pd.DataFrame], optima: Dict[str, pd.Dat
     return _save(fig, out_dir, "fig10_gam_contours", formats, dpi)
 
 
-def fig_glmm_residuals(results: Dict[str, "object"], out_dir: Path, formats=("png", "pdf"),
-                       dpi: int = 150) -> List[Path]:
+def fig_glmm_residuals(
+    results: Dict[str, "object"], out_dir: Path, formats=("png", "pdf"), dpi: int = 150
+) -> List[Path]:
     """Simulated (PIT) residual diagnostics per dataset: QQ plot against U(0,1) and residuals
     against the fitted (population-level) response, as DHARMa plots them."""
-    items = [(ds, r.residuals) for ds, r in results.items()
-             if getattr(r, "residuals", None) is not None
-             and isinstance(r.residuals.get("scaled_residuals"), np.ndarray)]
+    items = [
+        (ds, r.residuals)
+        for ds, r in results.items()
+        if getattr(r, "residuals", None) is not None and isinstance(r.residuals.get("scaled_residuals"), np.ndarray)
+    ]
     if not items:
         return []
     plt = _plt()

@@ -9,6 +9,7 @@ Fitted GAMs are saved with R's ``saveRDS`` as a bundle ``list(gam = <mgcv fit>, 
 score_range, r_range, w_range, datasets, benchmarks, scaling, created, mgcv_version)``;
 ``suggest`` reads it back (see :func:`load_bundle`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,9 +24,12 @@ from pipeline.analysis import rbridge as rb
 SUBSETS = ("all", "mc", "gen")
 
 
-def prepare_gam_data(scores: pd.DataFrame, subset: str = "all",
-                     gen_benchmarks: Sequence[str] = ("truthfulqa_gen", "alpaca_eval", "pandalm"),
-                     scaling: str = "across_datasets") -> pd.DataFrame:
+def prepare_gam_data(
+    scores: pd.DataFrame,
+    subset: str = "all",
+    gen_benchmarks: Sequence[str] = ("truthfulqa_gen", "alpaca_eval", "pandalm"),
+    scaling: str = "across_datasets",
+) -> pd.DataFrame:
     """Scores of the main runs of all datasets -> GAM data (score, w, r, b, m, dataset).
 
     subset: 'all' (every benchmark), 'mc' (group mc), 'gen' (``gen_benchmarks``).
@@ -52,9 +56,16 @@ def prepare_gam_data(scores: pd.DataFrame, subset: str = "all",
         df = df[df["score"].notna()]
     else:
         raise ValueError(f"unknown GAM scaling {scaling!r}")
-    out = pd.DataFrame({"score": df["score"].astype(float), "w": df["plw"].astype(float),
-                        "r": df["r_g"].astype(float), "b": df["benchmark"].astype(str),
-                        "m": df["model"].astype(str), "dataset": df["dataset"].astype(str)})
+    out = pd.DataFrame(
+        {
+            "score": df["score"].astype(float),
+            "w": df["plw"].astype(float),
+            "r": df["r_g"].astype(float),
+            "b": df["benchmark"].astype(str),
+            "m": df["model"].astype(str),
+            "dataset": df["dataset"].astype(str),
+        }
+    )
     return out.reset_index(drop=True)
 
 
@@ -65,8 +76,10 @@ def gam_data_problems(data: pd.DataFrame, k: int = 3) -> List[str]:
         return ["no scores in this subset"]
     nr, nw = data["r"].nunique(), data["w"].nunique()
     if nr < k:
-        probs.append(f"only {nr} distinct R_g value(s) ({sorted(data['r'].unique().tolist())}); "
-                     f"te(w, r, k = {k}) needs at least {k} datasets with different R_g")
+        probs.append(
+            f"only {nr} distinct R_g value(s) ({sorted(data['r'].unique().tolist())}); "
+            f"te(w, r, k = {k}) needs at least {k} datasets with different R_g"
+        )
     if nw < k:
         probs.append(f"only {nw} distinct PLW value(s); te(w, r, k = {k}) needs at least {k}")
     if data["score"].nunique() < 2:
@@ -96,11 +109,20 @@ class GamResult:
     fit: Any = None  # the R object (not serialised)
 
 
-def fit_gam(data: pd.DataFrame, subset: str = "all", *,
-            formula: str = "score ~ te(w, r, k = 3) + factor(b)", method: str = "GCV.Cp",
-            k: int = 3) -> GamResult:
-    res = GamResult(subset=subset, n=len(data), datasets=sorted(data["dataset"].unique().tolist()),
-                    benchmarks=sorted(data["b"].unique().tolist()))
+def fit_gam(
+    data: pd.DataFrame,
+    subset: str = "all",
+    *,
+    formula: str = "score ~ te(w, r, k = 3) + factor(b)",
+    method: str = "GCV.Cp",
+    k: int = 3,
+) -> GamResult:
+    res = GamResult(
+        subset=subset,
+        n=len(data),
+        datasets=sorted(data["dataset"].unique().tolist()),
+        benchmarks=sorted(data["b"].unique().tolist()),
+    )
     probs = gam_data_problems(data, k=k)
     if probs:
         res.status = "skipped"
@@ -134,8 +156,14 @@ def surface(fit, w: Sequence[float], r: Sequence[float]) -> pd.DataFrame:
     return rb.to_py(rb.r_call("plw_gam_surface", fit, w=list(map(float, w)), r=list(map(float, r))))
 
 
-def optimal_plw_table(surf: pd.DataFrame, score_range: float, *, flat_fraction: float = 0.05,
-                      tolerance: float = 0.01, r_range: Optional[Sequence[float]] = None) -> pd.DataFrame:
+def optimal_plw_table(
+    surf: pd.DataFrame,
+    score_range: float,
+    *,
+    flat_fraction: float = 0.05,
+    tolerance: float = 0.01,
+    r_range: Optional[Sequence[float]] = None,
+) -> pd.DataFrame:
     """Per R_g on the surface grid: the PLW maximising the te(w, r) term (Table 5), the predicted
     gain over PLW 0, whether the curve is flat (max - min < flat_fraction x score range, the
     paper's asterisk), and the near-optimal PLW range: the interval around the optimum where the
@@ -155,11 +183,18 @@ def optimal_plw_table(surf: pd.DataFrame, score_range: float, *, flat_fraction: 
             hi += 1
         at0 = float(t[np.argmin(np.abs(w - 0.0))])
         extrap = bool(r_range is not None and not (r_range[0] - 1e-12 <= r <= r_range[1] + 1e-12))
-        rows.append({"r_g": float(r), "optimal_plw": float(w[i]), "near_opt_low": float(w[lo]),
-                     "near_opt_high": float(w[hi]), "range_over_plw": tmax - tmin,
-                     "gain_over_plw0": tmax - at0,
-                     "flat": bool((tmax - tmin) < flat_fraction * score_range),
-                     "extrapolated": extrap})
+        rows.append(
+            {
+                "r_g": float(r),
+                "optimal_plw": float(w[i]),
+                "near_opt_low": float(w[lo]),
+                "near_opt_high": float(w[hi]),
+                "range_over_plw": tmax - tmin,
+                "gain_over_plw0": tmax - at0,
+                "flat": bool((tmax - tmin) < flat_fraction * score_range),
+                "extrapolated": extrap,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -167,10 +202,20 @@ def save_bundle(res: GamResult, path: Path, scaling: str) -> Path:
     """Write the fitted GAM and its facts with R's saveRDS (see the module docstring)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    b = rb.r_call("plw_gam_bundle", res.fit, subset=res.subset, score_min=res.score_range[0],
-                  score_max=res.score_range[1], r_min=res.r_range[0], r_max=res.r_range[1],
-                  w_min=0.0, w_max=1.0, datasets=list(res.datasets) or [""],
-                  benchmarks=list(res.benchmarks) or [""], scaling=scaling)
+    b = rb.r_call(
+        "plw_gam_bundle",
+        res.fit,
+        subset=res.subset,
+        score_min=res.score_range[0],
+        score_max=res.score_range[1],
+        r_min=res.r_range[0],
+        r_max=res.r_range[1],
+        w_min=0.0,
+        w_max=1.0,
+        datasets=list(res.datasets) or [""],
+        benchmarks=list(res.benchmarks) or [""],
+        scaling=scaling,
+    )
     import rpy2.robjects as ro
 
     ro.r["saveRDS"](b, file=str(path))
@@ -184,8 +229,10 @@ def load_bundle(path: Path):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no fitted GAM at {path}: run `make regress` first (it writes "
-                                f"the GAMs), or point analysis.suggest.gam_file at one")
+        raise FileNotFoundError(
+            f"no fitted GAM at {path}: run `make regress` first (it writes "
+            f"the GAMs), or point analysis.suggest.gam_file at one"
+        )
     obj = ro.r["readRDS"](str(path))
     names = list(obj.names)
     if "gam" not in names:

@@ -5,6 +5,7 @@ on the dataset's min-max scaled scores squeezed into (0, 1). The R side is ``R/g
 this module prepares the data, calls it, retries with a second optimizer when the first reports a
 convergence problem, and turns the result into a :class:`GlmmResult`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,9 +66,12 @@ class GlmmResult:
 
     @property
     def converged(self) -> bool:
-        return (self.status == "fitted" and self.pd_hessian and self.optimizer_convergence == 0
-                and not any("convergence" in w.lower() or "nan function" in w.lower()
-                            for w in self.warnings))
+        return (
+            self.status == "fitted"
+            and self.pd_hessian
+            and self.optimizer_convergence == 0
+            and not any("convergence" in w.lower() or "nan function" in w.lower() for w in self.warnings)
+        )
 
     def estimate(self, term: str) -> float:
         if self.coef is None or term not in set(self.coef["term"]):
@@ -82,15 +86,26 @@ class GlmmResult:
 
         cr = self.critical
         return {
-            "dataset": self.dataset, "status": self.status, "n_obs": self.n_obs,
-            "n_benchmarks": len(self.benchmarks), "n_models": len(self.models),
-            "p_value": self.p_value, "chisq": self.chisq, "df": self.df,
-            "b_wp": get("w_p", "estimate"), "b_wp_se": get("w_p", "std_error"),
-            "a_wp2": get("w_p2", "estimate"), "a_wp2_se": get("w_p2", "std_error"),
-            "intercept": get("intercept", "estimate"), "intercept_se": get("intercept", "std_error"),
-            "converged": self.converged, "pd_hessian": self.pd_hessian, "optimizer": self.optimizer,
+            "dataset": self.dataset,
+            "status": self.status,
+            "n_obs": self.n_obs,
+            "n_benchmarks": len(self.benchmarks),
+            "n_models": len(self.models),
+            "p_value": self.p_value,
+            "chisq": self.chisq,
+            "df": self.df,
+            "b_wp": get("w_p", "estimate"),
+            "b_wp_se": get("w_p", "std_error"),
+            "a_wp2": get("w_p2", "estimate"),
+            "a_wp2_se": get("w_p2", "std_error"),
+            "intercept": get("intercept", "estimate"),
+            "intercept_se": get("intercept", "std_error"),
+            "converged": self.converged,
+            "pd_hessian": self.pd_hessian,
+            "optimizer": self.optimizer,
             "n_warnings": len(self.warnings),
-            "wp_star": cr.wp_star if cr else None, "critical_plw": cr.plw if cr else None,
+            "wp_star": cr.wp_star if cr else None,
+            "critical_plw": cr.plw if cr else None,
             "critical_note": cr.message if cr else "",
             "formula": self.formula,
         }
@@ -98,27 +113,42 @@ class GlmmResult:
 
 def _clean(r: Dict[str, Any]) -> bool:
     s = r.get("summary") or {}
-    return (r.get("error") is None and not rb.as_list(r.get("fit_warnings"))
-            and bool(rb.scalar(s.get("pd_hessian"), False))
-            and rb.scalar(s.get("optimizer_convergence"), 1) == 0)
+    return (
+        r.get("error") is None
+        and not rb.as_list(r.get("fit_warnings"))
+        and bool(rb.scalar(s.get("pd_hessian"), False))
+        and rb.scalar(s.get("optimizer_convergence"), 1) == 0
+    )
 
 
 def _analyse(data: pd.DataFrame, **kw) -> Dict[str, Any]:
     return rb.to_py(rb.r_call("plw_glmm_analyse", data[GLMM_COLUMNS], **kw))
 
 
-def fit_glmm(data: pd.DataFrame, dataset: str = "", *, raw: bool = True, conf_level: float = 0.95,
-             n_sim: int = 250, seed: int = 1, optimizer: str = "nlminb",
-             fallback_optimizer: Optional[str] = "BFGS", p: float = P_EXP) -> GlmmResult:
+def fit_glmm(
+    data: pd.DataFrame,
+    dataset: str = "",
+    *,
+    raw: bool = True,
+    conf_level: float = 0.95,
+    n_sim: int = 250,
+    seed: int = 1,
+    optimizer: str = "nlminb",
+    fallback_optimizer: Optional[str] = "BFGS",
+    p: float = P_EXP,
+) -> GlmmResult:
     """Fit the GLMM on prepared data (columns score, w_p, benchmark, model; score in (0, 1)).
 
     With one PTLM the ``(1 | model)`` term is dropped, with one benchmark the random slopes; the
     result's ``notes`` say so. When the fit errors or reports a convergence problem and
     ``fallback_optimizer`` is set, it is refitted with that optim() method; the refit is used only
     if it is clean, and both attempts are recorded (``attempts``, ``notes``)."""
-    res = GlmmResult(dataset=dataset, n_obs=len(data),
-                     benchmarks=sorted(data["benchmark"].unique().tolist()),
-                     models=sorted(data["model"].unique().tolist()))
+    res = GlmmResult(
+        dataset=dataset,
+        n_obs=len(data),
+        benchmarks=sorted(data["benchmark"].unique().tolist()),
+        models=sorted(data["model"].unique().tolist()),
+    )
     y = data["score"].to_numpy(dtype=float)
     if len(data) == 0 or np.any(~np.isfinite(y)) or np.any((y <= 0) | (y >= 1)):
         res.status = "failed"
@@ -129,32 +159,52 @@ def fit_glmm(data: pd.DataFrame, dataset: str = "", *, raw: bool = True, conf_le
     if not random_model:
         res.notes.append(f"one PTLM only ({res.models[0]}): the (1 | model) term was dropped")
     if not random_slopes:
-        res.notes.append(f"one benchmark only ({res.benchmarks[0]}): the benchmark random slopes "
-                         f"were dropped")
-    kw = dict(random_slopes=random_slopes, random_model=random_model, raw=raw,
-              conf_level=conf_level, n_sim=int(n_sim), seed=int(seed))
+        res.notes.append(f"one benchmark only ({res.benchmarks[0]}): the benchmark random slopes were dropped")
+    kw = dict(
+        random_slopes=random_slopes,
+        random_model=random_model,
+        raw=raw,
+        conf_level=conf_level,
+        n_sim=int(n_sim),
+        seed=int(seed),
+    )
     r = _analyse(data, optimizer=optimizer, **kw)
     attempts = [(optimizer, r)]
     if fallback_optimizer and not _clean(r):
         r2 = _analyse(data, optimizer=fallback_optimizer, **kw)
         attempts.append((fallback_optimizer, r2))
-        first = "; ".join(rb.as_list(r.get("fit_warnings")) + rb.as_list(r.get("error"))) \
-            or "non-positive-definite Hessian"
+        first = (
+            "; ".join(rb.as_list(r.get("fit_warnings")) + rb.as_list(r.get("error"))) or "non-positive-definite Hessian"
+        )
         if _clean(r2) or (r.get("summary") is None and r2.get("summary") is not None):
-            res.notes.append(f"{optimizer} reported a problem ({first}); refitted with optim "
-                             f"{fallback_optimizer}, which is "
-                             f"{'clean' if _clean(r2) else 'used (the first fit failed)'}")
+            res.notes.append(
+                f"{optimizer} reported a problem ({first}); refitted with optim "
+                f"{fallback_optimizer}, which is "
+                f"{'clean' if _clean(r2) else 'used (the first fit failed)'}"
+            )
             r = r2
         else:
-            res.notes.append(f"{optimizer} reported a problem ({first}); the refit with optim "
-                             f"{fallback_optimizer} was not clean either, the {optimizer} fit is "
-                             f"reported")
-    res.attempts = [{"optimizer": o, "clean": _clean(a), "error": rb.scalar(a.get("error")),
-                     "warnings": rb.as_list(a.get("fit_warnings"))} for o, a in attempts]
+            res.notes.append(
+                f"{optimizer} reported a problem ({first}); the refit with optim "
+                f"{fallback_optimizer} was not clean either, the {optimizer} fit is "
+                f"reported"
+            )
+    res.attempts = [
+        {
+            "optimizer": o,
+            "clean": _clean(a),
+            "error": rb.scalar(a.get("error")),
+            "warnings": rb.as_list(a.get("fit_warnings")),
+        }
+        for o, a in attempts
+    ]
     res.optimizer = rb.scalar(r.get("optimizer"), optimizer)
     res.formula = rb.scalar(r.get("formula"), "")
-    res.warnings = (rb.as_list(r.get("fit_warnings")) + rb.as_list(r.get("summary_warnings"))
-                    + rb.as_list(r.get("residual_warnings")))
+    res.warnings = (
+        rb.as_list(r.get("fit_warnings"))
+        + rb.as_list(r.get("summary_warnings"))
+        + rb.as_list(r.get("residual_warnings"))
+    )
     res.messages = rb.as_list(r.get("fit_messages"))
     if r.get("error") is not None:
         res.errors.append(rb.scalar(r["error"]))
@@ -176,8 +226,10 @@ def fit_glmm(data: pd.DataFrame, dataset: str = "", *, raw: bool = True, conf_le
     res.optimizer_convergence = rb.scalar(s.get("optimizer_convergence"))
     res.optimizer_message = rb.scalar(s.get("optimizer_message"), "")
     if r.get("residuals") is not None:
-        res.residuals = {k: (np.asarray(v) if isinstance(v, list) and len(v) > 1 else rb.scalar(v))
-                         for k, v in r["residuals"].items()}
+        res.residuals = {
+            k: (np.asarray(v) if isinstance(v, list) and len(v) > 1 else rb.scalar(v))
+            for k, v in r["residuals"].items()
+        }
     elif r.get("residual_error") is not None:
         res.errors.append(f"residual simulation: {rb.scalar(r['residual_error'])}")
     if raw:
@@ -190,8 +242,9 @@ def critical_from(res: GlmmResult, p: float = P_EXP, conf_level: float = 0.95) -
     kw = {}
     if isinstance(res.vcov, pd.DataFrame) and {"w_p", "w_p2"} <= set(res.vcov["term"]):
         V = res.vcov.set_index("term")
-        kw = dict(var_a=float(V.loc["w_p2", "w_p2"]), var_b=float(V.loc["w_p", "w_p"]),
-                  cov_ab=float(V.loc["w_p2", "w_p"]))
+        kw = dict(
+            var_a=float(V.loc["w_p2", "w_p2"]), var_b=float(V.loc["w_p", "w_p"]), cov_ab=float(V.loc["w_p2", "w_p"])
+        )
     return critical_plw(a, b, p=p, intercept=c, conf_level=conf_level, **kw)
 
 
@@ -201,8 +254,15 @@ def skipped(dataset: str, reasons: List[str]) -> GlmmResult:
 
 def residual_tests_row(res: GlmmResult) -> Dict[str, Any]:
     r = res.residuals or {}
-    return {"dataset": res.dataset, "n_sim": r.get("n_sim"), "n_obs": r.get("n_obs"),
-            "uniformity_ks_d": r.get("uniformity_ks_d"), "uniformity_p": r.get("uniformity_p"),
-            "dispersion_ratio": r.get("dispersion_ratio"), "dispersion_p": r.get("dispersion_p"),
-            "outliers": r.get("outliers"), "outliers_expected": r.get("outliers_expected"),
-            "outlier_p": r.get("outlier_p")}
+    return {
+        "dataset": res.dataset,
+        "n_sim": r.get("n_sim"),
+        "n_obs": r.get("n_obs"),
+        "uniformity_ks_d": r.get("uniformity_ks_d"),
+        "uniformity_p": r.get("uniformity_p"),
+        "dispersion_ratio": r.get("dispersion_ratio"),
+        "dispersion_p": r.get("dispersion_p"),
+        "outliers": r.get("outliers"),
+        "outliers_expected": r.get("outliers_expected"),
+        "outlier_p": r.get("outlier_p"),
+    }

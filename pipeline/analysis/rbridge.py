@@ -5,6 +5,7 @@ runner used to cross-check the embedded path.
 The R files hold only functions (no I/O); everything that reads or writes files is here, in
 Python, or in the small driver scripts this module writes for ``Rscript``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,21 +51,22 @@ def r_env():
         except Exception as e:  # ImportError, or R itself cannot be found/started
             raise RUnavailable(
                 f"rpy2 cannot start R ({type(e).__name__}: {e}). The analysis needs R with "
-                f"{', '.join(R_PACKAGES)} and `pip install .[analysis]` (make setup does both)") from e
+                f"{', '.join(R_PACKAGES)} and `pip install .[analysis]` (make setup does both)"
+            ) from e
         finally:
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        missing = [p for p in R_PACKAGES
-                   if not bool(ro.r(f'isTRUE(requireNamespace("{p}", quietly = TRUE))')[0])]
+        missing = [p for p in R_PACKAGES if not bool(ro.r(f'isTRUE(requireNamespace("{p}", quietly = TRUE))')[0])]
         if missing:
-            raise RUnavailable(f"R package(s) {missing} are not installed (Debian: "
-                               f"apt-get install {' '.join('r-cran-' + m.lower() for m in missing)})")
+            raise RUnavailable(
+                f"R package(s) {missing} are not installed (Debian: "
+                f"apt-get install {' '.join('r-cran-' + m.lower() for m in missing)})"
+            )
         # Load car and glmmTMB namespaces so that car::Anova dispatches to Anova.glmmTMB.
-        ro.r("suppressPackageStartupMessages({loadNamespace('glmmTMB'); loadNamespace('car');"
-             " loadNamespace('mgcv')})")
+        ro.r("suppressPackageStartupMessages({loadNamespace('glmmTMB'); loadNamespace('car'); loadNamespace('mgcv')})")
         env = ro.r("new.env(parent = globalenv())")
         for f in R_FILES:
             ro.r["sys.source"](str(R_DIR / f), envir=env)
@@ -129,8 +131,11 @@ def to_py(obj) -> Any:
         return df.reset_index(drop=True)
     if isinstance(obj, ri.ListSexpVector):
         names = ro.r["names"](obj)
-        items = [to_py(v) for v in ro.vectors.ListVector(obj)] if not isinstance(
-            obj, ro.vectors.ListVector) else [to_py(v) for v in obj]
+        items = (
+            [to_py(v) for v in ro.vectors.ListVector(obj)]
+            if not isinstance(obj, ro.vectors.ListVector)
+            else [to_py(v) for v in obj]
+        )
         if names is ri.NULL or isinstance(names, ri.NULLType):
             return items
         return {str(n): v for n, v in zip(names, items)}
@@ -141,8 +146,9 @@ def to_py(obj) -> Any:
     if isinstance(obj, ri.IntSexpVector):
         return [None if v is ri.NA_Integer else int(v) for v in obj]
     if isinstance(obj, ri.FloatSexpVector):
-        return [float("nan") if (v is ri.NA_Real or (isinstance(v, float) and math.isnan(v)))
-                else float(v) for v in obj]
+        return [
+            float("nan") if (v is ri.NA_Real or (isinstance(v, float) and math.isnan(v))) else float(v) for v in obj
+        ]
     return obj
 
 
@@ -165,8 +171,9 @@ def as_list(x) -> List:
 # Plain Rscript (no rpy2): used to cross-check the embedded path and as a fallback.
 # ---------------------------------------------------------------------------------------------
 def rscript_path() -> str:
-    exe = shutil.which("Rscript") or (os.path.join(os.environ["R_HOME"], "bin", "Rscript")
-                                      if os.environ.get("R_HOME") else None)
+    exe = shutil.which("Rscript") or (
+        os.path.join(os.environ["R_HOME"], "bin", "Rscript") if os.environ.get("R_HOME") else None
+    )
     if not exe or not os.path.exists(exe):
         raise RUnavailable("Rscript is not on PATH (install R, or set R_HOME)")
     return exe
@@ -202,8 +209,15 @@ def _rq(s: str) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def glmm_rscript(data: pd.DataFrame, *, random_slopes: bool = True, random_model: bool = True,
-                 raw: bool = True, conf_level: float = 0.95, timeout: int = 600) -> Dict[str, Any]:
+def glmm_rscript(
+    data: pd.DataFrame,
+    *,
+    random_slopes: bool = True,
+    random_model: bool = True,
+    raw: bool = True,
+    conf_level: float = 0.95,
+    timeout: int = 600,
+) -> Dict[str, Any]:
     """Fit the GLMM with a plain ``Rscript`` process on ``data`` (written to CSV, full precision).
 
     Returns dict(coef=DataFrame, anova=DataFrame, scalars=dict, warnings=list, error=str|None).
@@ -214,12 +228,20 @@ def glmm_rscript(data: pd.DataFrame, *, random_slopes: bool = True, random_model
         csv = tmp / "data.csv"
         data.to_csv(csv, index=False, float_format="%.17g")
         script = tmp / "driver.R"
-        script.write_text(_GLMM_DRIVER % dict(
-            files=", ".join(_rq(f) for f in R_FILES), rdir=_rq(R_DIR), data=_rq(csv),
-            slopes="TRUE" if random_slopes else "FALSE", model="TRUE" if random_model else "FALSE",
-            raw="TRUE" if raw else "FALSE", conf=repr(float(conf_level)), out=_rq(tmp)))
-        proc = subprocess.run([exe, "--vanilla", str(script)], capture_output=True, text=True,
-                              timeout=timeout)
+        script.write_text(
+            _GLMM_DRIVER
+            % dict(
+                files=", ".join(_rq(f) for f in R_FILES),
+                rdir=_rq(R_DIR),
+                data=_rq(csv),
+                slopes="TRUE" if random_slopes else "FALSE",
+                model="TRUE" if random_model else "FALSE",
+                raw="TRUE" if raw else "FALSE",
+                conf=repr(float(conf_level)),
+                out=_rq(tmp),
+            )
+        )
+        proc = subprocess.run([exe, "--vanilla", str(script)], capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             raise RuntimeError(f"Rscript failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
         err = (tmp / "error.txt").read_text().strip() if (tmp / "error.txt").exists() else None

@@ -2,6 +2,7 @@
 aggregate, fit the GLMM per dataset and the GAMs across datasets, draw the figures, write the
 tables and the Markdown report. Every problem is collected in an :class:`IssueLog` and reported;
 one bad dataset never stops the others."""
+
 from __future__ import annotations
 
 import json
@@ -15,14 +16,18 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pipeline.analysis import figures as F
-from pipeline.analysis.aggregates import (DatasetStatus, check_datasets, minmax_scale,
-                                          regularizer_table, run_aggregates, select_primary)
+from pipeline.analysis.aggregates import (
+    DatasetStatus,
+    check_datasets,
+    minmax_scale,
+    regularizer_table,
+    run_aggregates,
+    select_primary,
+)
 from pipeline.analysis.collect import collect_runs, write_collected
 from pipeline.analysis.common import IssueLog
-from pipeline.analysis.gam import (GamResult, fit_gam, optimal_plw_table, prepare_gam_data,
-                                   save_bundle, surface)
-from pipeline.analysis.glmm import (GlmmResult, fit_glmm, prepare_glmm_data, residual_tests_row,
-                                    skipped)
+from pipeline.analysis.gam import GamResult, fit_gam, optimal_plw_table, prepare_gam_data, save_bundle, surface
+from pipeline.analysis.glmm import GlmmResult, fit_glmm, prepare_glmm_data, residual_tests_row, skipped
 from pipeline.analysis.rbridge import r_unavailable_reason
 from pipeline.analysis.report import write_report
 
@@ -55,9 +60,17 @@ def _glmm_stage(usable: pd.DataFrame, status: Dict[str, DatasetStatus], acfg, lo
             continue
         data = prepare_glmm_data(usable[usable["dataset"] == ds], do_squeeze=g.squeeze)
         try:
-            res = fit_glmm(data, ds, raw=g.raw_poly, conf_level=g.conf_level, n_sim=g.n_sim,
-                           seed=g.seed, optimizer=g.optimizer,
-                           fallback_optimizer=g.fallback_optimizer, p=acfg.power)
+            res = fit_glmm(
+                data,
+                ds,
+                raw=g.raw_poly,
+                conf_level=g.conf_level,
+                n_sim=g.n_sim,
+                seed=g.seed,
+                optimizer=g.optimizer,
+                fallback_optimizer=g.fallback_optimizer,
+                p=acfg.power,
+            )
         except Exception as e:  # R itself failed in an unexpected way: report, continue
             res = GlmmResult(dataset=ds, status="failed", errors=[f"{type(e).__name__}: {e}"])
         for note in res.notes:
@@ -65,9 +78,12 @@ def _glmm_stage(usable: pd.DataFrame, status: Dict[str, DatasetStatus], acfg, lo
         if res.status != "fitted":
             log.add("glmm", ds, "GLMM could not be fitted: " + "; ".join(res.errors))
         elif not res.converged:
-            log.add("glmm", ds, "convergence problem: " + ("; ".join(res.warnings) or
-                                                           "non-positive-definite Hessian"),
-                    level="warning")
+            log.add(
+                "glmm",
+                ds,
+                "convergence problem: " + ("; ".join(res.warnings) or "non-positive-definite Hessian"),
+                level="warning",
+            )
         out[ds] = res
     return out
 
@@ -77,8 +93,7 @@ def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult
     out: Dict[str, GamResult] = {}
     w_grid = np.linspace(0.0, 1.0, int(g.w_grid))
     for subset in g.subsets:
-        data = prepare_gam_data(usable, subset, gen_benchmarks=list(g.gen_benchmarks),
-                                scaling=g.scaling)
+        data = prepare_gam_data(usable, subset, gen_benchmarks=list(g.gen_benchmarks), scaling=g.scaling)
         try:
             res = fit_gam(data, subset, formula=g.formula, method=g.method, k=g.k)
         except Exception as e:
@@ -92,11 +107,11 @@ def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult
         for w in res.warnings:
             log.add("gam", subset, f"R warning: {w}", level="warning")
         srange = res.score_range[1] - res.score_range[0]
-        r_vals = sorted(set(float(r) for r in g.r_values)
-                        | set(float(r) for r in data["r"].unique()))
+        r_vals = sorted(set(float(r) for r in g.r_values) | set(float(r) for r in data["r"].unique()))
         opt_surf = surface(res.fit, w_grid, r_vals)
-        res.optimum = optimal_plw_table(opt_surf, srange, flat_fraction=g.flat_fraction,
-                                        tolerance=g.tolerance, r_range=res.r_range)
+        res.optimum = optimal_plw_table(
+            opt_surf, srange, flat_fraction=g.flat_fraction, tolerance=g.tolerance, r_range=res.r_range
+        )
         res.optimum["in_data"] = res.optimum["r_g"].isin(set(float(r) for r in data["r"].unique()))
         lo, hi = res.r_range
         r_cont = np.geomspace(lo, hi, 60) if lo > 0 else np.linspace(lo, hi, 60)
@@ -110,8 +125,9 @@ def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult
     return out
 
 
-def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Path] = None,
-                 figures: bool = True, report: bool = True) -> AnalysisOutput:
+def run_analysis(
+    acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Path] = None, figures: bool = True, report: bool = True
+) -> AnalysisOutput:
     """The whole stage. ``acfg`` is the (validated) ``analysis`` config node or AnalysisConfig."""
     runs_dir = Path(runs_dir or acfg.runs_dir)
     out_dir = Path(out_dir or acfg.output_dir)
@@ -123,12 +139,14 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
     scores, mech, l2 = select_primary(tidy, dict(acfg.primary_metrics), acfg.mechanism_prefix)
     log.extend(l2)
     main = scores[scores["regularizer"] == "none"]
-    usable, status, l3 = check_datasets(main, incomplete=acfg.incomplete,
-                                        min_plw_levels=acfg.glmm.min_plw_levels)
+    usable, status, l3 = check_datasets(main, incomplete=acfg.incomplete, min_plw_levels=acfg.glmm.min_plw_levels)
     log.extend(l3)
     scaled = minmax_scale(usable) if len(usable) else usable.assign(scaled=[])
-    agg = run_aggregates(scaled) if len(scaled) else pd.DataFrame(
-        columns=["dataset", "model", "plw", "w_p", "group", "simple", "relative", "n_benchmarks"])
+    agg = (
+        run_aggregates(scaled)
+        if len(scaled)
+        else pd.DataFrame(columns=["dataset", "model", "plw", "w_p", "group", "simple", "relative", "n_benchmarks"])
+    )
     scaled.to_csv(out_dir / "scores.csv", index=False)
     agg.to_csv(out_dir / "aggregates.csv", index=False)
     files["tables"] = [out_dir / "scores.csv", out_dir / "aggregates.csv"]
@@ -145,17 +163,35 @@ def run_analysis(acfg, *, runs_dir: Optional[Path] = None, out_dir: Optional[Pat
     # Regularizers: datasets with regularised runs, scaled over all of their runs.
     reg_ds = sorted(scores.loc[scores["regularizer"] != "none", "dataset"].unique())
     reg_scores = scores[scores["dataset"].isin(reg_ds)]
-    keep = [reg_scores[(reg_scores["dataset"] == d)
-                       & reg_scores["benchmark"].isin(status[d].benchmarks if d in status else
-                                                      reg_scores["benchmark"].unique())]
-            for d in reg_ds]
+    keep = [
+        reg_scores[
+            (reg_scores["dataset"] == d)
+            & reg_scores["benchmark"].isin(status[d].benchmarks if d in status else reg_scores["benchmark"].unique())
+        ]
+        for d in reg_ds
+    ]
     reg_scores = pd.concat(keep, ignore_index=True) if keep else scores.iloc[0:0]
     reg_table = regularizer_table(reg_scores) if len(reg_scores) else pd.DataFrame()
     reg_agg = run_aggregates(minmax_scale(reg_scores)) if len(reg_scores) else pd.DataFrame()
 
     _write_tables(out_dir, glmm, gam, reg_table, log, files)
-    outp = AnalysisOutput(out_dir, runs_dir, tidy, scores, mech, usable, agg, status, glmm, gam,
-                          reg_table, reg_agg, log, files, config=_plain(acfg))
+    outp = AnalysisOutput(
+        out_dir,
+        runs_dir,
+        tidy,
+        scores,
+        mech,
+        usable,
+        agg,
+        status,
+        glmm,
+        gam,
+        reg_table,
+        reg_agg,
+        log,
+        files,
+        config=_plain(acfg),
+    )
     if figures:
         _figures(outp, acfg)
     if report:
@@ -195,7 +231,8 @@ def _write_tables(out_dir: Path, glmm, gam, reg_table, log: IssueLog, files) -> 
         reg_table.to_csv(out_dir / "regularizers_table4.csv", index=False)
         t.append(out_dir / "regularizers_table4.csv")
     pd.DataFrame([vars(i) for i in log], columns=["scope", "where", "message", "level"]).to_csv(
-        out_dir / "issues.csv", index=False)
+        out_dir / "issues.csv", index=False
+    )
     t.append(out_dir / "issues.csv")
     files["tables"] = files.get("tables", []) + t
 
@@ -203,8 +240,11 @@ def _write_tables(out_dir: Path, glmm, gam, reg_table, log: IssueLog, files) -> 
 def _figures(o: AnalysisOutput, acfg) -> None:
     fig_dir = o.out_dir / "figures"
     kw = dict(formats=tuple(acfg.figure_formats), dpi=int(acfg.dpi))
-    curves = {ds: (r.estimate("intercept"), r.estimate("w_p"), r.estimate("w_p2"))
-              for ds, r in o.glmm.items() if r.status == "fitted" and acfg.glmm.raw_poly}
+    curves = {
+        ds: (r.estimate("intercept"), r.estimate("w_p"), r.estimate("w_p2"))
+        for ds, r in o.glmm.items()
+        if r.status == "fitted" and acfg.glmm.raw_poly
+    }
     jobs = {
         "fig1_aggregates": lambda: F.fig_aggregates(o.aggregates, fig_dir, curves, p=acfg.power, **kw),
         "fig1_group_aggregates": lambda: F.fig_group_aggregates(o.aggregates, fig_dir, p=acfg.power, **kw),
@@ -213,7 +253,10 @@ def _figures(o: AnalysisOutput, acfg) -> None:
         "fig8_regularizers": lambda: F.fig_regularizers(o.regularizer_aggregates, fig_dir, **kw),
         "fig10_gam_contours": lambda: F.fig_gam_contours(
             {s: g.surface for s, g in o.gam.items()},
-            {s: g.optimum for s, g in o.gam.items() if g.optimum is not None}, fig_dir, **kw),
+            {s: g.optimum for s, g in o.gam.items() if g.optimum is not None},
+            fig_dir,
+            **kw,
+        ),
         "fig_glmm_residuals": lambda: F.fig_glmm_residuals(o.glmm, fig_dir, **kw),
     }
     for name, job in jobs.items():
@@ -246,18 +289,33 @@ def _jsonable(x):
 
 def _write_json(o: AnalysisOutput) -> None:
     summary = {
-        "runs_dir": str(o.runs_dir), "n_runs": int(o.tidy["run_id"].nunique()) if len(o.tidy) else 0,
+        "runs_dir": str(o.runs_dir),
+        "n_runs": int(o.tidy["run_id"].nunique()) if len(o.tidy) else 0,
         "datasets": {ds: vars(st) for ds, st in o.status.items()},
-        "glmm": {ds: {**r.table_row(), "notes": r.notes, "warnings": r.warnings, "errors": r.errors,
-                      "residual_checks": residual_tests_row(r) if r.residuals else None,
-                      "critical": r.critical.as_dict() if r.critical else None}
-                 for ds, r in o.glmm.items()},
-        "gam": {s: {"status": g.status, "errors": g.errors, "warnings": g.warnings,
-                    "datasets": g.datasets, "r_range": list(g.r_range), "rds": g.rds_path,
-                    "summary": {k: v for k, v in (g.summary or {}).items()
-                                if not isinstance(v, pd.DataFrame)},
-                    "optimum": g.optimum.to_dict(orient="records") if g.optimum is not None else None}
-                for s, g in o.gam.items()},
+        "glmm": {
+            ds: {
+                **r.table_row(),
+                "notes": r.notes,
+                "warnings": r.warnings,
+                "errors": r.errors,
+                "residual_checks": residual_tests_row(r) if r.residuals else None,
+                "critical": r.critical.as_dict() if r.critical else None,
+            }
+            for ds, r in o.glmm.items()
+        },
+        "gam": {
+            s: {
+                "status": g.status,
+                "errors": g.errors,
+                "warnings": g.warnings,
+                "datasets": g.datasets,
+                "r_range": list(g.r_range),
+                "rds": g.rds_path,
+                "summary": {k: v for k, v in (g.summary or {}).items() if not isinstance(v, pd.DataFrame)},
+                "optimum": g.optimum.to_dict(orient="records") if g.optimum is not None else None,
+            }
+            for s, g in o.gam.items()
+        },
         "issues": [vars(i) for i in o.issues],
         "files": {k: [str(p) for p in v] for k, v in o.files.items()},
     }

@@ -8,6 +8,7 @@
    fitted te(w, r) term, with the near-optimal range (within ``analysis.gam.tolerance`` x score
    range of the optimum) and a flatness verdict (``analysis.gam.flat_fraction``).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,11 @@ from pipeline.tokenizer import load_tokenizer
 def token_counts(records: Sequence[dict], tokenizer, batch: int = 1000) -> Dict[str, np.ndarray]:
     """Per-instance prompt (instruction + input) and completion (output) token counts; each field
     tokenized alone, no special tokens."""
+
     def lens(texts: List[str]) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch):
-            chunk = texts[i:i + batch]
+            chunk = texts[i : i + batch]
             ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
             out += [len(x) if t else 0 for x, t in zip(ids, chunk)]
         return np.asarray(out, dtype=np.int64)
@@ -49,10 +51,14 @@ def generation_ratio(prompt: np.ndarray, completion: np.ndarray) -> Dict[str, fl
     ok = prompt > 0
     ratios = completion[ok] / prompt[ok]
     pos = ratios[ratios > 0]
-    return {"r_g": float(completion.sum() / prompt.sum()), "n": int(len(prompt)),
-            "prompt_tokens": int(prompt.sum()), "completion_tokens": int(completion.sum()),
-            "mean_ratio": float(ratios.mean()) if len(ratios) else float("nan"),
-            "geomean_ratio": float(np.exp(np.log(pos).mean())) if len(pos) else float("nan")}
+    return {
+        "r_g": float(completion.sum() / prompt.sum()),
+        "n": int(len(prompt)),
+        "prompt_tokens": int(prompt.sum()),
+        "completion_tokens": int(completion.sum()),
+        "mean_ratio": float(ratios.mean()) if len(ratios) else float("nan"),
+        "geomean_ratio": float(np.exp(np.log(pos).mean())) if len(pos) else float("nan"),
+    }
 
 
 def dataset_rg(path: Path, tokenizer_spec: str, fmt: str = "alpaca") -> Dict[str, float]:
@@ -81,35 +87,50 @@ class Recommendation:
 
     def text(self) -> str:
         tol = self.tolerance * self.score_range
-        lines = [f"Recommended PLW: {self.plw:.3g}  (R_g = {self.r_g:.4g}; GAM '{self.subset}' from {self.gam_file})",
-                 f"Near-optimal PLW range: [{self.near_low:.3g}, {self.near_high:.3g}]  "
-                 f"(predicted score within {tol:.3g} = {self.tolerance:.0%} of the score range of the optimum)",
-                 f"Predicted gain of the optimum over PLW 0: {self.gain_over_plw0:.3g} "
-                 f"(scaled score units; the whole PLW effect at this R_g spans {self.range_over_plw:.3g})"]
+        lines = [
+            f"Recommended PLW: {self.plw:.3g}  (R_g = {self.r_g:.4g}; GAM '{self.subset}' from {self.gam_file})",
+            f"Near-optimal PLW range: [{self.near_low:.3g}, {self.near_high:.3g}]  "
+            f"(predicted score within {tol:.3g} = {self.tolerance:.0%} of the score range of the optimum)",
+            f"Predicted gain of the optimum over PLW 0: {self.gain_over_plw0:.3g} "
+            f"(scaled score units; the whole PLW effect at this R_g spans {self.range_over_plw:.3g})",
+        ]
         if self.flat:
-            lines.append(f"The fitted curve is flat at this R_g (varies by less than "
-                         f"{self.flat_fraction:.0%} of the score range): PLW hardly matters here.")
+            lines.append(
+                f"The fitted curve is flat at this R_g (varies by less than "
+                f"{self.flat_fraction:.0%} of the score range): PLW hardly matters here."
+            )
         if self.extrapolated:
-            lines.append(f"WARNING: R_g = {self.r_g:.4g} lies outside the R_g range of the datasets "
-                         f"the GAM was fitted on [{self.r_range[0]:.4g}, {self.r_range[1]:.4g}]: "
-                         f"this is an extrapolation.")
+            lines.append(
+                f"WARNING: R_g = {self.r_g:.4g} lies outside the R_g range of the datasets "
+                f"the GAM was fitted on [{self.r_range[0]:.4g}, {self.r_range[1]:.4g}]: "
+                f"this is an extrapolation."
+            )
         return "\n".join(lines)
 
 
-def recommend(gam_file: Path, r_g: float, *, w_grid: int = 201, tolerance: float = 0.01,
-              flat_fraction: float = 0.05) -> Recommendation:
+def recommend(
+    gam_file: Path, r_g: float, *, w_grid: int = 201, tolerance: float = 0.01, flat_fraction: float = 0.05
+) -> Recommendation:
     if not (r_g > 0 and math.isfinite(r_g)):
         raise ValueError(f"R_g must be a positive number, got {r_g}")
     fit, facts = load_bundle(Path(gam_file))
     srange = float(facts["score_range"][1] - facts["score_range"][0])
     r_range = tuple(float(x) for x in facts["r_range"])
     surf = surface(fit, np.linspace(0.0, 1.0, int(w_grid)), [float(r_g)])
-    row = optimal_plw_table(surf, srange, flat_fraction=flat_fraction, tolerance=tolerance,
-                            r_range=r_range).iloc[0]
-    return Recommendation(r_g=float(r_g), plw=float(row["optimal_plw"]),
-                          near_low=float(row["near_opt_low"]), near_high=float(row["near_opt_high"]),
-                          flat=bool(row["flat"]), extrapolated=bool(row["extrapolated"]),
-                          gain_over_plw0=float(row["gain_over_plw0"]),
-                          range_over_plw=float(row["range_over_plw"]), score_range=srange,
-                          tolerance=tolerance, flat_fraction=flat_fraction,
-                          subset=str(facts.get("subset")), gam_file=str(gam_file), r_range=r_range)
+    row = optimal_plw_table(surf, srange, flat_fraction=flat_fraction, tolerance=tolerance, r_range=r_range).iloc[0]
+    return Recommendation(
+        r_g=float(r_g),
+        plw=float(row["optimal_plw"]),
+        near_low=float(row["near_opt_low"]),
+        near_high=float(row["near_opt_high"]),
+        flat=bool(row["flat"]),
+        extrapolated=bool(row["extrapolated"]),
+        gain_over_plw0=float(row["gain_over_plw0"]),
+        range_over_plw=float(row["range_over_plw"]),
+        score_range=srange,
+        tolerance=tolerance,
+        flat_fraction=flat_fraction,
+        subset=str(facts.get("subset")),
+        gam_file=str(gam_file),
+        r_range=r_range,
+    )

@@ -12,6 +12,7 @@ finishes) and a summary per benchmark. Exit status: 0 every benchmark ok
 or skipped, 1 some benchmark failed (see results.csv's status/message) or a run could not be
 evaluated, 2 bad configuration or arguments.
 """
+
 from __future__ import annotations
 
 import sys

@@ -25,6 +25,7 @@ Rows: ``win_rate`` (0-100, stderr = alpaca_eval's standard error, n = judged pai
 ``avg_length`` (alpaca_eval's: mean characters of the outputs), optionally ``discrete_win_rate``.
 Judgments that cannot be parsed are excluded by alpaca_eval's metric and counted in the message.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -100,7 +101,8 @@ def reference_path(explicit: Optional[str], data_dir: Optional[str]) -> Path:
         raise DataUnavailable(
             f"AlpacaEval reference outputs not available offline: looked at {where}the hub dataset "
             f"{HUB_REPO}/{HUB_FILE} ({type(e).__name__}). Set eval.alpaca_eval_reference=<file> or run "
-            f"`make fetch-data` where the hub is reachable") from None
+            f"`make fetch-data` where the hub is reachable"
+        ) from None
 
 
 def load_reference(path: Path) -> List[Dict[str, str]]:
@@ -123,14 +125,21 @@ def load_reference(path: Path) -> List[Dict[str, str]]:
         for k in ("instruction", "output"):
             if not isinstance(r.get(k), str):
                 raise AlpacaEvalError(f"{path}: record {i}: field '{k}' is missing or not a string")
-        out.append({"instruction": r["instruction"], "output": r["output"],
-                    "generator": str(r.get("generator", REFERENCE_GENERATOR)),
-                    "dataset": str(r.get("dataset", ""))})
+        out.append(
+            {
+                "instruction": r["instruction"],
+                "output": r["output"],
+                "generator": str(r.get("generator", REFERENCE_GENERATOR)),
+                "dataset": str(r.get("dataset", "")),
+            }
+        )
     seen = set()
     for i, r in enumerate(out):
         if r["instruction"] in seen:
-            raise AlpacaEvalError(f"{path}: record {i}: field 'instruction' duplicates an earlier record "
-                                  f"(alpaca_eval merges outputs on the instruction)")
+            raise AlpacaEvalError(
+                f"{path}: record {i}: field 'instruction' duplicates an earlier record "
+                f"(alpaca_eval merges outputs on the instruction)"
+            )
         seen.add(r["instruction"])
     return out
 
@@ -143,12 +152,25 @@ def prompts_for(reference: Sequence[Dict[str, str]]) -> List[str]:
 # generation
 # --------------------------------------------------------------------------------------------
 def generation_settings(max_new_tokens: int, limit: Optional[int]) -> Dict[str, Any]:
-    return {"template": "alpaca (pipeline.preprocess.render_source, no input)", "decoding": "greedy",
-            "max_new_tokens": int(max_new_tokens), "limit": limit}
+    return {
+        "template": "alpaca (pipeline.preprocess.render_source, no input)",
+        "decoding": "greedy",
+        "max_new_tokens": int(max_new_tokens),
+        "limit": limit,
+    }
 
 
-def generate_outputs(model, tokenizer, reference: Sequence[Dict[str, str]], *, out_file: Path,
-                     generator: str, max_new_tokens: int, batch_size: int, limit: Optional[int]) -> List[Dict[str, Any]]:
+def generate_outputs(
+    model,
+    tokenizer,
+    reference: Sequence[Dict[str, str]],
+    *,
+    out_file: Path,
+    generator: str,
+    max_new_tokens: int,
+    batch_size: int,
+    limit: Optional[int],
+) -> List[Dict[str, Any]]:
     """The model's outputs for the (first ``limit``) instructions; cached in ``out_file``."""
     ref = list(reference[:limit] if limit else reference)
     settings = generation_settings(max_new_tokens, limit)
@@ -160,11 +182,25 @@ def generate_outputs(model, tokenizer, reference: Sequence[Dict[str, str]], *, o
                 return cached["outputs"]
         except (ValueError, KeyError):
             pass
-    gens = generation.generate(model, tokenizer, prompts_for(ref), max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, desc="AlpacaEval generation")
-    outputs = [{"instruction": r["instruction"], "output": g.text, "generator": generator,
-                "dataset": r["dataset"], "n_tokens": g.n_tokens, "finished": g.finished}
-               for r, g in zip(ref, gens)]
+    gens = generation.generate(
+        model,
+        tokenizer,
+        prompts_for(ref),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        desc="AlpacaEval generation",
+    )
+    outputs = [
+        {
+            "instruction": r["instruction"],
+            "output": g.text,
+            "generator": generator,
+            "dataset": r["dataset"],
+            "n_tokens": g.n_tokens,
+            "finished": g.finished,
+        }
+        for r, g in zip(ref, gens)
+    ]
     atomic_write_json(out_file, {"key": key, "settings": settings, "outputs": outputs})
     return outputs
 
@@ -203,19 +239,26 @@ def annotator_config(judge: str, judge_model: Optional[str] = None) -> Tuple[str
     return name, conf
 
 
-def evaluator_info(judge: str, judge_model: Optional[str], reference_file: Path, *, max_new_tokens: int,
-                   limit: Optional[int]) -> Dict[str, Any]:
+def evaluator_info(
+    judge: str, judge_model: Optional[str], reference_file: Path, *, max_new_tokens: int, limit: Optional[int]
+) -> Dict[str, Any]:
     """The exact evaluator config recorded in results.csv (and compared on resume)."""
     name, conf = annotator_config(judge, judge_model)
     prompt = Path(conf["prompt_template"]).read_bytes()
     kw = conf.get("completions_kwargs", {})
-    return {"framework": "alpaca_eval", "version": alpaca_eval_version(), "annotator": name,
-            "judge": kw.get("model_name"), "fn_completions": conf.get("fn_completions"),
-            "judge_decoding": {k: v for k, v in kw.items() if k != "model_name"},
-            "prompt_sha256": _sha(prompt)[:16],
-            "parser": conf.get("completion_parser_kwargs"), "metric": "get_winrate (draws count half)",
-            "reference": {"file": reference_file.name, "sha256": _sha(reference_file.read_bytes())[:16]},
-            "generation": generation_settings(max_new_tokens, limit)}
+    return {
+        "framework": "alpaca_eval",
+        "version": alpaca_eval_version(),
+        "annotator": name,
+        "judge": kw.get("model_name"),
+        "fn_completions": conf.get("fn_completions"),
+        "judge_decoding": {k: v for k, v in kw.items() if k != "model_name"},
+        "prompt_sha256": _sha(prompt)[:16],
+        "parser": conf.get("completion_parser_kwargs"),
+        "metric": "get_winrate (draws count half)",
+        "reference": {"file": reference_file.name, "sha256": _sha(reference_file.read_bytes())[:16]},
+        "generation": generation_settings(max_new_tokens, limit),
+    }
 
 
 def _check_decoder(fn: str) -> None:
@@ -226,7 +269,8 @@ def _check_decoder(fn: str) -> None:
     if missing:
         raise AlpacaEvalError(
             f"the judge's decoder {fn} needs the package(s) {missing}: pip install {' '.join(missing)} "
-            f"(or choose another evaluator: eval.judge=mixtral_8x7b_instruct_vllm / mixtral_8x7b_instruct)")
+            f"(or choose another evaluator: eval.judge=mixtral_8x7b_instruct_vllm / mixtral_8x7b_instruct)"
+        )
 
 
 def _annotator_class():
@@ -249,9 +293,16 @@ def _annotator_class():
     return CachedFloatPairwiseAnnotator
 
 
-def annotate(outputs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, str]], *, judge: str,
-             judge_model: Optional[str], out_dir: Path, name: str,
-             chunksize: Optional[int] = None) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def annotate(
+    outputs: Sequence[Dict[str, Any]],
+    reference: Sequence[Dict[str, str]],
+    *,
+    judge: str,
+    judge_model: Optional[str],
+    out_dir: Path,
+    name: str,
+    chunksize: Optional[int] = None,
+) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """Judge ``outputs`` against ``reference`` with alpaca_eval; returns (leaderboard row, annotations)."""
     import pandas as pd
 
@@ -270,53 +321,88 @@ def annotate(outputs: Sequence[Dict[str, Any]], reference: Sequence[Dict[str, st
     atomic_write_text(ann_dir / "configs.yaml", yaml.safe_dump({ann_name: conf}, sort_keys=False))
     by_instr = {r["instruction"]: r for r in reference}
     ref = [by_instr[o["instruction"]] for o in outputs]
-    model_df = pd.DataFrame([{"instruction": o["instruction"], "output": o["output"], "generator": name}
-                             for o in outputs])
-    ref_df = pd.DataFrame([{"instruction": r["instruction"], "output": r["output"], "generator": r["generator"]}
-                           for r in ref])
+    model_df = pd.DataFrame(
+        [{"instruction": o["instruction"], "output": o["output"], "generator": name} for o in outputs]
+    )
+    ref_df = pd.DataFrame(
+        [{"instruction": r["instruction"], "output": r["output"], "generator": r["generator"]} for r in ref]
+    )
     leaderboard, annotations = ae_main.evaluate(
-        model_outputs=model_df, reference_outputs=ref_df, annotators_config=str(ann_dir / "configs.yaml"),
-        name=name, output_path=str(out_dir), precomputed_leaderboard=None, is_return_instead_of_print=True,
-        fn_metric="get_winrate", sort_by="win_rate", is_cache_leaderboard=False,
+        model_outputs=model_df,
+        reference_outputs=ref_df,
+        annotators_config=str(ann_dir / "configs.yaml"),
+        name=name,
+        output_path=str(out_dir),
+        precomputed_leaderboard=None,
+        is_return_instead_of_print=True,
+        fn_metric="get_winrate",
+        sort_by="win_rate",
+        is_cache_leaderboard=False,
         caching_path=str(out_dir / "annotations_cache.json"),
-        annotation_kwargs={"chunksize": chunksize}, Annotator=_annotator_class(), **kwargs)
+        annotation_kwargs={"chunksize": chunksize},
+        Annotator=_annotator_class(),
+        **kwargs,
+    )
     row = leaderboard.loc[name].to_dict()
     ann = annotations if isinstance(annotations, list) else pd.DataFrame(annotations).to_dict("records")
     return row, ann
 
 
-def rows_from(board: Dict[str, Any], annotations: Sequence[Dict[str, Any]], outputs: Sequence[Dict[str, Any]],
-              metrics: Sequence[str], judge: str) -> List[ResultRow]:
+def rows_from(
+    board: Dict[str, Any],
+    annotations: Sequence[Dict[str, Any]],
+    outputs: Sequence[Dict[str, Any]],
+    metrics: Sequence[str],
+    judge: str,
+) -> List[ResultRow]:
     """Tidy rows from alpaca_eval's leaderboard row (see the module docstring)."""
     import math
 
     n_total = int(board.get("n_total", 0))
-    unparsed = sum(1 for a in annotations
-                   if a.get("preference") is None or (isinstance(a.get("preference"), float)
-                                                      and math.isnan(a["preference"])))
-    notes = [f"wins {int(board.get('n_wins', 0))}, losses {int(board.get('n_wins_base', 0))}, "
-             f"draws {int(board.get('n_draws', 0))} of {len(outputs)} instructions"]
+    unparsed = sum(
+        1
+        for a in annotations
+        if a.get("preference") is None or (isinstance(a.get("preference"), float) and math.isnan(a["preference"]))
+    )
+    notes = [
+        f"wins {int(board.get('n_wins', 0))}, losses {int(board.get('n_wins_base', 0))}, "
+        f"draws {int(board.get('n_draws', 0))} of {len(outputs)} instructions"
+    ]
     if unparsed:
         notes.append(f"{unparsed} judgment(s) could not be parsed (no 'Output (a)'/'Output (b)') and are excluded")
     if judge == TEST_DOUBLE:
         notes.append(TEST_DOUBLE_NOTE)
     msg = "; ".join(notes)
     chars = [len(o["output"]) for o in outputs]
-    values = {"win_rate": (board.get("win_rate"), board.get("standard_error"), n_total),
-              "discrete_win_rate": (board.get("discrete_win_rate"), None, n_total),
-              "avg_length": (sum(chars) / len(chars) if chars else None, None, len(chars))}
+    values = {
+        "win_rate": (board.get("win_rate"), board.get("standard_error"), n_total),
+        "discrete_win_rate": (board.get("discrete_win_rate"), None, n_total),
+        "avg_length": (sum(chars) / len(chars) if chars else None, None, len(chars)),
+    }
     rows = []
     for m in metrics:
         if m in values:
             v, se, n = values[m]
             if n_total == 0 and m != "avg_length":
-                rows.append(ResultRow("alpaca_eval", m, None, None, 0, "error",
-                                f"no judgment could be parsed ({len(outputs)} pairs); {msg}"))
+                rows.append(
+                    ResultRow(
+                        "alpaca_eval",
+                        m,
+                        None,
+                        None,
+                        0,
+                        "error",
+                        f"no judgment could be parsed ({len(outputs)} pairs); {msg}",
+                    )
+                )
             else:
                 rows.append(ResultRow("alpaca_eval", m, v, se, n, "ok", msg))
         else:
-            rows.append(ResultRow("alpaca_eval", m, None, None, None, "skipped",
-                            f"unknown metric {m!r} (available: {sorted(values)})"))
+            rows.append(
+                ResultRow(
+                    "alpaca_eval", m, None, None, None, "skipped", f"unknown metric {m!r} (available: {sorted(values)})"
+                )
+            )
     return rows
 
 
@@ -334,18 +420,28 @@ class AlpacaEvalRunner(Runner):
     def plan(self, ev: EvalSession, bench: B.Benchmark) -> EvalPlan:
         e = ev.e
         if bench.compute not in COMPUTATIONS:
-            raise ValueError(f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
-                             f"kind alpaca_eval, got {bench.compute!r}")
+            raise ValueError(
+                f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
+                f"kind alpaca_eval, got {bench.compute!r}"
+            )
         gen = generation_settings(e.max_new_tokens, e.limit)
         try:
             ref = reference_path(e.alpaca_eval_reference, e.data_dir)
         except DataUnavailable as ex:
             return EvalPlan(bench.name, {"framework": "alpaca_eval", "generation": gen}, str(ex))
         if bench.compute == "length":
-            return EvalPlan(bench.name, {"kind": "mechanism", "source": "AlpacaEval generations", "generation": gen,
-                                         "reference_file": ref.name})
-        return EvalPlan(bench.name, evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens,
-                                                   limit=e.limit))
+            return EvalPlan(
+                bench.name,
+                {
+                    "kind": "mechanism",
+                    "source": "AlpacaEval generations",
+                    "generation": gen,
+                    "reference_file": ref.name,
+                },
+            )
+        return EvalPlan(
+            bench.name, evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens, limit=e.limit)
+        )
 
     def prepare(self, ev: EvalSession) -> None:
         """Import alpaca_eval before the objects alive are frozen (when a win rate is asked for)."""
@@ -364,9 +460,15 @@ class AlpacaEvalRunner(Runner):
             path = reference_path(e.alpaca_eval_reference, e.data_dir)
             ev.shared["alpaca_reference"] = load_reference(path)
             ev.shared["alpaca_outputs"] = generate_outputs(
-                lm.model, lm.tokenizer, ev.shared["alpaca_reference"],
-                out_file=ev.eval_dir / "alpaca_eval" / "model_outputs.json", generator=ev.t.run_id,
-                max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
+                lm.model,
+                lm.tokenizer,
+                ev.shared["alpaca_reference"],
+                out_file=ev.eval_dir / "alpaca_eval" / "model_outputs.json",
+                generator=ev.t.run_id,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+                limit=e.limit,
+            )
         except Exception as ex:
             log.error("AlpacaEval generation failed:\n%s", traceback.format_exc())
             ev.fail_all(plans, names, f"AlpacaEval generation failed: {type(ex).__name__}: {ex}")
@@ -387,8 +489,14 @@ class AlpacaEvalRunner(Runner):
                     cached = ev.eval_dir / "alpaca_eval" / "model_outputs.json"
                     raise RuntimeError(f"no AlpacaEval generations ({cached})")
                 board, ann = annotate(
-                    outputs, ev.shared["alpaca_reference"], judge=e.judge, judge_model=e.judge_model,
-                    out_dir=ev.eval_dir / "alpaca_eval", name=ev.t.run_id, chunksize=e.judge_chunksize)
+                    outputs,
+                    ev.shared["alpaca_reference"],
+                    judge=e.judge,
+                    judge_model=e.judge_model,
+                    out_dir=ev.eval_dir / "alpaca_eval",
+                    name=ev.t.run_id,
+                    chunksize=e.judge_chunksize,
+                )
                 return rows_from(board, ann, outputs, ev.metrics(n), e.judge)
 
             ev.attempt(plans[n], fn)
@@ -399,8 +507,9 @@ def rows_length(ev: EvalSession, name: str) -> List[ResultRow]:
     outs = ev.shared.get("alpaca_outputs") or []
     vals = {"mean_chars": [len(o["output"]) for o in outs], "mean_tokens": [o["n_tokens"] for o in outs]}
     unfinished = sum(1 for o in outs if not o.get("finished", True))
-    msg = (f"{unfinished} of {len(outs)} generations stopped at max_new_tokens={ev.e.max_new_tokens}"
-           if unfinished else "")
+    msg = (
+        f"{unfinished} of {len(outs)} generations stopped at max_new_tokens={ev.e.max_new_tokens}" if unfinished else ""
+    )
     rows = []
     for m in ev.metrics(name):
         v = vals.get(m)

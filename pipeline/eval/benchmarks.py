@@ -26,6 +26,7 @@ benchmarks proper) vs MECHANISMS (group ``mechanism``: the ``mech_*`` metrics, r
 
 The registry is read once per process and again when a file in these folders changes.
 """
+
 from __future__ import annotations
 
 import os
@@ -70,8 +71,9 @@ def task_dirs() -> List[Path]:
 
 def _strings(path: Path, field: str, value: Any) -> Tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.{field}' must be a list of strings, "
-                                        f"got {value!r}")
+        raise BenchmarkDeclarationError(
+            f"{path}: field '{DECLARATION_KEY}.{field}' must be a list of strings, got {value!r}"
+        )
     return tuple(value)
 
 
@@ -79,24 +81,29 @@ def parse_declaration(path: Path, doc: Any) -> Benchmark:
     """The :class:`Benchmark` a YAML document declares (its ``benchmark:`` block)."""
     path = Path(path)
     if not isinstance(doc, dict) or not isinstance(doc.get(DECLARATION_KEY), dict):
-        raise BenchmarkDeclarationError(f"{path}: no '{DECLARATION_KEY}:' block (a mapping declaring the "
-                                        f"benchmark's group, metrics, ...; docs/evaluation.md)")
+        raise BenchmarkDeclarationError(
+            f"{path}: no '{DECLARATION_KEY}:' block (a mapping declaring the "
+            f"benchmark's group, metrics, ...; docs/evaluation.md)"
+        )
     d = doc[DECLARATION_KEY]
     unknown = sorted(set(d) - set(_FIELDS))
     if unknown:
-        raise BenchmarkDeclarationError(f"{path}: unknown field '{DECLARATION_KEY}.{unknown[0]}' "
-                                        f"(known: {', '.join(_FIELDS)})")
+        raise BenchmarkDeclarationError(
+            f"{path}: unknown field '{DECLARATION_KEY}.{unknown[0]}' (known: {', '.join(_FIELDS)})"
+        )
     group = d.get("group")
     if group not in GROUPS:
-        raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.group' must be one of {list(GROUPS)}, "
-                                        f"got {group!r}")
+        raise BenchmarkDeclarationError(
+            f"{path}: field '{DECLARATION_KEY}.group' must be one of {list(GROUPS)}, got {group!r}"
+        )
     kind = d.get("kind", "harness")
     if not isinstance(kind, str) or not kind:
         raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.kind' must be a runner name, got {kind!r}")
     shots = d.get("shots", 0)
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
-        raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.shots' must be an integer >= 0, "
-                                        f"got {shots!r}")
+        raise BenchmarkDeclarationError(
+            f"{path}: field '{DECLARATION_KEY}.shots' must be an integer >= 0, got {shots!r}"
+        )
     if "metrics" not in d:
         raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.metrics' is missing (the reported metrics)")
     metrics = _strings(path, "metrics", d["metrics"])
@@ -105,18 +112,31 @@ def parse_declaration(path: Path, doc: Any) -> Benchmark:
     available = _strings(path, "available", d.get("available", list(metrics)))
     needs_model = d.get("needs_model", True)
     if not isinstance(needs_model, bool):
-        raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.needs_model' must be true or false, "
-                                        f"got {needs_model!r}")
+        raise BenchmarkDeclarationError(
+            f"{path}: field '{DECLARATION_KEY}.needs_model' must be true or false, got {needs_model!r}"
+        )
     hub = d.get("hub")
     if hub is not None:
         if not isinstance(hub, dict) or not isinstance(hub.get("path"), str) or set(hub) - {"path", "name", "revision"}:
-            raise BenchmarkDeclarationError(f"{path}: field '{DECLARATION_KEY}.hub' must be a mapping with 'path' "
-                                            f"(and optionally 'name', 'revision'), got {hub!r}")
+            raise BenchmarkDeclarationError(
+                f"{path}: field '{DECLARATION_KEY}.hub' must be a mapping with 'path' "
+                f"(and optionally 'name', 'revision'), got {hub!r}"
+            )
         hub = (hub["path"], hub.get("name"), hub.get("revision"))
     compute = d.get("compute")
-    return Benchmark(name=path.stem, group=group, kind=kind, shots=shots, metrics=metrics, available=available,
-                     needs_model=needs_model, description=str(d.get("description") or ""),
-                     compute=None if compute is None else str(compute), hub=hub, path=path)
+    return Benchmark(
+        name=path.stem,
+        group=group,
+        kind=kind,
+        shots=shots,
+        metrics=metrics,
+        available=available,
+        needs_model=needs_model,
+        description=str(d.get("description") or ""),
+        compute=None if compute is None else str(compute),
+        hub=hub,
+        path=path,
+    )
 
 
 _CACHE: Dict[Tuple, Dict[str, Benchmark]] = {}
@@ -126,8 +146,9 @@ def _listing() -> Tuple[Tuple[str, int, int], ...]:
     out = []
     for folder in task_dirs():
         if not folder.is_dir():
-            raise BenchmarkDeclarationError(f"benchmark folder {folder} does not exist "
-                                            f"(environment variable {EXTRA_DIRS_ENV})")
+            raise BenchmarkDeclarationError(
+                f"benchmark folder {folder} does not exist (environment variable {EXTRA_DIRS_ENV})"
+            )
         for p in sorted(folder.glob("*.yaml")):
             st = p.stat()
             out.append((str(p), st.st_size, st.st_mtime_ns))
@@ -147,8 +168,9 @@ def registry() -> Dict[str, Benchmark]:
                 raise BenchmarkDeclarationError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
             b = parse_declaration(path, doc)
             if b.name in found:
-                raise BenchmarkDeclarationError(f"{path}: benchmark {b.name!r} is declared twice "
-                                                f"(also {found[b.name].path})")
+                raise BenchmarkDeclarationError(
+                    f"{path}: benchmark {b.name!r} is declared twice (also {found[b.name].path})"
+                )
             found[b.name] = b
         _CACHE.clear()
         _CACHE[key] = {b.name: b for b in sorted(found.values(), key=lambda b: (GROUPS.index(b.group), b.name))}

@@ -22,6 +22,7 @@ rows, sha256 and source. Files already present are kept unless ``--force``. A be
 cannot be fetched is reported (with the reason) and the others are still fetched; the exit status
 is 1 if any failed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -72,11 +73,17 @@ URLS: Dict[str, UrlSource] = {
     "alpaca_eval": UrlSource(
         "https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
         "results/text_davinci_003/model_outputs.json",
-        "af0bc112f08c88bf589bbfe6fc1036806d0a0f6fec9c4d5a4db860f5afe73b4b", "alpaca_eval/alpaca_eval_v1.jsonl", True),
+        "af0bc112f08c88bf589bbfe6fc1036806d0a0f6fec9c4d5a4db860f5afe73b4b",
+        "alpaca_eval/alpaca_eval_v1.jsonl",
+        True,
+    ),
     "pandalm": UrlSource(
         "https://raw.githubusercontent.com/WeOpenML/PandaLM/3871806e72b4832f815ecafd24d3503c73403f48/"
         "data/testset-inference-v1.json",
-        "170fef9eb10de404cdb3e2d9c6e3fab5cf656d47bd199cd6b368509e5bfc2967", "pandalm/testset-inference-v1.json", False),
+        "170fef9eb10de404cdb3e2d9c6e3fab5cf656d47bd199cd6b368509e5bfc2967",
+        "pandalm/testset-inference-v1.json",
+        False,
+    ),
 }
 
 
@@ -118,9 +125,17 @@ def fetch_hub(benchmark: str, root: Path, force: bool = False) -> List[Dict[str,
         if split not in dd:
             raise KeyError(f"{src.path} ({src.name}) has no split {split!r} (has {list(dd)})")
         n, sha = write_jsonl(dd[split].to_list(), root / rel)
-        out.append({"file": rel, "rows": n, "sha256": sha, "source": f"hf:{src.path}"
-                    + (f"/{src.name}" if src.name else "") + f" split {split}"
-                    + (f" @ {src.revision}" if src.revision else " (default branch)")})
+        out.append(
+            {
+                "file": rel,
+                "rows": n,
+                "sha256": sha,
+                "source": f"hf:{src.path}"
+                + (f"/{src.name}" if src.name else "")
+                + f" split {split}"
+                + (f" @ {src.revision}" if src.revision else " (default branch)"),
+            }
+        )
     return out
 
 
@@ -170,8 +185,12 @@ def fetch(root: Path, only: Optional[Sequence[str]] = None, force: bool = False)
 def main(argv: Optional[List[str]] = None) -> int:
     ap = cli.parser("python -m pipeline.eval.fetch", __doc__)
     ap.add_argument("--force", action="store_true", help="download again even where the mirror has the files")
-    ap.add_argument("--only", type=lambda v: [x for x in v.split(",") if x], default=None,
-                    help="comma-separated benchmarks to fetch (default: all)")
+    ap.add_argument(
+        "--only",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=None,
+        help="comma-separated benchmarks to fetch (default: all)",
+    )
     args, rest = cli.parse(ap, argv)
     force, only = args.force, args.only
     cli.setup_logging()
@@ -189,8 +208,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     for k, why in failures.items():
         print(f"  FAILED {k}: {why}", file=sys.stderr)
     if failures:
-        print("Some benchmarks could not be fetched (offline? HF_HUB_OFFLINE set?); the evaluation records "
-              "them as skipped. Re-run `make fetch-data` where the hub and GitHub are reachable.", file=sys.stderr)
+        print(
+            "Some benchmarks could not be fetched (offline? HF_HUB_OFFLINE set?); the evaluation records "
+            "them as skipped. Re-run `make fetch-data` where the hub and GitHub are reachable.",
+            file=sys.stderr,
+        )
     return 1 if failures else 0
 
 

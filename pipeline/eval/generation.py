@@ -18,6 +18,7 @@ mask is the same tensor (tests/test_eval_generation.py compares them), so output
 any other mask pattern (sliding window, chunked, packed sequences, non-boolean masks) goes to
 transformers' own function.
 """
+
 from __future__ import annotations
 
 import gc
@@ -78,9 +79,17 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def causal_padding_mask(batch_size: int, cache_position: torch.Tensor, kv_length: int, kv_offset: int = 0,
-                        mask_function=None, attention_mask: Optional[torch.Tensor] = None,
-                        local_size: Optional[int] = None, allow_is_causal_skip: bool = True, **kwargs):
+def causal_padding_mask(
+    batch_size: int,
+    cache_position: torch.Tensor,
+    kv_length: int,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    local_size: Optional[int] = None,
+    allow_is_causal_skip: bool = True,
+    **kwargs,
+):
     """transformers' ``sdpa_mask`` (4.57, torch >= 2.6) for the plain causal mask with a boolean 2D
     padding mask, computed by broadcasting: ``mask[b, 0, i, j] = (j + kv_offset <= cache_position[i])
     and padding[b, j + kv_offset]``. ``None`` when SDPA's ``is_causal`` can be used instead (the same
@@ -88,12 +97,22 @@ def causal_padding_mask(batch_size: int, cache_position: torch.Tensor, kv_length
     from transformers import masking_utils as mu
 
     original = mu.AttentionMaskInterface._global_mapping["sdpa"]
-    if (mask_function is not mu.causal_mask_function or not mu._is_torch_greater_or_equal_than_2_6
-            or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.ndim != 2))):
-        return original(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length,
-                        kv_offset=kv_offset, mask_function=mask_function if mask_function is not None
-                        else mu.causal_mask_function, attention_mask=attention_mask, local_size=local_size,
-                        allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if (
+        mask_function is not mu.causal_mask_function
+        or not mu._is_torch_greater_or_equal_than_2_6
+        or (attention_mask is not None and (attention_mask.dtype != torch.bool or attention_mask.ndim != 2))
+    ):
+        return original(
+            batch_size=batch_size,
+            cache_position=cache_position,
+            kv_length=kv_length,
+            kv_offset=kv_offset,
+            mask_function=mask_function if mask_function is not None else mu.causal_mask_function,
+            attention_mask=attention_mask,
+            local_size=local_size,
+            allow_is_causal_skip=allow_is_causal_skip,
+            **kwargs,
+        )
     q_length = cache_position.shape[0]
     padding_mask = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset, _slice=False)
     if allow_is_causal_skip and mu._ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, kv_offset, local_size):
@@ -147,8 +166,11 @@ class Generation:
 
 def _eos_ids(model, tokenizer) -> List[int]:
     ids = set()
-    for v in (getattr(model.generation_config, "eos_token_id", None), model.config.eos_token_id,
-              tokenizer.eos_token_id):
+    for v in (
+        getattr(model.generation_config, "eos_token_id", None),
+        model.config.eos_token_id,
+        tokenizer.eos_token_id,
+    ):
         if v is None:
             continue
         ids.update(v if isinstance(v, (list, tuple)) else [v])
@@ -156,9 +178,18 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int = 8,
-             gen_kwargs: Optional[Mapping[str, Any]] = None, desc: str = "generating",
-             max_prompt_tokens: Optional[int] = None, show_progress: bool = True) -> List[Generation]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    gen_kwargs: Optional[Mapping[str, Any]] = None,
+    desc: str = "generating",
+    max_prompt_tokens: Optional[int] = None,
+    show_progress: bool = True,
+) -> List[Generation]:
     """Greedy (unless ``gen_kwargs`` says otherwise) batched generation; results in input order.
 
     ``max_prompt_tokens`` left-truncates prompts (keeping the end, next to the answer) so that
@@ -176,8 +207,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
         ctx = getattr(model.config, "max_position_embeddings", None)
         limit = max(1, ctx - max_new_tokens) if ctx else None
     eos = _eos_ids(model, tok)
-    kwargs: Dict[str, Any] = {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens),
-                              "pad_token_id": pad_id(tok), "eos_token_id": eos or None}
+    kwargs: Dict[str, Any] = {
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": int(max_new_tokens),
+        "pad_token_id": pad_id(tok),
+        "eos_token_id": eos or None,
+    }
     kwargs.update(dict(gen_kwargs or {}))
     if not kwargs.get("do_sample"):
         for k in ("temperature", "top_p", "top_k"):
@@ -188,7 +224,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
         for i, ids in enumerate(encoded):
             if len(ids) > limit:
                 keep_bos = ids[:1] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
-                encoded[i] = keep_bos + ids[len(ids) - (limit - len(keep_bos)):]
+                encoded[i] = keep_bos + ids[len(ids) - (limit - len(keep_bos)) :]
                 truncated += 1
     if truncated:
         log.warning("%s: %d prompt(s) longer than %d tokens were left-truncated", desc, truncated, limit)
@@ -198,14 +234,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     pad = pad_id(tok)
     with fast_causal_masks():  # the same masks, built without vmap (see the module docstring)
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(len(encoded[i]) for i in idx)
             input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
             attn = torch.zeros((len(idx), width), dtype=torch.long)
             for r, i in enumerate(idx):
                 ids = encoded[i]
-                input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attn[r, width - len(ids):] = 1
+                input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attn[r, width - len(ids) :] = 1
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
             new = seqs[:, width:].tolist()
             for r, i in enumerate(idx):

@@ -5,6 +5,7 @@ benchmark's YAML declares its group, checked against :data:`GROUPS`) and the ana
 (pipeline/analysis reads ``group`` and aggregates by :data:`BENCHMARK_GROUPS`) import it without
 importing any evaluation code.
 """
+
 from __future__ import annotations
 
 # Groups of the benchmarks proper (docs/study.md section 5): multiple choice, short generation

@@ -35,6 +35,7 @@ draws no random number (``choice`` of one index), so the shortcut fills the 1,00
 directly and takes the same percentiles: bit-identical values, the same random state afterwards.
 More than one sample goes to rouge_score's own loop.
 """
+
 from __future__ import annotations
 
 import copy
@@ -145,13 +146,25 @@ def _base_config(include: str) -> Dict[str, Any]:
 def fewshot_split(config: Dict[str, Any]) -> Optional[str]:
     """The split lm-eval draws few-shot examples from for a task config: ``fewshot_split``, else its
     preconfigured rule (training, else validation, else the evaluated test split)."""
-    return (config.get("fewshot_split") or config.get("training_split") or config.get("validation_split")
-            or config.get("test_split"))
+    return (
+        config.get("fewshot_split")
+        or config.get("training_split")
+        or config.get("validation_split")
+        or config.get("test_split")
+    )
 
 
-def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots: int,
-                metrics: Sequence[str], limit: Optional[int], fewshot_seed: int,
-                add_bos_token: Optional[bool] = None) -> TaskSpec:
+def materialize(
+    benchmark: str,
+    data_dir: Optional[str],
+    out_dir: Path,
+    *,
+    shots: int,
+    metrics: Sequence[str],
+    limit: Optional[int],
+    fewshot_seed: int,
+    add_bos_token: Optional[bool] = None,
+) -> TaskSpec:
     """Write the lm-eval task YAML of ``benchmark`` for this evaluation (see the module docstring)."""
     tpl = template(benchmark)
     task = str(tpl["task"])
@@ -164,8 +177,10 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
     data: Dict[str, Any] = {}
     if data_dir is None:
         if not include:
-            spec.skip = (f"{benchmark} reads its data only from the offline mirror (validation + test "
-                         f"combined): set eval.data_dir and run `make fetch-data`")
+            spec.skip = (
+                f"{benchmark} reads its data only from the offline mirror (validation + test "
+                f"combined): set eval.data_dir and run `make fetch-data`"
+            )
             return spec
         cfg.update({k: v for k, v in tpl.items() if k not in ("dataset_path", "dataset_name", "dataset_kwargs")})
         data = {"source": "hub", "dataset_path": base.get("dataset_path"), "dataset_name": base.get("dataset_name")}
@@ -189,22 +204,30 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         eval_split = merged.get("test_split") or merged.get("validation_split")
         if eval_split is None:
             wanted = [str(root / r) for rels in mirror_files(benchmark).values() for r in rels]
-            spec.skip = (f"{benchmark}: not in the offline mirror {root} (expected "
-                         f"{' or '.join(wanted)}); run `make fetch-data` where the hub is reachable")
+            spec.skip = (
+                f"{benchmark}: not in the offline mirror {root} (expected "
+                f"{' or '.join(wanted)}); run `make fetch-data` where the hub is reachable"
+            )
             return spec
         partial = [str(root / r) for r in mirror_files(benchmark).get(eval_split, []) if not (root / r).is_file()]
         if partial:
             spec.notes.append(f"evaluated split '{eval_split}' is incomplete in the mirror: missing {partial}")
         cfg["dataset_kwargs"] = {"data_files": {s: (v[0] if len(v) == 1 else v) for s, v in files.items()}}
-        data = {"source": "mirror", "eval_split": eval_split,
-                "files": {Path(f).relative_to(root).as_posix(): file_sha256(Path(f))[:16]
-                          for s in sorted(files) for f in files[s]}}
+        data = {
+            "source": "mirror",
+            "eval_split": eval_split,
+            "files": {
+                Path(f).relative_to(root).as_posix(): file_sha256(Path(f))[:16] for s in sorted(files) for f in files[s]
+            },
+        }
         if shots > 0:
             fs = fewshot_split(merged)
             data["fewshot_split"] = fs
             if fs == eval_split:
-                spec.notes.append(f"few-shot examples are drawn from the evaluated split '{eval_split}' "
-                                  f"(minus the current item): the mirror has no training split")
+                spec.notes.append(
+                    f"few-shot examples are drawn from the evaluated split '{eval_split}' "
+                    f"(minus the current item): the mirror has no training split"
+                )
     cfg["task"] = task
     cfg["num_fewshot"] = int(shots)
     if "metric_list" in tpl:  # our own tasks (WMT): compute only what is reported
@@ -212,15 +235,23 @@ def materialize(benchmark: str, data_dir: Optional[str], out_dir: Path, *, shots
         cfg["metric_list"] = keep or tpl["metric_list"]
     out_dir.mkdir(parents=True, exist_ok=True)
     spec.yaml_path = out_dir / f"{task}.yaml"
-    header = (f"# Materialised by pipeline/eval/harness.py from {template_path(benchmark)} "
-              f"for lm-eval {lm_eval_version()}.\n")
+    header = (
+        f"# Materialised by pipeline/eval/harness.py from {template_path(benchmark)} for lm-eval {lm_eval_version()}.\n"
+    )
     atomic_write_text(spec.yaml_path, header + yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
     version = (tpl.get("metadata") or base.get("metadata") or {}).get("version")
     spec.evaluator = {
-        "framework": "lm-eval", "version": lm_eval_version(), "task": task,
-        "base_task": include, "task_version": version, "shots": int(shots), "fewshot_seed": int(fewshot_seed),
-        "limit": limit, "metrics": list(metrics),
-        "template_sha256": template_sha256(benchmark)[:16], "data": data,
+        "framework": "lm-eval",
+        "version": lm_eval_version(),
+        "task": task,
+        "base_task": include,
+        "task_version": version,
+        "shots": int(shots),
+        "fewshot_seed": int(fewshot_seed),
+        "limit": limit,
+        "metrics": list(metrics),
+        "template_sha256": template_sha256(benchmark)[:16],
+        "data": data,
         "add_bos_token": add_bos_token,
     }
     return spec
@@ -324,14 +355,25 @@ def import_model_class() -> None:
     import lm_eval.models.huggingface  # noqa: F401
 
 
-def make_lm(pretrained, *, batch_size: int, device: str = "cpu", dtype: Optional[str] = None,
-            revision: Optional[str] = None, add_bos_token: Optional[bool] = None):
+def make_lm(
+    pretrained,
+    *,
+    batch_size: int,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    revision: Optional[str] = None,
+    add_bos_token: Optional[bool] = None,
+):
     """lm-eval's own Hugging Face model class (``HFLM``, batched) on a checkpoint folder (or a hub id
     with its revision). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps."""
     from lm_eval.models.huggingface import HFLM
 
-    kwargs: Dict[str, Any] = {"pretrained": str(pretrained), "batch_size": int(batch_size), "device": device,
-                              "dtype": dtype or "auto"}
+    kwargs: Dict[str, Any] = {
+        "pretrained": str(pretrained),
+        "batch_size": int(batch_size),
+        "device": device,
+        "dtype": dtype or "auto",
+    }
     if revision:
         kwargs["revision"] = str(revision)
     if add_bos_token is not None:
@@ -350,8 +392,9 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
-def parse_results(res: Dict[str, Any], task: str, benchmark: str, metrics: Sequence[str],
-                  notes: Sequence[str] = ()) -> List[ResultRow]:
+def parse_results(
+    res: Dict[str, Any], task: str, benchmark: str, metrics: Sequence[str], notes: Sequence[str] = ()
+) -> List[ResultRow]:
     """Tidy rows from an lm-eval results dict (``"<metric>,<filter>"`` keys, stderr ``N/A`` -> None)."""
     values = res["results"].get(task, {})
     n = (res.get("n-samples", {}).get(task) or {}).get("effective")
@@ -371,24 +414,41 @@ def parse_results(res: Dict[str, Any], task: str, benchmark: str, metrics: Seque
         if m in got and "value" in got[m]:
             rows.append(ResultRow(benchmark, m, got[m]["value"], got[m].get("stderr"), n, "ok", message))
         else:
-            why = (f"metric {m!r} is not reported by {task} (reported: {sorted(k for k in got if 'value' in got[k])}"
-                   f"{'; BLEURT needs the BLEURT-20 model and is not computed by lm-eval 0.4.13' if m.startswith('bleurt') else ''}"
-                   f"; available here: {list(available)})")
+            why = (
+                f"metric {m!r} is not reported by {task} (reported: {sorted(k for k in got if 'value' in got[k])}"
+                f"{'; BLEURT needs the BLEURT-20 model and is not computed by lm-eval 0.4.13' if m.startswith('bleurt') else ''}"
+                f"; available here: {list(available)})"
+            )
             rows.append(ResultRow(benchmark, m, None, None, n, "skipped", why))
     return rows
 
 
-def run_task(lm, spec: TaskSpec, *, metrics: Sequence[str], limit: Optional[int], raw_dir: Path,
-             bootstrap_iters: int, fewshot_seed: int, gen_kwargs: Optional[Dict[str, Any]] = None) -> List[ResultRow]:
+def run_task(
+    lm,
+    spec: TaskSpec,
+    *,
+    metrics: Sequence[str],
+    limit: Optional[int],
+    raw_dir: Path,
+    bootstrap_iters: int,
+    fewshot_seed: int,
+    gen_kwargs: Optional[Dict[str, Any]] = None,
+) -> List[ResultRow]:
     """Evaluate one materialised task; raw JSON and samples are written to ``raw_dir``."""
     import lm_eval
 
     install_env_info_cache()
     install_rouge_shortcut()
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=[str(spec.yaml_path)], limit=limit, bootstrap_iters=int(bootstrap_iters),
-        fewshot_random_seed=int(fewshot_seed), log_samples=True, task_manager=task_manager(),
-        gen_kwargs=dict(gen_kwargs) if gen_kwargs else None)
+        model=lm,
+        tasks=[str(spec.yaml_path)],
+        limit=limit,
+        bootstrap_iters=int(bootstrap_iters),
+        fewshot_random_seed=int(fewshot_seed),
+        log_samples=True,
+        task_manager=task_manager(),
+        gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+    )
     if res is None:  # non-zero rank (never the case here: one process)
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     samples = res.pop("samples", {}) or {}
@@ -409,9 +469,16 @@ class HarnessRunner(Runner):
 
     def plan(self, ev: EvalSession, bench: B.Benchmark) -> EvalPlan:
         e = ev.e
-        spec = materialize(bench.name, e.data_dir, ev.eval_dir / "lm_eval" / "tasks", shots=ev.shots(bench.name),
-                           metrics=ev.metrics(bench.name), limit=e.limit, fewshot_seed=e.fewshot_seed,
-                           add_bos_token=e.add_bos_token)
+        spec = materialize(
+            bench.name,
+            e.data_dir,
+            ev.eval_dir / "lm_eval" / "tasks",
+            shots=ev.shots(bench.name),
+            metrics=ev.metrics(bench.name),
+            limit=e.limit,
+            fewshot_seed=e.fewshot_seed,
+            add_bos_token=e.add_bos_token,
+        )
         evaluator = dict(spec.evaluator)
         if plain(e.gen_kwargs) and bench.group == "short_gen":  # generate_until tasks only
             evaluator["gen_kwargs"] = plain(e.gen_kwargs)
@@ -422,8 +489,16 @@ class HarnessRunner(Runner):
         gk = plain(e.gen_kwargs) or None
         for n in names:
             p = plans[n]
-            ev.attempt(p, lambda p=p, n=n: run_task(
-                lm, p.spec, metrics=ev.metrics(n), limit=e.limit,
-                gen_kwargs=gk if B.get(n).group == "short_gen" else None,
-                raw_dir=ev.eval_dir / "lm_eval", bootstrap_iters=e.bootstrap_iters,
-                fewshot_seed=e.fewshot_seed))
+            ev.attempt(
+                p,
+                lambda p=p, n=n: run_task(
+                    lm,
+                    p.spec,
+                    metrics=ev.metrics(n),
+                    limit=e.limit,
+                    gen_kwargs=gk if B.get(n).group == "short_gen" else None,
+                    raw_dir=ev.eval_dir / "lm_eval",
+                    bootstrap_iters=e.bootstrap_iters,
+                    fewshot_seed=e.fewshot_seed,
+                ),
+            )

@@ -16,14 +16,14 @@ computed with it are marked in results.csv (``evaluator.judge`` and the row's ``
 never a default for real experiments (``conf/eval/default.yaml`` uses Mixtral and PandaLM-7B);
 ``conf/eval/cpu_small.yaml`` selects it.
 """
+
 from __future__ import annotations
 
 import time
 from typing import Dict, List, Sequence, Tuple
 
 TEST_DOUBLE = "test_double_longer_wins"
-TEST_DOUBLE_NOTE = ("TEST DOUBLE judge (test_double_longer_wins: prefers the longer output); "
-                    "not a real evaluation")
+TEST_DOUBLE_NOTE = "TEST DOUBLE judge (test_double_longer_wins: prefers the longer output); not a real evaluation"
 
 
 class JudgePromptError(ValueError):
@@ -63,7 +63,7 @@ ALPACA_END = "\n\n## Which is best"
 def alpaca_outputs(prompt: str) -> Tuple[str, str]:
     """The two outputs inside an AlpacaEval prompt built from our Mixtral template (the task part,
     after the one-shot example)."""
-    task = prompt[prompt.rfind(ALPACA_TASK_MARKER):] if ALPACA_TASK_MARKER in prompt else prompt
+    task = prompt[prompt.rfind(ALPACA_TASK_MARKER) :] if ALPACA_TASK_MARKER in prompt else prompt
     a = _between(task, ALPACA_A, ALPACA_B, "AlpacaEval")
     b_start = task.find(ALPACA_B) + len(ALPACA_B)
     end = task.rfind(ALPACA_END)

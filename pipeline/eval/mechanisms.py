@@ -27,6 +27,7 @@ YAML's ``compute``: ``memorization_bleu`` (with the evaluated model loaded), ``l
 ``weight_distance`` (from the run's files). (``mech_alpacaeval_length`` belongs to the AlpacaEval
 runner, which has the generations.)
 """
+
 from __future__ import annotations
 
 import json
@@ -61,9 +62,9 @@ def windows(values: Sequence[float], window: int = 5, mode: str = "tumbling") ->
         raise ValueError("window must be >= 2")
     v = list(values)
     if mode == "tumbling":
-        return [v[i:i + window] for i in range(0, len(v) - window + 1, window)]
+        return [v[i : i + window] for i in range(0, len(v) - window + 1, window)]
     if mode == "rolling":
-        return [v[i:i + window] for i in range(0, len(v) - window + 1)]
+        return [v[i : i + window] for i in range(0, len(v) - window + 1)]
     raise ValueError(f"mode must be tumbling or rolling, got {mode!r}")
 
 
@@ -109,8 +110,9 @@ def read_losses(path: Path) -> Tuple[List[float], List[int]]:
         try:
             step, loss = int(rec["step"]), float(rec["loss"])
         except (TypeError, ValueError):
-            raise MechanismError(f"{path}: line {i}: fields 'step'/'loss' must be numbers, got "
-                                 f"{rec.get('step')!r}/{rec.get('loss')!r}") from None
+            raise MechanismError(
+                f"{path}: line {i}: fields 'step'/'loss' must be numbers, got {rec.get('step')!r}/{rec.get('loss')!r}"
+            ) from None
         if not math.isfinite(loss):
             raise MechanismError(f"{path}: line {i}: field 'loss' is not finite ({loss})")
         by_step[step] = loss
@@ -191,7 +193,9 @@ def weight_distance(trained: Path, pretrained: Path) -> Distance:
         return handles[path].get_tensor(key)
 
     try:
-        res = trainer_weight_distance(lambda k: get(a[k], k) if k in a else None, ((k, get(b[k], k)) for k in sorted(b)))
+        res = trainer_weight_distance(
+            lambda k: get(a[k], k) if k in a else None, ((k, get(b[k], k)) for k in sorted(b))
+        )
     except (KeyError, ValueError) as e:
         raise MechanismError(f"{trained} vs {pretrained}: {e.args[0] if e.args else e}") from None
     finally:
@@ -240,22 +244,48 @@ class MechanismRunner(Runner):
     def plan(self, ev: EvalSession, bench) -> EvalPlan:
         name, e = bench.name, ev.e
         if bench.compute not in COMPUTATIONS:
-            raise ValueError(f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
-                             f"kind mechanism, got {bench.compute!r}")
+            raise ValueError(
+                f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
+                f"kind mechanism, got {bench.compute!r}"
+            )
         if not ev.t.is_run:
             return EvalPlan(name, {"kind": "mechanism"}, f"{name} needs a training run (this is a pre-trained model)")
         if bench.compute == "loss_rsd":
-            return EvalPlan(name, {"kind": "mechanism", "source": "metrics.jsonl", "window": e.rsd_window,
-                                   "windows": e.rsd_windows, "ddof": 1, "statistic": "mean over windows of sd/mean"})
+            return EvalPlan(
+                name,
+                {
+                    "kind": "mechanism",
+                    "source": "metrics.jsonl",
+                    "window": e.rsd_window,
+                    "windows": e.rsd_windows,
+                    "ddof": 1,
+                    "statistic": "mean over windows of sd/mean",
+                },
+            )
         if bench.compute == "weight_distance":
-            return EvalPlan(name, {"kind": "mechanism", "definitions": "pipeline.trainer.distance",
-                                   "source": "train_summary.json, else final/ vs the pre-trained checkpoint",
-                                   "pretrained": short_hash(model_identity(ev.t.model_cfg))})
+            return EvalPlan(
+                name,
+                {
+                    "kind": "mechanism",
+                    "definitions": "pipeline.trainer.distance",
+                    "source": "train_summary.json, else final/ vs the pre-trained checkpoint",
+                    "pretrained": short_hash(model_identity(ev.t.model_cfg)),
+                },
+            )
         ds = ev.t.run_cfg.dataset.name if ev.t.run_cfg is not None else "?"
-        return EvalPlan(name, {"kind": "mechanism", "signature": BLEU_SIGNATURE,
-                               "prompts": int(e.memorization_prompts), "seed": int(e.memorization_seed),
-                               "dataset": ds, "decoding": "greedy", "max_new_tokens": int(e.max_new_tokens),
-                               "template": "alpaca (pipeline.preprocess.render_source)"})
+        return EvalPlan(
+            name,
+            {
+                "kind": "mechanism",
+                "signature": BLEU_SIGNATURE,
+                "prompts": int(e.memorization_prompts),
+                "seed": int(e.memorization_seed),
+                "dataset": ds,
+                "decoding": "greedy",
+                "max_new_tokens": int(e.max_new_tokens),
+                "template": "alpaca (pipeline.preprocess.render_source)",
+            },
+        )
 
     def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
         for n in names:
@@ -276,10 +306,18 @@ def rows_loss_rsd(ev: EvalSession, name: str) -> List[ResultRow]:
     mean, per = loss_rsd(losses, ev.e.rsd_window, ev.e.rsd_windows)
     se = statistics.stdev(per) / len(per) ** 0.5 if len(per) > 1 else None
     msg = f"{len(steps)} optimizer steps, {len(per)} {ev.e.rsd_windows} windows of {ev.e.rsd_window}"
-    return [ResultRow(name, m, mean if m == "rsd_mean" else None, se if m == "rsd_mean" else None,
-                      len(per), "ok" if m == "rsd_mean" else "skipped",
-                      msg if m == "rsd_mean" else f"unknown metric {m!r}")
-            for m in ev.metrics(name)]
+    return [
+        ResultRow(
+            name,
+            m,
+            mean if m == "rsd_mean" else None,
+            se if m == "rsd_mean" else None,
+            len(per),
+            "ok" if m == "rsd_mean" else "skipped",
+            msg if m == "rsd_mean" else f"unknown metric {m!r}",
+        )
+        for m in ev.metrics(name)
+    ]
 
 
 def rows_weight_distance(ev: EvalSession, name: str) -> List[ResultRow]:
@@ -294,14 +332,23 @@ def rows_weight_distance(ev: EvalSession, name: str) -> List[ResultRow]:
         if folder is None:
             raise MechanismError(
                 f"the pre-trained model '{getattr(ev.t.model_cfg, 'name', '?')}' has no local folder "
-                f"(hub cache only): set model.local_path to compute the weight distance")
+                f"(hub cache only): set model.local_path to compute the weight distance"
+            )
         d = weight_distance(Path(final), Path(folder))
         vals, n = d.values, d.n_tensors
-        msg = "; ".join([f"computed from the saved checkpoint {final} vs {folder} (no train_summary.json)"]
-                        + d.notes)
-    return [ResultRow(name, m, vals.get(m), None, n, "ok" if m in vals else "skipped",
-                      msg if m in vals else f"metric {m!r} not available (available: {list(DISTANCE_METRICS)})")
-            for m in ev.metrics(name)]
+        msg = "; ".join([f"computed from the saved checkpoint {final} vs {folder} (no train_summary.json)"] + d.notes)
+    return [
+        ResultRow(
+            name,
+            m,
+            vals.get(m),
+            None,
+            n,
+            "ok" if m in vals else "skipped",
+            msg if m in vals else f"metric {m!r} not available (available: {list(DISTANCE_METRICS)})",
+        )
+        for m in ev.metrics(name)
+    ]
 
 
 def rows_memorization(ev: EvalSession, name: str, model, tok) -> List[ResultRow]:
@@ -312,13 +359,25 @@ def rows_memorization(ev: EvalSession, name: str, model, tok) -> List[ResultRow]
     pairs = select_prompts(records, int(e.memorization_prompts), int(e.memorization_seed))
     if not pairs:
         raise MechanismError(f"dataset {ev.t.run_cfg.dataset.name}: no training prompts")
-    gens = generation.generate(model, tok, [p for p, _ in pairs], max_new_tokens=e.max_new_tokens,
-                               batch_size=e.batch_size, desc="memorization")
+    gens = generation.generate(
+        model, tok, [p for p, _ in pairs], max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc="memorization"
+    )
     hyps = [g.text for g in gens]
-    atomic_write_json(ev.eval_dir / "memorization" / "generations.json",
-                      [{"prompt": p, "reference": r, "generation": h} for (p, r), h in zip(pairs, hyps)])
+    atomic_write_json(
+        ev.eval_dir / "memorization" / "generations.json",
+        [{"prompt": p, "reference": r, "generation": h} for (p, r), h in zip(pairs, hyps)],
+    )
     score, sig = corpus_bleu(hyps, [r for _, r in pairs])
     msg = f"sacreBLEU {sig}; {len(pairs)} unique training prompts of {len(records)} records"
-    return [ResultRow(name, m, score if m == "bleu" else None, None, len(pairs),
-                      "ok" if m == "bleu" else "skipped", msg if m == "bleu" else f"unknown metric {m!r}")
-            for m in ev.metrics(name)]
+    return [
+        ResultRow(
+            name,
+            m,
+            score if m == "bleu" else None,
+            None,
+            len(pairs),
+            "ok" if m == "bleu" else "skipped",
+            msg if m == "bleu" else f"unknown metric {m!r}",
+        )
+        for m in ev.metrics(name)
+    ]

@@ -34,6 +34,7 @@ Steps:
 the evaluated model while it is loaded, then (after it is released) the comparator's candidates and
 the judge.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,7 @@ from pipeline.eval import benchmarks as B
 from pipeline.eval import generation
 from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
 from pipeline.eval.results import ResultRow
-from pipeline.eval.runner import (BASELINES_DIR, EvalPlan, EvalSession, Runner, model_identity, register,
-                                  short_hash)
+from pipeline.eval.runner import BASELINES_DIR, EvalPlan, EvalSession, Runner, model_identity, register, short_hash
 from pipeline.models import ensure_pad_token
 from pipeline.preprocess import render_source
 from pipeline.runs import append_jsonl, atomic_write_json, file_lock, read_jsonl
@@ -62,8 +62,10 @@ log = logging.getLogger(__name__)
 
 JUDGES_DIR = Path(__file__).resolve().parent / "pandalm_judges"
 MIRROR_FILE = "pandalm/testset-inference-v1.json"
-SPECIAL = re.compile(r"<unk>|<pad>|<s>|</s>|\[PAD\]|<\|endoftext\|>|\[UNK\]|\[CLS\]|\[MASK\]|<\|startofpiece\|>"
-                     r"|<\|endofpiece\|>|\[gMASK\]|\[sMASK\]")  # PandaLM's pattern, verbatim
+SPECIAL = re.compile(
+    r"<unk>|<pad>|<s>|</s>|\[PAD\]|<\|endoftext\|>|\[UNK\]|\[CLS\]|\[MASK\]|<\|startofpiece\|>"
+    r"|<\|endofpiece\|>|\[gMASK\]|\[sMASK\]"
+)  # PandaLM's pattern, verbatim
 
 
 class PandaLMError(RuntimeError):
@@ -90,8 +92,10 @@ def testset_path(explicit: Optional[str], data_dir: Optional[str]) -> Path:
     if data_dir and (Path(data_dir).expanduser() / MIRROR_FILE).is_file():
         return Path(data_dir).expanduser() / MIRROR_FILE
     where = Path(data_dir).expanduser() / MIRROR_FILE if data_dir else "eval.data_dir (not set)"
-    raise DataUnavailable(f"PandaLM test set not available offline (looked at {where}); set "
-                          f"eval.pandalm_testset=<testset-inference-v1.json> or run `make fetch-data`")
+    raise DataUnavailable(
+        f"PandaLM test set not available offline (looked at {where}); set "
+        f"eval.pandalm_testset=<testset-inference-v1.json> or run `make fetch-data`"
+    )
 
 
 def load_testset(path: Path) -> List[Dict[str, str]]:
@@ -133,17 +137,23 @@ def build_prompt(instruction: str, input: str, resp1: str, resp2: str) -> str:
     resp1, resp2 = clean(resp1), clean(resp2)
     rsp = f"### Response 1:\n{resp1}\n\n### Response 2:\n{resp2}"
     if input:
-        return ("Below are two responses for a given task. The task is defined by the Instruction with an Input "
-                "that provides further context. Evaluate the responses and generate a reference answer for the "
-                f"task.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{rsp}\n\n### Evaluation:\n")
-    return ("Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
-            "responses and generate a reference answer for the task.\n\n"
-            f"### Instruction:\n{instruction}\n\n{rsp}\n\n### Evaluation:\n")
+        return (
+            "Below are two responses for a given task. The task is defined by the Instruction with an Input "
+            "that provides further context. Evaluate the responses and generate a reference answer for the "
+            f"task.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n{rsp}\n\n### Evaluation:\n"
+        )
+    return (
+        "Below are two responses for a given task. The task is defined by the Instruction. Evaluate the "
+        "responses and generate a reference answer for the task.\n\n"
+        f"### Instruction:\n{instruction}\n\n{rsp}\n\n### Evaluation:\n"
+    )
 
 
-MIXTRAL_FORMAT = ("Answer on the first line with exactly one of: 1 (Response 1 is better), 2 (Response 2 is "
-                  "better) or Tie. Then give the reason after \"### Reason:\" and a reference answer after "
-                  "\"### Reference:\".")
+MIXTRAL_FORMAT = (
+    "Answer on the first line with exactly one of: 1 (Response 1 is better), 2 (Response 2 is "
+    "better) or Tie. Then give the reason after \"### Reason:\" and a reference answer after "
+    "\"### Reference:\"."
+)
 
 
 def wrap_prompt(prompt: str, style: str) -> str:
@@ -245,7 +255,9 @@ class HFJudge:
 
         self.conf = conf
         model_id, rev = conf["model"], conf.get("revision")
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[conf.get("dtype", "bfloat16")]
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
+            conf.get("dtype", "bfloat16")
+        ]
         dev = generation.resolve_device(device)
         kw: Dict[str, Any] = {"dtype": dtype}
         if dev.startswith("cuda"):
@@ -260,9 +272,11 @@ class HFJudge:
                 tok = AutoTokenizer.from_pretrained(model_id, revision=rev)
             model = AutoModelForCausalLM.from_pretrained(model_id, revision=rev, **kw)
         except OSError as e:
-            raise PandaLMError(f"PandaLM judge '{conf['name']}': cannot load {model_id} (revision {rev}): "
-                               f"{str(e).splitlines()[0]}. Download it where the hub is reachable or set "
-                               f"eval.pandalm_judge_model=<local folder>") from e
+            raise PandaLMError(
+                f"PandaLM judge '{conf['name']}': cannot load {model_id} (revision {rev}): "
+                f"{str(e).splitlines()[0]}. Download it where the hub is reachable or set "
+                f"eval.pandalm_judge_model=<local folder>"
+            ) from e
         if conf.get("tokenizer") == "pandalm":  # PandaLM's own set-up (pandalm_inference.py)
             model, tok = ensure_pad_token(model, tok)
             tok.add_special_tokens({"eos_token": "</s>", "bos_token": "</s>", "unk_token": "</s>"})
@@ -275,8 +289,15 @@ class HFJudge:
     def __call__(self, prompts: Sequence[str]) -> List[str]:
         dec = dict(self.conf.get("decoding") or {})
         max_new = int(dec.pop("max_new_tokens", 512))
-        gens = generation.generate(self.model, self.tok, prompts, max_new_tokens=max_new,
-                        batch_size=int(self.conf.get("batch_size", 1)), gen_kwargs=dec, desc="PandaLM judging")
+        gens = generation.generate(
+            self.model,
+            self.tok,
+            prompts,
+            max_new_tokens=max_new,
+            batch_size=int(self.conf.get("batch_size", 1)),
+            gen_kwargs=dec,
+            desc="PandaLM judging",
+        )
         return [g.text for g in gens]
 
 
@@ -291,25 +312,49 @@ def make_judge(conf: Dict[str, Any], device: str = "auto") -> Callable[[Sequence
     raise PandaLMError(f"PandaLM judge '{conf.get('name')}': unknown kind {conf.get('kind')!r} (hf | test_double)")
 
 
-def evaluator_info(judge_name: str, judge_model: Optional[str], testset: Path, comparator: str, *,
-                   max_new_tokens: int, limit: Optional[int], unparsable: str) -> Dict[str, Any]:
+def evaluator_info(
+    judge_name: str,
+    judge_model: Optional[str],
+    testset: Path,
+    comparator: str,
+    *,
+    max_new_tokens: int,
+    limit: Optional[int],
+    unparsable: str,
+) -> Dict[str, Any]:
     conf = judge_config(judge_name, judge_model)
-    return {"framework": "pandalm (reimplemented prompt/parser of WeOpenML/PandaLM eb758c4)",
-            "judge": conf.get("model") or conf.get("function"), "judge_config": judge_name,
-            "judge_revision": conf.get("revision"), "judge_decoding": conf.get("decoding"),
-            "prompt_style": conf.get("prompt", "pandalm"), "orders": "both", "unparsable": unparsable,
-            "comparator": comparator, "testset": {"file": testset.name, "sha256": _sha(testset.read_bytes())[:16]},
-            "limit": limit, "generation": {"template": "alpaca (pipeline.preprocess.render_source)",
-                                           "decoding": "greedy", "max_new_tokens": int(max_new_tokens)}}
+    return {
+        "framework": "pandalm (reimplemented prompt/parser of WeOpenML/PandaLM eb758c4)",
+        "judge": conf.get("model") or conf.get("function"),
+        "judge_config": judge_name,
+        "judge_revision": conf.get("revision"),
+        "judge_decoding": conf.get("decoding"),
+        "prompt_style": conf.get("prompt", "pandalm"),
+        "orders": "both",
+        "unparsable": unparsable,
+        "comparator": comparator,
+        "testset": {"file": testset.name, "sha256": _sha(testset.read_bytes())[:16]},
+        "limit": limit,
+        "generation": {
+            "template": "alpaca (pipeline.preprocess.render_source)",
+            "decoding": "greedy",
+            "max_new_tokens": int(max_new_tokens),
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # candidates (cached) and judging (cached)
 # --------------------------------------------------------------------------------------------
-def generate_candidates(model, tokenizer, items: Sequence[Dict[str, str]], *, out_file: Path, who: str,
-                        max_new_tokens: int, batch_size: int) -> List[str]:
-    settings = {"who": who, "max_new_tokens": int(max_new_tokens), "decoding": "greedy",
-                "prompts": _sha(json.dumps(candidate_prompts(items)).encode())}
+def generate_candidates(
+    model, tokenizer, items: Sequence[Dict[str, str]], *, out_file: Path, who: str, max_new_tokens: int, batch_size: int
+) -> List[str]:
+    settings = {
+        "who": who,
+        "max_new_tokens": int(max_new_tokens),
+        "decoding": "greedy",
+        "prompts": _sha(json.dumps(candidate_prompts(items)).encode()),
+    }
     if out_file.is_file():
         try:
             cached = json.loads(out_file.read_text(encoding="utf-8"))
@@ -317,8 +362,14 @@ def generate_candidates(model, tokenizer, items: Sequence[Dict[str, str]], *, ou
                 return cached["outputs"]
         except (ValueError, KeyError):
             pass
-    gens = generation.generate(model, tokenizer, candidate_prompts(items), max_new_tokens=max_new_tokens,
-                    batch_size=batch_size, desc=f"PandaLM candidates ({who})")
+    gens = generation.generate(
+        model,
+        tokenizer,
+        candidate_prompts(items),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        desc=f"PandaLM candidates ({who})",
+    )
     outputs = [g.text for g in gens]
     atomic_write_json(out_file, {"settings": settings, "outputs": outputs})
     return outputs
@@ -329,8 +380,7 @@ def load_outputs_file(path: Path, n: int) -> List[str]:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
-        data = ([json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl"
-                else json.loads(text))
+        data = [json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix == ".jsonl" else json.loads(text)
     except json.JSONDecodeError as e:
         raise PandaLMError(f"{path}: not valid JSON ({e})") from e
     if isinstance(data, dict) and "outputs" in data:
@@ -350,9 +400,16 @@ def load_outputs_file(path: Path, n: int) -> List[str]:
     return out[:n]
 
 
-def judge_pairs(judge: Callable[[Sequence[str]], List[str]], items: Sequence[Dict[str, str]],
-                model_out: Sequence[str], comp_out: Sequence[str], *, style: str, cache: Path,
-                chunk: int = 16) -> Tuple[List[Tuple[Optional[int], Optional[int]]], List[Dict[str, Any]]]:
+def judge_pairs(
+    judge: Callable[[Sequence[str]], List[str]],
+    items: Sequence[Dict[str, str]],
+    model_out: Sequence[str],
+    comp_out: Sequence[str],
+    *,
+    style: str,
+    cache: Path,
+    chunk: int = 16,
+) -> Tuple[List[Tuple[Optional[int], Optional[int]]], List[Dict[str, Any]]]:
     """Judge every item in both orders; answers cached in ``cache`` (JSONL keyed by prompt hash)."""
     from tqdm.auto import tqdm
 
@@ -365,7 +422,7 @@ def judge_pairs(judge: Callable[[Sequence[str]], List[str]], items: Sequence[Dic
     todo = [i for i, k in enumerate(keys) if k not in done]
     bar = tqdm(total=len(todo), desc="PandaLM judging", leave=False)
     for s in range(0, len(todo), chunk):
-        idx = todo[s:s + chunk]
+        idx = todo[s : s + chunk]
         answers = judge([prompts[i] for i in idx])
         if len(answers) != len(idx):
             raise PandaLMError(f"the judge returned {len(answers)} answers for {len(idx)} prompts")
@@ -377,29 +434,44 @@ def judge_pairs(judge: Callable[[Sequence[str]], List[str]], items: Sequence[Dic
     answers = [done[k] for k in keys]
     verdicts = [parse_judgment(a) for a in answers]
     pairs = [(verdicts[2 * i], verdicts[2 * i + 1]) for i in range(len(items))]
-    records = [{"instruction": it["instruction"], "input": it["input"], "model": m, "comparator": c,
-                "answer_model_first": answers[2 * i], "answer_model_second": answers[2 * i + 1],
-                "verdict_model_first": pairs[i][0], "verdict_model_second": pairs[i][1]}
-               for i, (it, m, c) in enumerate(zip(items, model_out, comp_out))]
+    records = [
+        {
+            "instruction": it["instruction"],
+            "input": it["input"],
+            "model": m,
+            "comparator": c,
+            "answer_model_first": answers[2 * i],
+            "answer_model_second": answers[2 * i + 1],
+            "verdict_model_first": pairs[i][0],
+            "verdict_model_second": pairs[i][1],
+        }
+        for i, (it, m, c) in enumerate(zip(items, model_out, comp_out))
+    ]
     return pairs, records
 
 
-def rows_from(t: Tally, metrics: Sequence[str], judge_name: str, comparator: str,
-              name: str = "pandalm") -> List[ResultRow]:
-    notes = [f"vs {comparator}: {t.wins} wins, {t.ties} ties, {t.losses} losses over {t.n} items "
-             f"(both orders)"]
+def rows_from(
+    t: Tally, metrics: Sequence[str], judge_name: str, comparator: str, name: str = "pandalm"
+) -> List[ResultRow]:
+    notes = [f"vs {comparator}: {t.wins} wins, {t.ties} ties, {t.losses} losses over {t.n} items (both orders)"]
     if t.unparsable:
         notes.append(f"{t.unparsable} of {t.judgments} judgments could not be parsed (first line not 1/2/Tie)")
     if judge_name == TEST_DOUBLE:
         notes.append(TEST_DOUBLE_NOTE)
     msg = "; ".join(notes)
-    values = {"score": (t.score, t.stderr), "wins": (t.wins, None), "ties": (t.ties, None),
-              "losses": (t.losses, None), "position_consistency": (t.position_consistency, None)}
+    values = {
+        "score": (t.score, t.stderr),
+        "wins": (t.wins, None),
+        "ties": (t.ties, None),
+        "losses": (t.losses, None),
+        "position_consistency": (t.position_consistency, None),
+    }
     rows = []
     for m in metrics:
         if m not in values:
-            rows.append(ResultRow(name, m, None, None, None, "skipped",
-                                  f"unknown metric {m!r} (available: {sorted(values)})"))
+            rows.append(
+                ResultRow(name, m, None, None, None, "skipped", f"unknown metric {m!r} (available: {sorted(values)})")
+            )
         elif t.n == 0:
             rows.append(ResultRow(name, m, None, None, 0, "error", f"no judgment could be parsed; {msg}"))
         else:
@@ -436,7 +508,8 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
         if not p.is_dir():
             raise PandaLMError(
                 f"config key 'eval.pandalm_comparator': {c!r} is neither 'pretrained', a model folder nor "
-                f"a JSON/JSONL file of outputs")
+                f"a JSON/JSONL file of outputs"
+            )
         cache = ev.eval_dir / "pandalm" / f"comparator-{short_hash(str(p.resolve()))}.json"
         who, folder, mcfg = str(p.resolve()), p, None
     # one process generates a shared cache, the others wait for it (parallel workers)
@@ -445,16 +518,26 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
         if cache.is_file():  # cheap check before loading a model
             try:
                 got = json.loads(cache.read_text(encoding="utf-8"))
-                if got.get("settings", {}).get("who") == who and len(got.get("outputs", [])) >= len(items) \
-                        and got["settings"].get("max_new_tokens") == int(e.max_new_tokens):
+                if (
+                    got.get("settings", {}).get("who") == who
+                    and len(got.get("outputs", [])) >= len(items)
+                    and got["settings"].get("max_new_tokens") == int(e.max_new_tokens)
+                ):
                     if got["settings"].get("prompts") == _sha(json.dumps(candidate_prompts(items)).encode()):
                         return got["outputs"]
             except (ValueError, KeyError):
                 pass
         lm = ev.load_model(folder, mcfg)
         try:
-            return generate_candidates(lm.model, lm.tokenizer, items, out_file=cache, who=who,
-                                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+            return generate_candidates(
+                lm.model,
+                lm.tokenizer,
+                items,
+                out_file=cache,
+                who=who,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+            )
         finally:
             del lm
             generation.release()
@@ -472,10 +555,19 @@ class PandaLMRunner(Runner):
         except DataUnavailable as ex:
             return EvalPlan(bench.name, {"framework": "pandalm"}, str(ex))
         comp = comparator_id(ev)
-        evaluator = evaluator_info(e.pandalm_judge, e.pandalm_judge_model, ts, comp, max_new_tokens=e.max_new_tokens,
-                                   limit=e.limit, unparsable=e.pandalm_unparsable)
+        evaluator = evaluator_info(
+            e.pandalm_judge,
+            e.pandalm_judge_model,
+            ts,
+            comp,
+            max_new_tokens=e.max_new_tokens,
+            limit=e.limit,
+            unparsable=e.pandalm_unparsable,
+        )
         if comp.startswith("pretrained") and not ev.t.is_run:
-            return EvalPlan(bench.name, evaluator, "the comparator (the pre-trained model) is the evaluated model itself")
+            return EvalPlan(
+                bench.name, evaluator, "the comparator (the pre-trained model) is the evaluated model itself"
+            )
         return EvalPlan(bench.name, evaluator)
 
     def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:
@@ -485,8 +577,14 @@ class PandaLMRunner(Runner):
             items = load_testset(testset_path(e.pandalm_testset, e.data_dir))
             ev.shared["pandalm_items"] = items[: e.limit] if e.limit else items
             ev.shared["pandalm_model_out"] = generate_candidates(
-                lm.model, lm.tokenizer, ev.shared["pandalm_items"], out_file=ev.eval_dir / "pandalm" / "candidates.json",
-                who=ev.t.run_id, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+                lm.model,
+                lm.tokenizer,
+                ev.shared["pandalm_items"],
+                out_file=ev.eval_dir / "pandalm" / "candidates.json",
+                who=ev.t.run_id,
+                max_new_tokens=e.max_new_tokens,
+                batch_size=e.batch_size,
+            )
         except Exception as ex:
             log.error("PandaLM candidates failed:\n%s", traceback.format_exc())
             ev.fail_all(plans, names, f"PandaLM candidate generation failed: {type(ex).__name__}: {ex}")
@@ -494,6 +592,7 @@ class PandaLMRunner(Runner):
     def judge_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str]) -> None:
         e = ev.e
         for n in names:
+
             def fn(n=n) -> List[ResultRow]:
                 items, model_out = ev.shared.get("pandalm_items"), ev.shared.get("pandalm_model_out")
                 if items is None or model_out is None:
@@ -503,8 +602,13 @@ class PandaLMRunner(Runner):
                 judge = make_judge(conf, e.device)
                 try:
                     pairs, records = judge_pairs(
-                        judge, items, model_out, comp, style=conf.get("prompt", "pandalm"),
-                        cache=ev.eval_dir / "pandalm" / f"judgments-{e.pandalm_judge}.jsonl")
+                        judge,
+                        items,
+                        model_out,
+                        comp,
+                        style=conf.get("prompt", "pandalm"),
+                        cache=ev.eval_dir / "pandalm" / f"judgments-{e.pandalm_judge}.jsonl",
+                    )
                 finally:
                     del judge
                     generation.release()

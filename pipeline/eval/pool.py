@@ -10,6 +10,7 @@ retried once in fresh workers (a second death: an error entry for each).
 The function evaluating one run is passed in (``evaluate``: :func:`pipeline.eval.stage.evaluate_run`,
 sent to the workers by reference), so this module does not import the driver.
 """
+
 from __future__ import annotations
 
 import logging
@@ -111,8 +112,9 @@ def _worker_init(threads: int, root_level: int, pipeline_level: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _evaluate_in_worker(evaluate: Callable[[Path, DictConfig], Path], run_dir: str,
-                        cfg: DictConfig) -> Tuple[str, Optional[str], Optional[str], float, List[str]]:
+def _evaluate_in_worker(
+    evaluate: Callable[[Path, DictConfig], Path], run_dir: str, cfg: DictConfig
+) -> Tuple[str, Optional[str], Optional[str], float, List[str]]:
     """One run in a worker: ``(name, results.csv or None, error or None, seconds, failed benchmarks)``."""
     global _WORKER_RUN
     p = Path(run_dir)
@@ -131,8 +133,9 @@ def _evaluate_in_worker(evaluate: Callable[[Path, DictConfig], Path], run_dir: s
         _WORKER_RUN = "-"
 
 
-def evaluate_parallel(runs: List[Path], cfg: DictConfig, n: int,
-                      evaluate: Callable[[Path, DictConfig], Path]) -> List[Outcome]:
+def evaluate_parallel(
+    runs: List[Path], cfg: DictConfig, n: int, evaluate: Callable[[Path, DictConfig], Path]
+) -> List[Outcome]:
     """``evaluate(run, cfg)`` for every run in ``n`` worker processes (see the module docstring);
     one outcome per run, in the order of ``runs``."""
     threads = max(1, cpu_count() // n)
@@ -144,8 +147,12 @@ def evaluate_parallel(runs: List[Path], cfg: DictConfig, n: int,
     todo = list(runs)
     for attempt in (1, 2):
         died: List[Path] = []
-        with ProcessPoolExecutor(max_workers=min(n, len(todo)), mp_context=mp.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads, *levels)) as ex:
+        with ProcessPoolExecutor(
+            max_workers=min(n, len(todo)),
+            mp_context=mp.get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(threads, *levels),
+        ) as ex:
             with _worker_environment(threads):  # the workers start within submit()
                 futures = {ex.submit(_evaluate_in_worker, evaluate, str(p), job_cfg): p for p in todo}
             try:
@@ -160,8 +167,13 @@ def evaluate_parallel(runs: List[Path], cfg: DictConfig, n: int,
                         name, path, err, secs, failed = p.name, None, f"{type(e).__name__}: {e}", 0.0, []
                     done[p.name] = (name, Path(path) if path else None, err)
                     bar.update(1)
-                    state = (f"error: {err}" if err else
-                             f"{len(failed)} benchmark(s) failed ({', '.join(failed)})" if failed else "ok")
+                    state = (
+                        f"error: {err}"
+                        if err
+                        else f"{len(failed)} benchmark(s) failed ({', '.join(failed)})"
+                        if failed
+                        else "ok"
+                    )
                     log.info("[%d/%d] %s: %s (%.1f s)", len(done), len(runs), name, state, secs)
             except BaseException:  # Ctrl-C: what finished is on disk; stop handing out runs
                 ex.shutdown(wait=False, cancel_futures=True)
@@ -170,12 +182,17 @@ def evaluate_parallel(runs: List[Path], cfg: DictConfig, n: int,
             break
         todo = sorted(died)
         if attempt == 1:
-            log.warning("a worker process died; %d unfinished run(s) are retried in fresh processes: %s",
-                        len(todo), ", ".join(p.name for p in todo))
+            log.warning(
+                "a worker process died; %d unfinished run(s) are retried in fresh processes: %s",
+                len(todo),
+                ", ".join(p.name for p in todo),
+            )
     else:
         for p in todo:
-            msg = ("BrokenProcessPool: a worker process died while this run was pending, twice (killed, out of "
-                   "memory, a crash); what was finished is kept: run `python -m pipeline.eval` again to resume")
+            msg = (
+                "BrokenProcessPool: a worker process died while this run was pending, twice (killed, out of "
+                "memory, a crash); what was finished is kept: run `python -m pipeline.eval` again to resume"
+            )
             log.error("%s: %s", p.name, msg)
             done[p.name] = (p.name, None, msg)
             bar.update(1)

@@ -23,6 +23,7 @@ filled since) and benchmarks whose evaluator config changed. ``results.csv`` is 
 markers (atomically) after every benchmark, so an interruption loses at most the benchmark that
 was running.
 """
+
 from __future__ import annotations
 
 import csv
@@ -91,18 +92,27 @@ class BenchmarkResult:
         return "error" if "error" in states else ("skipped" if states == {"skipped"} else "ok")
 
     def to_json(self) -> Dict[str, Any]:
-        return {"benchmark": self.benchmark, "evaluator": self.evaluator, "status": self.status,
-                "finished": self.finished or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "rows": [asdict(r) for r in self.rows]}
+        return {
+            "benchmark": self.benchmark,
+            "evaluator": self.evaluator,
+            "status": self.status,
+            "finished": self.finished or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> "BenchmarkResult":
-        return cls(benchmark=obj["benchmark"], evaluator=dict(obj["evaluator"]),
-                   rows=[ResultRow(**r) for r in obj["rows"]], finished=obj.get("finished", ""))
+        return cls(
+            benchmark=obj["benchmark"],
+            evaluator=dict(obj["evaluator"]),
+            rows=[ResultRow(**r) for r in obj["rows"]],
+            finished=obj.get("finished", ""),
+        )
 
 
-def status_rows(benchmark: str, metrics: Sequence[str], status: str, message: str,
-                n: Optional[int] = None) -> List[ResultRow]:
+def status_rows(
+    benchmark: str, metrics: Sequence[str], status: str, message: str, n: Optional[int] = None
+) -> List[ResultRow]:
     """One row per metric with no value (a skipped or failed benchmark keeps its shape)."""
     return [ResultRow(benchmark, m, None, None, n, status, message) for m in (metrics or ["-"])]
 
@@ -140,8 +150,7 @@ class ResultStore:
 
     def is_finished(self, benchmark: str, evaluator: Mapping[str, Any]) -> bool:
         res = self.load(benchmark)
-        return (res is not None and res.status == "ok"
-                and evaluator_json(res.evaluator) == evaluator_json(evaluator))
+        return res is not None and res.status == "ok" and evaluator_json(res.evaluator) == evaluator_json(evaluator)
 
     def save(self, result: BenchmarkResult, order: Sequence[str] = ()) -> Path:
         """Write the benchmark's marker, then rebuild results.csv (both atomic)."""
@@ -169,9 +178,20 @@ class ResultStore:
             ev = evaluator_json(res.evaluator)
             group = known[res.benchmark].group if res.benchmark in known else ""
             for r in res.rows:
-                rows.append({"run_id": self.run_id, "benchmark": r.benchmark, "metric": r.metric,
-                             "value": r.value, "stderr": r.stderr, "n": r.n, "group": group,
-                             "status": r.status, "message": r.message, "evaluator": ev})
+                rows.append(
+                    {
+                        "run_id": self.run_id,
+                        "benchmark": r.benchmark,
+                        "metric": r.metric,
+                        "value": r.value,
+                        "stderr": r.stderr,
+                        "n": r.n,
+                        "group": group,
+                        "status": r.status,
+                        "message": r.message,
+                        "evaluator": ev,
+                    }
+                )
         atomic_write_text(self.results_csv, format_csv(rows))
         return self.results_csv
 

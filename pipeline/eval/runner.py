@@ -24,6 +24,7 @@ files). Within a phase, runners go by their ``order`` for it. Each phase method 
 phases) and the names of its own benchmarks still to do; it records each benchmark's rows with
 :meth:`EvalSession.attempt` (an exception becomes an error row) or :meth:`EvalSession.fail`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -149,8 +150,9 @@ class EvalSession:
         res = BenchmarkResult(name, evaluator, rows)
         self.store.save(res, order=self.names)
         self.saved.append(res)
-        log.info("  %s: %s%s", name, res.status,
-                 "" if res.status == "ok" else f" ({rows[0].message[:200] if rows else ''})")
+        log.info(
+            "  %s: %s%s", name, res.status, "" if res.status == "ok" else f" ({rows[0].message[:200] if rows else ''})"
+        )
 
     def fail(self, plan: EvalPlan, status: str, message: str) -> None:
         self.save(plan.name, plan.evaluator, status_rows(plan.name, self.metrics(plan.name), status, message))
@@ -223,8 +225,9 @@ def runner_for(kind: str) -> Runner:
     try:
         return RUNNERS[kind]
     except KeyError:
-        raise KeyError(f"no runner for benchmark kind {kind!r} (registered: {sorted(RUNNERS)}; "
-                       f"see pipeline/eval/runner.py)") from None
+        raise KeyError(
+            f"no runner for benchmark kind {kind!r} (registered: {sorted(RUNNERS)}; see pipeline/eval/runner.py)"
+        ) from None
 
 
 def in_phase_order(phase: str) -> List[Runner]:

@@ -8,6 +8,7 @@ submitted. Each task calls :func:`pipeline.eval.stage.evaluate_run` with the con
 (the job does not run Hydra). With ``launcher.wait=true`` this waits for the jobs and reports each
 run's outcome.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,9 +58,10 @@ def _portable(cfg: DictConfig) -> DictConfig:
 
 def _resources(run_dir: Path, cfg: DictConfig, overrides: Sequence[str]) -> Tuple[int, int, int, int, int]:
     run_cfg, _ = eval_run_config(run_dir, cfg)
-    r = OmegaConf.merge(OmegaConf.create(OmegaConf.to_container(run_cfg.model.resources, resolve=True)),
-                        OmegaConf.from_dotlist([o[len("model.resources."):] for o in overrides
-                                                if o.startswith("model.resources.")]))
+    r = OmegaConf.merge(
+        OmegaConf.create(OmegaConf.to_container(run_cfg.model.resources, resolve=True)),
+        OmegaConf.from_dotlist([o[len("model.resources.") :] for o in overrides if o.startswith("model.resources.")]),
+    )
     return (int(r.nodes), int(r.gpus_per_node), int(r.cpus_per_task), int(r.mem_gb), int(r.timeout_min))
 
 
@@ -91,8 +93,9 @@ def submit(runs: List[Path], cfg: DictConfig, overrides: Sequence[str] = ()) -> 
     job_cfg = _portable(cfg)
     out: List[Tuple[str, Any]] = []
     for res, group in groups.items():
-        ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=int(launcher.max_num_timeout),
-                                    python=launcher.get("python"))
+        ex = submitit.SlurmExecutor(
+            folder=str(folder / "%j"), max_num_timeout=int(launcher.max_num_timeout), python=launcher.get("python")
+        )
         ex.update_parameters(**sbatch_parameters(res, launcher, "plw-eval"))
         with ex.batch():
             jobs = [ex.submit(EvalTask(str(p), job_cfg)) for p in group]
@@ -115,8 +118,11 @@ def wait(jobs: List[Tuple[str, Any]], poll_s: float) -> Dict[str, Optional[str]]
                 outcome[name] = f"benchmark(s) failed: {', '.join(res['errors'])}" if res["errors"] else None
             except Exception as e:  # the job failed, was cancelled, or evaluate_run raised
                 outcome[name] = f"job {job.job_id} {type(e).__name__}: {str(e).strip()[-600:]}"
-            print(f"[{'ok' if outcome[name] is None else 'failed'}] {name} (job {job.job_id})"
-                  + ("" if outcome[name] is None else f": {outcome[name]}"), flush=True)
+            print(
+                f"[{'ok' if outcome[name] is None else 'failed'}] {name} (job {job.job_id})"
+                + ("" if outcome[name] is None else f": {outcome[name]}"),
+                flush=True,
+            )
         pending = still
         if pending:
             time.sleep(float(poll_s))

@@ -34,6 +34,7 @@ objects live for the whole process anyway), so that the ``gc.collect()`` after e
 Python's own full collections) no longer traverse the ~0.5 M objects of torch/transformers/lm-eval
 (0.35 s each).
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,15 +54,37 @@ from pipeline.eval import alpacaeval, harness, mechanisms, pandalm  # noqa: F401
 from pipeline.eval import benchmarks as B
 from pipeline.eval.generation import ModelMissing, check_checkpoint, fast_causal_masks, release, resolve_device
 from pipeline.eval.pool import evaluate_parallel
-from pipeline.eval.runner import (BASELINES_DIR, EvalError, EvalPlan, EvalSession, Runner, Target, in_phase_order,
-                                  model_identity, plain, runner_for)
+from pipeline.eval.runner import (
+    BASELINES_DIR,
+    EvalError,
+    EvalPlan,
+    EvalSession,
+    Runner,
+    Target,
+    in_phase_order,
+    model_identity,
+    plain,
+    runner_for,
+)
 from pipeline.runs import RunDir, atomic_write_json, file_lock
 
 log = logging.getLogger("pipeline.eval")
 
-__all__ = ["BASELINES_DIR", "EvalError", "EvalPlan", "Evaluation", "Target", "check_names", "evaluate_all",
-           "evaluate_pretrained", "evaluate_run", "finished_runs", "folder_lock", "eval_run_config",
-           "pending_benchmarks"]
+__all__ = [
+    "BASELINES_DIR",
+    "EvalError",
+    "EvalPlan",
+    "Evaluation",
+    "Target",
+    "check_names",
+    "evaluate_all",
+    "evaluate_pretrained",
+    "evaluate_run",
+    "finished_runs",
+    "folder_lock",
+    "eval_run_config",
+    "pending_benchmarks",
+]
 
 
 def check_names(cfg: DictConfig) -> None:
@@ -98,8 +121,6 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError as e:
             raise EvalError(f"{folder} is being evaluated by another process (lock {path}: {e})") from None
         yield
-
-
 
 
 _FROZEN = False
@@ -149,8 +170,14 @@ class Evaluation(EvalSession):
         for runner in self.runners():
             runner.prepare(self)
         freeze_imported_objects()  # before any model exists (see the module docstring)
-        return harness.make_lm(pretrained, batch_size=self.e.batch_size, device=resolve_device(self.e.device),
-                               dtype=self.dtype, revision=revision, add_bos_token=self.e.add_bos_token)
+        return harness.make_lm(
+            pretrained,
+            batch_size=self.e.batch_size,
+            device=resolve_device(self.e.device),
+            dtype=self.dtype,
+            revision=revision,
+            add_bos_token=self.e.add_bos_token,
+        )
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:
         return models.pretrained_dir(self.t.model_cfg, self.cfg.paths), self.t.model_cfg
@@ -187,8 +214,7 @@ class Evaluation(EvalSession):
             except Exception as ex:  # e.g. an unknown judge config: recorded, the others go on
                 log.error("%s: cannot plan: %s", n, ex)
                 plans[n] = EvalPlan(n, {"plan_error": f"{type(ex).__name__}: {ex}"}, error=f"{type(ex).__name__}: {ex}")
-        pending = [n for n in self.names
-                   if e.force or not self.store.is_finished(n, plans[n].evaluator)]
+        pending = [n for n in self.names if e.force or not self.store.is_finished(n, plans[n].evaluator)]
         done = [n for n in self.names if n not in pending]
         if done:
             log.info("  finished before (skipped): %s", ", ".join(done))
@@ -243,8 +269,15 @@ def _run_json(run_dir: Path) -> Dict[str, Any]:
 def _run_target(rd: RunDir, cfg: DictConfig) -> Target:
     meta = _run_json(rd.path)
     run_cfg, notes = eval_run_config(rd.path, cfg)
-    return Target(folder=rd.path, run_id=str(meta.get("run_id") or rd.path.name), model_dir=rd.final,
-                  model_cfg=run_cfg.model, run_cfg=run_cfg, is_run=True, notes=notes)
+    return Target(
+        folder=rd.path,
+        run_id=str(meta.get("run_id") or rd.path.name),
+        model_dir=rd.final,
+        model_cfg=run_cfg.model,
+        run_cfg=run_cfg,
+        is_run=True,
+        notes=notes,
+    )
 
 
 def evaluate_run(run_dir, cfg: DictConfig) -> Path:
@@ -298,11 +331,23 @@ def evaluate_pretrained(cfg: DictConfig) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model_dir = models.pretrained_dir(cfg.model, cfg.paths)
     ident = model_identity(cfg.model)
-    atomic_write_json(folder / "baseline.json", {"run_id": f"baseline__{cfg.model.name}", "model": cfg.model.name,
-                                                 "model_dir": str(model_dir) if model_dir else None,
-                                                 "identity": ident})
-    target = Target(folder=folder, run_id=f"baseline__{cfg.model.name}", model_dir=model_dir,
-                    model_cfg=cfg.model, run_cfg=None, is_run=False)
+    atomic_write_json(
+        folder / "baseline.json",
+        {
+            "run_id": f"baseline__{cfg.model.name}",
+            "model": cfg.model.name,
+            "model_dir": str(model_dir) if model_dir else None,
+            "identity": ident,
+        },
+    )
+    target = Target(
+        folder=folder,
+        run_id=f"baseline__{cfg.model.name}",
+        model_dir=model_dir,
+        model_cfg=cfg.model,
+        run_cfg=None,
+        is_run=False,
+    )
     with folder_lock(folder):
         return Evaluation(target, cfg).run()
 

@@ -33,6 +33,7 @@ Command line (``make pretrain``; ``make demo`` runs it first)::
 prints each model's folder, time and held-out loss (before -> after pre-training); a model whose
 folder exists is reused in well under a second.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,7 +58,7 @@ def pack_blocks(token_lists: Iterable[Sequence[int]], eos_id: int, seq_len: int)
         stream.extend(ids)
         stream.append(int(eos_id))
     n = len(stream) // int(seq_len)
-    return [stream[i * seq_len:(i + 1) * seq_len] for i in range(n)]
+    return [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -80,7 +81,7 @@ def _mean_loss(model, blocks, batch_size: int) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for i in range(0, blocks.shape[0], batch_size):
-            x = blocks[i:i + batch_size]
+            x = blocks[i : i + batch_size]
             out = model(input_ids=x, labels=x)
             total += float(out.loss) * x.shape[0]
             n += x.shape[0]
@@ -108,9 +109,15 @@ def pretrain(model, tokenizer, texts: Sequence[str], spec: PretrainConfig, desc:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=float(spec.weight_decay))
     t0 = time.monotonic()
-    log_rec: Dict[str, Any] = {"blocks": int(blocks.shape[0]), "held_out_blocks": n_held, "seq_len": seq_len,
-                               "corpus_tokens": int(sum(len(x) + 1 for x in ids)), "steps": steps,
-                               "batch_size": bs, "losses": []}
+    log_rec: Dict[str, Any] = {
+        "blocks": int(blocks.shape[0]),
+        "held_out_blocks": n_held,
+        "seq_len": seq_len,
+        "corpus_tokens": int(sum(len(x) + 1 for x in ids)),
+        "steps": steps,
+        "batch_size": bs,
+        "losses": [],
+    }
     model.eval()
     log_rec["held_out_loss_before"] = _mean_loss(model, held, bs)
     model.train()
@@ -120,7 +127,7 @@ def pretrain(model, tokenizer, texts: Sequence[str], spec: PretrainConfig, desc:
     for step in bar:
         if pos + bs > perm.numel():  # next epoch: a new order
             perm, pos = torch.randperm(train.shape[0], generator=gen), 0
-        x = train[perm[pos:pos + bs]]
+        x = train[perm[pos : pos + bs]]
         pos += bs
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, peak, warmup)

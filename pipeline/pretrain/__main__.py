@@ -1,4 +1,5 @@
 """``python -m pipeline.pretrain``: see :mod:`pipeline.pretrain.cli`."""
+
 import sys
 
 from pipeline.pretrain.cli import main

@@ -8,6 +8,7 @@ prints each model's folder, time and held-out loss (before -> after pre-training
 folder exists is reused in well under a second. The pre-training itself: :mod:`pipeline.pretrain`.
 (A module of its own, not ``__main__``: the worker processes import :func:`_build` from it.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,10 @@ def _report(name: str, folder: Optional[str], seconds: float) -> str:
     plog = Path(folder) / "pretrain_log.json"
     if plog.is_file():
         d = json.loads(plog.read_text())
-        info = (f"; held-out loss {d['held_out_loss_before']:.3f} -> {d['held_out_loss_after']:.3f} "
-                f"after {d['steps']} steps ({d['tokens_seen']:,} tokens, {d['seconds']:.0f} s)")
+        info = (
+            f"; held-out loss {d['held_out_loss_before']:.3f} -> {d['held_out_loss_after']:.3f} "
+            f"after {d['steps']} steps ({d['tokens_seen']:,} tokens, {d['seconds']:.0f} s)"
+        )
     return f"[ready] {name}: {folder} ({seconds:.1f} s){info}"
 
 
@@ -74,8 +77,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     rc = 0
     with ExitStack() as stack:
         if workers > 1:
-            ex = stack.enter_context(ProcessPoolExecutor(max_workers=workers,
-                                                         mp_context=multiprocessing.get_context("spawn")))
+            ex = stack.enter_context(
+                ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            )
             jobs = [(m.name, ex.submit(_build, m, paths, threads).result) for m in models]
         else:
             jobs = [(m.name, functools.partial(_build, m, paths, threads)) for m in models]

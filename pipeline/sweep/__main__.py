@@ -12,6 +12,7 @@ status
     The table of the grid (``experiment=<name>``) or of every run in the store, from the store
     alone: state, progress (step/total), loss, attempts, SLURM job, last error.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,10 +36,18 @@ log = logging.getLogger("pipeline.sweep")
 
 
 def _row(pr) -> st.Row:
-    row = st.row_of(pr.rd, pr.effective, {"model": pr.point.model, "dataset": pr.point.dataset,
-                                          "plw": pr.point.plw, "variant": pr.point.variant,
-                                          "seed": pr.point.seed},
-                    pr.status if pr.rd.status_file.exists() else {})
+    row = st.row_of(
+        pr.rd,
+        pr.effective,
+        {
+            "model": pr.point.model,
+            "dataset": pr.point.dataset,
+            "plw": pr.point.plw,
+            "variant": pr.point.variant,
+            "seed": pr.point.seed,
+        },
+        pr.status if pr.rd.status_file.exists() else {},
+    )
     row.run_id = pr.run_id
     if pr.estimate is not None:
         row.gpu_hours = pr.estimate.gpu_hours
@@ -60,8 +69,10 @@ def _slurm_refresh(plan) -> None:
 def _header(plan) -> str:
     lc = plan.root.launcher
     exp = plan.root.experiment
-    return (f"experiment {plan.experiment}: {len(plan.runs)} runs ({exp.get('description', '')}); "
-            f"launcher {lc.name}; store {plan.runs_dir}")
+    return (
+        f"experiment {plan.experiment}: {len(plan.runs)} runs ({exp.get('description', '')}); "
+        f"launcher {lc.name}; store {plan.runs_dir}"
+    )
 
 
 def _cost_lines(plan) -> str:
@@ -71,9 +82,11 @@ def _cost_lines(plan) -> str:
     lc = plan.root.launcher
     srcs = sorted({pr.stats_source for pr in plan.runs if pr.stats_source})
     missing = len(plan.runs) - len(known)
-    out = (f"estimated GPU-hours: {total:.4g} in all, {left:.4g} not done "
-           f"(6 x params x trained tokens at {lc.gpu_peak_tflops:g} TFLOPs x MFU {lc.mfu:g}; "
-           f"token counts from: {', '.join(s if len(s) < 40 else 'unavailable' for s in srcs)})")
+    out = (
+        f"estimated GPU-hours: {total:.4g} in all, {left:.4g} not done "
+        f"(6 x params x trained tokens at {lc.gpu_peak_tflops:g} TFLOPs x MFU {lc.mfu:g}; "
+        f"token counts from: {', '.join(s if len(s) < 40 else 'unavailable' for s in srcs)})"
+    )
     if missing:
         out += f"\n{missing} run(s) without an estimate (no dataset statistics here): GPU-h '?'"
     return out
@@ -90,8 +103,10 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
         print(st.format_table([_row(pr) for pr in plan.runs], show_cost=True))
         print(_cost_lines(plan))
         todo = [pr for pr in plan.runs if pr.action in ("launch", "resume", "retry")]
-        print(f"dry run: would launch {len(todo)} run(s); nothing launched" + ("" if old else
-              f" (grid saved for `make status EXPERIMENT={plan.experiment}`)"))
+        print(
+            f"dry run: would launch {len(todo)} run(s); nothing launched"
+            + ("" if old else f" (grid saved for `make status EXPERIMENT={plan.experiment}`)")
+        )
         return 0
 
     # stale runs become failed attempts, then are re-decided
@@ -106,8 +121,11 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
     given_up = [pr for pr in plan.runs if pr.action == "give_up"]
     waiting = [pr for pr in plan.runs if pr.action == "wait"]
     done = [pr for pr in plan.runs if pr.action == "skip"]
-    print(f"{len(done)} done, {len(waiting)} running or queued elsewhere, {len(given_up)} failed with no "
-          f"retries left (launcher.max_retries={lc.max_retries}), {len(todo)} to launch", flush=True)
+    print(
+        f"{len(done)} done, {len(waiting)} running or queued elsewhere, {len(given_up)} failed with no "
+        f"retries left (launcher.max_retries={lc.max_retries}), {len(todo)} to launch",
+        flush=True,
+    )
     for pr in given_up:
         print(f"  not retried: {pr.point.label()}: {pr.status.get('error', '')}"[:400])
     if not todo:
@@ -131,11 +149,15 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
         folder = slurm.submitit_folder(plan.root)
         ids = slurm.submit(todo, plan.root, folder)
         jobs = sorted({j.split("_")[0] for j in ids.values()})
-        print(f"submitted {len(ids)} run(s) as SLURM job array(s) {', '.join(jobs)} (submitit folder {folder})",
-              flush=True)
+        print(
+            f"submitted {len(ids)} run(s) as SLURM job array(s) {', '.join(jobs)} (submitit folder {folder})",
+            flush=True,
+        )
         if not lc.wait:
-            print(f"follow with `make status EXPERIMENT={plan.experiment}`; re-run `make sweep` at any time "
-                  "(done and queued runs are left alone)")
+            print(
+                f"follow with `make status EXPERIMENT={plan.experiment}`; re-run `make sweep` at any time "
+                "(done and queued runs are left alone)"
+            )
             return 0
         _wait_slurm(plan, todo)
 
@@ -162,8 +184,9 @@ def _wait_slurm(plan, submitted) -> None:
     reported = set()
     try:
         while True:
-            states = slurm.job_states(slurm.status_job_ids(submitted) +
-                                      [str(pr.rd.status().get("slurm_job_id")) for pr in submitted])
+            states = slurm.job_states(
+                slurm.status_job_ids(submitted) + [str(pr.rd.status().get("slurm_job_id")) for pr in submitted]
+            )
             active = []
             for pr in submitted:
                 refresh(pr, int(lc.max_retries), float(lc.stale_after_s), states)
@@ -174,8 +197,10 @@ def _wait_slurm(plan, submitted) -> None:
                     bar.update(1)
                     err = f": {pr.status.get('error', '')}"[:300] if pr.effective != "done" else ""
                     bar.write(f"[{pr.effective}] {pr.point.label()}{err}")
-            bar.set_postfix_str(f"{sum(pr.effective == 'running' for pr in active)} running, "
-                                f"{sum(pr.effective == 'queued' for pr in active)} queued")
+            bar.set_postfix_str(
+                f"{sum(pr.effective == 'running' for pr in active)} running, "
+                f"{sum(pr.effective == 'queued' for pr in active)} queued"
+            )
             if not active:
                 return
             time.sleep(float(lc.poll_s))

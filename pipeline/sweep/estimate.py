@@ -11,6 +11,7 @@ bound to the degree the batches are padded; the MFU (launcher.mfu) absorbs the r
 Token statistics come (in :mod:`pipeline.sweep.plan`) from the processed dataset when it is built,
 else from the raw file, else from the paper's Table 1 (:data:`TABLE1`), else they are unknown.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,8 +83,9 @@ def capped_mean(lengths: Iterable[float], max_length: Optional[int] = None) -> f
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def examples_seen(n_records: int, epochs: float, max_steps: int, global_batch_size: int,
-                  eval_fraction: float = 0.0) -> float:
+def examples_seen(
+    n_records: int, epochs: float, max_steps: int, global_batch_size: int, eval_fraction: float = 0.0
+) -> float:
     if max_steps and max_steps > 0:
         return float(max_steps * global_batch_size)
     return n_records * (1.0 - eval_fraction) * float(epochs)
@@ -99,9 +101,18 @@ def gpu_hours(flops: float, peak_tflops: float, mfu: float) -> float:
     return flops / (peak_tflops * 1e12 * mfu) / 3600.0
 
 
-def estimate(stats: TokenStats, params_billion: float, epochs: float, max_steps: int,
-             global_batch_size: int, peak_tflops: float, mfu: float, gpus: int = 0,
-             eval_fraction: float = 0.0, max_length: Optional[int] = None) -> Estimate:
+def estimate(
+    stats: TokenStats,
+    params_billion: float,
+    epochs: float,
+    max_steps: int,
+    global_batch_size: int,
+    peak_tflops: float,
+    mfu: float,
+    gpus: int = 0,
+    eval_fraction: float = 0.0,
+    max_length: Optional[int] = None,
+) -> Estimate:
     """The cost of one run. ``stats.mean_tokens`` is capped at ``max_length`` when given (use
     :func:`capped_mean` on per-example counts for an exact cap)."""
     ex = examples_seen(stats.n_records, epochs, max_steps, global_batch_size, eval_fraction)
@@ -109,5 +120,4 @@ def estimate(stats: TokenStats, params_billion: float, epochs: float, max_steps:
     tokens = ex * mean
     flops = training_flops(params_billion * 1e9, tokens)
     gh = gpu_hours(flops, peak_tflops, mfu)
-    return Estimate(examples=ex, tokens=tokens, flops=flops, gpu_hours=gh,
-                    wall_hours=gh / gpus if gpus > 0 else None)
+    return Estimate(examples=ex, tokens=tokens, flops=flops, gpu_hours=gh, wall_hours=gh / gpus if gpus > 0 else None)

@@ -10,6 +10,7 @@ Hydra overrides of one run::
 and the variant's name (``none`` for the plain recipe) enters the run's identity
 (:func:`pipeline.runs.run_id`).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,8 +40,12 @@ class GridPoint:
 
     def overrides(self) -> List[str]:
         """The Hydra overrides that make this run from the root config."""
-        out = [f"model={self.model}", f"dataset={self.dataset}", f"plw={format_value(self.plw)}",
-               f"seed={int(self.seed)}"]
+        out = [
+            f"model={self.model}",
+            f"dataset={self.dataset}",
+            f"plw={format_value(self.plw)}",
+            f"seed={int(self.seed)}",
+        ]
         out += [f"{k}={format_value(v)}" for k, v in self.variant_overrides]
         return out
 
@@ -118,7 +123,8 @@ def enumerate_grid(experiment: Mapping[str, Any]) -> List[GridPoint]:
             raise ValueError(f"experiment.{k} lists {', '.join(dup)} more than once")
     points = []
     for model, dataset, (vname, vov), plw, seed in itertools.product(
-            axes["models"], axes["datasets"], variants_of(experiment), axes["plw"], axes["seeds"]):
+        axes["models"], axes["datasets"], variants_of(experiment), axes["plw"], axes["seeds"]
+    ):
         points.append(GridPoint(str(model), str(dataset), float(plw), int(seed), vname, vov))
     return points
 

@@ -15,6 +15,7 @@ started go back to the queue). Ctrl-C (or SIGTERM to the sweep) asks every worke
 (SIGTERM): its current run checkpoints and stops, the runs it has not started are left as they
 were (reported ``not started``), and the sweep exits; the next sweep resumes them.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,9 @@ class _Slot:
         return [(kind, self.by_id[rd.run_id], x) for kind, rd, x in evs]
 
 
-def run_local(runs: List[PlannedRun], launcher: DictConfig, poll_s: float = 0.5,
-              stop_grace_s: float = 300.0) -> Dict[str, str]:
+def run_local(
+    runs: List[PlannedRun], launcher: DictConfig, poll_s: float = 0.5, stop_grace_s: float = 300.0
+) -> Dict[str, str]:
     """Execute ``runs`` (already prepared); returns run_id -> outcome (done, failed, interrupted,
     busy, not started)."""
     max_parallel = int(launcher.max_parallel)
@@ -91,8 +93,9 @@ def run_local(runs: List[PlannedRun], launcher: DictConfig, poll_s: float = 0.5,
             if outcome == NOT_STARTED and not stopping and slot.sup.started_any and pr.run_id not in requeued:
                 requeued.add(pr.run_id)  # its worker died on another run: it goes back to the queue
                 queue.insert(0, pr)
-                bar.write(f"[requeued] {pr.point.label()}: its worker ended before starting it "
-                          f"(log {slot.sup.worker_log})")
+                bar.write(
+                    f"[requeued] {pr.point.label()}: its worker ended before starting it (log {slot.sup.worker_log})"
+                )
                 continue
             outcomes[pr.run_id] = outcome
             bar.update(1)
@@ -128,8 +131,10 @@ def run_local(runs: List[PlannedRun], launcher: DictConfig, poll_s: float = 0.5,
                 time.sleep(poll_s)
     except (KeyboardInterrupt, _Stop):
         n_runs = sum(len(s.runs) for s in active)
-        bar.write(f"stopping {len(active)} worker(s) ({n_runs} run(s)): a running run checkpoints and stops, "
-                  "one not started is left as it was (next sweep resumes them)")
+        bar.write(
+            f"stopping {len(active)} worker(s) ({n_runs} run(s)): a running run checkpoints and stops, "
+            "one not started is left as it was (next sweep resumes them)"
+        )
         for slot in active:
             slot.sup.send(signal.SIGTERM)
         for slot in active:

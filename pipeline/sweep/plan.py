@@ -9,6 +9,7 @@ Per-run overrides, in order (a later value of the same key wins):
 ``experiment.overrides`` (e.g. ``train=cpu_small``), the command line's non-``experiment``
 overrides, then the grid point's (``model=``, ``dataset=``, ``plw=``, ``seed=``, the variant's).
 """
+
 from __future__ import annotations
 
 import copy
@@ -65,8 +66,9 @@ class Plan:
         return Path(self.root.paths.runs_dir)
 
 
-def compose_runs(experiment: Mapping[str, Any], run_overrides: Sequence[str],
-                 points: Sequence[GridPoint]) -> List[Tuple[GridPoint, DictConfig, List[str]]]:
+def compose_runs(
+    experiment: Mapping[str, Any], run_overrides: Sequence[str], points: Sequence[GridPoint]
+) -> List[Tuple[GridPoint, DictConfig, List[str]]]:
     """A composed, validated config per grid point (composing once per model/dataset/variant)."""
     base = list(experiment.get("overrides") or [])
     cache: Dict[Tuple[str, str, str], DictConfig] = {}
@@ -118,32 +120,49 @@ def _stats_from_records(records: Sequence[Mapping[str, Any]], max_len: int, sour
             lengths.append(est.example_tokens(int(t["instruction"]), int(t["input"]), int(t["output"])))
         else:
             n_in = len(r.get("input") or "")
-            lengths.append(est.example_tokens(est.chars_to_tokens(len(r.get("instruction") or "")),
-                                              est.chars_to_tokens(n_in), est.chars_to_tokens(len(r.get("output") or ""))))
+            lengths.append(
+                est.example_tokens(
+                    est.chars_to_tokens(len(r.get("instruction") or "")),
+                    est.chars_to_tokens(n_in),
+                    est.chars_to_tokens(len(r.get("output") or "")),
+                )
+            )
     return est.TokenStats(len(records), est.capped_mean(lengths, max_len), source)
 
 
-def run_estimate(cfg: DictConfig, stats: Optional[est.TokenStats], peak_tflops: float, mfu: float) -> Optional[est.Estimate]:
+def run_estimate(
+    cfg: DictConfig, stats: Optional[est.TokenStats], peak_tflops: float, mfu: float
+) -> Optional[est.Estimate]:
     if stats is None:
         return None
     t = cfg.train
-    return est.estimate(stats, float(cfg.model.params_billion), float(t.epochs), int(t.max_steps),
-                        int(t.global_batch_size), peak_tflops, mfu,
-                        gpus=int(cfg.model.resources.gpus_per_node) * int(cfg.model.resources.nodes),
-                        eval_fraction=float(t.eval_fraction))
+    return est.estimate(
+        stats,
+        float(cfg.model.params_billion),
+        float(t.epochs),
+        int(t.max_steps),
+        int(t.global_batch_size),
+        peak_tflops,
+        mfu,
+        gpus=int(cfg.model.resources.gpus_per_node) * int(cfg.model.resources.nodes),
+        eval_fraction=float(t.eval_fraction),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # the plan
 # ------------------------------------------------------------------------------------------------
-def make_plan(overrides: Sequence[str], estimates: bool = False,
-              slurm_states: Optional[Mapping[str, str]] = None) -> Plan:
+def make_plan(
+    overrides: Sequence[str], estimates: bool = False, slurm_states: Optional[Mapping[str, str]] = None
+) -> Plan:
     """Compose the sweep (``overrides`` must select an experiment) and plan every run."""
     grid_ov, run_ov = split_overrides(overrides)
     root = load_config(list(overrides))
     if root.get("experiment") is None:
-        raise ConfigError("config key 'experiment': a sweep needs an experiment, e.g. experiment=demo "
-                          "(make sweep EXPERIMENT=demo); options: conf/experiment/*.yaml")
+        raise ConfigError(
+            "config key 'experiment': a sweep needs an experiment, e.g. experiment=demo "
+            "(make sweep EXPERIMENT=demo); options: conf/experiment/*.yaml"
+        )
     exp = OmegaConf.to_container(root.experiment, resolve=True)
     points = enumerate_grid(exp)
     lcfg = root.launcher
@@ -163,12 +182,12 @@ def make_plan(overrides: Sequence[str], estimates: bool = False,
             pr.estimate = run_estimate(cfg, stats, float(lcfg.gpu_peak_tflops), float(lcfg.mfu))
             pr.stats_source = src
         runs.append(pr)
-    return Plan(root=root, experiment=str(exp["name"]), runs=runs, grid_overrides=grid_ov,
-                run_overrides=run_ov)
+    return Plan(root=root, experiment=str(exp["name"]), runs=runs, grid_overrides=grid_ov, run_overrides=run_ov)
 
 
-def refresh(pr: PlannedRun, max_retries: int, stale_after_s: float,
-            slurm_states: Optional[Mapping[str, str]] = None) -> None:
+def refresh(
+    pr: PlannedRun, max_retries: int, stale_after_s: float, slurm_states: Optional[Mapping[str, str]] = None
+) -> None:
     """Re-read the run's status and decide again."""
     rd = pr.rd
     pr.status = rd.status() if rd.status_file.exists() else {"state": "pending", "attempts": 0}
@@ -186,14 +205,29 @@ def prepare_launch(pr: PlannedRun, launcher: DictConfig) -> None:
     """Create the run folder (config.yaml, run.json once) and write this launch's files."""
     create_run(pr.cfg, pr.point.variant)
     atomic_write_text(pr.rd.launch_config, OmegaConf.to_yaml(pr.cfg, resolve=True))
-    atomic_write_json(pr.rd.launch_json, {
-        "variant": pr.point.variant, "overrides": pr.overrides, "launcher": str(launcher.name),
-        "heartbeat_s": float(launcher.heartbeat_s), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    atomic_write_json(
+        pr.rd.launch_json,
+        {
+            "variant": pr.point.variant,
+            "overrides": pr.overrides,
+            "launcher": str(launcher.name),
+            "heartbeat_s": float(launcher.heartbeat_s),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
     lifecycle.mark_prepared(pr.rd)
 
 
 def manifest_entries(plan: Plan) -> List[Dict[str, Any]]:
-    return [{"run_id": r.run_id, "model": r.point.model, "dataset": r.point.dataset, "plw": r.point.plw,
-             "variant": r.point.variant, "seed": r.point.seed,
-             "gpu_hours": None if r.estimate is None else r.estimate.gpu_hours} for r in plan.runs]
+    return [
+        {
+            "run_id": r.run_id,
+            "model": r.point.model,
+            "dataset": r.point.dataset,
+            "plw": r.point.plw,
+            "variant": r.point.variant,
+            "seed": r.point.seed,
+            "gpu_hours": None if r.estimate is None else r.estimate.gpu_hours,
+        }
+        for r in plan.runs
+    ]

@@ -25,6 +25,7 @@ requeue by SLURM) also makes the run checkpoint and stop.
 Liveness: :func:`job_states` asks ``squeue -r`` (live jobs, array tasks expanded) and ``sacct``
 (ended jobs: accounting is what lets the sweep see a cancelled or crashed job as ended).
 """
+
 from __future__ import annotations
 
 import os
@@ -107,8 +108,7 @@ class SlurmTask:
             if outcome in ("done", "failed"):
                 print(f"[pipeline.sweep] {outcome}: not requeued", flush=True)
                 return None
-        return submitit.helpers.DelayedSubmission(
-            SlurmTask(self.run_dir, self.python, self.stop_wait_s))
+        return submitit.helpers.DelayedSubmission(SlurmTask(self.run_dir, self.python, self.stop_wait_s))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,12 +122,21 @@ def submitit_folder(root: DictConfig) -> Path:
 def sbatch_parameters(resources: tuple, launcher: DictConfig, job_name: str) -> Dict[str, Any]:
     nodes, gpus, cpus, mem_gb, timeout_min = resources
     if nodes != 1:
-        raise ConfigError(f"config key 'model.resources.nodes': {nodes} nodes; the sweep launches "
-                          "single-node runs (one array task per run, torchrun over the node's GPUs)")
-    params: Dict[str, Any] = dict(job_name=job_name, time=int(timeout_min), nodes=1, ntasks_per_node=1,
-                                  cpus_per_task=int(cpus), mem=f"{int(mem_gb)}GB",
-                                  signal_delay_s=int(launcher.signal_delay_s),
-                                  array_parallelism=int(launcher.max_parallel), stderr_to_stdout=True)
+        raise ConfigError(
+            f"config key 'model.resources.nodes': {nodes} nodes; the sweep launches "
+            "single-node runs (one array task per run, torchrun over the node's GPUs)"
+        )
+    params: Dict[str, Any] = dict(
+        job_name=job_name,
+        time=int(timeout_min),
+        nodes=1,
+        ntasks_per_node=1,
+        cpus_per_task=int(cpus),
+        mem=f"{int(mem_gb)}GB",
+        signal_delay_s=int(launcher.signal_delay_s),
+        array_parallelism=int(launcher.max_parallel),
+        stderr_to_stdout=True,
+    )
     if gpus:
         params["gpus_per_node"] = int(gpus)
     for k in ("partition", "account", "qos"):
@@ -135,8 +144,11 @@ def sbatch_parameters(resources: tuple, launcher: DictConfig, job_name: str) -> 
             params[k] = str(launcher[k])
     if launcher.get("setup"):
         params["setup"] = [str(s) for s in launcher.setup]
-    extra = OmegaConf.to_container(launcher.additional_parameters, resolve=True) if launcher.get(
-        "additional_parameters") else {}
+    extra = (
+        OmegaConf.to_container(launcher.additional_parameters, resolve=True)
+        if launcher.get("additional_parameters")
+        else {}
+    )
     if extra:
         params["additional_parameters"] = extra
     return params
@@ -154,13 +166,13 @@ def submit(runs: List[PlannedRun], root: DictConfig, folder: Path) -> Dict[str, 
     ids: Dict[str, str] = {}
     for res, group in groups.items():
         params = sbatch_parameters(res, launcher, f"plw-{exp}")
-        ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=int(launcher.max_num_timeout),
-                                    python=launcher.get("python"))
+        ex = submitit.SlurmExecutor(
+            folder=str(folder / "%j"), max_num_timeout=int(launcher.max_num_timeout), python=launcher.get("python")
+        )
         ex.update_parameters(**params)
         stop_wait = max(5.0, float(launcher.signal_delay_s) - 20.0)
         with ex.batch():
-            jobs = [ex.submit(SlurmTask(str(pr.rd.path), launcher.get("python"), stop_wait))
-                    for pr in group]
+            jobs = [ex.submit(SlurmTask(str(pr.rd.path), launcher.get("python"), stop_wait)) for pr in group]
         for pr, job in zip(group, jobs):
             ids[pr.run_id] = str(job.job_id)
             lifecycle.mark_queued(pr.rd, str(job.job_id), str(folder))
@@ -211,8 +223,12 @@ def job_states(job_ids: Iterable[str]) -> Dict[str, str]:
         return {}
     states: Dict[str, str] = {}
     try:
-        r = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", ",".join(ids), "-o", "JobID,State"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if r.returncode == 0:
             states.update(parse_state_lines(r.stdout))
     except (subprocess.SubprocessError, OSError):

@@ -21,6 +21,7 @@ Sweep manifests (``<runs_dir>/_sweeps/<experiment>.json``) list the run ids of a
 ``make status`` shows the grid (also its runs not started yet) from the store alone, without
 composing configs.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,20 @@ from pipeline.runs import RunDir, atomic_write_json, list_runs
 SWEEPS_SUBDIR = "_sweeps"
 EFFECTIVE_STATES = ("done", "running", "queued", "interrupted", "stale", "failed", "pending")
 # sacct/squeue states in which a job may still run (anything else: it ended).
-SLURM_ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-               "SUSPENDED", "COMPLETING", "CONFIGURING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD"}
+SLURM_ALIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "COMPLETING",
+    "CONFIGURING",
+    "STAGE_OUT",
+    "SIGNALING",
+    "RESV_DEL_HOLD",
+}
 
 
 @dataclass(frozen=True)
@@ -97,8 +110,9 @@ def decide(effective: str, failures: int, max_retries: int) -> str:
     raise ValueError(f"unknown effective state {effective!r}")
 
 
-def liveness(rd: RunDir, status: Mapping[str, Any], slurm_states: Optional[Mapping[str, str]] = None,
-             now: Optional[float] = None) -> Liveness:
+def liveness(
+    rd: RunDir, status: Mapping[str, Any], slurm_states: Optional[Mapping[str, str]] = None, now: Optional[float] = None
+) -> Liveness:
     """Gather the liveness facts of a run (cheap: a flock probe, a kill(pid, 0), a small file)."""
     now = time.time() if now is None else now
     host = socket.gethostname()
@@ -156,17 +170,28 @@ class Row:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def row_of(rd: RunDir, effective: str, info: Optional[Mapping[str, Any]] = None,
-           status: Optional[Mapping[str, Any]] = None) -> Row:
+def row_of(
+    rd: RunDir, effective: str, info: Optional[Mapping[str, Any]] = None, status: Optional[Mapping[str, Any]] = None
+) -> Row:
     info = rd.info() if info is None else info
     status = (rd.status() if rd.status_file.exists() else {}) if status is None else status
     prog = rd.progress() if rd.metrics.exists() or status else {"step": None, "total": None, "loss": None}
-    return Row(run_id=rd.run_id, model=info.get("model", "?"), dataset=info.get("dataset", "?"),
-               plw=info.get("plw"), variant=info.get("variant", "none"), seed=info.get("seed"),
-               state=effective, attempts=int(status.get("attempts", 0)),
-               failures=int(status.get("failures", 0)), step=prog["step"], total=prog["total"],
-               loss=prog["loss"], error=str(status.get("error") or ""),
-               job=str(status.get("slurm_job_id") or ""))
+    return Row(
+        run_id=rd.run_id,
+        model=info.get("model", "?"),
+        dataset=info.get("dataset", "?"),
+        plw=info.get("plw"),
+        variant=info.get("variant", "none"),
+        seed=info.get("seed"),
+        state=effective,
+        attempts=int(status.get("attempts", 0)),
+        failures=int(status.get("failures", 0)),
+        step=prog["step"],
+        total=prog["total"],
+        loss=prog["loss"],
+        error=str(status.get("error") or ""),
+        job=str(status.get("slurm_job_id") or ""),
+    )
 
 
 def _short(s: str, n: int) -> str:
@@ -178,8 +203,7 @@ def format_table(rows: Sequence[Row], show_cost: bool = False, error_width: int 
     """The grid as a text table, one row per run, then the counts per state."""
     from tabulate import tabulate
 
-    headers = ["model", "dataset", "plw", "variant", "seed", "state", "progress", "loss", "tries",
-               "job"]
+    headers = ["model", "dataset", "plw", "variant", "seed", "state", "progress", "loss", "tries", "job"]
     if show_cost:
         headers.append("GPU-h")
     headers += ["run_id", "last error"]
@@ -190,10 +214,18 @@ def format_table(rows: Sequence[Row], show_cost: bool = False, error_width: int 
             prog = f"{r.step}/{r.total}" if r.total else f"{r.step}"
         elif r.state == "done":
             prog = "100%"
-        line = [r.model, r.dataset, "" if r.plw is None else f"{r.plw:g}", r.variant,
-                "" if r.seed is None else r.seed, r.state, prog,
-                "" if r.loss is None else f"{r.loss:.4f}",
-                f"{r.attempts}" + (f" ({r.failures} failed)" if r.failures else ""), r.job]
+        line = [
+            r.model,
+            r.dataset,
+            "" if r.plw is None else f"{r.plw:g}",
+            r.variant,
+            "" if r.seed is None else r.seed,
+            r.state,
+            prog,
+            "" if r.loss is None else f"{r.loss:.4f}",
+            f"{r.attempts}" + (f" ({r.failures} failed)" if r.failures else ""),
+            r.job,
+        ]
         if show_cost:
             line.append("?" if r.gpu_hours is None else f"{r.gpu_hours:.3g}")
         line += [r.run_id, _short(r.error, error_width)]
@@ -216,12 +248,20 @@ def manifest_path(runs_dir: Path, experiment: str) -> Path:
     return Path(runs_dir) / SWEEPS_SUBDIR / f"{experiment}.json"
 
 
-def write_manifest(runs_dir: Path, experiment: str, runs: Sequence[Mapping[str, Any]],
-                   overrides: Sequence[str]) -> Path:
+def write_manifest(
+    runs_dir: Path, experiment: str, runs: Sequence[Mapping[str, Any]], overrides: Sequence[str]
+) -> Path:
     """``runs``: ``{run_id, model, dataset, plw, variant, seed, gpu_hours}`` per grid point."""
     path = manifest_path(runs_dir, experiment)
-    atomic_write_json(path, {"experiment": experiment, "overrides": list(overrides),
-                             "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": list(runs)})
+    atomic_write_json(
+        path,
+        {
+            "experiment": experiment,
+            "overrides": list(overrides),
+            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "runs": list(runs),
+        },
+    )
     return path
 
 
@@ -235,8 +275,12 @@ def read_manifest(runs_dir: Path, experiment: str) -> Optional[Dict[str, Any]]:
         raise ValueError(f"{path}: not valid JSON ({e}); delete it and re-run `make sweep`") from e
 
 
-def store_rows(runs_dir: Path, experiment: Optional[str] = None,
-               slurm_states: Optional[Mapping[str, str]] = None, stale_after_s: float = 600.0) -> List[Row]:
+def store_rows(
+    runs_dir: Path,
+    experiment: Optional[str] = None,
+    slurm_states: Optional[Mapping[str, str]] = None,
+    stale_after_s: float = 600.0,
+) -> List[Row]:
     """Rows for ``make status``: the runs of the experiment's manifest (all runs in the store when
     ``experiment`` is None), with effective states. Reads only the store."""
     runs_dir = Path(runs_dir)
@@ -245,7 +289,8 @@ def store_rows(runs_dir: Path, experiment: Optional[str] = None,
         if man is None:
             raise FileNotFoundError(
                 f"no sweep manifest {manifest_path(runs_dir, experiment)}: run `make sweep EXPERIMENT="
-                f"{experiment} DRY_RUN=1` (or a sweep) first, or check paths.runs_dir / PLW_RUNS_DIR")
+                f"{experiment} DRY_RUN=1` (or a sweep) first, or check paths.runs_dir / PLW_RUNS_DIR"
+            )
         entries = man["runs"]
         dirs = [RunDir(runs_dir / e["run_id"]) for e in entries]
     else:
@@ -255,8 +300,7 @@ def store_rows(runs_dir: Path, experiment: Optional[str] = None,
     for rd, entry in zip(dirs, entries):
         status = rd.status() if rd.status_file.exists() else {"state": "pending", "attempts": 0}
         eff = classify(status, liveness(rd, status, slurm_states), stale_after_s)
-        info = rd.info() or ({k: entry.get(k) for k in ("model", "dataset", "plw", "variant", "seed")}
-                             if entry else {})
+        info = rd.info() or ({k: entry.get(k) for k in ("model", "dataset", "plw", "variant", "seed")} if entry else {})
         row = row_of(rd, eff, info, status if rd.status_file.exists() else {})
         if entry and entry.get("gpu_hours") is not None:
             row.gpu_hours = entry["gpu_hours"]

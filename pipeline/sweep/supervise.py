@@ -20,6 +20,7 @@ made here (a worker that died before recording anything) go through :mod:`pipeli
 Waiting uses ``os.waitpid`` directly, never ``Popen.wait``: a signal handler (submitit's
 checkpoint) may wait for the same child while the main loop is polling it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -60,8 +61,14 @@ def worker_command(run_dir: Path, python: Optional[str] = None) -> List[str]:
 
 def group_command(run_dirs: Sequence[Path], report: Path, python: Optional[str] = None) -> List[str]:
     """The command line of a worker executing several runs one after another."""
-    return [python or sys.executable, "-m", "pipeline.sweep.worker", "--report", str(report),
-            *[str(p) for p in run_dirs]]
+    return [
+        python or sys.executable,
+        "-m",
+        "pipeline.sweep.worker",
+        "--report",
+        str(report),
+        *[str(p) for p in run_dirs],
+    ]
 
 
 def _child_setup() -> None:  # runs in the child between fork and exec
@@ -88,8 +95,7 @@ def _tail(path: Path, n: int = 3, width: int = 300) -> str:
 class _WorkerProcess:
     """A worker subprocess: environment, start, poll, signals (shared by the two supervisors)."""
 
-    def __init__(self, cmd: List[str], env: Optional[Dict[str, str]] = None,
-                 threads: Optional[int] = None) -> None:
+    def __init__(self, cmd: List[str], env: Optional[Dict[str, str]] = None, threads: Optional[int] = None) -> None:
         self.cmd = cmd
         self.env = dict(os.environ if env is None else env)
         if threads:
@@ -111,9 +117,16 @@ class _WorkerProcess:
         log.write(log_header(self.cmd).encode())
         log.flush()
         try:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         cwd=str(cwd), start_new_session=True,
-                                         preexec_fn=_child_setup, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=str(cwd),
+                start_new_session=True,
+                preexec_fn=_child_setup,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             log.close()
         self.started = time.time()
@@ -184,8 +197,9 @@ def run_outcome(rd: RunDir, code: int, log_path: Optional[Path]) -> str:
         return "interrupted"
     if state == "failed" and code == EXIT_FAILED:
         return "failed"
-    lifecycle.mark_failed(rd, f"worker {_how(code)}; log {log_path}: {_tail(log_path) if log_path else ''}",
-                          keep_first=False)
+    lifecycle.mark_failed(
+        rd, f"worker {_how(code)}; log {log_path}: {_tail(log_path) if log_path else ''}", keep_first=False
+    )
     return "failed"
 
 
@@ -193,8 +207,13 @@ class Supervisor(_WorkerProcess):
     """A worker executing one run (``python -m pipeline.sweep.worker <run>``); its output goes to
     ``<run>/logs/attempt-<n>.log``."""
 
-    def __init__(self, rd: RunDir, python: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None, threads: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        rd: RunDir,
+        python: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        threads: Optional[int] = None,
+    ) -> None:
         super().__init__(worker_command(rd.path, python), env, threads)
         self.rd = rd
 
@@ -225,9 +244,14 @@ class GroupSupervisor(_WorkerProcess):
     one-run worker would be, with the end of the worker's log).
     """
 
-    def __init__(self, rds: Sequence[RunDir], python: Optional[str] = None,
-                 env: Optional[Dict[str, str]] = None, threads: Optional[int] = None,
-                 log_dir: Optional[Path] = None) -> None:
+    def __init__(
+        self,
+        rds: Sequence[RunDir],
+        python: Optional[str] = None,
+        env: Optional[Dict[str, str]] = None,
+        threads: Optional[int] = None,
+        log_dir: Optional[Path] = None,
+    ) -> None:
         self.rds = list(rds)
         if not self.rds:
             raise ValueError("GroupSupervisor: no runs")
@@ -235,8 +259,7 @@ class GroupSupervisor(_WorkerProcess):
         stem = f"worker-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.report_path = log_dir / f"{stem}.jsonl"
         self.worker_log = log_dir / f"{stem}.log"
-        super().__init__(group_command([rd.path.resolve() for rd in self.rds], self.report_path, python),
-                         env, threads)
+        super().__init__(group_command([rd.path.resolve() for rd in self.rds], self.report_path, python), env, threads)
         self._by_path = {str(rd.path.resolve()): rd for rd in self.rds}
         self._offset = 0
         self._partial = b""
@@ -306,8 +329,11 @@ class GroupSupervisor(_WorkerProcess):
             if rd.run_id in self.run_logs:  # executing when the worker died
                 outcome = run_outcome(rd, rc if rc != EXIT_DONE else EXIT_FAILED, self.run_logs[rd.run_id])
             elif broken:  # the worker died before its first run: charge that run, as a one-run worker
-                lifecycle.mark_failed(rd, f"worker {_how(rc)} before starting its first run; "
-                                          f"log {self.worker_log}: {_tail(self.worker_log)}", keep_first=False)
+                lifecycle.mark_failed(
+                    rd,
+                    f"worker {_how(rc)} before starting its first run; log {self.worker_log}: {_tail(self.worker_log)}",
+                    keep_first=False,
+                )
                 outcome, broken = "failed", False
             else:
                 outcome = NOT_STARTED

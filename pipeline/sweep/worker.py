@@ -49,6 +49,7 @@ Multi-GPU runs: :func:`pipeline.train.run` itself starts ``train.nproc`` trainin
 (torchrun/accelerate) and forwards SIGTERM/SIGUSR1 to them; this worker is one process.
 (Should it ever run under torchrun, only global rank 0 takes the lock and writes the heartbeat.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,17 @@ from pipeline.train import resolve_nproc
 from pipeline.train import run as train_run
 from pipeline.trainer.loop import TrainerCallback
 
-__all__ = ["EXIT_BUSY", "EXIT_DONE", "EXIT_FAILED", "EXIT_INTERRUPTED", "StopFlag", "StopOnRequest",
-           "execute", "execute_many", "main"]
+__all__ = [
+    "EXIT_BUSY",
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "StopFlag",
+    "StopOnRequest",
+    "execute",
+    "execute_many",
+    "main",
+]
 
 log = logging.getLogger("pipeline.sweep.worker")
 
@@ -123,8 +133,9 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self.reason is None:  # os.write: a buffered print could re-enter one in progress
             try:
-                os.write(2, f"[worker] {name} received: stopping (a running run checkpoints at its "
-                            f"next step)\n".encode())
+                os.write(
+                    2, f"[worker] {name} received: stopping (a running run checkpoints at its next step)\n".encode()
+                )
             except OSError:
                 pass
         self.reason = name
@@ -188,8 +199,9 @@ def _execute_one(rd: RunDir, stop: Optional[StopFlag] = None, on_locked=None) ->
             on_locked(rd)
         launch = load_launch(rd)
         if rank0:
-            hb = Heartbeat(rd, float(launch.get("heartbeat_s", 30.0)), run_id=rd.run_id,
-                           slurm_job_id=slurm_job_id_from_env()).start()
+            hb = Heartbeat(
+                rd, float(launch.get("heartbeat_s", 30.0)), run_id=rd.run_id, slurm_job_id=slurm_job_id_from_env()
+            ).start()
         try:
             cfg = rd.load_config()
         except Exception as e:  # noqa: BLE001 - recorded in status.json, then re-raised
@@ -294,8 +306,12 @@ class _Report:
             f.flush()
 
 
-def execute_many(run_dirs: Sequence[Path], report: Optional[Path] = None,
-                 cmd: Optional[Sequence[str]] = None, stop: Optional[StopFlag] = None) -> int:
+def execute_many(
+    run_dirs: Sequence[Path],
+    report: Optional[Path] = None,
+    cmd: Optional[Sequence[str]] = None,
+    stop: Optional[StopFlag] = None,
+) -> int:
     """Execute several runs one after another in this process (see the module docstring); returns
     :data:`EXIT_INTERRUPTED` when stopped by a signal, else :data:`EXIT_DONE` if every run is done,
     else :data:`EXIT_FAILED`."""
@@ -310,8 +326,10 @@ def execute_many(run_dirs: Sequence[Path], report: Optional[Path] = None,
         for i, run_dir in enumerate(run_dirs):
             rd = RunDir(Path(run_dir))
             if stop.requested:
-                print(f"[worker] stopped ({stop.reason}): {len(run_dirs) - i} run(s) not started, "
-                      f"left as they were", flush=True)
+                print(
+                    f"[worker] stopped ({stop.reason}): {len(run_dirs) - i} run(s) not started, left as they were",
+                    flush=True,
+                )
                 return EXIT_INTERRUPTED
             print(f"[worker] run {i + 1}/{len(run_dirs)}: {rd.path}", flush=True)
 

@@ -19,6 +19,7 @@ checkpoints beyond ``train.save_total_limit``. A run killed at any moment (SIGKI
 limit) leaves either a complete ``step-N`` or debris under a ``.tmp-`` name, never a partial
 ``step-N``; it resumes from the highest complete one.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,21 @@ from typing import Any, Dict, List, Optional
 
 from pipeline.atomic_dir import DONE, is_complete, publish
 
-__all__ = ["DONE", "PREFIX", "TMP_PREFIX", "STATE_FILE", "checkpoint_name", "complete_checkpoints",
-           "latest_checkpoint", "checkpoint_step", "remove_debris", "tmp_dir", "commit", "prune", "read_state"]
+__all__ = [
+    "DONE",
+    "PREFIX",
+    "TMP_PREFIX",
+    "STATE_FILE",
+    "checkpoint_name",
+    "complete_checkpoints",
+    "latest_checkpoint",
+    "checkpoint_step",
+    "remove_debris",
+    "tmp_dir",
+    "commit",
+    "prune",
+    "read_state",
+]
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

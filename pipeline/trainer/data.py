@@ -24,6 +24,7 @@ exactly the examples an uninterrupted one would, whatever the number of processe
   must match). With the default normaliser (``weight_sum``) the step's gradient does not depend on
   this split at all (see :mod:`pipeline.loss`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,7 +84,7 @@ def step_examples(n: int, global_batch: int, seed: int, step: int) -> List[int]:
     spe = steps_per_epoch(n, global_batch)
     epoch, j = divmod(step - 1, spe)
     order = epoch_order(n, seed, epoch)
-    return order[j * global_batch:(j + 1) * global_batch]
+    return order[j * global_batch : (j + 1) * global_batch]
 
 
 def step_epoch(step: int, n: int, global_batch: int) -> float:
@@ -91,25 +92,27 @@ def step_epoch(step: int, n: int, global_batch: int) -> float:
     return step / steps_per_epoch(n, global_batch)
 
 
-def rank_micro_batches(step_idx: Sequence[int], world: int, rank: int, per_device: int,
-                       accumulation: int) -> List[List[int]]:
+def rank_micro_batches(
+    step_idx: Sequence[int], world: int, rank: int, per_device: int, accumulation: int
+) -> List[List[int]]:
     """This rank's micro-batches (lists of example indices; ``[]`` = a filler) for one step."""
     n = len(step_idx)
-    slots = accumulation if n == world * per_device * accumulation else \
-        max(1, math.ceil(n / (world * per_device)))
+    slots = accumulation if n == world * per_device * accumulation else max(1, math.ceil(n / (world * per_device)))
     out = []
     for k in range(slots):
         q = rank * slots + k
-        out.append(list(step_idx[q * per_device:(q + 1) * per_device]))
+        out.append(list(step_idx[q * per_device : (q + 1) * per_device]))
     return out
 
 
 def filler_example(pad_token_id: int) -> Dict[str, torch.Tensor]:
     """A two-token example with no loss term (weights 0, labels ignored)."""
-    return {"input_ids": torch.full((2,), int(pad_token_id), dtype=torch.long),
-            "labels": torch.full((2,), IGNORE_INDEX, dtype=torch.long),
-            "weights": torch.zeros(2, dtype=torch.float32),
-            "prompt_mask": torch.zeros(2, dtype=torch.bool)}
+    return {
+        "input_ids": torch.full((2,), int(pad_token_id), dtype=torch.long),
+        "labels": torch.full((2,), IGNORE_INDEX, dtype=torch.long),
+        "weights": torch.zeros(2, dtype=torch.float32),
+        "prompt_mask": torch.zeros(2, dtype=torch.bool),
+    }
 
 
 @dataclass
@@ -124,19 +127,30 @@ class TrainData:
     eval_index: List[int] = field(default_factory=list)
 
     def summary(self) -> Dict[str, Any]:
-        return {"records": self.n_records, "train_examples": len(self.train),
-                "eval_examples": len(self.eval), "truncation": self.truncation.to_dict()}
+        return {
+            "records": self.n_records,
+            "train_examples": len(self.train),
+            "eval_examples": len(self.eval),
+            "truncation": self.truncation.to_dict(),
+        }
 
 
-def prepare_examples(records: Sequence[Mapping[str, Any]], tokenizer, *, plw: float,
-                     completion_weight: float, model_max_length: int, truncation: str,
-                     eval_fraction: float, seed: int) -> TrainData:
+def prepare_examples(
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    *,
+    plw: float,
+    completion_weight: float,
+    model_max_length: int,
+    truncation: str,
+    eval_fraction: float,
+    seed: int,
+) -> TrainData:
     """Tokenise and weight ``records`` (see the module docstring) and split off the validation set."""
     instances, report = tokenize_records(records, tokenizer, model_max_length, truncation)
     examples = build_examples(instances, plw, completion_weight, mask_zero_weight_labels=False)
     if not examples:
-        raise ValueError(f"no training examples left of {len(records)} records "
-                         f"({report.summary()})")
+        raise ValueError(f"no training examples left of {len(records)} records ({report.summary()})")
     tr, ev = split_indices(len(examples), eval_fraction, seed)
     return TrainData([examples[i] for i in tr], [examples[i] for i in ev], report, len(records), tr, ev)
 

@@ -24,6 +24,7 @@ Checkpoints: model and optimizer through ``torch.distributed.checkpoint`` (``get
 the same fully-qualified names in every mode, so the files are re-shardable), the LR scheduler and
 per-rank RNG states with ``torch.save``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,8 +82,15 @@ def accelerate_settings() -> Dict[str, Any]:
 class Backend:
     """Rank, device and the data-parallel mode of this process."""
 
-    def __init__(self, mode: str = "none", rank: int = 0, world: int = 1, local_rank: int = 0,
-                 device: Optional[torch.device] = None, settings: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        mode: str = "none",
+        rank: int = 0,
+        world: int = 1,
+        local_rank: int = 0,
+        device: Optional[torch.device] = None,
+        settings: Optional[Dict[str, Any]] = None,
+    ):
         if mode not in MODES:
             raise ValueError(f"train.distributed must be one of {MODES}, got {mode!r}")
         self.mode = mode
@@ -118,8 +126,10 @@ class Backend:
 
                 deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
             elif not dist.is_initialized():
-                dist.init_process_group("nccl" if cuda else "gloo",
-                                        timeout=datetime.timedelta(minutes=int(os.environ.get("PLW_DIST_TIMEOUT_MIN", "60"))))
+                dist.init_process_group(
+                    "nccl" if cuda else "gloo",
+                    timeout=datetime.timedelta(minutes=int(os.environ.get("PLW_DIST_TIMEOUT_MIN", "60"))),
+                )
                 b._owns_group = True
         return b
 
@@ -189,11 +199,11 @@ class Backend:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-
         cls_name = self.settings.get("fsdp_wrap_class") or model_cfg.fsdp_wrap_class
         if not cls_name:
-            raise ValueError(f"config key 'model.fsdp_wrap_class': required for train.distributed=fsdp "
-                             f"(model '{model_cfg.name}')")
+            raise ValueError(
+                f"config key 'model.fsdp_wrap_class': required for train.distributed=fsdp (model '{model_cfg.name}')"
+            )
         layer_cls = decoder_layer_class({"name": model_cfg.name, "fsdp_wrap_class": cls_name})
         mesh = init_device_mesh(self.device.type, (self.world,))
         mp = self.mixed_precision(train_cfg)
@@ -205,8 +215,9 @@ class Backend:
         reshard = self.settings.get("reshard_after_forward", True)
         layers = [m for m in wrapper.modules() if isinstance(m, layer_cls)]
         if not layers:
-            raise ValueError(f"config key 'model.fsdp_wrap_class': no module of class {cls_name} in "
-                             f"model '{model_cfg.name}'")
+            raise ValueError(
+                f"config key 'model.fsdp_wrap_class': no module of class {cls_name} in model '{model_cfg.name}'"
+            )
         for m in layers:
             fully_shard(m, reshard_after_forward=reshard, **kwargs)
         fully_shard(wrapper, **kwargs)  # fully_shard moves every (sharded) state to the mesh's device
@@ -219,20 +230,24 @@ class Backend:
         import deepspeed
 
         path = self.settings.get("deepspeed_config") or str(
-            Path(__file__).resolve().parents[2] / "conf" / "distributed" / "ds_zero3.json")
+            Path(__file__).resolve().parents[2] / "conf" / "distributed" / "ds_zero3.json"
+        )
         ds = json.loads(Path(path).read_text())
-        fill = {"train_micro_batch_size_per_gpu": int(train_cfg.per_device_batch_size),
-                "gradient_accumulation_steps": int(accumulation),
-                "train_batch_size": int(train_cfg.global_batch_size),
-                "gradient_clipping": float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else 0.0}
+        fill = {
+            "train_micro_batch_size_per_gpu": int(train_cfg.per_device_batch_size),
+            "gradient_accumulation_steps": int(accumulation),
+            "train_batch_size": int(train_cfg.global_batch_size),
+            "gradient_clipping": float(train_cfg.max_grad_norm) if train_cfg.max_grad_norm > 0 else 0.0,
+        }
         for k, v in fill.items():
             if ds.get(k, "auto") == "auto":
                 ds[k] = v
         if isinstance(ds.get("bf16"), dict) and ds["bf16"].get("enabled") == "auto":
             ds["bf16"]["enabled"] = bool(train_cfg.bf16)
         register_for_zero3(wrapper)
-        engine, optimizer, _, scheduler = deepspeed.initialize(model=wrapper, optimizer=optimizer,
-                                                               lr_scheduler=scheduler, config=ds)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=wrapper, optimizer=optimizer, lr_scheduler=scheduler, config=ds
+        )
         self.engine = engine
         return engine, optimizer, scheduler
 
@@ -262,8 +277,11 @@ class Backend:
         if self.engine is not None:
             n = self.engine.get_global_grad_norm()
             return float(n) if n is not None else float("nan")
-        return clip_grad_norm_fp64([p.grad for p in model.parameters() if p.grad is not None], max_norm,
-                                   self.all_reduce_sum if self.mode == "fsdp" else None)
+        return clip_grad_norm_fp64(
+            [p.grad for p in model.parameters() if p.grad is not None],
+            max_norm,
+            self.all_reduce_sum if self.mode == "fsdp" else None,
+        )
 
     # ------------------------------------------------------------------ state
     def save(self, folder: Path, model: nn.Module, optimizer, scheduler) -> None:
@@ -278,8 +296,11 @@ class Backend:
 
             msd, osd = get_state_dict(model, optimizer)
             with _single_process_dcp(not self.distributed):
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "model_optim"),
-                         no_dist=not self.distributed)
+                dcp.save(
+                    {"model": msd, "optim": osd},
+                    checkpoint_id=str(folder / "model_optim"),
+                    no_dist=not self.distributed,
+                )
             if self.is_main:
                 torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_state(), folder / "rng" / f"rank{self.rank}.pt")
@@ -302,8 +323,12 @@ class Backend:
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
         else:
-            log.warning("checkpoint %s has no RNG state for rank %d (resumed with another number of "
-                        "processes?): RNG streams restart from the seed", folder, self.rank)
+            log.warning(
+                "checkpoint %s has no RNG state for rank %d (resumed with another number of "
+                "processes?): RNG streams restart from the seed",
+                folder,
+                self.rank,
+            )
 
     def full_state_dict(self, model: nn.Module) -> Dict[str, torch.Tensor]:
         """The wrapped LM's full state dict on rank 0 (CPU; names relative to the LM); ``{}`` elsewhere."""
@@ -318,7 +343,7 @@ class Backend:
             return {}
         out = {}
         for k, v in sd.items():
-            k = k[len("module."):] if k.startswith("module.") else k
+            k = k[len("module.") :] if k.startswith("module.") else k
             if k.startswith("lm."):
                 out[k[3:]] = v.detach().to("cpu")
         return out
@@ -343,8 +368,11 @@ def clip_grad_norm_fp64(grads, max_norm: float, reduce=None) -> float:
     gradient is only good to ~1e-4 relative and depends on how tensors are split; this one does not
     (1 process and N FSDP processes clip by the same factor). Returns the norm before clipping."""
 
-    parts = [torch.linalg.vector_norm(local_tensor(g), 2, dtype=torch.float64).pow(2)
-             for g in grads if local_tensor(g).numel()]
+    parts = [
+        torch.linalg.vector_norm(local_tensor(g), 2, dtype=torch.float64).pow(2)
+        for g in grads
+        if local_tensor(g).numel()
+    ]
     sq = torch.stack(parts).sum().cpu() if parts else torch.zeros((), dtype=torch.float64)
     if reduce is not None:
         sq = reduce(sq)
@@ -388,6 +416,6 @@ def seed_everything(seed: int) -> None:
     try:
         import numpy as np
 
-        np.random.seed(seed % (2 ** 32))
+        np.random.seed(seed % (2**32))
     except ImportError:  # pragma: no cover
         pass

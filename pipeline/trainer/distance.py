@@ -13,6 +13,7 @@ pre-trained one (:func:`pipeline.models.ensure_pad_token` appended a ``[PAD]`` r
 common rows (the first ``rows0``) are compared; ``rows_excluded`` says which tensors lost how many
 rows. Any other shape difference is an error.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from typing import Callable, Dict, Iterable, Optional, Tuple
 import torch
 
 
-def weight_distance(trained: Callable[[str], Optional[torch.Tensor]],
-                    reference: Iterable[Tuple[str, torch.Tensor]]) -> Dict[str, object]:
+def weight_distance(
+    trained: Callable[[str], Optional[torch.Tensor]], reference: Iterable[Tuple[str, torch.Tensor]]
+) -> Dict[str, object]:
     """Distance between ``trained(name)`` and each ``(name, tensor)`` of ``reference``.
 
     ``trained`` looks a tensor up by the reference's name (``None``: missing, an error).
@@ -40,8 +42,10 @@ def weight_distance(trained: Callable[[str], Optional[torch.Tensor]],
                 excluded[name] = int(t.shape[0] - ref.shape[0])
                 t = t[: ref.shape[0]]
             else:
-                raise ValueError(f"weight distance: '{name}' has shape {tuple(t.shape)} in the fine-tuned "
-                                 f"model but {tuple(ref.shape)} in the pre-trained one")
+                raise ValueError(
+                    f"weight distance: '{name}' has shape {tuple(t.shape)} in the fine-tuned "
+                    f"model but {tuple(ref.shape)} in the pre-trained one"
+                )
         d = t.detach().to("cpu", torch.float64) - ref.detach().to("cpu", torch.float64)
         a = d.abs().sum().item()
         l1 += a
@@ -51,13 +55,21 @@ def weight_distance(trained: Callable[[str], Optional[torch.Tensor]],
         per_tensor_mean.append(a / max(1, d.numel()))
     if n == 0:
         raise ValueError("weight distance: no tensors compared")
-    return {"l1_mean": l1 / n, "l2": math.sqrt(l2sq), "l1_sum": l1, "elements": n,
-            "tensors": len(per_tensor_sum),
-            "l1_mean_per_tensor": sum(per_tensor_mean) / len(per_tensor_mean),
-            "l1_sum_per_tensor": sum(per_tensor_sum) / len(per_tensor_sum),
-            "rows_excluded": excluded,
-            "note": ("rows appended for the pad token are excluded: only the pre-trained model's rows "
-                     "are compared" if excluded else "all elements compared")}
+    return {
+        "l1_mean": l1 / n,
+        "l2": math.sqrt(l2sq),
+        "l1_sum": l1,
+        "elements": n,
+        "tensors": len(per_tensor_sum),
+        "l1_mean_per_tensor": sum(per_tensor_mean) / len(per_tensor_mean),
+        "l1_sum_per_tensor": sum(per_tensor_sum) / len(per_tensor_sum),
+        "rows_excluded": excluded,
+        "note": (
+            "rows appended for the pad token are excluded: only the pre-trained model's rows are compared"
+            if excluded
+            else "all elements compared"
+        ),
+    }
 
 
 def reference_parameters(model) -> Iterable[Tuple[str, torch.Tensor]]:

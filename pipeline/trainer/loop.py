@@ -41,6 +41,7 @@ next step boundary every rank agrees (one all-reduce), a checkpoint is written a
 :class:`Preempted` is raised (a ``SystemExit`` with code :data:`PREEMPTED_EXIT_CODE`, 75) so that
 the launcher can requeue the run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,12 +64,25 @@ from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
 from pipeline.preprocess import Collator
-from pipeline.regularizers import (MinkowskiPenalty, decay_parameter_names, optimizer_groups,
-                                   set_attention_dropout, trainable_parameters)
+from pipeline.regularizers import (
+    MinkowskiPenalty,
+    decay_parameter_names,
+    optimizer_groups,
+    set_attention_dropout,
+    trainable_parameters,
+)
 from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from pipeline.trainer import checkpoint as ckpt
-from pipeline.trainer.data import (TrainData, batch_tokens, filler_example, rank_micro_batches,
-                                   step_epoch, step_examples, steps_per_epoch, total_steps)
+from pipeline.trainer.data import (
+    TrainData,
+    batch_tokens,
+    filler_example,
+    rank_micro_batches,
+    step_epoch,
+    step_examples,
+    steps_per_epoch,
+    total_steps,
+)
 from pipeline.models import load_model, torch_dtype
 from pipeline.trainer.dist import Backend, seed_everything
 from pipeline.trainer.distance import reference_parameters, weight_distance
@@ -104,8 +118,17 @@ def _div(a: float, b: float) -> float:
 class Trainer:
     """Trains ``lm`` on ``data`` as ``cfg.train`` says, in ``run_dir`` (see the module docstring)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: RunDir, backend: Backend, lm: torch.nn.Module, tokenizer,
-                 data: TrainData, callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None):
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: RunDir,
+        backend: Backend,
+        lm: torch.nn.Module,
+        tokenizer,
+        data: TrainData,
+        callbacks: Sequence[TrainerCallback] = (),
+        typed: Optional[Config] = None,
+    ):
         self.cfg = cfg
         self.typed = validate(cfg) if typed is None else typed  # validated once, by the entry point
         self.tc = self.typed.train
@@ -137,8 +160,11 @@ class Trainer:
             from pipeline.packing import PackedCollator  # lazy: only runs that pack need it
 
             make = getattr(PackedCollator, "for_model", None)
-            self.collate = make(tokenizer, int(self.tc.model_max_length), lm) if make else \
-                PackedCollator(tokenizer, int(self.tc.model_max_length))
+            self.collate = (
+                make(tokenizer, int(self.tc.model_max_length), lm)
+                if make
+                else PackedCollator(tokenizer, int(self.tc.model_max_length))
+            )
         else:
             self.collate = Collator(pad_token_id=int(tokenizer.pad_token_id))
         self.filler = filler_example(int(tokenizer.pad_token_id))
@@ -162,30 +188,49 @@ class Trainer:
         self.lm.train()
         mp = b.mixed_precision(tc) if b.device.type == "cuda" else None
         self.compute_dtype = mp or next(self.lm.parameters()).dtype
-        wrapper = WeightedLossModel(self.lm, label_smoothing=float(tc.label_smoothing),
-                                    chunk_size=int(tc.loss_chunk_size), compute_dtype=self.compute_dtype)
+        wrapper = WeightedLossModel(
+            self.lm,
+            label_smoothing=float(tc.label_smoothing),
+            chunk_size=int(tc.loss_chunk_size),
+            compute_dtype=self.compute_dtype,
+        )
         decay = decay_parameter_names(wrapper)
         self.model = b.wrap(wrapper, self.cfg.model, self.cfg.train)
         self.optimizer = torch.optim.AdamW(
-            optimizer_groups(self.model, float(tc.weight_decay), decay), lr=float(tc.learning_rate),
-            betas=(float(tc.adam_beta1), float(tc.adam_beta2)), eps=float(tc.adam_epsilon))
+            optimizer_groups(self.model, float(tc.weight_decay), decay),
+            lr=float(tc.learning_rate),
+            betas=(float(tc.adam_beta1), float(tc.adam_beta2)),
+            eps=float(tc.adam_epsilon),
+        )
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(tc.lr_scheduler, self.optimizer, num_warmup_steps=self.warmup_steps,
-                                       num_training_steps=self.total_steps)
+        self.scheduler = get_scheduler(
+            tc.lr_scheduler, self.optimizer, num_warmup_steps=self.warmup_steps, num_training_steps=self.total_steps
+        )
         if b.mode == "deepspeed":
             if tc.minkowski_coef > 0:
-                raise NotImplementedError("train.minkowski_coef > 0 is not supported with "
-                                          "train.distributed=deepspeed (use fsdp)")
+                raise NotImplementedError(
+                    "train.minkowski_coef > 0 is not supported with train.distributed=deepspeed (use fsdp)"
+                )
             self.model, self.optimizer, self.scheduler = b.init_deepspeed(
-                self.model, self.optimizer, self.scheduler, self.tc, self.accumulation)
+                self.model, self.optimizer, self.scheduler, self.tc, self.accumulation
+            )
         if tc.minkowski_coef > 0:
             # theta_0 = the weights training starts from (taken before any checkpoint is loaded)
-            self.penalty = MinkowskiPenalty(trainable_parameters(self.model), float(tc.minkowski_coef),
-                                            tc.minkowski_reduction, tc.minkowski_reference)
-            log.info("Minkowski penalty: coef %g, %s per tensor, %d tensors, reference %.1f MiB on %s "
-                     "(this rank's shard)", tc.minkowski_coef, tc.minkowski_reduction, self.penalty.n_tensors,
-                     self.penalty.reference_bytes() / 2 ** 20, tc.minkowski_reference)
+            self.penalty = MinkowskiPenalty(
+                trainable_parameters(self.model),
+                float(tc.minkowski_coef),
+                tc.minkowski_reduction,
+                tc.minkowski_reference,
+            )
+            log.info(
+                "Minkowski penalty: coef %g, %s per tensor, %d tensors, reference %.1f MiB on %s (this rank's shard)",
+                tc.minkowski_coef,
+                tc.minkowski_reduction,
+                self.penalty.n_tensors,
+                self.penalty.reference_bytes() / 2**20,
+                tc.minkowski_reference,
+            )
 
     def resume(self) -> Optional[Path]:
         """Load the latest complete checkpoint (if any and ``train.resume``); returns it."""
@@ -204,15 +249,19 @@ class Trainer:
             state = ckpt.read_state(latest)
             b.load(latest, self.model, self.optimizer, self.scheduler)
         except Exception as e:
-            raise RuntimeError(f"cannot resume from checkpoint {latest}: {type(e).__name__}: {e}. Move that folder "
-                               f"aside to resume from an earlier checkpoint, or set train.resume=false to "
-                               f"start over") from e
+            raise RuntimeError(
+                f"cannot resume from checkpoint {latest}: {type(e).__name__}: {e}. Move that folder "
+                f"aside to resume from an earlier checkpoint, or set train.resume=false to "
+                f"start over"
+            ) from e
         self.step = int(state["step"])
         self.counters = {k: state["counters"][k] for k in self.counters}
         self.resumed_from = list(state.get("resumed_from", [])) + [self.step]
         if state.get("total_steps") != self.total_steps:
-            raise RuntimeError(f"{latest}: checkpoint of a run with {state.get('total_steps')} steps, but this "
-                               f"config gives {self.total_steps}: the data or recipe changed under the same run")
+            raise RuntimeError(
+                f"{latest}: checkpoint of a run with {state.get('total_steps')} steps, but this "
+                f"config gives {self.total_steps}: the data or recipe changed under the same run"
+            )
         if b.is_main:
             self._truncate_metrics(self.step)
             log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
@@ -228,8 +277,9 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self._stop_reason is None:
-            log.warning("%s received: stopping at the next step boundary (checkpoint, then exit %d)",
-                        name, PREEMPTED_EXIT_CODE)
+            log.warning(
+                "%s received: stopping at the next step boundary (checkpoint, then exit %d)", name, PREEMPTED_EXIT_CODE
+            )
         self._stop_reason = name
 
     def _install_signals(self) -> None:
@@ -251,8 +301,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
     def _to_device(self, batch: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.backend.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()}
+        return {k: v.to(self.backend.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def _collate(self, examples: List[Mapping[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         return self._to_device(self.collate(examples if examples else [self.filler]))
@@ -264,8 +313,9 @@ class Trainer:
     def step_batches(self, step: int) -> List[Dict[str, torch.Tensor]]:
         """This rank's collated micro-batches of optimizer step ``step``."""
         idx = step_examples(self.n_train, self.global_batch, self.seed, step)
-        mbs = rank_micro_batches(idx, self.backend.world, self.backend.rank,
-                                 int(self.tc.per_device_batch_size), self.accumulation)
+        mbs = rank_micro_batches(
+            idx, self.backend.world, self.backend.rank, int(self.tc.per_device_batch_size), self.accumulation
+        )
         return [self._collate([self.data.train[i] for i in mb]) for mb in mbs]
 
     # ------------------------------------------------------------------ one step
@@ -287,11 +337,18 @@ class Trainer:
                 b.backward(out["loss"])
             if b.engine is not None:
                 b.engine.step()  # DeepSpeed steps the optimizer itself at the accumulation boundary
-            acc += torch.stack([out["loss"].detach().double().cpu(), out["weighted_ce_sum"].double().cpu(),
-                                out["weight_sum"].double().cpu(), out["prompt_ce_sum"].double().cpu(),
-                                out["prompt_tokens"].double().cpu(), out["completion_ce_sum"].double().cpu(),
-                                out["completion_tokens"].double().cpu(),
-                                torch.tensor(float(batch_tokens(batch)), dtype=torch.float64)])
+            acc += torch.stack(
+                [
+                    out["loss"].detach().double().cpu(),
+                    out["weighted_ce_sum"].double().cpu(),
+                    out["weight_sum"].double().cpu(),
+                    out["prompt_ce_sum"].double().cpu(),
+                    out["prompt_tokens"].double().cpu(),
+                    out["completion_ce_sum"].double().cpu(),
+                    out["completion_tokens"].double().cpu(),
+                    torch.tensor(float(batch_tokens(batch)), dtype=torch.float64),
+                ]
+            )
         penalty = self.penalty.apply() if self.penalty is not None else 0.0
         for cb in self.callbacks:
             cb.on_gradients(self, step)
@@ -307,14 +364,26 @@ class Trainer:
         self.counters["elapsed_s"] += dt
         loss = _f(acc[0]) / b.world
         return {
-            "kind": "train", "step": step, "total_steps": self.total_steps,
+            "kind": "train",
+            "step": step,
+            "total_steps": self.total_steps,
             "epoch": step_epoch(step, self.n_train, self.global_batch),
-            "loss": loss, "penalty": penalty, "total_loss": loss + penalty,
-            "prompt_loss": _div(_f(acc[3]), _f(acc[4])), "completion_loss": _div(_f(acc[5]), _f(acc[6])),
-            "prompt_tokens": int(acc[4]), "completion_tokens": int(acc[6]), "weight_sum": _f(acc[2]),
-            "lr": lr, "grad_norm": grad_norm, "tokens": int(acc[7]), "examples": n_examples,
-            "tokens_per_s": _f(acc[7]) / dt if dt > 0 else float("nan"), "step_time_s": dt,
-            "elapsed_s": self.counters["elapsed_s"], "seen_tokens": self.counters["tokens"],
+            "loss": loss,
+            "penalty": penalty,
+            "total_loss": loss + penalty,
+            "prompt_loss": _div(_f(acc[3]), _f(acc[4])),
+            "completion_loss": _div(_f(acc[5]), _f(acc[6])),
+            "prompt_tokens": int(acc[4]),
+            "completion_tokens": int(acc[6]),
+            "weight_sum": _f(acc[2]),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": int(acc[7]),
+            "examples": n_examples,
+            "tokens_per_s": _f(acc[7]) / dt if dt > 0 else float("nan"),
+            "step_time_s": dt,
+            "elapsed_s": self.counters["elapsed_s"],
+            "seen_tokens": self.counters["tokens"],
         }
 
     # ------------------------------------------------------------------ validation
@@ -330,19 +399,35 @@ class Trainer:
         acc = torch.zeros(6, dtype=torch.float64)
         try:
             for j in range(n_batches):
-                batch = self._collate([self.data.eval[i] for i in mine[j * bs:(j + 1) * bs]])
+                batch = self._collate([self.data.eval[i] for i in mine[j * bs : (j + 1) * bs]])
                 with b.autocast(self.tc):
                     out = self._forward(batch, None)
-                acc += torch.stack([out[k].double().cpu() for k in ("weighted_ce_sum", "weight_sum", "prompt_ce_sum",
-                                                                    "prompt_tokens", "completion_ce_sum",
-                                                                    "completion_tokens")])
+                acc += torch.stack(
+                    [
+                        out[k].double().cpu()
+                        for k in (
+                            "weighted_ce_sum",
+                            "weight_sum",
+                            "prompt_ce_sum",
+                            "prompt_tokens",
+                            "completion_ce_sum",
+                            "completion_tokens",
+                        )
+                    ]
+                )
         finally:
             self.lm.train()
         acc = b.all_reduce_sum(acc)
-        return {"kind": "eval", "step": step, "eval_loss": _div(_f(acc[0]), _f(acc[1])),
-                "eval_prompt_loss": _div(_f(acc[2]), _f(acc[3])),
-                "eval_completion_loss": _div(_f(acc[4]), _f(acc[5])),
-                "eval_prompt_tokens": int(acc[3]), "eval_completion_tokens": int(acc[5]), "eval_examples": n}
+        return {
+            "kind": "eval",
+            "step": step,
+            "eval_loss": _div(_f(acc[0]), _f(acc[1])),
+            "eval_prompt_loss": _div(_f(acc[2]), _f(acc[3])),
+            "eval_completion_loss": _div(_f(acc[4]), _f(acc[5])),
+            "eval_prompt_tokens": int(acc[3]),
+            "eval_completion_tokens": int(acc[5]),
+            "eval_examples": n,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
@@ -354,12 +439,21 @@ class Trainer:
         b.barrier()
         b.save(tmp, self.model, self.optimizer, self.scheduler)
         if b.is_main:
-            atomic_write_json(tmp / ckpt.STATE_FILE, {
-                "step": step, "total_steps": self.total_steps, "counters": self.counters,
-                "epoch": step_epoch(step, self.n_train, self.global_batch), "world_size": b.world,
-                "accumulation_steps": self.accumulation, "distributed": b.mode,
-                "resumed_from": self.resumed_from, "run_id": self.rd.path.name,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            atomic_write_json(
+                tmp / ckpt.STATE_FILE,
+                {
+                    "step": step,
+                    "total_steps": self.total_steps,
+                    "counters": self.counters,
+                    "epoch": step_epoch(step, self.n_train, self.global_batch),
+                    "world_size": b.world,
+                    "accumulation_steps": self.accumulation,
+                    "distributed": b.mode,
+                    "resumed_from": self.resumed_from,
+                    "run_id": self.rd.path.name,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                },
+            )
         b.barrier()
         final = self.rd.checkpoints / ckpt.checkpoint_name(step)
         if b.is_main:
@@ -379,20 +473,42 @@ class Trainer:
         b, tc = self.backend, self.tc
         self.setup()
         self.resume()
-        trackers = Trackers(list(tc.report_to), self.rd.logs, self.rd.path.name,
-                            OmegaConf.to_container(self.cfg, resolve=True)) if b.is_main else None
+        trackers = (
+            Trackers(
+                list(tc.report_to), self.rd.logs, self.rd.path.name, OmegaConf.to_container(self.cfg, resolve=True)
+            )
+            if b.is_main
+            else None
+        )
         if b.is_main:
-            log.info("training %s: %d examples (%d held out), %d steps (%d per epoch), global batch %d = "
-                     "%d per device x %d accumulation x %d processes (%s), normaliser %s, PLW %g",
-                     self.rd.path.name, self.n_train, len(self.data.eval), self.total_steps, self.steps_per_epoch,
-                     self.global_batch, tc.per_device_batch_size, self.accumulation, b.world, b.mode,
-                     tc.loss_normaliser, float(self.cfg.plw))
+            log.info(
+                "training %s: %d examples (%d held out), %d steps (%d per epoch), global batch %d = "
+                "%d per device x %d accumulation x %d processes (%s), normaliser %s, PLW %g",
+                self.rd.path.name,
+                self.n_train,
+                len(self.data.eval),
+                self.total_steps,
+                self.steps_per_epoch,
+                self.global_batch,
+                tc.per_device_batch_size,
+                self.accumulation,
+                b.world,
+                b.mode,
+                tc.loss_normaliser,
+                float(self.cfg.plw),
+            )
         for cb in self.callbacks:
             cb.on_train_begin(self, self.step)
         self._install_signals()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not b.is_main or os.environ.get("PLW_NO_PROGRESS") == "1",
-                   mininterval=1.0 if os.isatty(2) else 30.0)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not b.is_main or os.environ.get("PLW_NO_PROGRESS") == "1",
+            mininterval=1.0 if os.isatty(2) else 30.0,
+        )
         last_saved = self.step
         stack = contextlib.ExitStack()
         if not bar.disable:  # log lines above the progress bar, not through it
@@ -403,8 +519,11 @@ class Trainer:
             while self.step < self.total_steps:
                 if b.any(self._stop_reason is not None):
                     reason = self._stop_reason or "another rank's signal"
-                    path = self.save_checkpoint(self.step) if self.step > last_saved else \
-                        ckpt.latest_checkpoint(self.rd.checkpoints)
+                    path = (
+                        self.save_checkpoint(self.step)
+                        if self.step > last_saved
+                        else ckpt.latest_checkpoint(self.rd.checkpoints)
+                    )
                     raise Preempted(self.step, reason, str(path) if path else None)
                 step = self.step + 1
                 row = self.train_step(step)
@@ -475,34 +594,58 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         last = self.last_row or (rows[-1] if rows else {})
         tail = [r["loss"] for r in rows[-10:]]
         summary = {
-            "run_id": self.rd.path.name, "variant": variant, "model": str(self.cfg.model.name),
-            "dataset": str(self.cfg.dataset.name), "plw": float(self.cfg.plw),
-            "completion_weight": float(self.cfg.completion_weight), "seed": self.seed,
-            "steps": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            "run_id": self.rd.path.name,
+            "variant": variant,
+            "model": str(self.cfg.model.name),
+            "dataset": str(self.cfg.dataset.name),
+            "plw": float(self.cfg.plw),
+            "completion_weight": float(self.cfg.completion_weight),
+            "seed": self.seed,
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
             "epochs": step_epoch(self.step, self.n_train, self.global_batch),
-            "final_loss": last.get("loss"), "final_prompt_loss": last.get("prompt_loss"),
-            "final_completion_loss": last.get("completion_loss"), "final_penalty": last.get("penalty"),
+            "final_loss": last.get("loss"),
+            "final_prompt_loss": last.get("prompt_loss"),
+            "final_completion_loss": last.get("completion_loss"),
+            "final_penalty": last.get("penalty"),
             "final_grad_norm": last.get("grad_norm"),
             "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
-            "tokens": self.counters["tokens"], "examples_seen": self.counters["examples"],
+            "tokens": self.counters["tokens"],
+            "examples_seen": self.counters["examples"],
             "train_time_s": self.counters["elapsed_s"],
             "eval": self.last_eval,
             "weight_distance": distance,
             "data": dict(data_summary),
-            "batch": {"global_batch_size": self.global_batch, "per_device_batch_size": int(self.tc.per_device_batch_size),
-                      "accumulation_steps": self.accumulation, "world_size": b.world, "distributed": b.mode,
-                      "mixed_precision": str(b.mixed_precision(self.tc)) if b.device.type == "cuda" else "no",
-                      "device": str(b.device.type), "launcher_settings": dict(b.settings)},
-            "optimizer": {"name": self.tc.optimizer, "lr": float(self.tc.learning_rate),
-                          "scheduler": self.tc.lr_scheduler, "warmup_steps": self.warmup_steps,
-                          "weight_decay": float(self.tc.weight_decay), "max_grad_norm": float(self.tc.max_grad_norm)},
+            "batch": {
+                "global_batch_size": self.global_batch,
+                "per_device_batch_size": int(self.tc.per_device_batch_size),
+                "accumulation_steps": self.accumulation,
+                "world_size": b.world,
+                "distributed": b.mode,
+                "mixed_precision": str(b.mixed_precision(self.tc)) if b.device.type == "cuda" else "no",
+                "device": str(b.device.type),
+                "launcher_settings": dict(b.settings),
+            },
+            "optimizer": {
+                "name": self.tc.optimizer,
+                "lr": float(self.tc.learning_rate),
+                "scheduler": self.tc.lr_scheduler,
+                "warmup_steps": self.warmup_steps,
+                "weight_decay": float(self.tc.weight_decay),
+                "max_grad_norm": float(self.tc.max_grad_norm),
+            },
             "loss_normaliser": self.tc.loss_normaliser,
-            "regularizers": {"weight_decay": float(self.tc.weight_decay), "minkowski_coef": float(self.tc.minkowski_coef),
-                             "minkowski_reduction": self.tc.minkowski_reduction,
-                             "attention_dropout": float(self.tc.attention_dropout),
-                             "label_smoothing": float(self.tc.label_smoothing)},
+            "regularizers": {
+                "weight_decay": float(self.tc.weight_decay),
+                "minkowski_coef": float(self.tc.minkowski_coef),
+                "minkowski_reduction": self.tc.minkowski_reduction,
+                "attention_dropout": float(self.tc.attention_dropout),
+                "label_smoothing": float(self.tc.label_smoothing),
+            },
             "resumed_from": self.resumed_from,
-            "final_dir": str(final), "save_dtype": str(save_dtype).replace("torch.", ""),
+            "final_dir": str(final),
+            "save_dtype": str(save_dtype).replace("torch.", ""),
             "pad_token": {"token": self.tokenizer.pad_token, "id": self.tokenizer.pad_token_id},
             "versions": _versions(),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -512,9 +655,9 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
     return summary
 
 
-
-def save_final(lm: torch.nn.Module, tokenizer, state_dict: Mapping[str, torch.Tensor], folder: Path,
-               dtype: torch.dtype) -> Path:
+def save_final(
+    lm: torch.nn.Module, tokenizer, state_dict: Mapping[str, torch.Tensor], folder: Path, dtype: torch.dtype
+) -> Path:
     """``save_pretrained`` (safetensors) + tokenizer into ``folder`` via a temporary folder and rename."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -537,6 +680,9 @@ def _versions() -> Dict[str, str]:
 
     import transformers
 
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "pipeline": getattr(pipeline, "__version__", "?")}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pipeline": getattr(pipeline, "__version__", "?"),
+    }

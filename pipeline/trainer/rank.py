@@ -18,6 +18,7 @@ own, rank 0 takes the lock and executes the attempt through :func:`pipeline.life
 ``<run>/logs/worker-rank<r>.err`` when it fails; rank 0 of a stopped run writes
 ``<run>/logs/preempted.json``. Exit codes: 0 done, 75 stopped after a checkpoint (requeue), 1 failed.
 """
+
 from __future__ import annotations
 
 import os

@@ -11,6 +11,7 @@ trackers, each imported only when asked for:
 
 A requested ``wandb``/``mlflow`` that is not installed is an error at start (before any training).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,8 +32,10 @@ class Trackers:
                 raise ValueError(f"config key 'train.report_to': unknown tracker {name!r}; one of {TRACKERS}")
         if "tensorboard" in report_to:
             if importlib.util.find_spec("tensorboard") is None:
-                log.warning("train.report_to has 'tensorboard' but the tensorboard package is not "
-                            "installed: not logging to TensorBoard (pip install tensorboard)")
+                log.warning(
+                    "train.report_to has 'tensorboard' but the tensorboard package is not "
+                    "installed: not logging to TensorBoard (pip install tensorboard)"
+                )
             else:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -44,8 +47,13 @@ class Trackers:
 
             import wandb
 
-            self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "plw"), name=run_name,
-                                     id=run_name, resume="allow", config=dict(config))
+            self._wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "plw"),
+                name=run_name,
+                id=run_name,
+                resume="allow",
+                config=dict(config),
+            )
         if "mlflow" in report_to:
             if importlib.util.find_spec("mlflow") is None:
                 raise RuntimeError("config key 'train.report_to': 'mlflow' is not installed (pip install mlflow)")
@@ -55,8 +63,11 @@ class Trackers:
             mlflow.start_run(run_name=run_name)
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
-        scalars = {k: float(v) for k, v in row.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        scalars = {
+            k: float(v)
+            for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         prefix = "eval/" if row.get("kind") == "eval" else "train/"
         if self._tb is not None:
             for k, v in scalars.items():
@@ -78,12 +89,16 @@ class Trackers:
 def format_row(row: Mapping[str, Any]) -> str:
     """One console line for a metrics row."""
     if row.get("kind") == "eval":
-        return (f"eval  step {row['step']}: loss {row['eval_loss']:.4f}  prompt {row['eval_prompt_loss']:.4f}"
-                f"  completion {row['eval_completion_loss']:.4f}  ({row['eval_examples']} examples)")
+        return (
+            f"eval  step {row['step']}: loss {row['eval_loss']:.4f}  prompt {row['eval_prompt_loss']:.4f}"
+            f"  completion {row['eval_completion_loss']:.4f}  ({row['eval_examples']} examples)"
+        )
     pen = f"  penalty {row['penalty']:.4g}" if row.get("penalty") else ""
-    return (f"step {row['step']}/{row['total_steps']}  epoch {row['epoch']:.3f}  loss {row['loss']:.4f}"
-            f"  prompt {row['prompt_loss']:.4f}  completion {row['completion_loss']:.4f}{pen}"
-            f"  lr {row['lr']:.3e}  grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s")
+    return (
+        f"step {row['step']}/{row['total_steps']}  epoch {row['epoch']:.3f}  loss {row['loss']:.4f}"
+        f"  prompt {row['prompt_loss']:.4f}  completion {row['completion_loss']:.4f}{pen}"
+        f"  lr {row['lr']:.3e}  grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+    )
 
 
 def nan_if_none(x: Optional[float]) -> float:
