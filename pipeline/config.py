@@ -29,7 +29,7 @@ from pipeline.preprocess import TRUNCATION_POLICIES
 PACKAGE_DIR = Path(__file__).resolve().parent
 # The Hydra configs: pipeline/conf is a link to conf/ at the top of a checkout and a plain folder in
 # an installed package (pyproject.toml's package data).
-CONF_DIR = PACKAGE_DIR / "conf"
+CONF_DIR = (PACKAGE_DIR / "conf").resolve()
 # paths.root: the checkout when running from one (data/, runs/, reports/ beside the code), else the
 # working directory (an installed package).
 PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else Path.cwd()

@@ -141,10 +141,10 @@ class Trainer:
         self.seed = int(cfg.seed)
         self.accumulation = self.tc.accumulation_steps(backend.world)
         self.n_train = len(data.train)
-        self.global_batch = int(self.tc.global_batch_size)
+        self.global_batch = self.tc.global_batch_size
         self.steps_per_epoch = steps_per_epoch(self.n_train, self.global_batch)
-        self.total_steps = total_steps(self.n_train, self.global_batch, float(self.tc.epochs), int(self.tc.max_steps))
-        self.warmup_steps = math.ceil(self.total_steps * float(self.tc.warmup_ratio))
+        self.total_steps = total_steps(self.n_train, self.global_batch, self.tc.epochs, self.tc.max_steps)
+        self.warmup_steps = math.ceil(self.total_steps * self.tc.warmup_ratio)
         self.step = 0
         self.counters = {"tokens": 0, "examples": 0, "elapsed_s": 0.0}
         self.resumed_from: List[int] = []
@@ -161,9 +161,9 @@ class Trainer:
 
             make = getattr(PackedCollator, "for_model", None)
             self.collate = (
-                make(tokenizer, int(self.tc.model_max_length), lm)
+                make(tokenizer, self.tc.model_max_length, lm)
                 if make
-                else PackedCollator(tokenizer, int(self.tc.model_max_length))
+                else PackedCollator(tokenizer, self.tc.model_max_length)
             )
         else:
             self.collate = Collator(pad_token_id=int(tokenizer.pad_token_id))
@@ -314,7 +314,7 @@ class Trainer:
         """This rank's collated micro-batches of optimizer step ``step``."""
         idx = step_examples(self.n_train, self.global_batch, self.seed, step)
         mbs = rank_micro_batches(
-            idx, self.backend.world, self.backend.rank, int(self.tc.per_device_batch_size), self.accumulation
+            idx, self.backend.world, self.backend.rank, self.tc.per_device_batch_size, self.accumulation
         )
         return [self._collate([self.data.train[i] for i in mb]) for mb in mbs]
 
@@ -392,7 +392,7 @@ class Trainer:
         n = len(self.data.eval)
         if n == 0:
             return None
-        b, bs = self.backend, int(self.tc.per_device_batch_size)
+        b, bs = self.backend, self.tc.per_device_batch_size
         mine = list(range(b.rank, n, b.world))
         n_batches = math.ceil(math.ceil(n / b.world) / bs)
         self.lm.eval()
@@ -458,7 +458,7 @@ class Trainer:
         final = self.rd.checkpoints / ckpt.checkpoint_name(step)
         if b.is_main:
             final = ckpt.commit(tmp, step)
-            ckpt.prune(self.rd.checkpoints, int(self.tc.save_total_limit))
+            ckpt.prune(self.rd.checkpoints, self.tc.save_total_limit)
             log.info("checkpoint %s", final)
         b.barrier()
         for cb in self.callbacks:
@@ -619,7 +619,7 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
             "data": dict(data_summary),
             "batch": {
                 "global_batch_size": self.global_batch,
-                "per_device_batch_size": int(self.tc.per_device_batch_size),
+                "per_device_batch_size": self.tc.per_device_batch_size,
                 "accumulation_steps": self.accumulation,
                 "world_size": b.world,
                 "distributed": b.mode,
@@ -629,19 +629,19 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
             },
             "optimizer": {
                 "name": self.tc.optimizer,
-                "lr": float(self.tc.learning_rate),
+                "lr": self.tc.learning_rate,
                 "scheduler": self.tc.lr_scheduler,
                 "warmup_steps": self.warmup_steps,
-                "weight_decay": float(self.tc.weight_decay),
-                "max_grad_norm": float(self.tc.max_grad_norm),
+                "weight_decay": self.tc.weight_decay,
+                "max_grad_norm": self.tc.max_grad_norm,
             },
             "loss_normaliser": self.tc.loss_normaliser,
             "regularizers": {
-                "weight_decay": float(self.tc.weight_decay),
-                "minkowski_coef": float(self.tc.minkowski_coef),
+                "weight_decay": self.tc.weight_decay,
+                "minkowski_coef": self.tc.minkowski_coef,
                 "minkowski_reduction": self.tc.minkowski_reduction,
-                "attention_dropout": float(self.tc.attention_dropout),
-                "label_smoothing": float(self.tc.label_smoothing),
+                "attention_dropout": self.tc.attention_dropout,
+                "label_smoothing": self.tc.label_smoothing,
             },
             "resumed_from": self.resumed_from,
             "final_dir": str(final),
