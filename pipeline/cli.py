@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.config import Config, ConfigError, compose_config, validate
+from pipeline.config import Config, ConfigError, compose_config, config_error, validate
 
 # Errors in the command line or the configuration (exit 2).
 CONFIG_ERRORS: Tuple[Type[BaseException], ...] = (ConfigError, HydraException, OmegaConfBaseException)
@@ -60,7 +60,9 @@ def parse(ap: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> 
 
 
 def compose(overrides: Sequence[str]) -> Tuple[DictConfig, Config]:
-    """The composed config and its validated, typed form (raises one of CONFIG_ERRORS)."""
+    """The composed config and its validated, typed form (raises :class:`ConfigError`, one line naming
+    the key: an unknown key however it is spelled, ``+key=value`` included, a wrong type, a missing or
+    out-of-range value)."""
     cfg = compose_config(list(overrides))
     return cfg, validate(cfg)
 
@@ -76,8 +78,11 @@ def run(body: Callable[[], int], user_errors: Tuple[Type[BaseException], ...] = 
     """Call ``body``; configuration errors print one line and give 2, ``user_errors`` one line and 1."""
     try:
         return int(body() or 0)
-    except (UsageError, *CONFIG_ERRORS) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except CONFIG_ERRORS as e:
+        print(f"error: {config_error(e)}", file=sys.stderr)  # one line naming the key
         return 2
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """Structured configuration: the schema every Hydra config in ``conf/`` is validated against.
 
 Composition (Hydra) merges the YAML files onto these dataclasses, so an unknown key or a value of
-the wrong type fails at composition with the key's full name. Range and consistency checks live in
+the wrong type fails at composition with the key's full name, in one line (:func:`config_error`); a
+key added with ``+key=value`` must be a field of its section's schema too (:func:`check_known_keys`;
+only ``Dict``-typed fields such as ``eval.shots`` take new keys). Range and consistency checks live in
 ``__post_init__`` and run when :func:`validate` turns the composed config into objects; they raise
 :class:`ConfigError` naming the offending key.
 
@@ -15,13 +17,17 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.loss import NORMALISERS
 from pipeline.preprocess import TRUNCATION_POLICIES
@@ -44,6 +50,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent; the message names the key."""
+
+
+class CompositionError(ConfigError, HydraException):
+    """Hydra could not compose the config (unknown key or option, wrong type): one line naming the key.
+
+    Also a HydraException, as Hydra's own composition errors (which it replaces) are."""
 
 
 # Range checks run only while `validate` builds objects from a composed config, not when the
@@ -505,6 +517,9 @@ class EvalConfig:
     pandalm_judge_model: Optional[str] = None  # replaces the judge's model (hub id or local folder)
     pandalm_comparator: str = "pretrained"  # pretrained | a model folder | a JSON/JSONL file of outputs
     pandalm_unparsable: str = "exclude"  # judgments without 1/2/Tie: exclude | tie (PandaLM's own parser)
+    # share of unparsable judgments above which the pandalm rows' message starts with WARNING (the
+    # numbers are kept); every judgment unparsable is an error row whatever this is
+    pandalm_max_unparsable: float = 0.5
     pandalm_testset: Optional[str] = None  # testset-inference-v1.json; null: data_dir/pandalm/...
     # --- mechanism metrics
     memorization_prompts: int = 10000
@@ -532,6 +547,7 @@ class EvalConfig:
         _check(self.rsd_window >= 2, "eval.rsd_window", "must be >= 2")
         _one_of(self.rsd_windows, ["tumbling", "rolling"], "eval.rsd_windows")
         _one_of(self.pandalm_unparsable, ["exclude", "tie"], "eval.pandalm_unparsable")
+        _check(0.0 <= self.pandalm_max_unparsable <= 1.0, "eval.pandalm_max_unparsable", "must be in [0, 1]")
         _check(self.bootstrap_iters >= 0, "eval.bootstrap_iters", "must be >= 0")
         if self.judge_chunksize is not None:
             _check(self.judge_chunksize >= 1, "eval.judge_chunksize", "must be >= 1 or null")
@@ -791,6 +807,11 @@ def register_configs() -> None:
 
 register_configs()
 
+# The schemas by class name (error messages name them).
+_SCHEMAS: Dict[str, type] = {
+    c.__name__: c for c in list(globals().values()) if isinstance(c, type) and dataclasses.is_dataclass(c)
+}
+
 
 def validate(cfg: Any) -> Config:
     """Resolve interpolations and run every range check; returns typed objects.
@@ -801,13 +822,90 @@ def validate(cfg: Any) -> Config:
     """
     if isinstance(cfg, Config):
         return cfg
+    check_known_keys(cfg)
     token = _VALIDATING.set(True)
     try:
         obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise config_error(e) from e
     finally:
         _VALIDATING.reset(token)
     assert isinstance(obj, Config)
     return obj
+
+
+def _unknown_key_error(key: str, fields: Sequence[str], schema: type) -> ConfigError:
+    parent, _, name = key.rpartition(".")
+    near = difflib.get_close_matches(name, list(fields), n=1)
+    hint = f"; did you mean '{parent + '.' if parent else ''}{near[0]}'?" if near else ""
+    return CompositionError(f"config key '{key}': unknown key ({schema.__name__} has no such field){hint}")
+
+
+def check_known_keys(cfg: Any, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` naming the first key of ``cfg`` that its schema does not define.
+
+    Hydra's ``+key=value`` adds a key even to a structured (schema-typed) node, and validation
+    would carry it along silently (into the run's config and hash); an unknown key is an error
+    however it is spelled. Keys of ``Dict``-typed fields (``eval.shots.<benchmark>``,
+    ``experiment.variants.<name>``, ``model.architecture.<kwarg>``) are free-form and allowed.
+    """
+    if not isinstance(cfg, DictConfig) or cfg._is_none() or cfg._is_missing():
+        return
+    schema = _schema_of(cfg)
+    fields = {f.name for f in dataclasses.fields(schema)} if schema is not None else None
+    for k in cfg.keys():
+        key = f"{prefix}{k}"
+        if fields is not None and k not in fields:
+            raise _unknown_key_error(key, sorted(fields), schema)
+        if schema is not None:  # descend into typed sections only; Dict/Any fields are free-form
+            node = cfg._get_node(k)
+            if isinstance(node, DictConfig):
+                check_known_keys(node, f"{key}.")
+
+
+def _first_line(text: str) -> str:
+    return " ".join(str(text).strip().splitlines()[:1]).strip()
+
+
+def config_error(e: BaseException) -> ConfigError:
+    """One line naming the key for an error Hydra or OmegaConf raised while composing or validating a
+    config (a :class:`CompositionError` for Hydra's)."""
+    if isinstance(e, ConfigError):
+        return e
+    if isinstance(e, HydraException):
+        return CompositionError(str(_config_error(e)))
+    return _config_error(e)
+
+
+def _config_error(e: BaseException) -> ConfigError:
+    msg, cause = str(e), e.__cause__
+    full_key = getattr(cause, "full_key", None) or getattr(e, "full_key", None)
+    m = re.match(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        if "not in struct" in str(cause or "") and "Dict[" in str(cause or ""):  # a Dict-typed field
+            return ConfigError(f"config key '{key}': not set yet; add it with +{key}=<value>")
+        named = re.search(r"Key '[^']+' not in '(\w+)'", str(cause or ""))
+        schema = _SCHEMAS.get(named.group(1)) if named else None
+        if schema is not None:
+            return _unknown_key_error(key, sorted(f.name for f in dataclasses.fields(schema)), schema)
+        return ConfigError(f"config key '{key}': unknown key")
+    if isinstance(e, MissingConfigException):
+        m = re.search(r"Could not find '([^']+)'", msg)
+        options = re.findall(r"^\t(\S+)$", msg, flags=re.M)
+        options = [o for o in options if not o.startswith("base_")]
+        if m:
+            group, _, name = m.group(1).rpartition("/")
+            avail = f" (available: {', '.join(options)})" if options else ""
+            return ConfigError(f"config key '{group or name}': no option '{name}'{avail}")
+    m = re.match(r"Error merging override (.+)$", _first_line(msg))
+    if m and cause is not None:
+        key = full_key or _override_key(m.group(1))
+        return ConfigError(f"config key '{key}': {_first_line(str(cause))} (override {m.group(1)})")
+    if full_key:
+        return ConfigError(f"config key '{full_key}': {_first_line(msg)}")
+    detail = f": {_first_line(str(cause))}" if cause is not None and str(cause).strip() else ""
+    return ConfigError(f"{_first_line(msg)}{detail}")
 
 
 def _override_key(o: str) -> str:
@@ -839,11 +937,15 @@ def compose_config(overrides: Optional[List[str]] = None, config_name: str = "co
     overrides = list(overrides or [])
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name=config_name, overrides=overrides)
-        experiment = cfg.get("experiment")
-        if experiment is not None and experiment.get("overrides"):
-            cfg = compose(config_name=config_name, overrides=merge_overrides(list(experiment.overrides), overrides))
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=config_name, overrides=overrides)
+            experiment = cfg.get("experiment")
+            if experiment is not None and experiment.get("overrides"):
+                cfg = compose(config_name=config_name, overrides=merge_overrides(list(experiment.overrides), overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise config_error(e) from e
+    check_known_keys(cfg)
     return cfg
 
 

@@ -12,6 +12,8 @@ States (``status.json``'s ``state``, :data:`pipeline.runs.STATES`) and who asks 
     running     --process gone, no lock--------> failed       sweep planner: mark_stale
     any         --worker died silently---------> failed       supervisor / sweep worker: mark_failed
     any         --ended without a state--------> pending      sweep worker: mark_interrupted
+    corrupt     (status.json not valid JSON)     never changed: readers report it (pipeline.runs.CORRUPT),
+                                                 execute refuses it (CorruptStatus), watchers leave it
 
 Only the process that holds the run's execution lock (``<run>/.lock``, :func:`hold`) executes it,
 and :func:`execute` -- mark running, call the training function (which returns the training
@@ -33,12 +35,15 @@ Also here, because every layer needs them without importing the trainer (torch):
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional
 
-from pipeline.runs import RunDir, now_iso
+from pipeline.runs import CORRUPT, RunDir, now_iso
+
+log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" (a checkpoint was saved; requeue and resume)
 
@@ -197,7 +202,9 @@ def mark_failed(rd: RunDir, error: str, keep_first: bool = True) -> None:
     anything). With ``keep_first`` a run already ``failed`` keeps its error (the attempt is counted
     once); the supervisor passes False for a worker that died after the run's status was written."""
     st = rd.status() if rd.status_file.exists() else {}
-    if not keep_first or st.get("state") != "failed":
+    if st.get("state") == CORRUPT:  # its state is unknown: reported by readers, never overwritten
+        log.warning("%s; not marking it failed (%s)", st["error"], error.splitlines()[0] if error else "")
+    elif not keep_first or st.get("state") != "failed":
         rd.set_status("failed", error=error)
 
 
@@ -205,5 +212,7 @@ def mark_interrupted(rd: RunDir, reason: str) -> None:
     """An attempt that ended neither done, failed nor checkpointed-and-pending: ``pending`` (it
     resumes next time), with ``reason``; a run already pending with ``interrupted`` is left as is."""
     st = rd.status() if rd.status_file.exists() else {}
-    if not (st.get("state") == "pending" and st.get("interrupted")):
+    if st.get("state") == CORRUPT:
+        log.warning("%s; not marking it interrupted (%s)", st["error"], reason)
+    elif not (st.get("state") == "pending" and st.get("interrupted")):
         rd.set_status("pending", interrupted={"reason": reason})

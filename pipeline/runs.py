@@ -37,6 +37,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import socket
 import tempfile
@@ -65,6 +66,14 @@ from pipeline.config import (
 RUN_VERSION = 1
 
 STATES = ("pending", "running", "done", "failed")
+# What RunDir.status() reports for a status.json that cannot be read as a JSON object (edited by
+# hand, a disk fault): never written, so a reader of the store reports the run and goes on.
+CORRUPT = "corrupt"
+
+
+class CorruptStatus(ValueError):
+    """A run's status.json is not a JSON object: its state is unknown, so nothing changes it."""
+
 
 # The fields that never define a run, as the schema marks them (metadata=RUNTIME in pipeline/config.py);
 # train.per_device_batch_size is left out only when the loss normaliser makes the gradient independent
@@ -127,8 +136,26 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None, in nested dicts,
+    lists and tuples: strict JSON has no NaN/Infinity, and "not defined" is ``null``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, indent: Optional[int] = None) -> str:
+    """Strict JSON of ``obj`` (keys sorted; non-finite floats as ``null``, :func:`json_safe`; other
+    objects as ``str``): what every JSON file of the run store is written with."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=True, default=str, allow_nan=False)
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(path, dumps_json(obj, indent=2) + "\n")
 
 
 def append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
@@ -136,7 +163,7 @@ def append_jsonl(path: Path, obj: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+        f.write(dumps_json(obj) + "\n")
 
 
 def read_jsonl(path: Path) -> list:
@@ -282,13 +309,27 @@ class RunDir:
             return {}
 
     def status(self) -> Dict[str, Any]:
-        """The current status (``pending`` when the folder or file does not exist yet)."""
-        if not self.status_file.exists():
+        """The current status (``pending`` when the folder or file does not exist yet). A file that
+        is not a JSON object (written atomically, so someone edited it or the disk failed) gives
+        state :data:`CORRUPT` with ``error`` and ``path``: readers report that run and go on with the
+        others; :meth:`set_status` refuses to change it (:class:`CorruptStatus`)."""
+        try:
+            blob = self.status_file.read_bytes()
+        except FileNotFoundError:
             return {"state": "pending", "attempts": 0}
         try:
-            return json.loads(self.status_file.read_text(encoding="utf-8"))
-        except ValueError as e:  # written atomically, so this means someone edited it by hand
-            raise ValueError(f"{self.status_file}: not valid JSON ({e})") from e
+            status = json.loads(blob.decode("utf-8"))
+            if not isinstance(status, dict):
+                raise ValueError(f"a JSON {type(status).__name__}, not an object")
+        except ValueError as e:  # also invalid UTF-8 (UnicodeDecodeError is a ValueError)
+            return {"state": CORRUPT, "attempts": 0, "path": str(self.status_file), "error": self._corrupt_text(e)}
+        return status
+
+    def _corrupt_text(self, e: Exception) -> str:
+        return (
+            f"{self.status_file}: corrupt status (not valid JSON: {e}); move the file aside to "
+            f"start the run's status over (its checkpoints are kept)"
+        )
 
     @contextlib.contextmanager
     def _status_lock(self) -> Iterator[None]:
@@ -309,6 +350,8 @@ class RunDir:
             raise ValueError(f"unknown run state {state!r}; one of {STATES}")
         with self._status_lock():
             status = self.status()
+            if status.get("state") == CORRUPT:
+                raise CorruptStatus(f"cannot set run {self.run_id} {state}: {status['error']}")
             status.update(extra)
             status["state"] = state
             status["updated"] = now_iso()

@@ -293,12 +293,21 @@ def _apply_gguf_special_tokens(tok, path: Path):
 def tokenizer_fingerprint(tok) -> str:
     """A short hash identifying a tokenizer's behaviour (vocabulary, merges, special tokens).
 
-    Used in processed-dataset hashes: two specs that load the same tokenizer share a fingerprint,
-    and a changed tokenizer gets a new one.
+    Used in processed-dataset hashes and cached model folder names: two specs that load the same
+    tokenizer share a fingerprint, and a changed tokenizer gets a new one. It covers what defines
+    the tokenizer (the fast tokenizer's serialisation: model, normaliser, pre-tokenizer,
+    post-processor, decoder, added tokens) and not the truncation and padding settings, which
+    tokenizing with ``truncation=``/``padding=`` sets on the (shared, cached) tokenizer object: they
+    are hashed as unset, which is how a freshly loaded tokenizer has them, so the fingerprint is the
+    same before and after tokenizing.
     """
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
+        if backend.truncation is not None or backend.padding is not None:
+            backend = type(backend).from_str(backend.to_str())  # a copy: the caller's keeps its settings
+            backend.no_truncation()
+            backend.no_padding()
         h.update(backend.to_str().encode("utf-8"))
     else:  # slow tokenizer: vocabulary is the best we have
         h.update(repr(sorted(tok.get_vocab().items())).encode("utf-8"))

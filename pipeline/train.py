@@ -34,7 +34,9 @@ Contract (other stages build on it)
 4. saves the model to ``<run>/final/`` (``save_pretrained``: safetensors, config, tokenizer; loads with
    ``AutoModelForCausalLM.from_pretrained``) and ``<run>/train_summary.json`` (final loss, steps,
    tokens, weight distances to the pre-trained model, truncation report, validation losses, batch
-   layout, resumes);
+   layout, resumes, ``skipped_steps``: optimizer steps whose examples all weigh zero, skipped);
+   a dataset whose training examples carry no loss weight at all (e.g. PLW 0 with every completion
+   cut by truncation) fails before training (:class:`~pipeline.trainer.data.ZeroWeightError`);
 5. sets status ``done``. On an exception: status ``failed`` with the error (message and the end of
    the traceback), and the exception is re-raised. On SIGTERM/SIGUSR1 (or a callback's stop
    request): a checkpoint at the next step boundary, status ``pending`` with ``interrupted``
@@ -136,6 +138,7 @@ def train(
             truncation=str(t.truncation),
             eval_fraction=float(t.eval_fraction),
             seed=int(cfg.seed),
+            dataset=str(cfg.dataset.name),
         )
         if backend.is_main:
             log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())
@@ -215,11 +218,12 @@ def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallb
         except Preempted as e:
             log.warning("%s", e)
             raise
+    loss = summary.get("final_loss")
     log.info(
-        "run %s done: %d steps, final loss %.4f -> %s",
+        "run %s done: %d steps, final loss %s -> %s",
         rd.path.name,
         summary.get("steps", 0),
-        summary.get("final_loss") or float("nan"),
+        "n/a" if loss is None else f"{loss:.4f}",
         rd.final,
     )
     return rd

@@ -1,5 +1,6 @@
-"""The beta GLMM in R (glmmTMB through rpy2; no mocks): recovery of planted effects, the nominal
-false-positive rate, captured convergence warnings, model simplification, residual checks, and
+"""The beta GLMM in R (glmmTMB through rpy2; no mocks): recovery of planted effects, the
+false-positive rate of the calibrated test (within its level), the choice between optimizers by
+log-likelihood, captured convergence warnings, model simplification, residual checks, and
 agreement of the rpy2 path with a plain Rscript run."""
 
 from __future__ import annotations
@@ -7,9 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from pipeline.analysis import rbridge as rb
-from pipeline.analysis.glmm import fit_glmm, prepare_glmm_data
+from pipeline.analysis import glmm as G
+from pipeline.analysis.glmm import calibrated_test, choose_fit, fit_glmm, prepare_glmm_data
 from pipeline.analysis.simulate import PAPER_SHORT, simulate_beta_glmm
 
 
@@ -49,29 +52,51 @@ def test_recovers_the_paper_alpacadatashort_fit():
 
 
 def _null_rejections(n: int, alpha: float = 0.05, seed0: int = 500):
-    rej, ps = 0, []
+    """Null simulations of the paper's design (13 benchmarks, 2 PTLMs, 10 PLW levels; the w_p
+    effects vary by benchmark, their mean is zero): rejections of the calibrated test and of the
+    paper's Wald chi-square, and the calibrated p-values."""
+    rej, rej_wald, ps = 0, 0, []
     for s in range(n):
         d = simulate_beta_glmm(coef=(0.0, 0.0, 0.0), seed=seed0 + s, model_effects=MODEL_FX)
         res = fit_glmm(d, f"null{s}", n_sim=0)
         assert res.status == "fitted", res.errors
-        ps.append(res.p_value)
-        rej += bool(res.p_value < alpha)
-    return rej, ps
+        assert res.f_df2 == 12 and res.p_value_calibrated >= res.p_value
+        ps.append(res.p_value_calibrated)
+        rej += bool(res.p_value_calibrated < alpha)
+        rej_wald += bool(res.p_value < alpha)
+    return rej, rej_wald, ps
 
 
-def test_no_effect_is_rarely_significant_short():
-    # 10 null datasets (random slopes still vary by benchmark, their mean is zero). At the
-    # nominal 5% the expected count is 0.5; P(X >= 4) < 0.002 even at a true rate of 7%.
-    rej, ps = _null_rejections(10)
+def _within_level(n: int, alpha: float = 0.05, risk: float = 0.01) -> int:
+    """Most rejections a test at level alpha gives in n null simulations, but for probability < risk."""
+    return int(stats.binom.ppf(1 - risk, n, alpha))
+
+
+def test_calibrated_null_rejection_rate_is_within_its_level_short():
+    # 10 null datasets: at a true rate of 5% more than 3 rejections has probability 0.001.
+    rej, _, ps = _null_rejections(10)
+    assert _within_level(10) == 3
     assert rej <= 3, ps
 
 
 @pytest.mark.slow
-def test_no_effect_rejection_rate_is_nominal_long():
-    # 40 null datasets: expected 2 rejections at 5%; <= 6 passes a true rate up to ~8% with
-    # probability > 0.9 and fails an anti-conservative test (e.g. one ignoring the random slopes).
-    rej, ps = _null_rejections(40, seed0=900)
-    assert rej <= 6, sorted(ps)[:10]
+def test_calibrated_null_rejection_rate_is_within_its_level_long():
+    # 100 null datasets: at 5%, more than 11 rejections has probability 0.005. The paper's Wald
+    # chi-square gave 12 of 100 on this design (it is not calibrated with 13 benchmarks); a test
+    # with a true rate of 12% fails this bound with probability 0.54.
+    rej, rej_wald, ps = _null_rejections(100, seed0=900)
+    assert _within_level(100) == 11
+    assert rej <= 11, (rej, rej_wald, sorted(ps)[:12])
+    assert rej <= rej_wald
+
+
+def test_calibrated_test_is_the_wald_statistic_on_f_2_benchmarks_minus_1():
+    f, df2, p = calibrated_test(7.0, 2.0, n_benchmarks=13, n_obs=260)
+    assert f == 3.5 and df2 == 12
+    assert p == pytest.approx(stats.f.sf(3.5, 2, 12)) and p > stats.chi2.sf(7.0, 2)
+    # one benchmark (no random slopes): the observations are the replicates
+    assert calibrated_test(7.0, 2.0, n_benchmarks=1, n_obs=30)[1] == 27
+    assert np.isnan(calibrated_test(float("nan"), 2.0, 13, 260)[2])
 
 
 @pytest.mark.slow
@@ -108,6 +133,58 @@ def test_fallback_optimizer_is_recorded():
     res = fit_glmm(same, "degenerate", n_sim=0, fallback_optimizer="BFGS")
     assert [a["optimizer"] for a in res.attempts] == ["nlminb", "BFGS"]
     assert any("BFGS" in n for n in res.notes)
+    # the reported fit is the one with the higher log-likelihood, and says so
+    (rep,) = [a for a in res.attempts if a["reported"]]
+    assert rep["optimizer"] == res.optimizer
+    assert rep["loglik"] == max(a["loglik"] for a in res.attempts)
+    assert f"the {res.optimizer} fit is reported" in res.notes[-1]
+    assert "(reported)" in res.table_row()["optimizer_attempts"]
+
+
+def _fake(loglik, clean):
+    return {
+        "error": None,
+        "fit_warnings": [] if clean else ["Model convergence problem; non-positive-definite Hessian matrix."],
+        "summary": {"loglik_optimum": [loglik], "pd_hessian": [clean], "optimizer_convergence": [0]},
+    }
+
+
+def test_choose_fit_keeps_the_higher_log_likelihood():
+    # nlminb reported a problem; BFGS is clean but stopped at a lower likelihood: nlminb's fit is kept
+    i, why = choose_fit([("nlminb", _fake(150.0, False)), ("BFGS", _fake(147.0, True))])
+    assert i == 0 and "BFGS 147.0000" in why
+    assert choose_fit([("nlminb", _fake(140.0, False)), ("BFGS", _fake(147.0, True))])[0] == 1
+    # the same optimum: the clean fit
+    assert choose_fit([("nlminb", _fake(150.0, False)), ("BFGS", _fake(150.0 - 1e-7, True))])[0] == 1
+    # a failed attempt (no summary) never wins
+    assert choose_fit([("nlminb", {"error": ["boom"], "summary": None}), ("BFGS", _fake(1.0, False))])[0] == 1
+    nan = _fake(float("nan"), False)
+    assert choose_fit([("nlminb", {"error": ["boom"], "summary": None}), ("BFGS", nan)])[0] == 1
+
+
+def test_fit_glmm_reports_the_nlminb_fit_when_the_refit_is_worse(monkeypatch):
+    """End to end through fit_glmm: the BFGS refit is made clean (no warning, positive-definite
+    Hessian) but worse than nlminb's fit (its log-likelihood lowered), as seen on real seeds; the
+    nlminb fit, the higher likelihood, is the one reported, and the notes say so."""
+    d = simulate_beta_glmm(seed=0, model_effects=MODEL_FX)
+    first = d[d["benchmark"] == d["benchmark"].iloc[0]]
+    same = pd.concat([first.assign(benchmark=b) for b in d["benchmark"].unique()], ignore_index=True)
+    real = G._analyse
+
+    def worse_bfgs(data, **kw):
+        r = real(data, **kw)
+        if kw["optimizer"] == "BFGS" and r.get("summary") is not None:
+            r["fit_warnings"] = []
+            r["summary"]["pd_hessian"] = [True]
+            r["summary"]["optimizer_convergence"] = [0]
+            r["summary"]["loglik_optimum"] = [-1e6]
+        return r
+
+    monkeypatch.setattr(G, "_analyse", worse_bfgs)
+    res = fit_glmm(same, "degenerate", n_sim=0, fallback_optimizer="BFGS")
+    assert [a["optimizer"] for a in res.attempts] == ["nlminb", "BFGS"]
+    assert res.optimizer == "nlminb" and [a["reported"] for a in res.attempts] == [True, False]
+    assert "the nlminb fit is reported" in res.notes[-1]
 
 
 def test_r_capture_returns_warnings_messages_and_errors():

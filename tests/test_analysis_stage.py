@@ -79,6 +79,24 @@ def test_good_datasets_are_analysed(output):
     assert abs(opt.loc[0.08, "optimal_plw"] - 0.2) <= 0.06  # planted peak at PLW 0.2
 
 
+def test_both_p_values_in_table_json_and_report(output):
+    """The paper's Wald p-value and the calibrated one side by side; the wording rests on the latter."""
+    t = pd.read_csv(output.out_dir / "glmm_table3.csv").set_index("dataset")
+    js = json.loads((output.out_dir / "results.json").read_text())["glmm"]
+    rep = (output.out_dir / "report.md").read_text()
+    assert "p Wald chi2 (paper)" in rep and "p calibrated (F)" in rep
+    for ds in GOOD:
+        r = output.glmm[ds]
+        assert r.f_df2 == len(BENCH) - 1 and r.f_stat == pytest.approx(r.chisq / 2)
+        assert r.p_value_calibrated >= r.p_value
+        for row in (t.loc[ds], js[ds]):
+            assert row["p_value"] == pytest.approx(r.p_value, rel=1e-9)
+            assert row["p_value_calibrated"] == pytest.approx(r.p_value_calibrated, rel=1e-9)
+            assert row["f_df2"] == len(BENCH) - 1 and row["optimizer"] == r.optimizer
+            assert "(reported)" in row["optimizer_attempts"]
+        assert "calibrated p = " in rep.split("## 8. Recommendations")[1]
+
+
 def test_bad_datasets_get_one_clear_message_each(output):
     st = output.status
     assert not st["holey"].analysable and not st["flat"].analysable
@@ -194,9 +212,13 @@ def test_cli_regress_collect_and_suggest(store, tmp_path, capsys):
     ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={rep}", "analysis.glmm.n_sim=0"]
     assert main(["collect", *ov]) == 0
     assert (rep / "analysis" / "collected.parquet").is_file()
-    assert main(["regress", "--no-figures", *ov]) == 0
+    # the store's bad datasets (flat, holey, one_plw) could not be analysed: exit 1, said last
+    assert main(["regress", "--no-figures", *ov]) == 1
     out = capsys.readouterr().out
     assert "GLMM short: fitted" in out and "GAM all: fitted" in out
+    assert "calibrated p = " in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: 3 of 6 dataset(s) could not be analysed") and "flat, holey, one_plw" in last
     assert main(["suggest", "--r-g", "0.08", *ov]) == 0
     out = capsys.readouterr().out
     assert "Recommended PLW:" in out and "Near-optimal PLW range:" in out
@@ -204,6 +226,21 @@ def test_cli_regress_collect_and_suggest(store, tmp_path, capsys):
     assert "make regress" in capsys.readouterr().err
     assert main(["suggest", *ov]) == 2  # neither data nor R_g
     assert main(["regress", "analysis.incomplete=sometimes"]) == 2
+
+
+def test_cli_regress_exits_0_only_when_every_dataset_is_analysed(store, tmp_path, capsys):
+    from pipeline.analysis.__main__ import main
+
+    runs = tmp_path / "runs"
+    shutil.copytree(store / "runs", runs)
+    shutil.rmtree(runs / "broken_run")
+    for run in list(runs.iterdir()):  # keep the good datasets' runs only
+        meta = json.loads((run / "run.json").read_text())
+        if meta.get("dataset") not in GOOD:
+            shutil.rmtree(run)
+    ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={tmp_path / 'reports'}", "analysis.glmm.n_sim=0"]
+    assert main(["regress", "--no-figures", *ov]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "all 3 dataset(s) analysed"
 
 
 def test_suggest_on_a_jsonl_with_the_llama_tokenizer(store, tmp_path, capsys, llama_tokenizer_dir):

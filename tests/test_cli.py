@@ -68,3 +68,42 @@ def test_a_bad_key_is_one_line_without_traceback(module):
     )
     assert proc.returncode == 2, proc.stderr
     assert "learning_rte" in proc.stderr and "Traceback" not in proc.stderr
+
+
+BAD_KEYS = [
+    ("+train.learning_rte=1", "train.learning_rte"),  # the form Hydra's own message suggests for a typo
+    ("train.learning_rte=1", "train.learning_rte"),
+    ("plw=abc", "plw"),
+    ("model=no_such_model", "model"),
+]
+
+
+@pytest.mark.parametrize("bad,key", BAD_KEYS, ids=[b for b, _ in BAD_KEYS])
+@pytest.mark.parametrize("target", ENTRY_POINTS)
+def test_every_entry_point_refuses_a_bad_key_in_one_line(target, bad, key, capsys):
+    command = {"pipeline.analysis.__main__:main": ["regress"], "pipeline.data.cli:main": ["build"]}.get(target, [])
+    try:
+        rc = _main(target)([*command, bad])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1 and f"'{key}'" in lines[0] and "Traceback" not in err, err
+
+
+def test_train_takes_variant_apart_from_the_config_keys(capsys):
+    # `+variant=<name>` names a training variant (pipeline.train strips it); it is not an unknown key
+    train = _main("pipeline.train:main")
+    assert train(["+variant=wd_005", "plw=abc"]) == 2
+    err = capsys.readouterr().err
+    assert "'plw'" in err and "variant" not in err
+
+
+def test_a_missing_source_path_fails_before_a_run_folder_exists(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rc = _main("pipeline.train:main")(
+        ["dataset=local_jsonl", "model=tiny", "train=cpu_small", f"paths.runs_dir={runs}"]
+    )
+    assert rc == 2 and "'dataset.source.path'" in capsys.readouterr().err
+    assert not runs.exists() or not any(runs.iterdir())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
-from pipeline.config import CONF_DIR, PLW_LEVELS, ConfigError, load_config, validate
+from pipeline.config import CONF_DIR, PLW_LEVELS, ConfigError, compose_config, load_config, validate
 
 GROUPS = ["model", "dataset", "train", "eval", "experiment", "launcher", "paths"]
 # Configs that need a value from the user to be complete.
@@ -92,6 +94,51 @@ def test_negative_plw_in_an_experiment_grid_names_the_index():
 def test_unknown_key_fails_naming_it():
     with pytest.raises((ConfigKeyError, HydraException), match="learning_rte"):
         load_config(["train.learning_rte=1e-5"])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("+train.learning_rte=1", "train.learning_rte"),  # the form Hydra's own error message suggests
+        ("+learning_rte=1", "learning_rte"),
+        ("+model.foo.bar=1", "model.foo"),
+        ("+dataset.source.paht=x.jsonl", "dataset.source.paht"),
+    ],
+)
+def test_an_unknown_key_is_refused_however_it_is_spelled(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}': unknown key") as ei:
+        compose_config([override])
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config([override])
+
+
+def test_the_unknown_key_message_suggests_the_near_field():
+    with pytest.raises(ConfigError, match="did you mean 'train.learning_rate'"):
+        load_config(["+train.learning_rte=1"])
+
+
+def test_validate_refuses_a_key_added_to_a_composed_config():
+    cfg = compose_config([])
+    OmegaConf.update(cfg, "train.learning_rte", 1.0, force_add=True)  # as Hydra's +key=value does
+    with pytest.raises(ConfigError, match="'train.learning_rte'"):
+        validate(cfg)
+
+
+def test_keys_of_dict_typed_fields_may_be_added():
+    cfg = load_config(["+eval.shots.arc_challenge=3", "+eval.metrics.arc_challenge=[acc]"])
+    assert cfg.eval.shots.arc_challenge == 3 and list(cfg.eval.metrics.arc_challenge) == ["acc"]
+    cfg = load_config(["experiment=regularizers", "+experiment.variants.wd_005={weight_decay:0.05}"])
+    assert cfg.experiment.variants.wd_005.weight_decay == 0.05
+    with pytest.raises(ConfigError, match=r"'eval.shots.arc_challenge'.*\+eval.shots.arc_challenge="):
+        load_config(["eval.shots.arc_challenge=3"])  # not set yet: says to add it with +
+
+
+def test_composition_errors_are_one_line_naming_the_key():
+    for override, key in [("plw=abc", "plw"), ("train.epochs=[1,2]", "train.epochs"), ("model=nosuch", "model")]:
+        with pytest.raises(ConfigError, match=f"config key '{key}'") as ei:
+            load_config([override])
+        assert "\n" not in str(ei.value)
 
 
 def test_wrong_type_fails_naming_the_key():

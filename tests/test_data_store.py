@@ -74,6 +74,7 @@ def test_build_writes_records_meta_and_done(tmp_path, raw, toks):
         "kept_empty_output": 0,
         "records": 40,
         "inverted": sum(r["inverted"] for r in recs),
+        "duplicates": 0,
     }
     assert m["dropped_empty_output_indices"] == [40]
     assert m["raw"]["sha256"] == m["definition"]["raw_sha256"] and len(m["raw"]["sha256"]) == 64
@@ -230,6 +231,42 @@ def test_build_cli_prints_folder_and_summary(tmp_path, raw, toks, capsys):
     assert plw_data(["build", *args]) == 0 and "(reused)" in capsys.readouterr().out
     assert plw_data([]) == 2
     assert main(args[:-2]) == 1 and "empty output" in capsys.readouterr().err  # policy error by default
+
+
+def test_an_empty_data_file_is_an_error_naming_it(tmp_path, toks, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    args = ["dataset=local_jsonl", f"dataset.source.path={empty}", f"paths.data_dir={tmp_path / 'data'}"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert str(empty) in err and "no records" in err
+    assert not list((tmp_path / "data" / "processed").glob("*"))
+    # every record dropped by the empty-output policy leaves nothing to train on either
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"instruction": "x", "output": " "}\n')
+    with pytest.raises(DataError, match="no records left"):
+        build(cfg_for(tmp_path, blank, toks[0]))
+
+
+def test_duplicate_records_are_counted_and_reported_not_dropped(tmp_path, raw, toks, capsys):
+    rows = [json.loads(line) for line in raw.read_text().splitlines()]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps(r) + "\n" for r in rows + [rows[0], rows[5], rows[0]]))
+    plain = build(cfg_for(tmp_path, raw, toks[0]))
+    res = build(cfg_for(tmp_path, dup, toks[0]))
+    assert res.meta["counts"]["duplicates"] == 3 and res.meta["duplicate_indices"] == [41, 42, 43]
+    assert res.meta["counts"]["records"] == plain.meta["counts"]["records"] + 3  # kept, as the file has them
+
+    def text(r):
+        return r["instruction"], r["input"], r["output"]
+
+    assert res.records[:40] == plain.records
+    assert [text(r) for r in res.records[40:]] == [text(plain.records[i]) for i in (0, 5, 0)]
+    assert [r["source_index"] for r in res.records[40:]] == [41, 42, 43]
+    assert "duplicates 3" in summary(res)
+    # the count is not part of the definition: a file without duplicates keeps its dataset hash
+    assert "duplicates" not in json.dumps(plain.meta["definition"])
+    assert plain.meta["counts"]["duplicates"] == 0 and "duplicates 0" in summary(plain)
 
 
 @pytest.mark.shared

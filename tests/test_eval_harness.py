@@ -163,9 +163,57 @@ def test_few_shot_examples_from_the_evaluated_split_when_the_mirror_has_no_train
     assert y["training_split"] is None and y["validation_split"] is None
     assert spec.evaluator["data"]["fewshot_split"] == spec.evaluator["data"]["eval_split"] == "test"
     assert any("few-shot examples are drawn from the evaluated split" in n for n in spec.notes)
+    assert y["fewshot_split"] == y["test_split"] == "test"  # so that lm-eval drops the current doc
+    assert spec.evaluator["data"]["fewshot_excludes_current"] is True
     ours = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
     a = _requests(ours, 25)
     assert len(a) >= LIMIT and a[0][2][0].count("Answer:") >= 25
+    _assert_no_context_holds_its_own_document(ours, 25)
+
+
+def _shown(task, doc) -> str:
+    """How ``doc`` reads as a few-shot example (question + gold answer), as lm-eval renders it."""
+    if task.multiple_input:  # WinoGrande: the sentence up to the blank with the right option + the rest
+        return task.doc_to_choice(doc)[task.doc_to_text(doc)] + task.config.target_delimiter + task.doc_to_target(doc)
+    return task.doc_to_text(doc) + task.config.target_delimiter + task.doc_to_choice(doc)[task.doc_to_target(doc)]
+
+
+def _assert_no_context_holds_its_own_document(task, shots: int) -> int:
+    """Checks every context of ``task``'s requests; returns the number of documents they cover."""
+    docs = list(task.eval_docs)
+    shown = [_shown(task, d) for d in docs]
+    for inst in task.instances:
+        ctx = inst.arguments[0]
+        assert shown[inst.doc_id] not in ctx, f"document {inst.doc_id} is among its own shots"
+        assert sum(s in ctx for i, s in enumerate(shown) if i != inst.doc_id) >= shots  # the shots are there
+    return len({inst.doc_id for inst in task.instances})
+
+
+@pytest.mark.parametrize(
+    "benchmark,shots,split,pool", [("arc_challenge", 25, "test", 26), ("winogrande", 5, "validation", 7)]
+)
+def test_shots_from_the_evaluated_split_never_include_the_current_document(
+    benchmark, shots, split, pool, mirror, tmp_path
+):
+    """A mirror without the training split, whose evaluated split holds only a few more documents than
+    shots: drawn without lm-eval's exclusion, nearly every context would contain its own question and
+    gold answer (27 of 1,172 ARC contexts did with the full test split); none does. (WinoGrande, whose
+    built-in task has no test split, was already excluded by lm-eval: None == None; kept as a guard.)"""
+    src = mirror / benchmark / f"{split}.jsonl"
+    m = tmp_path / "mirror"
+    (m / benchmark).mkdir(parents=True)
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)[:pool]
+    (m / benchmark / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
+    spec = harness.materialize(
+        benchmark, str(m), tmp_path / "tasks", shots=shots, metrics=["acc"], limit=None, fewshot_seed=SEED
+    )
+    assert spec.skip is None and spec.evaluator["data"]["fewshot_split"] == split
+    assert any("(minus the current item)" in n for n in spec.notes)
+    task = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+    task.set_config(key="num_fewshot", value=shots)
+    task.set_fewshot_seed(seed=SEED)
+    task.build_all_requests(limit=None, rank=0, world_size=1)
+    assert _assert_no_context_holds_its_own_document(task, shots) == pool  # every document evaluated
 
 
 def test_truthfulqa_gen_keeps_its_six_qa_preamble(mirror, tmp_path):
@@ -322,3 +370,71 @@ def test_cached_reads_follow_the_file(tmp_path):
     t = harness.template("piqa")
     t["task"] = "changed"  # the caller's copy only
     assert harness.template("piqa")["task"] == "plw_piqa"
+
+
+WMT = {  # benchmark -> (lm-eval 0.4.13 built-in task in lm_eval/tasks/translation/, pair folder, source, target)
+    "wmt14_en_fr": ("wmt14-en-fr", "wmt14/fr-en", "English", "French"),
+    "wmt14_fr_en": ("wmt14-fr-en", "wmt14/fr-en", "French", "English"),
+    "wmt16_en_de": ("wmt16-en-de", "wmt16/de-en", "English", "German"),
+    "wmt16_de_en": ("wmt16-de-en", "wmt16/de-en", "German", "English"),
+    "wmt16_en_ro": ("wmt16-en-ro", "wmt16/ro-en", "English", "Romanian"),
+    "wmt16_ro_en": ("wmt16-ro-en", "wmt16/ro-en", "Romanian", "English"),
+}
+
+
+@pytest.mark.parametrize("benchmark", sorted(WMT))
+def test_wmt_prompts_are_the_builtin_translation_tasks_with_the_papers_instruction(benchmark, mirror, tmp_path):
+    """Our WMT tasks against lm-eval's built-in translation tasks on the same pairs: the built-in task's
+    evaluated (test) split is pointed at the mirror's validation + test files combined, as the paper
+    scored them. The documents, targets and generation settings are identical, and each context is
+    the built-in one with exactly the paper's zero-shot instruction in front
+    (``Translate the following from <src> to <tgt>`` + a blank line: docs/study.md section 5) and
+    nothing else different."""
+    name, pair, src, tgt = WMT[benchmark]
+    val, test = mirror / pair / "validation.jsonl", mirror / pair / "test.jsonl"
+    if not (val.is_file() and test.is_file()):
+        pytest.skip(f"needs the WMT mirror {mirror / pair}")
+    spec = harness.materialize(
+        benchmark, str(mirror), tmp_path, shots=0, metrics=["bleu", "chrf", "ter"], limit=None, fewshot_seed=SEED
+    )
+    assert spec.skip is None and not spec.notes
+    ours = harness.task_manager().load([str(spec.yaml_path)])["tasks"][spec.task]
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    tm = harness.builtin_task_manager()
+    cfg = load_yaml(tm.task_index[name].yaml_path, resolve_func=True)
+    assert cfg["test_split"] == "test" and cfg["output_type"] == "generate_until"
+    cfg.update(
+        dataset_path="json",
+        dataset_name=None,
+        dataset_kwargs={"data_files": {"train": str(val), "validation": str(val), "test": [str(val), str(test)]}},
+    )
+    cfg.pop("tag", None)
+    ref = tm.load([cfg])["tasks"][name]
+
+    # the same documents: validation then test, every pair
+    n_val = len(_jsonl(val))
+    ours_docs, ref_docs = list(ours.eval_docs), list(ref.eval_docs)
+    assert ours_docs == ref_docs == _jsonl(val) + _jsonl(test)
+    # the same rendering, modulo exactly the instruction
+    prefix = f"Translate the following from {src} to {tgt}\n\n"
+    picks = sorted({0, 1, n_val - 1, n_val, n_val + 1, len(ours_docs) - 1})  # both sides of the join
+    for i in picks:
+        d = ours_docs[i]
+        assert ours.doc_to_text(d) == prefix + ref.doc_to_text(d)
+        assert ours.doc_to_target(d) == ref.doc_to_target(d)
+    # the requests: context (built-in + the instruction) and generation settings, zero-shot
+    for t in (ours, ref):
+        t.set_config(key="num_fewshot", value=0)
+        t.set_fewshot_seed(seed=SEED)
+        t.build_all_requests(samples=picks, rank=0, world_size=1)
+    assert len(ours.instances) == len(ref.instances) == len(picks)
+    for a, b in zip(ours.instances, ref.instances):
+        (ctx_a, gen_a), (ctx_b, gen_b) = a.arguments, b.arguments
+        assert a.doc == b.doc and ctx_a == prefix + ctx_b and gen_a == gen_b
+        assert ctx_b.endswith(f"{tgt} phrase:") and gen_a["until"] == ["\n"]
+    # the same metrics (sacreBLEU corpus BLEU, chrF, TER) and task settings otherwise
+    assert {m["metric"] for m in ours.config.metric_list} == {m["metric"] for m in ref.config.metric_list}
+    for key in ("output_type", "generation_kwargs", "repeats", "target_delimiter", "fewshot_delimiter"):
+        assert getattr(ours.config, key) == getattr(ref.config, key), key

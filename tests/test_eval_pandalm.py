@@ -180,3 +180,44 @@ def test_hf_judge_runs_a_real_model(request, tmp_path_factory):
         P.parse_judgment(records[0]["answer_model_first"]),
         P.parse_judgment(records[0]["answer_model_second"]),
     ] == list(pairs[0])
+
+
+def test_a_judge_that_is_never_parsable_gives_error_rows_also_as_ties(tmp_path):
+    """eval.pandalm_unparsable=tie turns every unparsable answer into a tie: a judge that never answers
+    1/2/Tie would score 50.0 with position consistency 1.0; it is an error row instead."""
+    items = [{"instruction": f"q{i}", "input": ""} for i in range(4)]
+    model, comp = ["a long answer here"] * 4, ["short"] * 4
+
+    def judge(prompts):  # a test double that answers in prose, never on the first line
+        judges.pandalm_longer_wins(prompts)  # the prompts are real PandaLM prompts
+        return ["Both responses have merits.\n1"] * len(prompts)
+
+    pairs, _ = P.judge_pairs(judge, items, model, comp, style="pandalm", cache=tmp_path / "j.jsonl")
+    assert pairs == [(None, None)] * 4
+    t = P.tally(pairs, unparsable="tie")
+    assert (t.score, t.position_consistency, t.n, t.unparsable, t.judgments) == (50.0, 1.0, 4, 8, 8)
+    rows = P.rows_from(t, ["score", "position_consistency", "wins"], "pandalm_7b", "pretrained (x)")
+    assert [r.status for r in rows] == ["error"] * 3
+    assert all(r.value is None and "no judgment could be parsed" in r.message for r in rows)
+    assert "8 of 8 judgments could not be parsed" in rows[0].message
+
+
+def test_mostly_unparsable_judgments_warn_above_the_configured_share():
+    pairs = [(1, 2), (None, None), (None, None), (None, 2)]  # 5 of 8 unparsable
+    t = P.tally(pairs, unparsable="tie")
+    rows = P.rows_from(t, ["score"], "pandalm_7b", "pretrained (x)", max_unparsable=0.5)
+    assert rows[0].status == "ok" and rows[0].value == pytest.approx(t.score)
+    assert rows[0].message.startswith("WARNING: 62.5% of the judge's answers could not be parsed")
+    assert "eval.pandalm_max_unparsable=0.5" in rows[0].message
+    for share in (0.625, 0.9, None):  # at or below the threshold (or none set): no warning
+        msg = P.rows_from(t, ["score"], "pandalm_7b", "pretrained (x)", max_unparsable=share)[0].message
+        assert "WARNING" not in msg
+
+
+def test_max_unparsable_is_a_checked_config_key():
+    from pipeline.config import ConfigError, load_config
+
+    assert load_config([]).eval.pandalm_max_unparsable == 0.5
+    assert load_config(["eval.pandalm_max_unparsable=0.2"]).eval.pandalm_max_unparsable == 0.2
+    with pytest.raises(ConfigError, match="eval.pandalm_max_unparsable"):
+        load_config(["eval.pandalm_max_unparsable=1.5"])

@@ -133,3 +133,18 @@ def test_watcher_transitions(tmp_path):
     assert rd.status()["state"] == "pending" and rd.status()["interrupted"] == {"reason": "ended with code 3"}
     lifecycle.mark_interrupted(rd, "again")  # already pending with `interrupted`: left as is
     assert rd.status()["interrupted"] == {"reason": "ended with code 3"}
+
+
+def test_a_corrupt_status_is_never_executed_nor_overwritten(tmp_path):
+    from pipeline.runs import CorruptStatus
+
+    rd = RunDir(tmp_path / "run")
+    lifecycle.mark_prepared(rd)
+    rd.status_file.write_text("{not json")
+    called = []
+    with pytest.raises(CorruptStatus, match=re.escape(str(rd.status_file))):
+        lifecycle.execute(rd, lambda: called.append(1) or {})
+    assert not called and not lifecycle.holds(rd)
+    lifecycle.mark_failed(rd, "worker died", keep_first=False)  # watchers leave it alone
+    lifecycle.mark_interrupted(rd, "ended")
+    assert rd.status_file.read_text() == "{not json"

@@ -344,3 +344,29 @@ def test_local_source_needs_an_existing_folder(tmp_path):
     cfg = _model_cfg("model=tiny", "model.source=local", f"model.local_path={tmp_path / 'missing'}")
     with pytest.raises(models.ModelLoadError, match="model.local_path"):
         models.load_model(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer fingerprint: what defines the tokenizer, not the settings tokenizing leaves on it
+# --------------------------------------------------------------------------------------------
+def test_tokenizer_fingerprint_ignores_truncation_and_padding_set_by_tokenizing(llama_tokenizer_dir):
+    tok = load_tokenizer(str(llama_tokenizer_dir))
+    fresh = tokenizer_fingerprint(tok)
+    # the value before the fingerprint left truncation/padding out: existing cached folders and
+    # processed datasets keep their names
+    assert fresh == "5baba13c0f45f94d"
+    tok(["a long text " * 200], truncation=True, max_length=16)
+    assert tok.backend_tokenizer.truncation is not None  # tokenizing set it on the shared object
+    assert tokenizer_fingerprint(tok) == fresh
+    tok.pad_token = tok.unk_token
+    tok(["short", "a longer text here"], padding="max_length", max_length=8, truncation=True)
+    assert tok.backend_tokenizer.padding is not None
+    assert tokenizer_fingerprint(tok) == tokenizer_fingerprint(load_tokenizer(str(llama_tokenizer_dir))) != ""
+    assert tok.backend_tokenizer.truncation is not None  # the caller's settings are left as they were
+
+
+def test_tokenizer_fingerprint_still_tells_tokenizers_apart(llama_tokenizer_dir, tiny_tok):
+    tok = load_tokenizer(str(llama_tokenizer_dir))
+    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(tiny_tok)
+    tok.add_tokens(["<new_token>"])
+    assert tokenizer_fingerprint(tok) != "5baba13c0f45f94d"

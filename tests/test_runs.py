@@ -12,8 +12,11 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.runs import (
+    CORRUPT,
+    CorruptStatus,
     RunDir,
     append_jsonl,
+    atomic_write_json,
     create_run,
     identity_hash,
     list_runs,
@@ -255,3 +258,53 @@ def test_jsonl_torn_last_line_and_tail(tmp_path):
     p.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_jsonl(p)
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN / Infinity (Python's json accepts them; JSON does not)."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_writers_write_null_for_non_finite_floats(tmp_path):
+    obj = {"loss": float("nan"), "rates": [1.5, float("inf"), (float("-inf"), 2)], "nested": {"x": float("nan")}}
+    atomic_write_json(tmp_path / "a.json", obj)
+    append_jsonl(tmp_path / "m.jsonl", obj)
+    want = {"loss": None, "rates": [1.5, None, [None, 2]], "nested": {"x": None}}
+    assert _strict((tmp_path / "a.json").read_text()) == want
+    assert [_strict(ln) for ln in (tmp_path / "m.jsonl").read_text().splitlines()] == [want]
+
+
+@pytest.mark.parametrize("text", ['{"state": "done",', "[1, 2]", b"\xff\xfe"], ids=["torn", "not_an_object", "bytes"])
+def test_a_corrupt_status_is_reported_and_never_overwritten(tmp_path, text):
+    rd = RunDir(tmp_path / "run")
+    rd.set_status("running")
+    if isinstance(text, bytes):
+        rd.status_file.write_bytes(text)
+    else:
+        rd.status_file.write_text(text)
+    before = rd.status_file.read_bytes()
+    st = rd.status()
+    assert st["state"] == CORRUPT and st["path"] == str(rd.status_file)
+    assert str(rd.status_file) in st["error"] and "corrupt" in st["error"]
+    with pytest.raises(CorruptStatus, match="corrupt"):
+        rd.set_status("failed", error="x")
+    assert rd.status_file.read_bytes() == before
+    assert rd.progress()["step"] is None  # readers of the store go on
+
+
+def test_make_eval_leaves_out_and_reports_a_run_with_a_corrupt_status(tmp_path, caplog):
+    from pipeline.eval.stage import finished_runs
+    from pipeline.lifecycle import mark_done
+
+    good, bad = RunDir(tmp_path / "a_good"), RunDir(tmp_path / "b_bad")
+    for rd in (good, bad):
+        atomic_write_json(rd.run_json, {"run_id": rd.run_id})
+        mark_done(rd, {"steps": 1})
+    bad.status_file.write_text("{")
+    with caplog.at_level("WARNING", logger="pipeline.eval"):
+        assert finished_runs(tmp_path) == [good.path]
+    assert str(bad.status_file) in caplog.text

@@ -3,7 +3,6 @@ and the planning of real experiment configs (composition, run ids) without launc
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -411,13 +410,11 @@ def test_dry_run_prints_the_grid_with_estimates_and_launches_nothing(tmp_path):
     want = 6 * 6.74e9 * s.n_records * 3 * s.mean_tokens / (312e12 * 0.5) / 3600
     assert f"{want:.3g}" in lines[0].split()
     assert "nothing launched" in out.stdout
-    # nothing but the grid's manifest was written
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_sweeps"]
-    man = json.loads((tmp_path / "_sweeps" / "main.json").read_text())
-    assert len(man["runs"]) == 20
-    # and `make status` reads it from the store alone
+    # nothing was written (a dry run works on a read-only store)
+    assert list(tmp_path.iterdir()) == []
+    # and `make status` shows the grid before any sweep
     st = subprocess.run(
-        [sys.executable, "-m", "pipeline.sweep", "status", "experiment=main"],
+        [sys.executable, "-m", "pipeline.sweep", "status", "experiment=main", "experiment.datasets=[alpaca_data]"],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -557,3 +554,74 @@ def test_one_reader_of_a_run_config(prepared_run):
     rd.config.unlink()
     with pytest.raises(FileNotFoundError, match="config.yaml"):
         rd.load_config()
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input in the store: a corrupt status.json, a read-only store
+# ------------------------------------------------------------------------------------------------
+def test_a_corrupt_status_is_its_own_state_and_never_launched():
+    from pipeline.runs import CORRUPT
+
+    assert classify({"state": CORRUPT, "error": "x"}, Liveness(lock_held=False), 600) == CORRUPT
+    assert decide(CORRUPT, 0, 2) == "report"
+
+
+def _two_runs(tmp_path):
+    from pipeline.sweep.plan import prepare_launch
+
+    ov = [
+        "experiment=demo",
+        "experiment.plw=[0.1,0.2]",
+        "experiment.models=[tinylm_a]",
+        "experiment.datasets=[shared_alpaca52k]",
+        f"paths.runs_dir={tmp_path}",
+    ]
+    plan = make_plan(ov)
+    assert len(plan.runs) == 2
+    for pr in plan.runs:
+        prepare_launch(pr, plan.root.launcher)
+    return ov, plan.runs
+
+
+def test_one_corrupt_status_is_reported_and_the_other_runs_go_on(tmp_path, capsys):
+    from pipeline.sweep.__main__ import main
+    from pipeline.sweep.store import store_rows
+
+    ov, (bad, good) = _two_runs(tmp_path)
+    bad.rd.status_file.write_text('{"state": "runn')  # edited by hand, a disk fault
+    plan = {pr.run_id: pr for pr in make_plan(ov).runs}
+    assert (plan[bad.run_id].effective, plan[bad.run_id].action) == ("corrupt", "report")
+    assert (plan[good.run_id].effective, plan[good.run_id].action) == ("pending", "launch")
+    rows = {r.run_id: r for r in store_rows(tmp_path)}
+    assert rows[bad.run_id].state == "corrupt" and str(bad.rd.status_file) in rows[bad.run_id].error
+    assert rows[good.run_id].state == "pending"
+    # make status, and a dry run of make sweep: the table, the corrupt run named with its file
+    for argv in (["status", f"paths.runs_dir={tmp_path}"], ["status", *ov], ["--dry-run", *ov]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr()
+        table = [ln for ln in out.out.splitlines() if bad.run_id in ln]
+        assert table and " corrupt " in table[0], out.out
+        assert "1 corrupt" in out.out and "1 pending" in out.out
+    assert str(bad.rd.status_file) in out.err  # the dry run says which file
+
+
+def _snapshot(root):
+    return {
+        str(p.relative_to(root)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_a_dry_run_writes_nothing_into_the_store(tmp_path, capsys):
+    """A dry run on a read-only store must work: it writes nothing (tests run as root, where a
+    read-only mode stops nothing, so the test checks that no file is created or changed)."""
+    from pipeline.sweep.__main__ import main
+
+    ov, _ = _two_runs(tmp_path)
+    before = _snapshot(tmp_path)
+    assert main(["--dry-run", *ov]) == 0
+    assert "nothing launched" in capsys.readouterr().out
+    assert _snapshot(tmp_path) == before
+    assert main(["status", *ov]) == 0  # the grid without a sweep manifest
+    assert "2 runs: 2 pending" in capsys.readouterr().out
+    assert _snapshot(tmp_path) == before

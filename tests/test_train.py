@@ -375,6 +375,71 @@ def test_failure_sets_status_failed_with_the_error(base, tmp_path):
     assert st["state"] == "failed" and "missing.jsonl" in st["error"]
 
 
+def _strict_json_files(folder):
+    """Every JSON / JSONL file under ``folder`` parses as strict JSON (no NaN, no Infinity)."""
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    files = [p for p in folder.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file()]
+    for p in files:
+        text = p.read_text(encoding="utf-8")
+        for chunk in text.splitlines() if p.suffix == ".jsonl" else [text]:
+            json.loads(chunk, parse_constant=refuse)
+    return {p.name for p in files}
+
+
+def test_a_run_whose_examples_all_weigh_zero_fails_before_training(base, tmp_path):
+    """PLW 0 and every completion cut by truncation: nothing to train; an error naming the dataset,
+    the PLW and how many examples lost their completion, not a run of no-op steps marked done."""
+    from pipeline.runs import create_run
+    from pipeline.trainer.data import ZeroWeightError
+    from pipeline.train import run
+
+    cfg = _cfg(base, tmp_path, "plw=0", "train.model_max_length=16")
+    with pytest.raises(ZeroWeightError) as e:
+        run(cfg)
+    msg = str(e.value)
+    assert "'shared_alpaca52k'" in msg and "PLW 0 " in msg and "40 of 40 examples lost every completion" in msg
+    rd = create_run(cfg)
+    st = rd.status()
+    assert st["state"] == "failed" and st["error"].startswith("ZeroWeightError: dataset 'shared_alpaca52k'")
+    assert not rows(rd) and not (rd.path / "train_summary.json").exists()
+    assert "status.json" in _strict_json_files(rd.path)
+
+
+def test_a_step_whose_examples_all_weigh_zero_is_skipped_and_counted(reference, base, tmp_path):
+    """A single optimizer step with total weight 0 is not trained (no update: AdamW would still move
+    the weights), is marked in metrics.jsonl and counted in the summary; no file holds NaN."""
+    from pipeline.train import TrainerCallback, run
+    from pipeline.trainer.data import step_examples
+
+    seen = {}
+
+    class ZeroStep1(TrainerCallback):
+        def on_train_begin(self, trainer, start_step):
+            for i in step_examples(trainer.n_train, trainer.global_batch, trainer.seed, 1):
+                ex = trainer.data.train[i]
+                trainer.data.train[i] = {**ex, "weights": torch.zeros_like(ex["weights"])}
+            seen["start"] = [p.detach().clone() for p in trainer.lm.parameters()]
+
+        def on_step_end(self, trainer, step, row):
+            if step == 1:
+                seen["after_1"] = [p.detach().clone() for p in trainer.lm.parameters()]
+
+    rd = run(_cfg(base, tmp_path), callbacks=[ZeroStep1()])
+    assert all(torch.equal(a, b) for a, b in zip(seen["start"], seen["after_1"]))
+    got = rows(rd)
+    assert got[0]["skipped"] is True and got[0]["loss"] is None and got[0]["grad_norm"] is None
+    assert got[0]["weight_sum"] == 0.0 and got[0]["examples"] == 4
+    assert all("skipped" not in r and isinstance(r["loss"], float) for r in got[1:])
+    assert [r["lr"] for r in got] == [r["lr"] for r in rows(reference)]  # the schedule goes on
+    s = summary(rd)
+    assert s["skipped_steps"] == 1 and s["steps"] == 4 and s["final_loss"] == got[-1]["loss"]
+    assert rd.status()["state"] == "done"
+    assert {"metrics.jsonl", "train_summary.json", "status.json"} <= _strict_json_files(rd.path)
+
+
 def test_cli_rejects_a_bad_override_naming_the_key():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(

@@ -354,3 +354,64 @@ def test_trackers_are_optional_and_checked(tmp_path, caplog):
         assert "not installed" in caplog.text
     else:
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+class _Payload:
+    """Unpickling it runs code (what a tampered checkpoint could do with weights_only=False)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_resume_loads_scheduler_and_rng_as_plain_data(tmp_path):
+    """scheduler.pt and rng/rank<r>.pt are read with weights_only=True: a checkpoint cannot run
+    code on resume; the states written load that way and restore the RNG streams exactly."""
+    import random
+
+    import numpy as np
+    from transformers import get_scheduler
+
+    from pipeline.trainer.dist import Backend
+
+    def parts():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        return model, opt, get_scheduler("cosine", opt, num_warmup_steps=1, num_training_steps=5)
+
+    b = Backend()
+    model, opt, sched = parts()
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    b.save(tmp_path / "ck", model, opt, sched)
+    for f in ("scheduler.pt", "rng/rank0.pt"):  # plain data: loads without any allow-list
+        torch.load(tmp_path / "ck" / f, weights_only=True)
+    want = (np.random.rand(2).tolist(), random.random(), torch.rand(2).tolist())
+    model2, opt2, sched2 = parts()
+    b.load(tmp_path / "ck", model2, opt2, sched2)
+    assert (np.random.rand(2).tolist(), random.random(), torch.rand(2).tolist()) == want
+    assert sched2.state_dict() == sched.state_dict()
+    # a tampered RNG file is refused, and its code does not run
+    torch.save(_Payload(tmp_path / "pwned"), tmp_path / "ck" / "rng" / "rank0.pt")
+    with pytest.raises(Exception, match="Weights only load failed"):
+        b.load(tmp_path / "ck", *parts())
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_skipped_steps_metrics_line_is_left_out_of_the_loss_readers(tmp_path):
+    """A step skipped for zero total weight logs ``loss: null``; readers of the loss curve skip it."""
+    from pipeline.eval.mechanisms import read_losses
+    from pipeline.runs import RunDir, append_jsonl
+    from pipeline.trainer.reporting import format_row
+
+    rd = RunDir(tmp_path)
+    append_jsonl(rd.metrics, {"kind": "train", "step": 1, "total_steps": 3, "loss": 2.0})
+    skipped = {"kind": "train", "step": 2, "total_steps": 3, "epoch": 1.0, "skipped": True, "loss": None, "lr": 1e-3}
+    append_jsonl(rd.metrics, skipped)
+    append_jsonl(rd.metrics, {"kind": "train", "step": 3, "total_steps": 3, "loss": 1.5})
+    assert read_losses(rd.metrics) == ([2.0, 1.5], [1, 3])
+    assert "skipped" in format_row(skipped)

@@ -8,7 +8,8 @@ Commands:
             --data FILE [--format alpaca|dolly|ultrafeedback] [--tokenizer SPEC] [--r-g X] [--gam FILE]
 
 Overrides are Hydra-style (e.g. ``paths.runs_dir=/scratch/runs analysis.incomplete=intersect``).
-Exit status: 0 done, 1 failed, 2 bad configuration or arguments.
+Exit status: 0 done, 1 failed (regress: also when any dataset could not be analysed, said in the
+last line), 2 bad configuration or arguments.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from pipeline.analysis.collect import collect_runs, write_collected
 from pipeline.analysis.rbridge import RUnavailable
 from pipeline.analysis.stage import run_analysis
 from pipeline.analysis.suggest import dataset_rg, recommend
+
+
+def unanalysed_datasets(out) -> List[str]:
+    """Datasets of a regress whose GLMM was not fitted (skipped for bad input, or failed)."""
+    return sorted(ds for ds, r in out.glmm.items() if r.status != "fitted")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -66,7 +72,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(
                 f"  GLMM {ds}: {r.status}"
                 + (
-                    f", p = {row['p_value']:.3g}, b = {row['b_wp']:.3f}, a = {row['a_wp2']:.3f}, "
+                    f", p = {row['p_value']:.3g} (Wald chi2, the paper's), calibrated p = "
+                    f"{row['p_value_calibrated']:.3g}, b = {row['b_wp']:.3f}, a = {row['a_wp2']:.3f}, "
                     f"converged = {r.converged}; {r.critical.message if r.critical else ''}"
                     if r.status == "fitted"
                     else ""
@@ -77,7 +84,18 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"  GAM {s}: {g.status}"
                 + (f" -> {g.rds_path}" if g.rds_path else f" ({'; '.join(g.errors)})" if g.errors else "")
             )
-        return 0 if n else 1
+        if not n:
+            return 1
+        bad = unanalysed_datasets(out)
+        if bad:
+            print(
+                f"error: {len(bad)} of {len(out.glmm)} dataset(s) could not be analysed (no GLMM fit): "
+                + ", ".join(bad)
+                + f"; see the messages above and section 9 of {out.out_dir / 'report.md'}",
+            )
+            return 1
+        print(f"all {len(out.glmm)} dataset(s) analysed")
+        return 0
 
     # suggest
     s = a.suggest

@@ -3,16 +3,18 @@
 Model: ``score ~ poly(w_p, 2, raw = TRUE) + (0 + poly(w_p, 2, raw = TRUE) | benchmark) + (1 | model)``
 on the dataset's min-max scaled scores squeezed into (0, 1). The R side is ``R/glmm.R``;
 this module prepares the data, calls it, retries with a second optimizer when the first reports a
-convergence problem, and turns the result into a :class:`GlmmResult`.
+convergence problem (keeping the fit with the higher log-likelihood), adds the small-sample-calibrated
+test of the w_p terms beside the paper's Wald chi-square, and turns the result into a :class:`GlmmResult`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from pipeline.analysis import rbridge as rb
 from pipeline.analysis.aggregates import minmax_scale, squeeze
@@ -47,7 +49,12 @@ class GlmmResult:
     coef: Optional[pd.DataFrame] = None  # term, estimate, std_error, z, p, ci_low, ci_high
     chisq: float = float("nan")  # Wald chi-square of the w_p terms (car::Anova)
     df: float = float("nan")
-    p_value: float = float("nan")
+    p_value: float = float("nan")  # the paper's p-value: chisq against chi-square(df)
+    # small-sample-calibrated test of the same terms: F = chisq / df against F(df, f_df2), f_df2 from
+    # the number of benchmarks (calibrated_test); the report's "significant" rests on this one
+    f_stat: float = float("nan")
+    f_df2: float = float("nan")
+    p_value_calibrated: float = float("nan")
     re_sd: Optional[pd.DataFrame] = None
     re_cor: Optional[pd.DataFrame] = None
     vcov: Optional[pd.DataFrame] = None
@@ -94,6 +101,10 @@ class GlmmResult:
             "p_value": self.p_value,
             "chisq": self.chisq,
             "df": self.df,
+            "p_value_calibrated": self.p_value_calibrated,
+            "f_stat": self.f_stat,
+            "f_df1": self.df,
+            "f_df2": self.f_df2,
             "b_wp": get("w_p", "estimate"),
             "b_wp_se": get("w_p", "std_error"),
             "a_wp2": get("w_p2", "estimate"),
@@ -103,6 +114,8 @@ class GlmmResult:
             "converged": self.converged,
             "pd_hessian": self.pd_hessian,
             "optimizer": self.optimizer,
+            "loglik": self.loglik,
+            "optimizer_attempts": attempts_text(self.attempts),
             "n_warnings": len(self.warnings),
             "wp_star": cr.wp_star if cr else None,
             "critical_plw": cr.plw if cr else None,
@@ -118,6 +131,64 @@ def _clean(r: Dict[str, Any]) -> bool:
         and not rb.as_list(r.get("fit_warnings"))
         and bool(rb.scalar(s.get("pd_hessian"), False))
         and rb.scalar(s.get("optimizer_convergence"), 1) == 0
+    )
+
+
+def _loglik(r: Dict[str, Any]) -> float:
+    s = r.get("summary") or {}
+    v = rb.scalar(s.get("loglik_optimum"), None)  # defined also without a positive-definite Hessian
+    try:
+        return float(v) if v is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+# Log-likelihoods closer than this count as the same optimum (then a clean fit is preferred).
+LOGLIK_TIE = 1e-4
+
+
+def choose_fit(attempts: List[Tuple[str, Dict[str, Any]]]) -> Tuple[int, str]:
+    """Index of the attempt to report, and why. Among the attempts with a summary and a finite
+    log-likelihood, the one with the highest log-likelihood (the maximum-likelihood fit, whichever
+    optimizer found it); within ``LOGLIK_TIE`` of it a clean attempt is preferred, then the earlier
+    one. With no log-likelihood at all, the first attempt with a summary (else the first)."""
+    ll = [_loglik(a) for _, a in attempts]
+    usable = [i for i, v in enumerate(ll) if np.isfinite(v)]
+    if not usable:  # the first attempt with a summary, else the first
+        fitted = [i for i, (_, a) in enumerate(attempts) if a.get("summary") is not None]
+        return (fitted or [0])[0], "no attempt gave a log-likelihood"
+    best = max(ll[i] for i in usable)
+    near = [i for i in usable if ll[i] >= best - LOGLIK_TIE]
+    clean = [i for i in near if _clean(attempts[i][1])]
+    i = (clean or near)[0]
+    others = ", ".join(
+        f"{attempts[j][0]} {ll[j]:.4f}" if j in usable else f"{attempts[j][0]} failed"
+        for j in range(len(attempts))
+        if j != i
+    )
+    return i, f"log-likelihood {ll[i]:.4f}, the highest; {others}; {'clean' if _clean(attempts[i][1]) else 'not clean'}"
+
+
+def calibrated_test(chisq: float, df: float, n_benchmarks: int, n_obs: int) -> Tuple[float, float, float]:
+    """The small-sample-calibrated test of the w_p terms: the Wald statistic referred to an F
+    distribution, F = chisq / df on (df, df2) degrees of freedom (docs/analysis.md, "Significance").
+    df2 = n_benchmarks - 1 when the w_p effects vary by benchmark (random slopes: the number of
+    benchmarks bounds the information about the fixed w_p effects); with one benchmark (no random
+    slopes) the observations are the replicates, df2 = n_obs - 3 (three fixed effects).
+    Returns (F, df2, p); NaN where undefined."""
+    df2 = float(n_benchmarks - 1) if n_benchmarks > 1 else float(n_obs - 3)
+    if not (np.isfinite(chisq) and np.isfinite(df) and df > 0 and df2 > 0):
+        return float("nan"), df2 if df2 > 0 else float("nan"), float("nan")
+    f = chisq / df
+    return float(f), df2, float(stats.f.sf(f, df, df2))
+
+
+def attempts_text(attempts: List[Dict[str, Any]]) -> str:
+    """One line for tables: each optimizer, its log-likelihood, clean or not, and which is reported."""
+    return "; ".join(
+        f"{a['optimizer']}: loglik {a.get('loglik', float('nan')):.4f}, "
+        f"{'clean' if a['clean'] else 'problem'}{' (reported)' if a.get('reported') else ''}"
+        for a in attempts
     )
 
 
@@ -141,8 +212,9 @@ def fit_glmm(
 
     With one PTLM the ``(1 | model)`` term is dropped, with one benchmark the random slopes; the
     result's ``notes`` say so. When the fit errors or reports a convergence problem and
-    ``fallback_optimizer`` is set, it is refitted with that optim() method; the refit is used only
-    if it is clean, and both attempts are recorded (``attempts``, ``notes``)."""
+    ``fallback_optimizer`` is set, it is refitted with that optim() method; the fit with the higher
+    log-likelihood is reported (:func:`choose_fit`), and both attempts are recorded (``attempts``
+    with their log-likelihoods, ``notes`` saying which fit is reported)."""
     res = GlmmResult(
         dataset=dataset,
         n_obs=len(data),
@@ -171,28 +243,22 @@ def fit_glmm(
     r = _analyse(data, optimizer=optimizer, **kw)
     attempts = [(optimizer, r)]
     if fallback_optimizer and not _clean(r):
-        r2 = _analyse(data, optimizer=fallback_optimizer, **kw)
-        attempts.append((fallback_optimizer, r2))
+        attempts.append((fallback_optimizer, _analyse(data, optimizer=fallback_optimizer, **kw)))
+        chosen, why = choose_fit(attempts)
         first = (
             "; ".join(rb.as_list(r.get("fit_warnings")) + rb.as_list(r.get("error"))) or "non-positive-definite Hessian"
         )
-        if _clean(r2) or (r.get("summary") is None and r2.get("summary") is not None):
-            res.notes.append(
-                f"{optimizer} reported a problem ({first}); refitted with optim "
-                f"{fallback_optimizer}, which is "
-                f"{'clean' if _clean(r2) else 'used (the first fit failed)'}"
-            )
-            r = r2
-        else:
-            res.notes.append(
-                f"{optimizer} reported a problem ({first}); the refit with optim "
-                f"{fallback_optimizer} was not clean either, the {optimizer} fit is "
-                f"reported"
-            )
+        res.notes.append(
+            f"{optimizer} reported a problem ({first}); refitted with optim {fallback_optimizer}; "
+            f"the {attempts[chosen][0]} fit is reported ({why})"
+        )
+        r = attempts[chosen][1]
     res.attempts = [
         {
             "optimizer": o,
             "clean": _clean(a),
+            "loglik": _loglik(a),
+            "reported": a is r,
             "error": rb.scalar(a.get("error")),
             "warnings": rb.as_list(a.get("fit_warnings")),
         }
@@ -218,9 +284,14 @@ def fit_glmm(
     if isinstance(an, pd.DataFrame) and len(an):
         row = an.iloc[0]
         res.chisq, res.df, res.p_value = float(row["chisq"]), float(row["df"]), float(row["p"])
+        res.f_stat, res.f_df2, res.p_value_calibrated = calibrated_test(
+            res.chisq, res.df, n_benchmarks=len(res.benchmarks), n_obs=res.n_obs
+        )
     res.re_sd, res.re_cor, res.vcov = s.get("re_sd"), s.get("re_cor"), s.get("vcov")
     res.precision_phi = float(rb.scalar(s.get("precision_phi"), np.nan))
     res.loglik = float(rb.scalar(s.get("loglik"), np.nan))
+    if not np.isfinite(res.loglik):  # logLik() is NA without a positive-definite Hessian
+        res.loglik = _loglik(r)
     res.aic = float(rb.scalar(s.get("aic"), np.nan))
     res.pd_hessian = bool(rb.scalar(s.get("pd_hessian"), False))
     res.optimizer_convergence = rb.scalar(s.get("optimizer_convergence"))

@@ -1,4 +1,5 @@
 """Data stage: sources, validation, prompt inversion, statistics and the processed-dataset store."""
+
 from __future__ import annotations
 
 from typing import Dict

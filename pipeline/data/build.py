@@ -33,6 +33,7 @@ Training copies it into the run's ``train_summary.json``; the analysis reads it 
 built before R_g was recorded (or when the tokenizer was unavailable) gets it added to its meta.json
 on its next load.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -82,11 +83,19 @@ def prepare(cfg) -> Prepared:
     if ds.transform.kind == "invert":
         spec = resolve_tokenizer_spec(cfg)
         tok, fp = get_tokenizer(spec)
-    defn = store.definition(raw.sha256, ds.source.format, ds.empty_output, ds.max_records, ds.transform.kind,
-                            ds.transform.target_rg, ds.transform.tolerance, ds.transform.seed, fp)
+    defn = store.definition(
+        raw.sha256,
+        ds.source.format,
+        ds.empty_output,
+        ds.max_records,
+        ds.transform.kind,
+        ds.transform.target_rg,
+        ds.transform.tolerance,
+        ds.transform.seed,
+        fp,
+    )
     digest = store.content_hash(defn)
-    return Prepared(cfg, raw, defn, digest, store.dataset_dir(cfg.paths.processed_dir, ds.name, digest),
-                    tok, spec, fp)
+    return Prepared(cfg, raw, defn, digest, store.dataset_dir(cfg.paths.processed_dir, ds.name, digest), tok, spec, fp)
 
 
 def _source_meta(src) -> Dict[str, Any]:
@@ -111,8 +120,13 @@ def _rg_meta(lengths: List[inversion.Lengths], spec: Optional[str], fingerprint:
     prompt = sum(x.prompt for x in lengths)
     completion = sum(x.completion for x in lengths)
     rg = inversion.dataset_rg(lengths)
-    measure = {"prompt_tokens": prompt, "completion_tokens": completion, "tokenizer": spec,
-               "fingerprint": fingerprint, "error": None}
+    measure = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "tokenizer": spec,
+        "fingerprint": fingerprint,
+        "error": None,
+    }
     if not math.isfinite(rg):
         measure["error"] = f"R_g undefined: {completion} completion tokens over {prompt} prompt tokens"
         return {"rg": None, "rg_measure": measure}
@@ -128,8 +142,9 @@ def measure_rg(cfg, records: List[Dict[str, Any]], meta: Optional[Dict[str, Any]
     """
     tok_meta = (meta or {}).get("tokenizer") or {}
     if records and tok_meta.get("fingerprint") and all("tokens" in r for r in records):
-        lengths = [inversion.Lengths(r["tokens"]["instruction"], r["tokens"]["input"], r["tokens"]["output"])
-                   for r in records]
+        lengths = [
+            inversion.Lengths(r["tokens"]["instruction"], r["tokens"]["input"], r["tokens"]["output"]) for r in records
+        ]
         return _rg_meta(lengths, tok_meta.get("spec"), tok_meta["fingerprint"])
     cfg = validate(cfg)  # a typed Config passes through: validated once, at the entry point
     spec = resolve_tokenizer_spec(cfg)
@@ -138,8 +153,16 @@ def measure_rg(cfg, records: List[Dict[str, Any]], meta: Optional[Dict[str, Any]
     except (TokenizerError, OSError, ValueError) as e:
         msg = f"tokenizer {spec} unavailable ({type(e).__name__}: {' '.join(str(e).split())})"
         log.warning("dataset %s: R_g not measured: %s", cfg.dataset.name, msg)
-        return {"rg": None, "rg_measure": {"prompt_tokens": None, "completion_tokens": None, "tokenizer": spec,
-                                           "fingerprint": None, "error": msg}}
+        return {
+            "rg": None,
+            "rg_measure": {
+                "prompt_tokens": None,
+                "completion_tokens": None,
+                "tokenizer": spec,
+                "fingerprint": None,
+                "error": msg,
+            },
+        }
     lengths = inversion.measure(records, length_fn(tok, desc=f"{cfg.dataset.name}: token lengths (R_g)"))
     return _rg_meta(lengths, spec, fp)
 
@@ -151,20 +174,36 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     transform_meta: Dict[str, Any] = {"kind": ds.transform.kind}
     if ds.transform.kind == "invert":
         lf = length_fn(p.tokenizer, desc=f"{ds.name}: token lengths")
-        new, lengths, sel = inversion.transform(recs, lf, ds.transform.target_rg, ds.transform.tolerance,
-                                                ds.transform.seed)
+        new, lengths, sel = inversion.transform(
+            recs, lf, ds.transform.target_rg, ds.transform.tolerance, ds.transform.seed
+        )
         for r, src_i, ln in zip(new, loaded.source_index, lengths):
             r["source_index"] = src_i
             r["tokens"] = {"instruction": ln.instruction, "input": ln.input, "output": ln.output}
         out = new
         rg = _rg_meta(lengths, p.tokenizer_spec, p.tokenizer_fingerprint)
-        transform_meta.update(target_rg=sel.target_rg, tolerance=ds.transform.tolerance if sel.target_rg else None,
-                              seed=ds.transform.seed if sel.target_rg else None, version=inversion.TRANSFORM_VERSION,
-                              rg_before=sel.rg_before, rg_after=sel.rg_after, n_candidates=sel.n_candidates,
-                              n_inverted=sel.n_inverted, rule="target" if sel.target_rg else "R_g > 1")
+        transform_meta.update(
+            target_rg=sel.target_rg,
+            tolerance=ds.transform.tolerance if sel.target_rg else None,
+            seed=ds.transform.seed if sel.target_rg else None,
+            version=inversion.TRANSFORM_VERSION,
+            rg_before=sel.rg_before,
+            rg_after=sel.rg_after,
+            n_candidates=sel.n_candidates,
+            n_inverted=sel.n_inverted,
+            rule="target" if sel.target_rg else "R_g > 1",
+        )
     else:
-        out = [{"instruction": r["instruction"], "input": r["input"], "output": r["output"],
-                "inverted": False, "source_index": i} for r, i in zip(recs, loaded.source_index)]
+        out = [
+            {
+                "instruction": r["instruction"],
+                "input": r["input"],
+                "output": r["output"],
+                "inverted": False,
+                "source_index": i,
+            }
+            for r, i in zip(recs, loaded.source_index)
+        ]
         rg = measure_rg(p.cfg, out)
     n_inverted = sum(1 for r in out if r["inverted"])
     meta = {
@@ -173,8 +212,12 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
         "hash": p.digest,
         "definition": p.definition,
         "source": _source_meta(ds.source),
-        "raw": {"path": str(p.raw.path), "origin": p.raw.origin, "sha256": p.raw.sha256,
-                "bytes": p.raw.path.stat().st_size},
+        "raw": {
+            "path": str(p.raw.path),
+            "origin": p.raw.origin,
+            "sha256": p.raw.sha256,
+            "bytes": p.raw.path.stat().st_size,
+        },
         "counts": {
             "raw_records": loaded.n_raw,
             "considered": loaded.n_considered,  # after max_records
@@ -182,14 +225,18 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
             "kept_empty_output": len(loaded.kept_empty_output),
             "records": len(out),
             "inverted": n_inverted,
+            # records equal to an earlier one (instruction, input, output), kept as the file has them
+            "duplicates": len(loaded.duplicates),
         },
         "dropped_empty_output_indices": loaded.dropped_empty_output,
+        "duplicate_indices": loaded.duplicates,
         "kept_empty_output_indices": loaded.kept_empty_output,
         "empty_output": ds.empty_output,
         "max_records": ds.max_records,
         "transform": transform_meta,
-        "tokenizer": ({"spec": p.tokenizer_spec, "fingerprint": p.tokenizer_fingerprint}
-                      if p.tokenizer_fingerprint else None),
+        "tokenizer": (
+            {"spec": p.tokenizer_spec, "fingerprint": p.tokenizer_fingerprint} if p.tokenizer_fingerprint else None
+        ),
         **rg,
         "paper_rg": ds.paper_rg,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -240,21 +287,32 @@ def summary(res: BuildResult) -> str:
     m = res.meta
     c = m["counts"]
     t = m["transform"]
-    lines = [f"dataset {m['name']}: {c['records']} records ({'reused' if res.reused else 'built'})",
-             f"  folder: {res.folder}",
-             f"  raw:    {m['raw']['path']} (sha256 {m['raw']['sha256']})",
-             f"  counts: raw {c['raw_records']}, considered {c['considered']}, dropped (empty output) "
-             f"{c['dropped_empty_output']}, kept empty outputs {c['kept_empty_output']}, "
-             f"inverted {c['inverted']}"]
+    lines = [
+        f"dataset {m['name']}: {c['records']} records ({'reused' if res.reused else 'built'})",
+        f"  folder: {res.folder}",
+        f"  raw:    {m['raw']['path']} (sha256 {m['raw']['sha256']})",
+        f"  counts: raw {c['raw_records']}, considered {c['considered']}, dropped (empty output) "
+        f"{c['dropped_empty_output']}, kept empty outputs {c['kept_empty_output']}, "
+        f"inverted {c['inverted']}"
+        + (f", duplicates {c['duplicates']} (kept; records equal to an earlier one)" if "duplicates" in c else ""),
+    ]
     if t["kind"] == "invert":
-        target = f"target {t['target_rg']} (tolerance {t['tolerance']}, seed {t['seed']})" \
-            if t.get("target_rg") is not None else "invert every instance with R_g > 1"
-        lines.append(f"  transform: {target}; dataset R_g {t['rg_before']:.4f} -> {t['rg_after']:.4f} "
-                     f"(tokenizer {m['tokenizer']['spec']})")
+        target = (
+            f"target {t['target_rg']} (tolerance {t['tolerance']}, seed {t['seed']})"
+            if t.get("target_rg") is not None
+            else "invert every instance with R_g > 1"
+        )
+        lines.append(
+            f"  transform: {target}; dataset R_g {t['rg_before']:.4f} -> {t['rg_after']:.4f} "
+            f"(tokenizer {m['tokenizer']['spec']})"
+        )
     rm = m.get("rg_measure") or {}
-    lines.append(f"  R_g:    {m['rg']:.4f} ({rm.get('completion_tokens')} completion / {rm.get('prompt_tokens')} "
-                 f"prompt tokens, tokenizer {rm.get('tokenizer')})" if m.get("rg") is not None
-                 else f"  R_g:    not measured ({rm.get('error') or 'not recorded'})")
+    lines.append(
+        f"  R_g:    {m['rg']:.4f} ({rm.get('completion_tokens')} completion / {rm.get('prompt_tokens')} "
+        f"prompt tokens, tokenizer {rm.get('tokenizer')})"
+        if m.get("rg") is not None
+        else f"  R_g:    not measured ({rm.get('error') or 'not recorded'})"
+    )
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 Same as ``python -m pipeline.data.build <overrides>`` and ``python -m pipeline.data.stats <overrides>``.
 """
+
 from __future__ import annotations
 
 import sys

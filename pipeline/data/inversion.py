@@ -17,6 +17,7 @@ text on its own (``add_special_tokens=False``: no template, no BOS/EOS); tests p
   prefixes at the crossing, the one whose R_g is closer to t is chosen. An unreachable target
   raises :class:`InversionError` giving the achievable range (exact, by Dinkelbach's method).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 TRANSFORM_VERSION = 1
 
 INSTRUCTION_NO_INPUT = "Predict the prompt that generated the following AI output."
-INSTRUCTION_WITH_INPUT = ("Predict the prompt that generated the below AI output given the following "
-                          "context. Context: {input}")
+INSTRUCTION_WITH_INPUT = (
+    "Predict the prompt that generated the below AI output given the following context. Context: {input}"
+)
 
 Record = Dict[str, Any]
 LengthFn = Callable[[Sequence[str]], List[int]]
@@ -102,8 +104,7 @@ def dataset_rg(lengths: Sequence[Lengths]) -> float:
 
 def order_key(record: Record, seed: int) -> str:
     """The candidate order for target selection: sha256 of the seed and the record's content."""
-    content = json.dumps([record["instruction"], record.get("input", ""), record["output"]],
-                         ensure_ascii=False)
+    content = json.dumps([record["instruction"], record.get("input", ""), record["output"]], ensure_ascii=False)
     return hashlib.sha256(f"{int(seed)}\n{content}".encode("utf-8")).hexdigest()
 
 
@@ -127,6 +128,7 @@ def achievable_range(orig: Sequence[Lengths], inv: Sequence[Lengths]) -> Tuple[f
     Dinkelbach's method: for the minimum, start at t = R_g(no inversion), choose per instance the
     version minimising ``c - t p``, set t to the resulting dataset R_g, repeat until it stops falling.
     """
+
     def extreme(sign: int) -> float:
         c, p = _totals(orig, inv, [False] * len(orig))
         t = ratio(c, p)
@@ -163,8 +165,14 @@ class Selection:
         return sum(self.invert)
 
 
-def select_for_target(records: Sequence[Record], orig: Sequence[Lengths], inv: Sequence[Lengths],
-                      target_rg: float, tolerance: float, seed: int) -> Selection:
+def select_for_target(
+    records: Sequence[Record],
+    orig: Sequence[Lengths],
+    inv: Sequence[Lengths],
+    target_rg: float,
+    tolerance: float,
+    seed: int,
+) -> Selection:
     """Choose instances to invert so the dataset R_g is within ``tolerance`` (relative) of the target.
 
     See the module docstring for the algorithm. Deterministic in (records, lengths, target, seed);
@@ -207,7 +215,8 @@ def select_for_target(records: Sequence[Record], orig: Sequence[Lengths], inv: S
         raise InversionError(
             f"target R_g {t:g} is not reachable by inverting instances of this dataset: the achievable "
             f"dataset R_g range is [{lo:.4f}, {hi:.4f}] (no inversion: {rg0:.4f}); choose a target in "
-            f"that range (dataset.transform.target_rg)")
+            f"that range (dataset.transform.target_rg)"
+        )
 
     # Prefix lengths `crossing` (f still on the starting side) and `crossing + 1` (crossed).
     best = None
@@ -225,7 +234,8 @@ def select_for_target(records: Sequence[Record], orig: Sequence[Lengths], inv: S
         raise InversionError(
             f"target R_g {t:g} could not be met within tolerance {tolerance:g}: the closest choice in "
             f"seed order gives {rg:.4f} (instances are too coarse near the target; achievable range "
-            f"[{lo:.4f}, {hi:.4f}]); raise dataset.transform.tolerance or change the seed")
+            f"[{lo:.4f}, {hi:.4f}]); raise dataset.transform.tolerance or change the seed"
+        )
     return Selection(choice, rg0, rg, t, tolerance, len(cands), {"prefix": k})
 
 
@@ -236,14 +246,20 @@ def apply_selection(records: Sequence[Record], choice: Sequence[bool]) -> List[R
         if ch:
             out.append(invert(r))
         else:
-            out.append({"instruction": r["instruction"], "input": r.get("input", ""),
-                        "output": r["output"], "inverted": False})
+            out.append(
+                {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"], "inverted": False}
+            )
     return out
 
 
-def transform(records: Sequence[Record], length: LengthFn, target_rg: Optional[float] = None,
-              tolerance: float = 0.01, seed: int = 0,
-              orig: Optional[Sequence[Lengths]] = None) -> Tuple[List[Record], List[Lengths], Selection]:
+def transform(
+    records: Sequence[Record],
+    length: LengthFn,
+    target_rg: Optional[float] = None,
+    tolerance: float = 0.01,
+    seed: int = 0,
+    orig: Optional[Sequence[Lengths]] = None,
+) -> Tuple[List[Record], List[Lengths], Selection]:
     """Prompt-invert a dataset: Short (``target_rg=None``) or to a target R_g.
 
     Returns the new records (with ``inverted`` flags), their token lengths, and the selection.

@@ -16,6 +16,7 @@ Records with an empty or whitespace-only output follow ``empty_output``: ``error
 ``drop`` (removed, their indices returned so that the caller reports them), or ``keep``.
 All functions here are deterministic; nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,9 @@ class DataError(ValueError):
 
     @classmethod
     def single(cls, file: str, message: str, **kw) -> "DataError":
-        return cls([Problem(file=file, index=kw.pop("index", None), field=kw.pop("field", None),
-                            message=message, **kw)])
+        return cls(
+            [Problem(file=file, index=kw.pop("index", None), field=kw.pop("field", None), message=message, **kw)]
+        )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -98,8 +100,14 @@ class RawItem:
 def _decode_error(file: str, data: bytes, err: UnicodeDecodeError, base: int = 0) -> Problem:
     offset = base + err.start
     line = data[: err.start].count(b"\n") + 1 if base == 0 else None
-    return Problem(file=file, index=None, field=None, line=line, byte_offset=offset,
-                   message=f"invalid UTF-8 ({err.reason}, byte 0x{data[err.start]:02x})")
+    return Problem(
+        file=file,
+        index=None,
+        field=None,
+        line=line,
+        byte_offset=offset,
+        message=f"invalid UTF-8 ({err.reason}, byte 0x{data[err.start]:02x})",
+    )
 
 
 def _strip_bom(text: str) -> str:
@@ -118,8 +126,9 @@ def read_json_array(path: Path) -> List[RawItem]:
     except json.JSONDecodeError as e:
         raise DataError.single(file, f"malformed JSON: {e.msg} (column {e.colno})", line=e.lineno) from None
     if not isinstance(obj, list):
-        raise DataError.single(file, f"expected a JSON array of records, got {type(obj).__name__}"
-                               " (use .jsonl for one object per line)")
+        raise DataError.single(
+            file, f"expected a JSON array of records, got {type(obj).__name__} (use .jsonl for one object per line)"
+        )
     # Line numbers of the array's elements are not kept by json; index identifies the record.
     return [RawItem(i, None, o) for i, o in enumerate(obj)]
 
@@ -138,9 +147,16 @@ def read_jsonl(path: Path) -> List[RawItem]:
         try:
             text = raw_line.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(Problem(file=file, index=index, field=None, line=lineno,
-                                    byte_offset=line_start + e.start,
-                                    message=f"invalid UTF-8 ({e.reason}, byte 0x{raw_line[e.start]:02x})"))
+            problems.append(
+                Problem(
+                    file=file,
+                    index=index,
+                    field=None,
+                    line=lineno,
+                    byte_offset=line_start + e.start,
+                    message=f"invalid UTF-8 ({e.reason}, byte 0x{raw_line[e.start]:02x})",
+                )
+            )
             index += 1
             continue
         if lineno == 1:
@@ -150,8 +166,15 @@ def read_jsonl(path: Path) -> List[RawItem]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            problems.append(Problem(file=file, index=index, field=None, line=lineno,
-                                    message=f"malformed JSON: {e.msg} (column {e.colno})"))
+            problems.append(
+                Problem(
+                    file=file,
+                    index=index,
+                    field=None,
+                    line=lineno,
+                    message=f"malformed JSON: {e.msg} (column {e.colno})",
+                )
+            )
         else:
             items.append(RawItem(index, lineno, obj))
         index += 1
@@ -195,8 +218,7 @@ _SIMPLE = {
 }
 
 
-def _string(file: str, item: RawItem, obj: dict, key: str, optional: bool,
-            problems: List[Problem]) -> Optional[str]:
+def _string(file: str, item: RawItem, obj: dict, key: str, optional: bool, problems: List[Problem]) -> Optional[str]:
     if key not in obj:
         if optional:
             return ""
@@ -204,8 +226,9 @@ def _string(file: str, item: RawItem, obj: dict, key: str, optional: bool,
         return None
     v = obj[key]
     if not isinstance(v, str):
-        problems.append(Problem(file, item.index, key,
-                                f"must be a string, got {type(v).__name__} ({_short(v)})", line=item.line))
+        problems.append(
+            Problem(file, item.index, key, f"must be a string, got {type(v).__name__} ({_short(v)})", line=item.line)
+        )
         return None
     return v
 
@@ -221,9 +244,15 @@ def _ultrafeedback_output(file: str, item: RawItem, obj: dict, problems: List[Pr
         return None
     msgs = obj["chosen"]
     if not isinstance(msgs, list):
-        problems.append(Problem(file, item.index, "chosen",
-                                f"must be a list of {{role, content}} messages, got {type(msgs).__name__}",
-                                line=item.line))
+        problems.append(
+            Problem(
+                file,
+                item.index,
+                "chosen",
+                f"must be a list of {{role, content}} messages, got {type(msgs).__name__}",
+                line=item.line,
+            )
+        )
         return None
     answers = [m for m in msgs if isinstance(m, dict) and m.get("role") == "assistant"]
     if not answers:
@@ -231,9 +260,15 @@ def _ultrafeedback_output(file: str, item: RawItem, obj: dict, problems: List[Pr
         return None
     content = answers[-1].get("content")
     if not isinstance(content, str):
-        problems.append(Problem(file, item.index, "chosen",
-                                f"assistant content must be a string, got {type(content).__name__}",
-                                line=item.line))
+        problems.append(
+            Problem(
+                file,
+                item.index,
+                "chosen",
+                f"assistant content must be a string, got {type(content).__name__}",
+                line=item.line,
+            )
+        )
         return None
     return content
 
@@ -242,8 +277,9 @@ def map_record(file: str, item: RawItem, fmt: str, problems: List[Problem]) -> O
     """One raw object -> an Alpaca record, or None (problems appended)."""
     obj = item.obj
     if not isinstance(obj, dict):
-        problems.append(Problem(file, item.index, None,
-                                f"record must be a JSON object, got {type(obj).__name__}", line=item.line))
+        problems.append(
+            Problem(file, item.index, None, f"record must be a JSON object, got {type(obj).__name__}", line=item.line)
+        )
         return None
     n0 = len(problems)
     if fmt in _SIMPLE:
@@ -275,10 +311,14 @@ class LoadResult:
     n_considered: int  # after max_records
     dropped_empty_output: List[int] = field(default_factory=list)  # raw indices
     kept_empty_output: List[int] = field(default_factory=list)  # raw indices (policy keep)
+    # raw indices of kept records whose instruction, input and output equal an earlier kept record's
+    # (counted and reported, not removed: the records are trained on as the file has them)
+    duplicates: List[int] = field(default_factory=list)
 
 
-def records_from_items(items: Sequence[RawItem], fmt: str, file: str, empty_output: str = "error",
-                       max_records: Optional[int] = None) -> LoadResult:
+def records_from_items(
+    items: Sequence[RawItem], fmt: str, file: str, empty_output: str = "error", max_records: Optional[int] = None
+) -> LoadResult:
     """Map and validate raw objects; raise DataError listing every problem found.
 
     ``max_records`` keeps the first N records of the file (before the empty-output policy).
@@ -286,33 +326,51 @@ def records_from_items(items: Sequence[RawItem], fmt: str, file: str, empty_outp
     if empty_output not in EMPTY_OUTPUT_POLICIES:
         raise ValueError(f"empty_output must be one of {EMPTY_OUTPUT_POLICIES}, got {empty_output!r}")
     n_raw = len(items)
+    if n_raw == 0:
+        raise DataError.single(file, "no records (the file is empty)")
     considered = items if max_records is None else items[:max_records]
     problems: List[Problem] = []
     res = LoadResult([], [], n_raw=n_raw, n_considered=len(considered))
     out_key = {"alpaca": "output", "dolly": "response", "ultrafeedback": "chosen"}[fmt]
+    seen: set = set()
     for item in considered:
         rec = map_record(file, item, fmt, problems)
         if rec is None:
             continue
         if not rec["output"].strip():
             if empty_output == "error":
-                problems.append(Problem(file, item.index, out_key,
-                                        "empty output (set dataset.empty_output=drop or keep to accept)",
-                                        line=item.line))
+                problems.append(
+                    Problem(
+                        file,
+                        item.index,
+                        out_key,
+                        "empty output (set dataset.empty_output=drop or keep to accept)",
+                        line=item.line,
+                    )
+                )
                 continue
             if empty_output == "drop":
                 res.dropped_empty_output.append(item.index)
                 continue
             res.kept_empty_output.append(item.index)
+        key = (rec["instruction"], rec["input"], rec["output"])
+        if key in seen:
+            res.duplicates.append(item.index)
+        seen.add(key)
         res.records.append(rec)
         res.source_index.append(item.index)
     if problems:
         raise DataError(problems, f"invalid records in {file}")
+    if not res.records:
+        raise DataError.single(
+            file, f"no records left: all {len(considered)} have an empty output (dataset.empty_output={empty_output})"
+        )
     return res
 
 
-def load_records(path: Path, fmt: str = "alpaca", empty_output: str = "error",
-                 max_records: Optional[int] = None) -> LoadResult:
+def load_records(
+    path: Path, fmt: str = "alpaca", empty_output: str = "error", max_records: Optional[int] = None
+) -> LoadResult:
     """Read, map and validate a raw file (see module docstring)."""
     path = Path(path)
     return records_from_items(read_raw(path), fmt, str(path), empty_output, max_records)

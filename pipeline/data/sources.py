@@ -12,6 +12,7 @@ Offline (``HF_HUB_OFFLINE=1``) the network is never touched: a cached file is us
 ``source.sha256`` is verified when set (downloads and cached files alike); the sha256 of the raw
 file actually used is always returned and recorded in the processed dataset's meta.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def _verify(path: Path, expected: Optional[str], origin: str, cached: bool) -> s
     if expected is not None and digest != expected:
         what = "cached file" if cached else "file"
         hint = f" Delete {path} to download it again." if cached else ""
-        raise SourceError(f"sha256 mismatch for {what} {path} (from {origin}): expected {expected}, "
-                          f"got {digest} (dataset.source.sha256).{hint}")
+        raise SourceError(
+            f"sha256 mismatch for {what} {path} (from {origin}): expected {expected}, "
+            f"got {digest} (dataset.source.sha256).{hint}"
+        )
     return digest
 
 
@@ -72,7 +75,8 @@ def fetch_url(url: str, raw_dir: Path, sha256: Optional[str] = None) -> RawFile:
         raise SourceError(
             f"HF_HUB_OFFLINE=1 and {url} is not in the download cache. Put the file at {dest}"
             + (f" (sha256 {sha256})" if sha256 else "")
-            + ", or use a local copy: dataset.source.kind=local dataset.source.path=/path/to/file")
+            + ", or use a local copy: dataset.source.kind=local dataset.source.path=/path/to/file"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
     try:
@@ -85,29 +89,37 @@ def fetch_url(url: str, raw_dir: Path, sha256: Optional[str] = None) -> RawFile:
     except SourceError:
         raise
     except Exception as e:  # URLError, HTTPError, timeouts, ...
-        raise SourceError(f"download of {url} failed: {e}. Without internet, put the file at {dest} "
-                          "or use dataset.source.kind=local") from e
+        raise SourceError(
+            f"download of {url} failed: {e}. Without internet, put the file at {dest} or use dataset.source.kind=local"
+        ) from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return RawFile(dest, digest, url, downloaded=True)
 
 
-def fetch_hf(repo_id: str, filename: str, revision: str, raw_dir: Path,
-             sha256: Optional[str] = None) -> RawFile:
+def fetch_hf(repo_id: str, filename: str, revision: str, raw_dir: Path, sha256: Optional[str] = None) -> RawFile:
     from huggingface_hub import hf_hub_download
 
     cache_dir = Path(raw_dir) / "hf"
     origin = f"hf://datasets/{repo_id}@{revision}/{filename}"
     try:
-        path = hf_hub_download(repo_id=repo_id, filename=filename, revision=revision, repo_type="dataset",
-                               cache_dir=str(cache_dir), local_files_only=offline())
+        path = hf_hub_download(
+            repo_id=repo_id,
+            filename=filename,
+            revision=revision,
+            repo_type="dataset",
+            cache_dir=str(cache_dir),
+            local_files_only=offline(),
+        )
     except Exception as e:  # LocalEntryNotFoundError, HfHubHTTPError, connection errors
         where = cache_dir / f"datasets--{repo_id.replace('/', '--')}" / "snapshots" / revision / filename
         if offline():
-            msg = (f"HF_HUB_OFFLINE=1 and {origin} is not in the cache ({where}). Download it once online "
-                   f"(python -m pipeline.data.build dataset=...), copy it there, or use a local copy: "
-                   f"dataset.source.kind=local dataset.source.path=/path/to/{Path(filename).name}")
+            msg = (
+                f"HF_HUB_OFFLINE=1 and {origin} is not in the cache ({where}). Download it once online "
+                f"(python -m pipeline.data.build dataset=...), copy it there, or use a local copy: "
+                f"dataset.source.kind=local dataset.source.path=/path/to/{Path(filename).name}"
+            )
         else:
             msg = f"cannot download {origin}: {type(e).__name__}: {e}"
         raise SourceError(msg) from e

@@ -29,6 +29,7 @@ Definitions (docs/study.md section 1):
 - inverted = instances prompt-inverted by the transform; dropped = records removed for an empty
   output (``dataset.empty_output=drop``); paper R_g = ``dataset.paper_rg``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -87,8 +88,15 @@ def mean_std(xs: Sequence[float], ddof: int = DDOF) -> Tuple[float, float]:
     return m, math.sqrt(math.fsum((x - m) ** 2 for x in xs) / (n - ddof))
 
 
-def compute_stats(name: str, lengths: Sequence[Lengths], n_inverted: int = 0, n_dropped: int = 0,
-                  paper_rg: Optional[float] = None, tokenizer: str = "", ddof: int = DDOF) -> DatasetStats:
+def compute_stats(
+    name: str,
+    lengths: Sequence[Lengths],
+    n_inverted: int = 0,
+    n_dropped: int = 0,
+    paper_rg: Optional[float] = None,
+    tokenizer: str = "",
+    ddof: int = DDOF,
+) -> DatasetStats:
     """Table 1 row from per-instance token lengths (pure; see module docstring)."""
     ins = [x.instruction for x in lengths]
     inp = [x.input for x in lengths]
@@ -102,16 +110,23 @@ def compute_stats(name: str, lengths: Sequence[Lengths], n_inverted: int = 0, n_
     pm, psd = mean_std(inp, ddof)
     cm, csd = mean_std(out, ddof)
     return DatasetStats(
-        dataset=name, n=len(lengths),
-        instruction_mean=im, instruction_std=isd, input_mean=pm, input_std=psd,
-        completion_mean=cm, completion_std=csd,
+        dataset=name,
+        n=len(lengths),
+        instruction_mean=im,
+        instruction_std=isd,
+        input_mean=pm,
+        input_std=psd,
+        completion_mean=cm,
+        completion_std=csd,
         total_tokens=prompt + comp,
         rg=comp / prompt if prompt else math.nan,
         paper_rg=paper_rg,
         mean_ratio=math.fsum(finite) / len(finite) if finite else math.nan,
         geo_mean_ratio=math.exp(math.fsum(math.log(r) for r in positive) / len(positive)) if positive else math.nan,
         ratio_excluded=len(ratios) - len(positive),
-        n_inverted=n_inverted, n_dropped=n_dropped, tokenizer=tokenizer,
+        n_inverted=n_inverted,
+        n_dropped=n_dropped,
+        tokenizer=tokenizer,
     )
 
 
@@ -132,8 +147,9 @@ def dataset_stats(cfg) -> DatasetStats:
     tok, fp = get_tokenizer(spec)
     lengths = record_lengths(records, tok, fp, meta, desc=f"{cfg.dataset.name}: token lengths")
     c = meta["counts"]
-    return compute_stats(cfg.dataset.name, lengths, c["inverted"], c["dropped_empty_output"],
-                         cfg.dataset.paper_rg, spec)
+    return compute_stats(
+        cfg.dataset.name, lengths, c["inverted"], c["dropped_empty_output"], cfg.dataset.paper_rg, spec
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,17 +164,36 @@ def _f(x: Optional[float], nd: int = 2) -> str:
 
 
 def to_markdown(rows: Sequence[DatasetStats]) -> str:
-    head = ["dataset", "n", "instruction", "input", "completion", "total tokens", "R_g", "paper R_g",
-            "mean ratio", "geo ratio", "inverted", "dropped"]
+    head = [
+        "dataset",
+        "n",
+        "instruction",
+        "input",
+        "completion",
+        "total tokens",
+        "R_g",
+        "paper R_g",
+        "mean ratio",
+        "geo ratio",
+        "inverted",
+        "dropped",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
-        cells = [r.dataset, str(r.n),
-                 f"{_f(r.instruction_mean)} ({_f(r.instruction_std)})",
-                 f"{_f(r.input_mean)} ({_f(r.input_std)})",
-                 f"{_f(r.completion_mean)} ({_f(r.completion_std)})",
-                 f"{r.total_tokens:,}", _f(r.rg, 3), _f(r.paper_rg, 3), _f(r.mean_ratio, 3),
-                 _f(r.geo_mean_ratio, 3) + (f" ({r.ratio_excluded} excl.)" if r.ratio_excluded else ""),
-                 str(r.n_inverted), str(r.n_dropped)]
+        cells = [
+            r.dataset,
+            str(r.n),
+            f"{_f(r.instruction_mean)} ({_f(r.instruction_std)})",
+            f"{_f(r.input_mean)} ({_f(r.input_std)})",
+            f"{_f(r.completion_mean)} ({_f(r.completion_std)})",
+            f"{r.total_tokens:,}",
+            _f(r.rg, 3),
+            _f(r.paper_rg, 3),
+            _f(r.mean_ratio, 3),
+            _f(r.geo_mean_ratio, 3) + (f" ({r.ratio_excluded} excl.)" if r.ratio_excluded else ""),
+            str(r.n_inverted),
+            str(r.n_dropped),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -182,7 +217,8 @@ def write_tables(rows: Sequence[DatasetStats], reports_dir) -> Tuple[Path, Path]
         "# Table 1: dataset statistics\n\nMean (sample std) tokens per instance of each field alone "
         "(no template, no BOS/EOS); total = instruction + input + completion tokens; R_g = total completion "
         "/ total prompt tokens; mean/geo ratio = arithmetic/geometric mean of per-instance ratios. "
-        f"Tokenizer: {', '.join(tokenizers)}.\n\n" + to_markdown(rows))
+        f"Tokenizer: {', '.join(tokenizers)}.\n\n" + to_markdown(rows)
+    )
     return csv_path, md_path
 
 

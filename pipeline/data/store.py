@@ -19,6 +19,7 @@ target, tolerance and seed), :data:`~pipeline.data.inversion.TRANSFORM_VERSION`,
 :data:`~pipeline.data.records.RECORDS_VERSION`, :data:`STORE_VERSION` and, only when the transform
 uses token lengths, the tokenizer fingerprint.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,9 +40,17 @@ META_FILE = "meta.json"
 DONE_FILE = "DONE"
 
 
-def definition(raw_sha256: str, fmt: str, empty_output: str, max_records: Optional[int],
-               transform_kind: str, target_rg: Optional[float] = None, tolerance: Optional[float] = None,
-               seed: Optional[int] = None, tokenizer_fingerprint: Optional[str] = None) -> Dict[str, Any]:
+def definition(
+    raw_sha256: str,
+    fmt: str,
+    empty_output: str,
+    max_records: Optional[int],
+    transform_kind: str,
+    target_rg: Optional[float] = None,
+    tolerance: Optional[float] = None,
+    seed: Optional[int] = None,
+    tokenizer_fingerprint: Optional[str] = None,
+) -> Dict[str, Any]:
     """The canonical description of a processed dataset's content (what the hash covers).
 
     Settings that cannot change the content are left out (a transform of kind ``none`` ignores
@@ -52,8 +61,12 @@ def definition(raw_sha256: str, fmt: str, empty_output: str, max_records: Option
     elif transform_kind == "invert":
         if tokenizer_fingerprint is None:
             raise ValueError("prompt inversion needs the tokenizer fingerprint in the definition")
-        tr = {"kind": "invert", "version": inversion.TRANSFORM_VERSION, "tokenizer": tokenizer_fingerprint,
-              "target_rg": None if target_rg is None else float(target_rg)}
+        tr = {
+            "kind": "invert",
+            "version": inversion.TRANSFORM_VERSION,
+            "tokenizer": tokenizer_fingerprint,
+            "target_rg": None if target_rg is None else float(target_rg),
+        }
         if target_rg is not None:
             tr.update(tolerance=float(tolerance), seed=int(seed))
     else:
@@ -112,8 +125,7 @@ def write(folder: Path, records: List[Dict[str, Any]], meta: Dict[str, Any]) -> 
     is replaced, one published meanwhile by another process (same content) is kept."""
     folder = Path(folder)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    done = {"data_sha256": hashlib.sha256(data).hexdigest(), "n_records": len(records),
-            "hash": meta.get("hash")}
+    done = {"data_sha256": hashlib.sha256(data).hexdigest(), "n_records": len(records), "hash": meta.get("hash")}
     with building(folder, done=json.dumps(done) + "\n", replace=folder.exists()) as tmp:
         (tmp / DATA_FILE).write_bytes(data)
         (tmp / META_FILE).write_bytes((json.dumps(meta, indent=2, ensure_ascii=False) + "\n").encode())

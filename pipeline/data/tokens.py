@@ -4,6 +4,7 @@
 each text is tokenized on its own with ``add_special_tokens=False``; ``""`` counts 0 tokens.
 Repeated texts are tokenized once; long batches show a tqdm progress bar.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,10 +22,11 @@ def count_tokens(tok, texts: Sequence[str], desc: Optional[str] = None) -> List[
 
     unique = list(dict.fromkeys(t for t in texts if t != ""))
     counts: Dict[str, int] = {"": 0}
-    bar = tqdm(total=len(unique), desc=desc or "tokenizing", unit="text", disable=len(unique) < PROGRESS_MIN,
-               leave=False)
+    bar = tqdm(
+        total=len(unique), desc=desc or "tokenizing", unit="text", disable=len(unique) < PROGRESS_MIN, leave=False
+    )
     for start in range(0, len(unique), CHUNK):
-        chunk = unique[start:start + CHUNK]
+        chunk = unique[start : start + CHUNK]
         ids = tok(chunk, add_special_tokens=False)["input_ids"]
         for t, x in zip(chunk, ids):
             counts[t] = len(x)

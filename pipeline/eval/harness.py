@@ -6,9 +6,12 @@ Thin driver around lm-eval 0.4.13's Python API:
    lm-eval task YAML for this evaluation (``run_dir/eval/lm_eval/tasks/plw_<benchmark>.yaml``): the
    ``include`` of the built-in task becomes its absolute path, the mirror's ``data_files`` become
    absolute paths (``dataset_path: json``), splits missing from the mirror are nulled, and
-   ``num_fewshot`` is set. Without a mirror (``eval.data_dir: null``) the built-in task reads the
-   hub unchanged. A benchmark whose data are not in the mirror gives a :class:`TaskSpec` with a
-   ``skip`` reason (recorded as status=skipped), never an exception.
+   ``num_fewshot`` is set. Where the shots must come from the evaluated split (a mirror without
+   training split), that split is named as both ``fewshot_split`` and ``test_split``, so that
+   lm-eval's sampler leaves the current document out of its own context. Without a mirror
+   (``eval.data_dir: null``) the built-in task reads the hub unchanged. A benchmark whose data are
+   not in the mirror gives a :class:`TaskSpec` with a ``skip`` reason (recorded as status=skipped),
+   never an exception.
 2. :func:`run_task` evaluates one materialised task with an lm-eval ``HFLM`` (the harness's own
    Hugging Face model class, batched; :func:`make_lm` builds it on the checkpoint folder) via
    ``lm_eval.simple_evaluate``, writes the raw results JSON
@@ -224,6 +227,15 @@ def materialize(
             fs = fewshot_split(merged)
             data["fewshot_split"] = fs
             if fs == eval_split:
+                # lm-eval removes the current document from its shots only where the few-shot split
+                # equals the test split (ConfigurableTask.fewshot_context: eval_doc is passed to the
+                # sampler iff fewshot_config.split == config.test_split); its preconfigured fallback
+                # sets neither, so the current item could be among its own shots. Naming the split
+                # as both makes lm-eval's sampler draw shots + 1 and drop the current document
+                # (WinoGrande evaluates its validation split: it becomes the test split, the same docs).
+                cfg["fewshot_split"] = eval_split
+                cfg["test_split"] = eval_split
+                data["fewshot_excludes_current"] = True
                 spec.notes.append(
                     f"few-shot examples are drawn from the evaluated split '{eval_split}' "
                     f"(minus the current item): the mirror has no training split"

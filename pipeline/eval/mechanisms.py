@@ -103,8 +103,8 @@ def read_losses(path: Path) -> Tuple[List[float], List[int]]:
             if i == len(lines):
                 break  # a torn last line (crash while writing)
             raise MechanismError(f"{path}: line {i} is not valid JSON") from None
-        if not isinstance(rec, dict) or "loss" not in rec or rec.get("kind", "train") != "train":
-            continue  # validation lines ("kind": "eval") and anything without a training loss
+        if not isinstance(rec, dict) or rec.get("loss") is None or rec.get("kind", "train") != "train":
+            continue  # validation lines ("kind": "eval"), steps skipped for zero weight (loss null), ...
         if "step" not in rec:
             raise MechanismError(f"{path}: line {i}: field 'step' is missing")
         try:

@@ -28,7 +28,10 @@ Steps:
    points are the mean over its parsable judgments; ``score`` = 100 x mean item points (50 = on par
    with the comparator; stderr over items). Item verdicts: win if its two judgments sum to a win
    (win+win, win+tie), loss likewise, tie otherwise (tie+tie, or the orders disagree).
-   ``position_consistency`` = share of items whose two judgments agree.
+   ``position_consistency`` = share of items whose two judgments agree. A judge none of whose
+   answers could be parsed gives ``error`` rows (with ``=tie`` it would otherwise score 50.0 with
+   position consistency 1.0); a share above ``eval.pandalm_max_unparsable`` (default 0.5) gives
+   ``ok`` rows whose message starts with ``WARNING`` (:func:`rows_from`).
 
 :class:`PandaLMRunner` (kind ``pandalm``, pipeline/eval/runner.py) drives the steps: candidates of
 the evaluated model while it is loaded, then (after it is released) the comparator's candidates and
@@ -451,11 +454,29 @@ def judge_pairs(
 
 
 def rows_from(
-    t: Tally, metrics: Sequence[str], judge_name: str, comparator: str, name: str = "pandalm"
+    t: Tally,
+    metrics: Sequence[str],
+    judge_name: str,
+    comparator: str,
+    name: str = "pandalm",
+    max_unparsable: Optional[float] = None,
 ) -> List[ResultRow]:
+    """Rows of the tallies. No clean score from a judge that could not be read: every judgment
+    unparsable is an ``error`` row (also with ``eval.pandalm_unparsable=tie``, where the ties would
+    give 50.0 and a position consistency of 1.0), and a share of unparsable judgments above
+    ``max_unparsable`` (``eval.pandalm_max_unparsable``) keeps the numbers but starts the message with
+    ``WARNING`` (results.csv has no warning status: ok/skipped/error, pipeline/eval/results.py)."""
     notes = [f"vs {comparator}: {t.wins} wins, {t.ties} ties, {t.losses} losses over {t.n} items (both orders)"]
     if t.unparsable:
         notes.append(f"{t.unparsable} of {t.judgments} judgments could not be parsed (first line not 1/2/Tie)")
+    share = t.unparsable / t.judgments if t.judgments else 0.0
+    if 0 < t.unparsable < t.judgments and max_unparsable is not None and share > max_unparsable:
+        warning = (
+            f"WARNING: {100 * share:.1f}% of the judge's answers could not be parsed, above "
+            f"eval.pandalm_max_unparsable={max_unparsable:g}: the score rests on few judgments"
+        )
+        log.warning("%s: %s", name, warning)
+        notes.insert(0, warning)
     if judge_name == TEST_DOUBLE:
         notes.append(TEST_DOUBLE_NOTE)
     msg = "; ".join(notes)
@@ -472,7 +493,7 @@ def rows_from(
             rows.append(
                 ResultRow(name, m, None, None, None, "skipped", f"unknown metric {m!r} (available: {sorted(values)})")
             )
-        elif t.n == 0:
+        elif t.n == 0 or (t.judgments and t.unparsable == t.judgments):
             rows.append(ResultRow(name, m, None, None, 0, "error", f"no judgment could be parsed; {msg}"))
         else:
             v, se = values[m]
@@ -614,6 +635,13 @@ class PandaLMRunner(Runner):
                     generation.release()
                 atomic_write_json(ev.eval_dir / "pandalm" / "judgments.json", records)
                 t = tally(pairs, e.pandalm_unparsable)
-                return rows_from(t, ev.metrics(n), e.pandalm_judge, comparator_id(ev), name=n)
+                return rows_from(
+                    t,
+                    ev.metrics(n),
+                    e.pandalm_judge,
+                    comparator_id(ev),
+                    name=n,
+                    max_unparsable=e.pandalm_max_unparsable,
+                )
 
             ev.attempt(plans[n], fn)

@@ -66,7 +66,7 @@ from pipeline.eval.runner import (
     plain,
     runner_for,
 )
-from pipeline.runs import RunDir, atomic_write_json, file_lock
+from pipeline.runs import CORRUPT, RunDir, atomic_write_json, file_lock
 
 log = logging.getLogger("pipeline.eval")
 
@@ -353,15 +353,21 @@ def evaluate_pretrained(cfg: DictConfig) -> Path:
 
 
 def finished_runs(runs_dir: Path) -> List[Path]:
-    """Run folders (with run.json) whose status is done, in name order."""
+    """Run folders (with run.json) whose status is done, in name order; a run whose status.json is
+    corrupt is logged (with the file) and left out, the others go on."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
     out = []
     for p in sorted(x for x in runs_dir.iterdir() if x.is_dir() and not x.name.startswith((".", "_"))):
         rd = RunDir(p)
-        if rd.run_json.is_file() and rd.status().get("state") == "done":
+        if not rd.run_json.is_file():
+            continue
+        status = rd.status()
+        if status.get("state") == "done":
             out.append(p)
+        elif status.get("state") == CORRUPT:
+            log.warning("not evaluated: %s", status["error"])
     return out
 
 

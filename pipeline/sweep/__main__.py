@@ -6,11 +6,14 @@ run (default)
     launch what is not done: never-started runs, interrupted or stale ones (resumed from their last
     checkpoint) and failed ones with retries left (``launcher.max_retries``). Done, running and
     queued runs are left alone. ``--dry-run`` prints the grid (run id, state, estimated GPU-hours)
-    and launches nothing. Exit status: 0 when every run is done (or, on SLURM without
+    and launches nothing; it writes nothing either (a read-only store is fine). A run whose
+    ``status.json`` is corrupt is reported (state ``corrupt``, with the file) and left alone; the
+    others go on. Exit status: 0 when every run is done (or, on SLURM without
     ``launcher.wait``, when the submission worked), 1 when some run is not done, 2 on a bad config.
 status
     The table of the grid (``experiment=<name>``) or of every run in the store, from the store
-    alone: state, progress (step/total), loss, attempts, SLURM job, last error.
+    alone (the grid from the sweep's manifest; before any sweep, from the experiment's config):
+    state, progress (step/total), loss, attempts, SLURM job, last error.
 """
 
 from __future__ import annotations
@@ -97,16 +100,12 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
     _slurm_refresh(plan)
     lc = plan.root.launcher
     print(_header(plan), flush=True)
-    if dry_run:
-        old = st.read_manifest(plan.runs_dir, plan.experiment)
-        st.write_manifest(plan.runs_dir, plan.experiment, manifest_entries(plan), overrides)
+    if dry_run:  # writes nothing (the store may be read-only); `make status` composes the grid itself
         print(st.format_table([_row(pr) for pr in plan.runs], show_cost=True))
         print(_cost_lines(plan))
+        _report_corrupt(plan)
         todo = [pr for pr in plan.runs if pr.action in ("launch", "resume", "retry")]
-        print(
-            f"dry run: would launch {len(todo)} run(s); nothing launched"
-            + ("" if old else f" (grid saved for `make status EXPERIMENT={plan.experiment}`)")
-        )
+        print(f"dry run: would launch {len(todo)} run(s); nothing launched, nothing written")
         return 0
 
     # stale runs become failed attempts, then are re-decided
@@ -121,13 +120,17 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
     given_up = [pr for pr in plan.runs if pr.action == "give_up"]
     waiting = [pr for pr in plan.runs if pr.action == "wait"]
     done = [pr for pr in plan.runs if pr.action == "skip"]
+    corrupt = [pr for pr in plan.runs if pr.action == "report"]
     print(
         f"{len(done)} done, {len(waiting)} running or queued elsewhere, {len(given_up)} failed with no "
-        f"retries left (launcher.max_retries={lc.max_retries}), {len(todo)} to launch",
+        f"retries left (launcher.max_retries={lc.max_retries}), "
+        + (f"{len(corrupt)} with a corrupt status.json, " if corrupt else "")
+        + f"{len(todo)} to launch",
         flush=True,
     )
     for pr in given_up:
         print(f"  not retried: {pr.point.label()}: {pr.status.get('error', '')}"[:400])
+    _report_corrupt(plan)
     if not todo:
         print("nothing to launch")
         print(st.format_table([_row(pr) for pr in plan.runs]))
@@ -166,6 +169,13 @@ def cmd_run(overrides: List[str], dry_run: bool) -> int:
     _slurm_refresh(plan)
     print(st.format_table([_row(pr) for pr in plan.runs]))
     return 0 if all(pr.effective == "done" for pr in plan.runs) else 1
+
+
+def _report_corrupt(plan) -> None:
+    """One line per run whose status.json is corrupt (never launched; the others go on)."""
+    for pr in plan.runs:
+        if pr.action == "report":
+            print(f"  corrupt, left alone: {pr.point.label()}: {pr.status.get('error', '')}", file=sys.stderr)
 
 
 def _keep_costs(plan) -> None:
@@ -226,7 +236,12 @@ def cmd_status(overrides: List[str]) -> int:
                 if j:
                     ids.append(str(j))
         states = slurm.job_states(ids) if ids else None
-    rows = st.store_rows(runs_dir, exp, states, float(cfg.launcher.stale_after_s))
+    if exp is not None and st.read_manifest(runs_dir, exp) is None:
+        # no sweep has run yet (a dry run writes nothing): the grid from the experiment's config
+        plan = make_plan(list(overrides))
+        rows = [_row(pr) for pr in plan.runs]
+    else:
+        rows = st.store_rows(runs_dir, exp, states, float(cfg.launcher.stale_after_s))
     where = f"experiment {exp}" if exp else "all runs"
     print(f"{where} in {runs_dir}")
     if not rows:

@@ -16,6 +16,8 @@ Effective states:
   resumed, not counted as a failure.
 - ``failed``: status failed (the error is kept): retried while failures <= launcher.max_retries.
 - ``pending``: never started.
+- ``corrupt``: status.json is not valid JSON (:data:`pipeline.runs.CORRUPT`): its state is
+  unknown, so the sweep reports it (with the file's path) and leaves it alone; the other runs go on.
 
 Sweep manifests (``<runs_dir>/_sweeps/<experiment>.json``) list the run ids of a grid so that
 ``make status`` shows the grid (also its runs not started yet) from the store alone, without
@@ -32,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from pipeline.runs import RunDir, atomic_write_json, list_runs
+from pipeline.runs import CORRUPT, RunDir, atomic_write_json, list_runs
 
 SWEEPS_SUBDIR = "_sweeps"
-EFFECTIVE_STATES = ("done", "running", "queued", "interrupted", "stale", "failed", "pending")
+EFFECTIVE_STATES = ("done", "running", "queued", "interrupted", "stale", "failed", "pending", CORRUPT)
 # sacct/squeue states in which a job may still run (anything else: it ended).
 SLURM_ALIVE = {
     "PENDING",
@@ -70,6 +72,8 @@ def classify(status: Mapping[str, Any], live: Liveness, stale_after_s: float) ->
         return "done"
     if state == "failed":
         return "failed"
+    if state == CORRUPT:
+        return CORRUPT
     if state == "pending":
         if status.get("slurm_job_id") and live.slurm_alive:
             return "queued"
@@ -92,10 +96,13 @@ def classify(status: Mapping[str, Any], live: Liveness, stale_after_s: float) ->
 def decide(effective: str, failures: int, max_retries: int) -> str:
     """What the sweep does with a run: ``skip`` (done), ``wait`` (running/queued), ``launch``
     (never started), ``resume`` (interrupted, or stale with retries left), ``retry`` (failed,
-    ``failures <= max_retries``) or ``give_up`` (no retries left: ``max_retries`` relaunches after
-    the first failure have been used). A stale run is about to be recorded as one more failure."""
+    ``failures <= max_retries``), ``give_up`` (no retries left: ``max_retries`` relaunches after
+    the first failure have been used) or ``report`` (corrupt status: reported, never launched).
+    A stale run is about to be recorded as one more failure."""
     if effective == "done":
         return "skip"
+    if effective == CORRUPT:
+        return "report"
     if effective in ("running", "queued"):
         return "wait"
     if effective == "pending":
@@ -289,7 +296,7 @@ def store_rows(
         if man is None:
             raise FileNotFoundError(
                 f"no sweep manifest {manifest_path(runs_dir, experiment)}: run `make sweep EXPERIMENT="
-                f"{experiment} DRY_RUN=1` (or a sweep) first, or check paths.runs_dir / PLW_RUNS_DIR"
+                f"{experiment}` first, or check paths.runs_dir / PLW_RUNS_DIR"
             )
         entries = man["runs"]
         dirs = [RunDir(runs_dir / e["run_id"]) for e in entries]

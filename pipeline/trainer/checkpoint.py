@@ -9,6 +9,8 @@ Layout (``<run>/checkpoints/``)::
                               another number of processes); DeepSpeed: engine/ instead
       scheduler.pt            LR scheduler state_dict
       rng/rank<r>.pt          python, numpy, torch (CPU and CUDA) RNG states of rank r
+                              (both plain data, read back with torch.load(weights_only=True):
+                              resuming a checkpoint never runs code from it)
       DONE                    written last (JSON: step, files and sizes)
     .tmp-step-00000008/       being written (or left by a kill): ignored and deleted on start
 

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
-from pipeline.loss import IGNORE_INDEX
+from pipeline.loss import IGNORE_INDEX, effective_weights
 from pipeline.preprocess import TruncationReport, build_examples, tokenize_records
 
 
@@ -145,14 +145,45 @@ def prepare_examples(
     truncation: str,
     eval_fraction: float,
     seed: int,
+    dataset: str = "?",
 ) -> TrainData:
-    """Tokenise and weight ``records`` (see the module docstring) and split off the validation set."""
+    """Tokenise and weight ``records`` (see the module docstring) and split off the validation set.
+
+    :class:`ZeroWeightError` when the training examples carry no loss weight at all (e.g. PLW 0 and
+    every completion cut by truncation): such a run would train nothing. ``dataset`` names the data
+    in that message."""
     instances, report = tokenize_records(records, tokenizer, model_max_length, truncation)
     examples = build_examples(instances, plw, completion_weight, mask_zero_weight_labels=False)
     if not examples:
         raise ValueError(f"no training examples left of {len(records)} records ({report.summary()})")
     tr, ev = split_indices(len(examples), eval_fraction, seed)
-    return TrainData([examples[i] for i in tr], [examples[i] for i in ev], report, len(records), tr, ev)
+    train = [examples[i] for i in tr]
+    if total_weight(train) <= 0:
+        raise ZeroWeightError(
+            f"dataset {dataset!r} at PLW {plw:g} (completion weight {completion_weight:g}): the "
+            f"{len(train)} training examples carry no loss weight, so the run would train nothing; "
+            f"{report.n_lost_completion} of {report.n_instances} examples lost every completion token "
+            f"to truncation at train.model_max_length={model_max_length} (train.truncation={truncation}). "
+            f"Raise train.model_max_length, set train.truncation=drop or truncate_prompt_left, or use PLW > 0"
+        )
+    return TrainData(train, [examples[i] for i in ev], report, len(records), tr, ev)
+
+
+class ZeroWeightError(ValueError):
+    """The training examples' total loss weight is zero: nothing to train."""
+
+
+def example_weight(example: Mapping[str, torch.Tensor]) -> float:
+    """Sum of an example's (or a collated batch's) loss weights over its targets (position 0 and
+    ignored labels carry none), as :func:`pipeline.loss.effective_weights` counts them."""
+    labels, w = example["labels"], example["weights"].to(torch.float64)
+    if labels.dim() == 1:
+        labels, w = labels[None], w[None]
+    return float(effective_weights(labels, w).sum())
+
+
+def total_weight(examples: Sequence[Mapping[str, torch.Tensor]]) -> float:
+    return sum(example_weight(e) for e in examples)
 
 
 def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:

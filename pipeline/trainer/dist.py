@@ -318,10 +318,10 @@ class Backend:
             with _single_process_dcp(not self.distributed):
                 dcp.load(state, checkpoint_id=str(folder / "model_optim"), no_dist=not self.distributed)
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+            scheduler.load_state_dict(load_plain(folder / "scheduler.pt"))
         rng = folder / "rng" / f"rank{self.rank}.pt"
         if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_plain(rng))
         else:
             log.warning(
                 "checkpoint %s has no RNG state for rank %d (resumed with another number of "
@@ -386,12 +386,33 @@ def clip_grad_norm_fp64(grads, max_norm: float, reduce=None) -> float:
 
 
 # ------------------------------------------------------------------ RNG
+def _numpy_globals() -> list:
+    """What unpickling a numpy array needs (RNG states of checkpoints written before the numpy key
+    was stored as a list)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return []
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_plain(path: Path) -> Any:
+    """``torch.load`` of a checkpoint's plain-data file (scheduler state, RNG states) with
+    ``weights_only=True``: tensors, numbers, strings, lists, tuples and dicts only, so a checkpoint
+    cannot run code when it is resumed; numpy arrays (older RNG files) are allowed explicitly."""
+    with torch.serialization.safe_globals(_numpy_globals()):
+        return torch.load(path, weights_only=True)
+
+
 def rng_state() -> Dict[str, Any]:
+    """The RNG states of this process in plain data (:func:`load_plain` reads them back)."""
     state: Dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, key, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, key.tolist(), int(pos), int(has_gauss), float(gauss))
     except ImportError:  # pragma: no cover
         pass
     if torch.cuda.is_available():

@@ -17,14 +17,21 @@ Metrics (``metrics.jsonl``, ``"kind": "train"``, one line per optimizer step):
 ``loss``            the step's objective: sum_k loss_k averaged over ranks (``weight_sum``: sum w*CE /
                     sum w over the whole step), before the Minkowski penalty
 ``penalty``         Minkowski penalty at the step's weights (0 when off); ``total_loss`` = loss + penalty
-``prompt_loss``     unweighted mean CE over the step's prompt-target tokens (NaN if none)
-``completion_loss`` unweighted mean CE over its completion-target tokens (NaN if none)
+``prompt_loss``     unweighted mean CE over the step's prompt-target tokens (null if none)
+``completion_loss`` unweighted mean CE over its completion-target tokens (null if none)
 ``prompt_tokens``, ``completion_tokens``, ``weight_sum``: the step's target counts and sum of weights
 ``lr``              learning rate used by this step's update
 ``grad_norm``       global gradient norm before clipping (data loss + penalty)
 ``tokens``          real (non-pad) input tokens of the step, all ranks; ``examples``
 ``tokens_per_s``    tokens / wall time of the step; ``step_time_s``; ``elapsed_s`` (all attempts)
+``skipped``         only on a step whose total loss weight is zero (e.g. PLW 0 and every completion of
+                    the step cut by truncation): no forward pass and no update (the LR schedule still
+                    advances); ``loss``, the losses and ``grad_norm`` are null. Counted in the summary's
+                    ``skipped_steps`` and logged. A run whose examples all weigh zero is refused before
+                    training (:class:`~pipeline.trainer.data.ZeroWeightError`).
 ==================  ===================================================================================
+
+No file written here holds NaN or Infinity (strict JSON: undefined values are ``null``).
 
 ``"kind": "eval"`` lines (validation split, at ``train.eval_steps`` and at the end): ``step``,
 ``eval_loss`` (sum w*CE / sum w over the split), ``eval_prompt_loss``, ``eval_completion_loss``
@@ -45,7 +52,6 @@ the launcher can requeue the run.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -53,6 +59,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -71,11 +78,12 @@ from pipeline.regularizers import (
     set_attention_dropout,
     trainable_parameters,
 )
-from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, dumps_json, read_jsonl
 from pipeline.trainer import checkpoint as ckpt
 from pipeline.trainer.data import (
     TrainData,
     batch_tokens,
+    example_weight,
     filler_example,
     rank_micro_batches,
     step_epoch,
@@ -111,8 +119,8 @@ def _f(x: torch.Tensor | float) -> float:
     return float(x)
 
 
-def _div(a: float, b: float) -> float:
-    return a / b if b > 0 else float("nan")
+def _div(a: float, b: float) -> Optional[float]:
+    return a / b if b > 0 else None
 
 
 class Trainer:
@@ -146,7 +154,7 @@ class Trainer:
         self.total_steps = total_steps(self.n_train, self.global_batch, self.tc.epochs, self.tc.max_steps)
         self.warmup_steps = math.ceil(self.total_steps * self.tc.warmup_ratio)
         self.step = 0
-        self.counters = {"tokens": 0, "examples": 0, "elapsed_s": 0.0}
+        self.counters = {"tokens": 0, "examples": 0, "elapsed_s": 0.0, "skipped_steps": 0}
         self.resumed_from: List[int] = []
         self._stop_reason: Optional[str] = None
         self._old_handlers: Dict[int, Any] = {}
@@ -255,7 +263,7 @@ class Trainer:
                 f"start over"
             ) from e
         self.step = int(state["step"])
-        self.counters = {k: state["counters"][k] for k in self.counters}
+        self.counters = {k: state["counters"].get(k, 0) for k in self.counters}
         self.resumed_from = list(state.get("resumed_from", [])) + [self.step]
         if state.get("total_steps") != self.total_steps:
             raise RuntimeError(
@@ -271,7 +279,7 @@ class Trainer:
         rows = read_jsonl(self.rd.metrics)
         keep = [r for r in rows if int(r.get("step", 0)) <= step]
         if len(keep) != len(rows) or (rows and self.rd.metrics.read_text(encoding="utf-8")[-1:] != "\n"):
-            atomic_write_text(self.rd.metrics, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+            atomic_write_text(self.rd.metrics, "".join(dumps_json(r) + "\n" for r in keep))
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -325,6 +333,8 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's update uses
         n_examples = len(step_examples(self.n_train, self.global_batch, self.seed, step))
         batches = self.step_batches(step)
+        if not b.any(sum(example_weight(mb) for mb in batches) > 0):
+            return self._skip_step(step, t0, lr, n_examples, batches)
         dens = step_normalisers(batches, tc.loss_normaliser)
         # loss, weighted CE, weight sum, prompt CE, prompt n, completion CE, completion n, tokens
         acc = torch.zeros(8, dtype=torch.float64)
@@ -380,7 +390,60 @@ class Trainer:
             "grad_norm": grad_norm,
             "tokens": int(acc[7]),
             "examples": n_examples,
-            "tokens_per_s": _f(acc[7]) / dt if dt > 0 else float("nan"),
+            "tokens_per_s": _f(acc[7]) / dt if dt > 0 else None,
+            "step_time_s": dt,
+            "elapsed_s": self.counters["elapsed_s"],
+            "seen_tokens": self.counters["tokens"],
+        }
+
+    def _skip_step(
+        self, step: int, t0: float, lr: float, n_examples: int, batches: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, Any]:
+        """A step whose total loss weight is zero on every rank: nothing to learn from (its loss is
+        0/0). No forward pass, no optimizer update (AdamW would still move the weights through its
+        moments and weight decay); the LR schedule advances so that it stays a function of the step."""
+        b = self.backend
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        if b.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        tokens = int(
+            b.all_reduce_sum(torch.tensor([float(sum(batch_tokens(x) for x in batches))], dtype=torch.float64))[0]
+        )
+        dt = time.perf_counter() - t0
+        self.counters["tokens"] += tokens
+        self.counters["examples"] += n_examples
+        self.counters["elapsed_s"] += dt
+        self.counters["skipped_steps"] += 1
+        if b.is_main:
+            log.warning(
+                "step %d skipped: its %d examples carry no loss weight (PLW %g; completions cut by "
+                "truncation?); %d step(s) skipped so far",
+                step,
+                n_examples,
+                float(self.cfg.plw),
+                self.counters["skipped_steps"],
+            )
+        return {
+            "kind": "train",
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": step_epoch(step, self.n_train, self.global_batch),
+            "skipped": True,
+            "loss": None,
+            "penalty": None,
+            "total_loss": None,
+            "prompt_loss": None,
+            "completion_loss": None,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "weight_sum": 0.0,
+            "lr": lr,
+            "grad_norm": None,
+            "tokens": tokens,
+            "examples": n_examples,
+            "tokens_per_s": tokens / dt if dt > 0 else None,
             "step_time_s": dt,
             "elapsed_s": self.counters["elapsed_s"],
             "seen_tokens": self.counters["tokens"],
@@ -532,7 +595,8 @@ class Trainer:
                 if b.is_main:
                     append_jsonl(self.rd.metrics, row)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    loss = "skipped" if row["loss"] is None else f"{row['loss']:.4f}"
+                    bar.set_postfix(loss=loss, lr=f"{row['lr']:.2e}")
                     if step % int(tc.logging_steps) == 0 or step == self.total_steps:
                         log.info(format_row(row))
                         if trackers:
@@ -591,8 +655,9 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
             setattr(self.lm.config, k, v)
         final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype)
         rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
-        last = self.last_row or (rows[-1] if rows else {})
-        tail = [r["loss"] for r in rows[-10:]]
+        # the last step that trained (a skipped step has no loss)
+        last = next((r for r in reversed(rows) if r.get("loss") is not None), {})
+        tail = [r["loss"] for r in rows[-10:] if r.get("loss") is not None]
         summary = {
             "run_id": self.rd.path.name,
             "variant": variant,
@@ -613,6 +678,7 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
             "mean_loss_last_10": sum(tail) / len(tail) if tail else None,
             "tokens": self.counters["tokens"],
             "examples_seen": self.counters["examples"],
+            "skipped_steps": self.counters["skipped_steps"],
             "train_time_s": self.counters["elapsed_s"],
             "eval": self.last_eval,
             "weight_distance": distance,

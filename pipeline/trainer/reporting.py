@@ -86,18 +86,29 @@ class Trackers:
             self._mlflow.end_run()
 
 
+def _num(x: Optional[float], spec: str) -> str:
+    """``x`` formatted, or ``n/a`` where it is not defined (None: e.g. no prompt tokens)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def format_row(row: Mapping[str, Any]) -> str:
     """One console line for a metrics row."""
     if row.get("kind") == "eval":
         return (
-            f"eval  step {row['step']}: loss {row['eval_loss']:.4f}  prompt {row['eval_prompt_loss']:.4f}"
-            f"  completion {row['eval_completion_loss']:.4f}  ({row['eval_examples']} examples)"
+            f"eval  step {row['step']}: loss {_num(row['eval_loss'], '.4f')}  prompt "
+            f"{_num(row['eval_prompt_loss'], '.4f')}  completion {_num(row['eval_completion_loss'], '.4f')}"
+            f"  ({row['eval_examples']} examples)"
+        )
+    if row.get("skipped"):
+        return (
+            f"step {row['step']}/{row['total_steps']}  epoch {row['epoch']:.3f}  skipped (total loss "
+            f"weight 0)  lr {row['lr']:.3e}"
         )
     pen = f"  penalty {row['penalty']:.4g}" if row.get("penalty") else ""
     return (
         f"step {row['step']}/{row['total_steps']}  epoch {row['epoch']:.3f}  loss {row['loss']:.4f}"
-        f"  prompt {row['prompt_loss']:.4f}  completion {row['completion_loss']:.4f}{pen}"
-        f"  lr {row['lr']:.3e}  grad_norm {row['grad_norm']:.3f}  {row['tokens_per_s']:.0f} tok/s"
+        f"  prompt {_num(row['prompt_loss'], '.4f')}  completion {_num(row['completion_loss'], '.4f')}{pen}"
+        f"  lr {row['lr']:.3e}  grad_norm {row['grad_norm']:.3f}  {_num(row['tokens_per_s'], '.0f')} tok/s"
     )
 
 

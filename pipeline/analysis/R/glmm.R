@@ -113,6 +113,9 @@ plw_glmm_summary <- function(fit, raw = TRUE, conf_level = 0.95) {
     coef = coef, anova = anova, re_sd = re_sd, re_cor = re_cor, vcov = vcov_df,
     precision_phi = unname(stats::sigma(fit)),
     loglik = as.numeric(stats::logLik(fit)), aic = stats::AIC(fit), nobs = stats::nobs(fit),
+    # the (Laplace) log-likelihood at the optimizer's solution; logLik() is NA when the Hessian is
+    # not positive definite, this one is not, so fits by different optimizers can be compared
+    loglik_optimum = -as.numeric(plw_or(fit$fit$objective, NA_real_)),
     optimizer_convergence = as.integer(plw_or(fit$fit$convergence, NA_integer_)),
     optimizer_message = as.character(plw_or(fit$fit$message, "")),
     pd_hessian = isTRUE(fit$sdr$pdHess),
