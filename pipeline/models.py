@@ -63,6 +63,7 @@ from pipeline.atomic_dir import building
 from pipeline.config import DTYPES, ConfigError, ModelConfig, PathsConfig
 from pipeline.data.records import sha256_file
 from pipeline.pretrain import pretrain
+from pipeline.runs import dumps_json
 from pipeline.tokenizer import (
     BPE_VERSION,
     PACKAGE_GGUF,
@@ -386,7 +387,9 @@ def _cached_dir(m: ModelConfig, paths_cfg: Optional[PathsLike], build, verify: b
             model, extras = model
         model.save_pretrained(tmp, safe_serialization=True)
         for fname, obj in extras.items():
-            (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+            # strict JSON (NaN, e.g. the loss on an empty held-out set, as null); the folder's
+            # name hashes the model definition only, never these files
+            (tmp / fname).write_text(dumps_json(obj, indent=1) + "\n")
         tok.save_pretrained(tmp)
         meta = {"name": _name(m), "hash": _hash(defn), "definition": defn}
         (tmp / DEFINITION_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

@@ -193,3 +193,25 @@ def test_cli_builds_the_experiments_typed_model_configs_in_worker_processes():
     assert [m.name for m in _model_configs(["model=tinylm_a"])[0]] == ["tinylm_a"]
     assert _build.__module__ == "pipeline.pretrain.cli" and pickle.loads(pickle.dumps(_build)) is _build
     assert pickle.loads(pickle.dumps((models[0], paths))) == (models[0], paths)
+
+
+def test_pretrain_log_writes_null_for_a_non_finite_loss_and_the_folder_name_ignores_it(tmp_path, monkeypatch):
+    import pipeline.models as models
+
+    corpus = _corpus(tmp_path)
+    cfg = _model_cfg(corpus, steps=3)
+    clean = pretrained_dir(cfg, OmegaConf.create({"data_dir": str(tmp_path / "a")}))
+    real = models.pretrain
+
+    def diverged(*args, **kwargs):
+        rec = real(*args, **kwargs)
+        rec["held_out_loss_after"] = float("nan")
+        rec["losses"][-1] = float("inf")
+        return rec
+
+    monkeypatch.setattr(models, "pretrain", diverged)
+    folder = pretrained_dir(cfg, OmegaConf.create({"data_dir": str(tmp_path / "b")}))
+    assert folder.name == clean.name  # the name hashes the definition, not the log
+    text = (folder / PRETRAIN_LOG).read_text()
+    log = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {PRETRAIN_LOG}"))
+    assert log["held_out_loss_after"] is None and log["losses"][-1] is None

@@ -306,6 +306,86 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(reference, base, tmp_path
     _assert_same_training(rd, reference, exact=True)
 
 
+def test_a_truncated_checkpoint_shard_falls_back_to_the_previous_checkpoint(reference, base, tmp_path, caplog):
+    """The latest checkpoint's DONE marker is intact but a shard lost its tail: resume sets it aside
+    (kept, renamed), says so, resumes from the previous one and ends as the uninterrupted run."""
+    from pipeline.runs import create_run
+    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.trainer.checkpoint import checkpoint_name
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, trainer, step, row):
+            return step == 3  # checkpoint at 3 on the way out, beside the regular one at 2
+
+    cfg = _cfg(base, tmp_path)
+    with pytest.raises(Preempted):
+        run(cfg, callbacks=[Stop()])
+    rd = create_run(cfg)
+    bad = rd.checkpoints / checkpoint_name(3)
+    assert sorted(p.name for p in rd.checkpoints.iterdir()) == [checkpoint_name(2), checkpoint_name(3)]
+    shard = max((p for p in (bad / "model_optim").iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        run(cfg)
+    assert any(checkpoint_name(3) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert summary(rd)["resumed_from"] == [2]
+    aside = rd.checkpoints / f"damaged-{checkpoint_name(3)}"
+    assert (aside / "DONE").is_file()  # moved aside, not deleted
+    _assert_same_training(rd, reference, exact=True)
+
+
+def test_a_damaged_checkpoint_with_an_old_marker_fails_with_the_hint(base, tmp_path):
+    """A marker from before checksums (no file list) cannot be verified: DCP's CheckpointException
+    (a BaseException) on load becomes the one-paragraph error that names the folder."""
+    from pipeline.runs import create_run
+    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.trainer.checkpoint import checkpoint_name
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, trainer, step, row):
+            return step == 1
+
+    cfg = _cfg(base, tmp_path)
+    with pytest.raises(Preempted):
+        run(cfg, callbacks=[Stop()])
+    bad = create_run(cfg).checkpoints / checkpoint_name(1)
+    (bad / "DONE").write_text(json.dumps({"step": 1}))
+    for shard in (bad / "model_optim").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(RuntimeError, match="cannot resume from checkpoint .*step-00000001.*aside") as exc:
+        run(cfg)
+    assert "Traceback" not in str(exc.value) and isinstance(exc.value.__cause__, BaseException)
+
+
+def test_checkpoint_verification_accepts_old_markers_and_names_the_damage(tmp_path):
+    import json as _json
+
+    from pipeline.trainer import checkpoint as ckpt
+
+    tmp = ckpt.tmp_dir(tmp_path, 2)
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "a.bin").write_bytes(b"x" * 1000)
+    (tmp / "sub" / "b.bin").write_bytes(b"y" * 10)
+    final = ckpt.commit(tmp, 2)
+    assert ckpt.verify(final) is None
+    marker = _json.loads((final / "DONE").read_text())
+    assert set(marker["checksums"]) == {"a.bin", "sub/b.bin"}
+    (final / "sub" / "b.bin").write_bytes(b"z" * 10)  # same size, other bytes
+    assert "sub/b.bin" in ckpt.verify(final)
+    (final / "a.bin").write_bytes(b"x" * 10)
+    assert "a.bin has 10 bytes" in ckpt.verify(final)
+    # a marker from before checksums: sizes only, still accepted when they match
+    old = {"step": 2, "files": {"a.bin": 10, "sub/b.bin": 10}}
+    (final / "DONE").write_text(_json.dumps(old))
+    assert ckpt.verify(final) is None
+    (final / "DONE").write_text(_json.dumps({"step": 2}))
+    assert ckpt.verify(final) is None
+    aside = ckpt.move_aside(final)
+    assert aside.name == "damaged-" + ckpt.checkpoint_name(2) and not final.exists()
+    assert ckpt.complete_checkpoints(tmp_path) == [] and ckpt.remove_debris(tmp_path) == []
+    assert aside.is_dir()
+
+
 # --------------------------------------------------------------------------------------------
 # 2 processes (gloo, FSDP) == 1 process
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ Layout (``<run>/checkpoints/``)::
       rng/rank<r>.pt          python, numpy, torch (CPU and CUDA) RNG states of rank r
                               (both plain data, read back with torch.load(weights_only=True):
                               resuming a checkpoint never runs code from it)
-      DONE                    written last (JSON: step, files and sizes)
+      DONE                    written last (JSON: step, files with their sizes and checksums)
     .tmp-step-00000008/       being written (or left by a kill): ignored and deleted on start
 
 Protocol: every rank writes its part into ``.tmp-step-N/``; after a barrier rank 0 writes ``DONE``,
@@ -20,10 +20,19 @@ the helper of every complete-or-absent folder of the pipeline), then deletes the
 checkpoints beyond ``train.save_total_limit``. A run killed at any moment (SIGKILL, scancel, time
 limit) leaves either a complete ``step-N`` or debris under a ``.tmp-`` name, never a partial
 ``step-N``; it resumes from the highest complete one.
+
+Verification: ``DONE`` records each file's size and a fast checksum (:func:`file_checksum`: sha256
+of the size, the first and the last 4 MiB of the file -- the whole file when it is at most 8 MiB,
+as in the tests' tiny models; a 7B shard is read for 8 MiB, not gigabytes). Before resuming,
+:func:`verify` compares them; a checkpoint that fails is moved aside to ``damaged-step-N`` (never
+deleted; ignored by the lookup, the debris cleaner and :func:`prune`) and the loop resumes from the
+previous complete one, saying so in the log. A marker written before checksums were recorded is
+still accepted (its sizes, where recorded, are checked).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -47,11 +56,18 @@ __all__ = [
     "commit",
     "prune",
     "read_state",
+    "file_checksum",
+    "verify",
+    "move_aside",
+    "DAMAGED_PREFIX",
 ]
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "trainer_state.json"
+DAMAGED_PREFIX = "damaged-"
+CHECKSUM = "sha256-head-tail-4MiB"
+_CHUNK = 4 * 2**20
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -105,9 +121,12 @@ def commit(tmp: Path, step: int, info: Optional[Dict[str, Any]] = None) -> Path:
     """Rank 0, after every rank finished writing into ``tmp``: DONE (step, files and sizes), then
     rename to ``step-N``, replacing a complete checkpoint of the same step from an earlier attempt."""
     tmp = Path(tmp)
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(tmp.rglob("*")) if p.is_file()]
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in paths}
+    sums = {str(p.relative_to(tmp)): file_checksum(p) for p in paths}
     final = tmp.parent / checkpoint_name(step)
-    publish(tmp, final, {"step": int(step), "files": files, **(info or {})}, replace=True)
+    marker = {"step": int(step), "files": files, "checksum": CHECKSUM, "checksums": sums, **(info or {})}
+    publish(tmp, final, marker, replace=True)
     return final
 
 
@@ -126,3 +145,59 @@ def prune(ckpt_dir: Path, keep: int) -> List[str]:
 
 def read_state(path: Path) -> Dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def file_checksum(path: Path) -> str:
+    """sha256 of the file's size and its first and last 4 MiB (the whole file up to 8 MiB): catches
+    truncation and damage at either end of a shard while reading a few MiB of a multi-GB file."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 2 * _CHUNK:
+            h.update(f.read())
+        else:
+            h.update(f.read(_CHUNK))
+            f.seek(size - _CHUNK)
+            h.update(f.read(_CHUNK))
+    return h.hexdigest()
+
+
+def verify(path: Path) -> Optional[str]:
+    """None when the checkpoint's files match the sizes and checksums its ``DONE`` records, else what
+    is wrong (the first problem found). A marker without checksums (written before they were
+    recorded) is checked for sizes only; one without a file list is accepted."""
+    path = Path(path)
+    try:
+        marker = json.loads((path / DONE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"unreadable {DONE} marker ({type(e).__name__}: {e})"
+    if not isinstance(marker, dict):
+        return f"{DONE} marker is not a JSON object"
+    files = marker.get("files") or {}
+    sums = marker.get("checksums") or {}
+    if sums and marker.get("checksum") != CHECKSUM:
+        return f"unknown checksum kind {marker.get('checksum')!r}"
+    for name, size in sorted(files.items()):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        got = f.stat().st_size
+        if got != int(size):
+            return f"{name} has {got} bytes, {DONE} recorded {int(size)}"
+        if name in sums and file_checksum(f) != sums[name]:
+            return f"{name} does not match its recorded checksum"
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint to ``damaged-step-N`` (``-2``, ``-3``... if taken); returns the new
+    path. Nothing is deleted: the folder stays for inspection, outside every lookup."""
+    path = Path(path)
+    target = path.with_name(f"{DAMAGED_PREFIX}{path.name}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}")
+    os.rename(path, target)
+    return target

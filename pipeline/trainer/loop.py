@@ -41,7 +41,9 @@ Resume: the latest complete checkpoint (:mod:`pipeline.trainer.checkpoint`) rest
 optimizer, scheduler, RNG states and the step counter; the data position follows from the step
 (:func:`~pipeline.trainer.data.step_examples`), and lines of ``metrics.jsonl`` after the checkpoint's
 step (written before a kill) are dropped, so the file always has one line per step. On CPU a resumed
-run ends bit-identical to an uninterrupted one (tested).
+run ends bit-identical to an uninterrupted one (tested). A checkpoint whose files do not match the
+sizes and checksums of its DONE marker is moved aside (``damaged-step-N``, kept) with a warning, and
+the previous complete one is used (:func:`pipeline.trainer.checkpoint.verify`).
 
 Stopping: SIGTERM or SIGUSR1 (SLURM's warning before a time limit, ``scancel``) set a flag; at the
 next step boundary every rank agrees (one all-reduce), a checkpoint is written and
@@ -65,6 +67,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+try:
+    from torch.distributed.checkpoint.api import CheckpointException
+except ImportError:  # a torch build without torch.distributed
+
+    class CheckpointException(Exception):  # type: ignore[no-redef]
+        pass
+
 
 import pipeline
 from pipeline.config import Config, validate
@@ -247,6 +257,8 @@ class Trainer:
             gone = ckpt.remove_debris(self.rd.checkpoints)
             if gone:
                 log.info("removed incomplete checkpoint folders %s", gone)
+            if self.tc.resume:
+                self._set_aside_damaged_checkpoints()
         b.barrier()
         latest = ckpt.latest_checkpoint(self.rd.checkpoints) if self.tc.resume else None
         if latest is None:
@@ -256,9 +268,12 @@ class Trainer:
         try:
             state = ckpt.read_state(latest)
             b.load(latest, self.model, self.optimizer, self.scheduler)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            # DCP's message carries each rank's traceback: its last line says what failed
+            lines = [x for x in str(e).splitlines() if x.strip() and x.strip() != "."]
+            why = lines[-1].strip() if lines else type(e).__name__
             raise RuntimeError(
-                f"cannot resume from checkpoint {latest}: {type(e).__name__}: {e}. Move that folder "
+                f"cannot resume from checkpoint {latest}: {type(e).__name__}: {why}. Move that folder "
                 f"aside to resume from an earlier checkpoint, or set train.resume=false to "
                 f"start over"
             ) from e
@@ -274,6 +289,23 @@ class Trainer:
             self._truncate_metrics(self.step)
             log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
         return latest
+
+    def _set_aside_damaged_checkpoints(self) -> None:
+        """Rank 0, before resuming: newest first, a complete checkpoint whose files do not match the
+        sizes and checksums of its DONE marker is moved aside (``damaged-step-N``, never deleted) and
+        the previous one is checked, until one passes or none is left."""
+        for path in reversed(ckpt.complete_checkpoints(self.rd.checkpoints)):
+            problem = ckpt.verify(path)
+            if problem is None:
+                return
+            aside = ckpt.move_aside(path)
+            log.warning(
+                "checkpoint %s is damaged (%s): moved aside to %s (not deleted); resuming from the "
+                "previous complete checkpoint, if any",
+                path,
+                problem,
+                aside.name,
+            )
 
     def _truncate_metrics(self, step: int) -> None:
         rows = read_jsonl(self.rd.metrics)
