@@ -192,9 +192,12 @@ def _finished(rd: RunDir) -> Optional[Dict[str, Any]]:
     return None
 
 
-def run(cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallback] = ()) -> RunDir:
-    """Train the run defined by ``cfg`` (and ``variant``) to completion; see the module docstring."""
-    typed = validate(cfg)
+def run(
+    cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None
+) -> RunDir:
+    """Train the run defined by ``cfg`` (and ``variant``) to completion; see the module docstring.
+    ``typed``: ``cfg`` already validated by the entry point (validated here if not given)."""
+    typed = validate(cfg) if typed is None else typed
     rd = create_run(cfg, variant)
     if rd.status().get("state") == "done":
         log.info("run %s is done: nothing to do", rd.path.name)
@@ -375,12 +378,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             variant = a.split("=", 1)[1]
             argv.remove(a)
     try:
-        cfg, _ = cli.compose(argv)
+        cfg, typed = cli.compose(argv)
     except cli.CONFIG_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        rd = run(cfg, variant)
+        rd = run(cfg, variant, typed=typed)
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

@@ -322,8 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, overrides = cli.parse(ap, argv)
 
     def body() -> int:
-        cfg, _ = cli.compose(overrides)
-        print(summary(build(cfg, force=args.force)))
+        _, typed = cli.compose(overrides)
+        print(summary(build(typed, force=args.force)))
         return 0
 
     return cli.run(body, user_errors=(SourceError, DataError, inversion.InversionError, TokenizerError))

@@ -80,6 +80,7 @@ import pipeline
 from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
+from pipeline.packing import PackedCollator
 from pipeline.preprocess import Collator
 from pipeline.regularizers import (
     MinkowskiPenalty,
@@ -175,14 +176,7 @@ class Trainer:
         if self.tc.packing:
             # pipeline/packing.py: rows of up to model_max_length tokens, per-example position_ids and
             # attention isolation (a 4-D mask, or position_ids alone for flash attention), weights kept.
-            from pipeline.packing import PackedCollator  # lazy: only runs that pack need it
-
-            make = getattr(PackedCollator, "for_model", None)
-            self.collate = (
-                make(tokenizer, self.tc.model_max_length, lm)
-                if make
-                else PackedCollator(tokenizer, self.tc.model_max_length)
-            )
+            self.collate = PackedCollator.for_model(tokenizer, self.tc.model_max_length, lm)
         else:
             self.collate = Collator(pad_token_id=int(tokenizer.pad_token_id))
         self.filler = filler_example(int(tokenizer.pad_token_id))
