@@ -52,8 +52,8 @@ clean-processed: ## delete processed datasets (downloads in data/raw are kept)
 regress: setup ## GLMM per dataset, GAMs, figures and report from paths.runs_dir (-> paths.reports_dir/analysis)
 	$(PY) -m pipeline.analysis regress $(OVERRIDES)
 
-suggest: setup ## recommended PLW for a dataset from the fitted GAM: make suggest DATA=my.jsonl TOKENIZER=<folder|hub id> [FORMAT=alpaca]
-	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(OVERRIDES)
+suggest: setup ## the PLW for a dataset: the paper's published answer, and your study's GAM once `make regress` fitted one: make suggest DATA=my.jsonl TOKENIZER=<folder|hub id> [FORMAT=alpaca] (or RG=<R_g>)
+	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(if $(RG),--r-g $(RG)) $(OVERRIDES)
 
 .PHONY: fetch-data eval
 fetch-data: setup ## the offline benchmark mirror in eval.data_dir (needs internet once; data/benchmarks by default)

@@ -13,6 +13,12 @@ optimised, > 1 is faster):
   bootstrap loop against ``harness.install_rouge_shortcut`` -- ~30 per TruthfulQA-Gen item;
 * ``gc.collect``: a full collection with torch/transformers/lm-eval/alpaca_eval imported, before
   against after ``gc.freeze`` (``stage.freeze_imported_objects``) -- 2-3 per evaluated run;
+* ``bootstrap``: lm-eval's bootstrap standard error of chrF over 16 sentence pairs with 100 resamples
+  in its ``multiprocessing.Pool`` against ``harness.bootstrap_in_process`` (one chunk: the same
+  draws) -- 12 per run in ``eval=demo`` (BLEU/chrF of six WMT directions, TruthfulQA-Gen);
+* ``0-shot task build`` (with the shared mirror): building the materialised WMT16 de->en task
+  (0-shot, 5,168 documents) as lm-eval's own config would (the few-shot source listed) against
+  ``materialize``'s ``fewshot_config: {samples: []}`` -- once per 0-shot benchmark and run;
 * with ``--runs-from DIR``: ``python -m pipeline.eval eval=demo`` on copies of ``--runs`` finished runs
   of DIR (their eval/ and results.csv removed), ``eval.workers=1`` against ``eval.workers=2``:
   first run done, seconds per further run, total (subprocesses; CPU = children's CPU).
@@ -133,6 +139,43 @@ def micro(args):
     after = timed(gc.collect, args.repeat)
     gc.unfreeze()
     rows.append(("gc.collect (per model release)", before, after))
+    from lm_eval.api import metrics as lm_metrics
+
+    refs = [f"the cat sat on mat number {i} today" for i in range(16)]
+    preds = [f"a cat sat on the mat {i}" for i in range(16)]
+    items = list(zip(refs, preds))
+
+    def chrf_stderr():
+        return lm_metrics.bootstrap_stderr(lm_metrics.chrf, items, iters=100)
+
+    def chrf_in_process():
+        with harness.bootstrap_in_process(100):
+            return lm_metrics.bootstrap_stderr(lm_metrics.chrf, items, iters=100)
+
+    assert chrf_stderr() == chrf_in_process()  # the same draws, the same value
+    rows.append(("bootstrap (chrF, 100 resamples)",) + alternate(chrf_stderr, chrf_in_process, args.repeat))
+    mirror = Path(os.environ.get("PLW_SHARED_DIR") or REPO.parent / "shared") / "data" / "benchmarks"
+    if (mirror / "wmt16" / "de-en" / "test.jsonl").is_file():
+        import yaml
+        from lm_eval.tasks import get_task_dict
+
+        tmp = Path(tempfile.mkdtemp(prefix="plw_task_bench_"))
+        spec = harness.materialize(
+            "wmt16_de_en", str(mirror), tmp, shots=0, metrics=["bleu"], limit=16, fewshot_seed=1234
+        )
+        cfg = yaml.safe_load(spec.yaml_path.read_text())
+        cfg.pop("fewshot_config")
+        (tmp / "listed").mkdir()
+        listed = tmp / "listed" / spec.yaml_path.name
+        listed.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        tm = harness.task_manager()
+        rows.append(
+            ("0-shot task build (WMT16 de->en)",)
+            + alternate(
+                lambda: get_task_dict([str(listed)], tm), lambda: get_task_dict([str(spec.yaml_path)], tm), args.repeat
+            )
+        )
+        shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 

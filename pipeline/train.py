@@ -152,6 +152,8 @@ def train(
                 "dataset_dir": str(meta.get("dir")),
                 "dataset_hash": meta.get("hash"),
                 "dataset_rg": meta.get("rg"),
+                # the file this run read (a folder built from an identical file names that one)
+                "dataset_source": (meta.get("raw") or {}).get("path"),
             },
             variant,
         )

@@ -222,8 +222,13 @@ def test_cli_regress_collect_and_suggest(store, tmp_path, capsys):
     assert main(["suggest", "--r-g", "0.08", *ov]) == 0
     out = capsys.readouterr().out
     assert "Recommended PLW:" in out and "Near-optimal PLW range:" in out
-    assert main(["suggest", "--r-g", "0.08", f"paths.reports_dir={tmp_path / 'none'}"]) == 1
-    assert "make regress" in capsys.readouterr().err
+    assert "Your study's GAM" in out and "models llama1_7b, llama2_7b" in out
+    assert out.index("Recommended PLW:") < out.index("The paper's published answer")  # both, the study's first
+    # no GAM of one's own: the paper's answer, and where a GAM would come from
+    assert main(["suggest", "--r-g", "0.08", f"paths.reports_dir={tmp_path / 'none'}"]) == 0
+    out = capsys.readouterr().out
+    assert "No fitted GAM of your own" in out and "make regress" in out and "Recommended PLW" not in out
+    assert "PLW about 0.155" in out and "critical PLW 0.242" in out
     assert main(["suggest", *ov]) == 2  # neither data nor R_g
     assert main(["regress", "analysis.incomplete=sometimes"]) == 2
 
@@ -269,3 +274,36 @@ def test_suggest_on_a_jsonl_with_the_llama_tokenizer(store, tmp_path, capsys, ll
 
     g = dataset_rg(data, str(llama_tokenizer_dir))
     assert 0 < g["r_g"] < 0.5 and g["n"] == 2
+
+
+def test_a_gam_fitted_on_test_double_judges_is_never_a_recommendation(store, tmp_path, capsys):
+    """What `make demo` leaves behind: a GAM whose generation benchmarks were judged by the TEST DOUBLE.
+    suggest names it for what it is and answers with the paper's guidance instead."""
+    from pipeline.analysis.__main__ import main
+    from pipeline.analysis.collect import TEST_DOUBLE_MARK
+
+    runs = tmp_path / "runs"
+    shutil.copytree(store / "runs", runs)
+    shutil.rmtree(runs / "broken_run")
+    for run in list(runs.iterdir()):
+        if json.loads((run / "run.json").read_text()).get("dataset") not in GOOD:
+            shutil.rmtree(run)
+            continue
+        res = pd.read_csv(run / "results.csv")
+        res["message"] = ""
+        res.loc[res["benchmark"] == "alpaca_eval", "message"] = (
+            f"{TEST_DOUBLE_MARK} judge (test): not a real evaluation"
+        )
+        res.to_csv(run / "results.csv", index=False)
+    ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={tmp_path / 'reports'}", "analysis.glmm.n_sim=0"]
+    assert main(["regress", "--no-figures", *ov]) == 0
+    capsys.readouterr()
+    for r_g in ("0.08", "1.0", "1.5", "7.8"):
+        assert main(["suggest", "--r-g", r_g, *ov]) == 0
+        out = capsys.readouterr().out
+        assert "is not a recommendation" in out and "TEST DOUBLE judges (alpaca_eval)" in out, out
+        assert "Recommended PLW" not in out and "The paper's published answer" in out
+    # the MC-only GAM has no judged benchmark: it stays a recommendation
+    mc = tmp_path / "reports" / "analysis" / "gam" / "gam_mc.rds"
+    assert main(["suggest", "--r-g", "0.08", "--gam", str(mc), *ov]) == 0
+    assert "Recommended PLW" in capsys.readouterr().out

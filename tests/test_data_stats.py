@@ -4,6 +4,7 @@ computation (the `sentencepiece` package on tokenizer.model and plain Python, no
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.data.inversion import Lengths
-from pipeline.data.stats import compute_stats, dataset_stats, main, mean_std, to_markdown
+from pipeline.data.stats import compute_stats, dataset_stats, main, mean_std, to_csv, to_markdown
 
 
 def test_compute_stats_by_hand():
@@ -131,3 +132,24 @@ def test_dropped_and_kept_empty_outputs_are_reported(tmp_path, llama_tokenizer_d
     s = dataset_stats(load_config([*base, "dataset.empty_output=keep"]))
     assert s.n == 2 and s.n_dropped == 0 and s.ratio_excluded == 1
     assert s.mean_ratio == pytest.approx(s.geo_mean_ratio / 2)  # the 0 ratio counts in the arithmetic mean
+
+
+@pytest.mark.shared
+def test_duplicate_records_are_a_table1_column(tmp_path, llama_tokenizer_dir):
+    p = tmp_path / "d.jsonl"
+    a = {"instruction": "Say hi.", "output": "Hi there!"}
+    b = {"instruction": "Count to three.", "output": "One, two, three."}
+    p.write_text("".join(json.dumps(r) + "\n" for r in (a, b, a, a)))
+    cfg = load_config(
+        [
+            "dataset=local_jsonl",
+            f"dataset.source.path={p}",
+            f"paths.data_dir={tmp_path}",
+            f"paths.llama_tokenizer={llama_tokenizer_dir}",
+        ]
+    )
+    s = dataset_stats(cfg)
+    assert s.n == 4 and s.n_duplicates == 2  # kept and counted: every statistic includes them
+    md = to_markdown([s])
+    assert md.splitlines()[0].endswith("| dropped | duplicates |") and md.splitlines()[2].endswith("| 0 | 2 |")
+    assert list(csv.DictReader(io.StringIO(to_csv([s]))))[0]["n_duplicates"] == "2"

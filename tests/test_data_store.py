@@ -269,6 +269,24 @@ def test_duplicate_records_are_counted_and_reported_not_dropped(tmp_path, raw, t
     assert plain.meta["counts"]["duplicates"] == 0 and "duplicates 0" in summary(plain)
 
 
+def test_identical_files_share_a_folder_and_each_build_names_its_own_file(tmp_path, raw, toks, caplog):
+    twin = tmp_path / "elsewhere" / "twin.jsonl"
+    twin.parent.mkdir()
+    twin.write_bytes(raw.read_bytes())
+    first = build(cfg_for(tmp_path, raw, toks[0]))
+    with caplog.at_level("INFO", logger="pipeline.data.build"):
+        second = build(cfg_for(tmp_path, twin, toks[0]))
+    assert second.reused and second.folder == first.folder  # same bytes, same definition
+    assert second.meta["raw"]["path"] == str(twin) and second.meta["source"]["path"] == str(twin)
+    assert second.meta["raw"]["built_from"] == str(raw)
+    assert "same bytes" in caplog.text and str(twin) in caplog.text
+    # meta.json stays as built; reading again with the first file names it, without built_from
+    assert store.read(first.folder)[1]["raw"]["path"] == str(raw)
+    again = build(cfg_for(tmp_path, raw, toks[0]))
+    assert again.meta["raw"]["path"] == str(raw) and "built_from" not in again.meta["raw"]
+    assert first.meta["raw"]["sha256"] == second.meta["raw"]["sha256"] == again.meta["raw"]["sha256"]
+
+
 @pytest.mark.shared
 def test_shared_dataset_builds_offline(tmp_path, instructions_dir, llama_tokenizer_dir):
     records, meta = load_dataset(load_config(["dataset=shared_alpaca52k_short", f"paths.data_dir={tmp_path}"]))

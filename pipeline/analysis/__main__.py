@@ -22,6 +22,7 @@ from pipeline import cli
 from pipeline.analysis.collect import collect_runs, write_collected
 from pipeline.analysis.rbridge import RUnavailable
 from pipeline.analysis.stage import run_analysis
+from pipeline.analysis.paper_guidance import paper_answer
 from pipeline.analysis.suggest import dataset_rg, recommend
 
 
@@ -123,16 +124,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"R_g = {r_g:.4g} (mean per-instance ratio {stats['mean_ratio']:.4g}, geometric "
                 f"mean {stats['geomean_ratio']:.4g})"
             )
-        rec = recommend(
-            gam_file, float(r_g), w_grid=a.gam.w_grid, tolerance=a.gam.tolerance, flat_fraction=a.gam.flat_fraction
-        )
+        paper = paper_answer(float(r_g))
+        rec = own_gam_note = None
+        if gam_file.is_file():
+            rec = recommend(
+                gam_file, float(r_g), w_grid=a.gam.w_grid, tolerance=a.gam.tolerance, flat_fraction=a.gam.flat_fraction
+            )
+            own_gam_note = rec.not_a_recommendation()
+        else:
+            own_gam_note = (
+                f"No fitted GAM of your own at {gam_file} (`make regress` writes one after a study; "
+                f"analysis.suggest.gam_file or --gam points at another)."
+            )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # DataError, TokenizerError, RUnavailable: their messages say what to do
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    print(rec.text())
+    if own_gam_note is None:  # a GAM of the user's own study: its answer first, named, then the paper's
+        print(rec.text())
+        print()
+    else:
+        print(own_gam_note)
+        print()
+    print(paper.text())
     return 0
 
 

@@ -231,6 +231,35 @@ def _read_results(
     return df[["benchmark", "metric", "value", "stderr", "n", "group"]]
 
 
+TEST_DOUBLE_MARK = "TEST DOUBLE"  # pipeline.eval.judges.TEST_DOUBLE_NOTE starts every such row's message
+
+
+def provenance(scores: pd.DataFrame) -> Dict[str, List[str]]:
+    """What the runs behind ``scores`` (rows with ``run_dir``) were: the pre-trained models, the
+    benchmarks of ``scores`` whose rows were judged by a TEST DOUBLE judge (their results.csv message says so),
+    and the models the pipeline itself made from scratch (run.json ``identity.model.source`` is
+    ``scratch``: the demo's tiny models). Read from the run store; unreadable files count as unknown."""
+    models, doubles, scratch = set(), set(), set()
+    fitted = set(scores["benchmark"].astype(str)) if "benchmark" in scores else set()
+    for run_dir, model in scores[["run_dir", "model"]].drop_duplicates().itertuples(index=False):
+        models.add(str(model))
+        if not isinstance(run_dir, str) or not run_dir:
+            continue
+        folder = Path(run_dir)
+        try:
+            res = pd.read_csv(folder / "results.csv", usecols=lambda c: c in ("benchmark", "message"))
+            if "message" in res.columns:
+                hit = res["message"].fillna("").astype(str).str.contains(TEST_DOUBLE_MARK, regex=False)
+                doubles.update(set(res.loc[hit, "benchmark"].astype(str)) & fitted)
+        except (OSError, ValueError, pd.errors.ParserError):
+            pass
+        meta, _ = _read_json(folder / "run.json")
+        source = (((meta or {}).get("identity") or {}).get("model") or {}).get("source")
+        if source == "scratch":
+            scratch.add(str(model))
+    return {"models": sorted(models), "test_double_benchmarks": sorted(doubles), "scratch_models": sorted(scratch)}
+
+
 def collect_runs(runs_dir: Path, p: float = P_EXP) -> Tuple[pd.DataFrame, IssueLog]:
     """Collect every run folder below ``runs_dir`` (see the module docstring)."""
     log = IssueLog()

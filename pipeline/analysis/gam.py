@@ -107,6 +107,8 @@ class GamResult:
     optimum: Optional[pd.DataFrame] = None  # Table 5 rows
     rds_path: Optional[str] = None
     fit: Any = None  # the R object (not serialised)
+    # collect.provenance of the fitted rows: models, test-double-judged benchmarks, scratch models
+    provenance: Dict[str, List[str]] = field(default_factory=dict)
 
 
 def fit_gam(
@@ -215,6 +217,9 @@ def save_bundle(res: GamResult, path: Path, scaling: str) -> Path:
         datasets=list(res.datasets) or [""],
         benchmarks=list(res.benchmarks) or [""],
         scaling=scaling,
+        models=list(res.provenance.get("models", [])) or [""],
+        test_double_benchmarks=list(res.provenance.get("test_double_benchmarks", [])) or [""],
+        scratch_models=list(res.provenance.get("scratch_models", [])) or [""],
     )
     import rpy2.robjects as ro
 

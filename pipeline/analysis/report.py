@@ -102,12 +102,14 @@ def write_report(o, acfg) -> Path:
     L += [_md(pd.DataFrame(rows)), ""]
     if len(o.scores):
         b = (
-            o.scores.groupby(["benchmark", "group", "metric"])
-            .size()
-            .reset_index(name="scores")
+            o.scores.groupby(["benchmark", "group", "metric"])["value"]
+            .agg(scores="size", mean="mean", min="min", max="max")
+            .reset_index()
             .sort_values(["group", "benchmark"])
         )
-        L += ["Benchmarks (all runs):", "", _md(b), ""]
+        for c in ("mean", "min", "max"):
+            b[c] = b[c].map(_f)
+        L += ["Benchmarks (all runs; the primary metric's mean, min and max over runs):", "", _md(b), ""]
 
     # ---------------------------------------------------------------- 2. grid
     L += ["## 2. Grid", ""]

@@ -24,7 +24,7 @@ from pipeline.analysis.aggregates import (
     run_aggregates,
     select_primary,
 )
-from pipeline.analysis.collect import collect_runs, write_collected
+from pipeline.analysis.collect import collect_runs, provenance, write_collected
 from pipeline.analysis.common import IssueLog
 from pipeline.analysis.gam import GamResult, fit_gam, optimal_plw_table, prepare_gam_data, save_bundle, surface
 from pipeline.analysis.glmm import GlmmResult, fit_glmm, prepare_glmm_data, residual_tests_row, skipped
@@ -88,7 +88,9 @@ def _glmm_stage(usable: pd.DataFrame, status: Dict[str, DatasetStatus], acfg, lo
     return out
 
 
-def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult]:
+def _gam_stage(
+    usable: pd.DataFrame, acfg, log: IssueLog, run_dirs: Optional[Dict[str, str]] = None
+) -> Dict[str, GamResult]:
     g = acfg.gam
     out: Dict[str, GamResult] = {}
     w_grid = np.linspace(0.0, 1.0, int(g.w_grid))
@@ -116,6 +118,8 @@ def _gam_stage(usable: pd.DataFrame, acfg, log: IssueLog) -> Dict[str, GamResult
         lo, hi = res.r_range
         r_cont = np.geomspace(lo, hi, 60) if lo > 0 else np.linspace(lo, hi, 60)
         res.surface = surface(res.fit, np.linspace(0.0, 1.0, 101), r_cont)
+        fitted = usable[usable["benchmark"].isin(set(data["b"])) & usable["dataset"].isin(set(data["dataset"]))]
+        res.provenance = provenance(fitted.assign(run_dir=fitted["run_id"].map(run_dirs or {})))
         try:
             path = save_bundle(res, Path(g.rds_dir) / f"gam_{subset}.rds", scaling=g.scaling)
             res.rds_path = str(path)
@@ -158,7 +162,8 @@ def run_analysis(
         gam = {}
     else:
         glmm = _glmm_stage(usable, status, acfg, log) if len(usable) or status else {}
-        gam = _gam_stage(usable, acfg, log) if len(usable) else {}
+        run_dirs = dict(tidy[["run_id", "run_dir"]].drop_duplicates().itertuples(index=False)) if len(tidy) else {}
+        gam = _gam_stage(usable, acfg, log, run_dirs) if len(usable) else {}
 
     # Regularizers: datasets with regularised runs, scaled over all of their runs.
     reg_ds = sorted(scores.loc[scores["regularizer"] != "none", "dataset"].unique())

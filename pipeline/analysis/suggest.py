@@ -7,6 +7,10 @@
    is evaluated over PLW in [0, 1] at that R_g; the recommendation is the PLW maximising the
    fitted te(w, r) term, with the near-optimal range (within ``analysis.gam.tolerance`` x score
    range of the optimum) and a flatness verdict (``analysis.gam.flat_fraction``).
+3. Beside it, always, the paper's published answer (:mod:`pipeline.analysis.paper_guidance`),
+   labelled as the paper's. Without a fitted GAM, or with one fitted on TEST DOUBLE judges or on
+   the pipeline's own scratch models (what ``make demo`` fits), only the paper's answer is given,
+   and the GAM is named for what it is (:meth:`Recommendation.not_a_recommendation`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -84,10 +88,34 @@ class Recommendation:
     subset: str
     gam_file: str
     r_range: tuple
+    # what the fitted runs were (None: a bundle written before this was recorded)
+    models: Optional[List[str]] = None
+    test_double_benchmarks: Optional[List[str]] = None
+    scratch_models: Optional[List[str]] = None
+
+    def not_a_recommendation(self) -> Optional[str]:
+        """Why this GAM must not be presented as a recommendation (None: it may): fitted on rows
+        judged by TEST DOUBLE judges or on models the pipeline made from scratch (``make demo``)."""
+        why = []
+        if self.test_double_benchmarks:
+            why.append(f"judged by the TEST DOUBLE judges ({', '.join(self.test_double_benchmarks)})")
+        if self.scratch_models:
+            why.append(f"of the pipeline's own tiny models made from scratch ({', '.join(self.scratch_models)})")
+        if not why:
+            return None
+        return (
+            f"The GAM at {self.gam_file} is not a recommendation: it was fitted on runs "
+            + " and ".join(why)
+            + ", as `make demo` makes them: a check that the pipeline runs, a fit to noise. Its optimum "
+            "is not shown; run the study on real models with real judges for an answer of your own."
+        )
 
     def text(self) -> str:
         tol = self.tolerance * self.score_range
         lines = [
+            f"Your study's GAM ({self.gam_file}, subset '{self.subset}'"
+            + (f", models {', '.join(self.models)}" if self.models else "")
+            + "):",
             f"Recommended PLW: {self.plw:.3g}  (R_g = {self.r_g:.4g}; GAM '{self.subset}' from {self.gam_file})",
             f"Near-optimal PLW range: [{self.near_low:.3g}, {self.near_high:.3g}]  "
             f"(predicted score within {tol:.3g} = {self.tolerance:.0%} of the score range of the optimum)",
@@ -133,4 +161,15 @@ def recommend(
         subset=str(facts.get("subset")),
         gam_file=str(gam_file),
         r_range=r_range,
+        models=_names(facts.get("models")),
+        test_double_benchmarks=_names(facts.get("test_double_benchmarks")),
+        scratch_models=_names(facts.get("scratch_models")),
     )
+
+
+def _names(v) -> Optional[List[str]]:
+    """A bundle's list of names (R's character vector; "" stands for none; absent: None)."""
+    if v is None:
+        return None
+    vals = [v] if isinstance(v, str) else list(v)
+    return [str(x) for x in vals if str(x)]

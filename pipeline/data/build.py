@@ -253,6 +253,29 @@ class BuildResult:
     reused: bool
 
 
+def _given_source(meta: Dict[str, Any], p: Prepared) -> None:
+    """Make a reused folder's meta name the source this build was given.
+
+    The folder is named by content (the raw file's sha256 and the definition), so two files with
+    identical bytes share it; meta.json keeps the file it was built from, and the returned meta says
+    which file this run actually read (``raw.path``, ``source``), with the other under
+    ``raw.built_from`` when they differ. Nothing is written: meta.json stays as built."""
+    given = str(p.raw.path)
+    raw = dict(meta.get("raw") or {})
+    if raw.get("path") not in (None, given):
+        raw["built_from"] = raw["path"]
+        log.info(
+            "dataset %s: %s has the same bytes as %s, which built %s: reusing it",
+            p.cfg.dataset.name,
+            given,
+            raw["path"],
+            p.folder,
+        )
+    raw.update(path=given, origin=p.raw.origin)
+    meta["raw"] = raw
+    meta["source"] = _source_meta(p.cfg.dataset.source)
+
+
 def build(cfg, force: bool = False) -> BuildResult:
     """Build the processed dataset of ``cfg.dataset`` unless a finished folder exists (``force``
     rebuilds it). Raises SourceError (raw file unavailable), DataError (invalid records) or
@@ -270,6 +293,7 @@ def build(cfg, force: bool = False) -> BuildResult:
                 except OSError as e:  # a read-only store: the value is still returned
                     log.warning("dataset %s: cannot record R_g in %s: %s", meta.get("name"), p.folder, e)
         meta["dir"] = str(p.folder)
+        _given_source(meta, p)
         return BuildResult(p.folder, records, meta, reused=True)
     records, meta = _make(p)
     store.write(p.folder, records, meta)

@@ -27,7 +27,9 @@ Definitions (docs/study.md section 1):
   left out of the geometric mean (and non-finite ones also out of the arithmetic mean) and counted
   in the ``ratio_excluded`` column;
 - inverted = instances prompt-inverted by the transform; dropped = records removed for an empty
-  output (``dataset.empty_output=drop``); paper R_g = ``dataset.paper_rg``.
+  output (``dataset.empty_output=drop``); duplicates = records equal to an earlier one in
+  (instruction, input, output), kept as the file has them (every statistic counts them, as the
+  paper's counts do); paper R_g = ``dataset.paper_rg``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class DatasetStats:
     n_inverted: int
     n_dropped: int
     tokenizer: str = ""
+    n_duplicates: int = 0  # records equal to an earlier one (instruction, input, output); kept
 
 
 def mean_std(xs: Sequence[float], ddof: int = DDOF) -> Tuple[float, float]:
@@ -96,6 +99,7 @@ def compute_stats(
     paper_rg: Optional[float] = None,
     tokenizer: str = "",
     ddof: int = DDOF,
+    n_duplicates: int = 0,
 ) -> DatasetStats:
     """Table 1 row from per-instance token lengths (pure; see module docstring)."""
     ins = [x.instruction for x in lengths]
@@ -127,6 +131,7 @@ def compute_stats(
         n_inverted=n_inverted,
         n_dropped=n_dropped,
         tokenizer=tokenizer,
+        n_duplicates=n_duplicates,
     )
 
 
@@ -148,7 +153,13 @@ def dataset_stats(cfg) -> DatasetStats:
     lengths = record_lengths(records, tok, fp, meta, desc=f"{cfg.dataset.name}: token lengths")
     c = meta["counts"]
     return compute_stats(
-        cfg.dataset.name, lengths, c["inverted"], c["dropped_empty_output"], cfg.dataset.paper_rg, spec
+        cfg.dataset.name,
+        lengths,
+        c["inverted"],
+        c["dropped_empty_output"],
+        cfg.dataset.paper_rg,
+        spec,
+        n_duplicates=c.get("duplicates", 0),  # folders built before duplicates were counted: 0
     )
 
 
@@ -177,6 +188,7 @@ def to_markdown(rows: Sequence[DatasetStats]) -> str:
         "geo ratio",
         "inverted",
         "dropped",
+        "duplicates",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
@@ -193,6 +205,7 @@ def to_markdown(rows: Sequence[DatasetStats]) -> str:
             _f(r.geo_mean_ratio, 3) + (f" ({r.ratio_excluded} excl.)" if r.ratio_excluded else ""),
             str(r.n_inverted),
             str(r.n_dropped),
+            str(r.n_duplicates),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

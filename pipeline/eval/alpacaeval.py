@@ -236,6 +236,10 @@ def annotator_config(judge: str, judge_model: Optional[str] = None) -> Tuple[str
     conf["prompt_template"] = str(tpl)
     if judge_model:
         conf.setdefault("completions_kwargs", {})["model_name"] = str(judge_model)
+    if not (conf.get("completions_kwargs") or {}).get("model_name"):
+        raise AlpacaEvalError(
+            f"evaluator '{judge}' ({path}) names no judge model: set eval.judge_model=<hub id or local folder>"
+        )
     return name, conf
 
 

@@ -189,8 +189,11 @@ def generate(
     desc: str = "generating",
     max_prompt_tokens: Optional[int] = None,
     show_progress: bool = True,
+    add_special_tokens: bool = True,
 ) -> List[Generation]:
     """Greedy (unless ``gen_kwargs`` says otherwise) batched generation; results in input order.
+
+    ``add_special_tokens=False`` for prompts that already hold them (rendered by a chat template).
 
     ``max_prompt_tokens`` left-truncates prompts (keeping the end, next to the answer) so that
     prompt + ``max_new_tokens`` fits the model's context; by default the model's
@@ -218,7 +221,7 @@ def generate(
     if not kwargs.get("do_sample"):
         for k in ("temperature", "top_p", "top_k"):
             kwargs.pop(k, None)
-    encoded = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     truncated = 0
     if limit is not None:
         for i, ids in enumerate(encoded):

@@ -41,6 +41,7 @@ More than one sample goes to rouge_score's own loop.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -242,6 +243,11 @@ def materialize(
                 )
     cfg["task"] = task
     cfg["num_fewshot"] = int(shots)
+    if int(shots) == 0:
+        # no shots are drawn, but lm-eval lists the few-shot source (the training split, else the
+        # evaluated one) when it builds the task: ~5k documents per WMT direction, each time.
+        # An empty sample list gives the same prompts (tests/test_eval_harness.py) without it.
+        cfg["fewshot_config"] = {"samples": []}
     if "metric_list" in tpl:  # our own tasks (WMT): compute only what is reported
         keep = [m for m in tpl["metric_list"] if m["metric"] in metrics]
         cfg["metric_list"] = keep or tpl["metric_list"]
@@ -435,6 +441,25 @@ def parse_results(
     return rows
 
 
+@contextlib.contextmanager
+def bootstrap_in_process(iters: int):
+    """lm-eval's bootstrap standard errors (BLEU, chrF, TER) in this process where a pool cannot help.
+
+    ``lm_eval.api.metrics.bootstrap_stderr`` draws chunks of up to 1,000 resamples, chunk i with
+    ``random.Random(i)``, in a fresh ``multiprocessing.Pool(cpu_count())`` per metric unless
+    ``DISABLE_MULTIPROC`` is set; its single-process path draws the same chunks with the same seeds.
+    Below 2,000 iterations there is one chunk, so the pool only adds its start-up (about 0.2 s per
+    metric, 12 metrics per run): the same values, computed here. More keep lm-eval's pool."""
+    if iters >= 2000 or os.environ.get("DISABLE_MULTIPROC"):
+        yield
+        return
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("DISABLE_MULTIPROC", None)
+
+
 def run_task(
     lm,
     spec: TaskSpec,
@@ -451,16 +476,17 @@ def run_task(
 
     install_env_info_cache()
     install_rouge_shortcut()
-    res = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=[str(spec.yaml_path)],
-        limit=limit,
-        bootstrap_iters=int(bootstrap_iters),
-        fewshot_random_seed=int(fewshot_seed),
-        log_samples=True,
-        task_manager=task_manager(),
-        gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
-    )
+    with bootstrap_in_process(int(bootstrap_iters)):
+        res = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=[str(spec.yaml_path)],
+            limit=limit,
+            bootstrap_iters=int(bootstrap_iters),
+            fewshot_random_seed=int(fewshot_seed),
+            log_samples=True,
+            task_manager=task_manager(),
+            gen_kwargs=dict(gen_kwargs) if gen_kwargs else None,
+        )
     if res is None:  # non-zero rank (never the case here: one process)
         raise RuntimeError("lm_eval.simple_evaluate returned no results")
     samples = res.pop("samples", {}) or {}

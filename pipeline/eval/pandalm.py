@@ -19,8 +19,11 @@ Steps:
    Response 1, then as Response 2) to cancel position bias. The judge (``eval.pandalm_judge``,
    ``pipeline/eval/pandalm_judges/<name>.yaml``): PandaLM-7B (``WeOpenML/PandaLM-7B-v1``, PandaLM's
    decoding: 4 beams, repetition penalty 1.2, up to 512 new tokens), Mixtral-8x7B-Instruct (the
-   same task text in Mixtral's [INST] format, asked to answer 1, 2 or Tie on the first line), or
-   the test double. Judgments are cached (``judgments.jsonl``) so an interrupted run resumes.
+   same task text in Mixtral's [INST] format, asked to answer 1, 2 or Tie on the first line), any
+   instruct model through its own chat template (``chat_template``: the Mixtral task text as one user
+   message, :mod:`pipeline.eval.chat_judge`), or the test double. Judgments are cached per judge
+   (``judgments-<name>-<hash of model, prompt style, decoding>.jsonl``) so an interrupted run
+   resumes and another judge never reuses them.
 3. parsing (:func:`parse_judgment`): the first line of the answer is ``1``, ``2`` or ``Tie`` (PandaLM's
    ``parse_pandalm_response``); anything else is *unparsable*: excluded and counted
    (``eval.pandalm_unparsable=exclude``, default) or a tie (``=tie``, what PandaLM's own parser does).
@@ -53,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from pipeline.eval import benchmarks as B
+from pipeline.eval import chat_judge
 from pipeline.eval import generation
 from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
 from pipeline.eval.results import ResultRow
@@ -159,15 +163,24 @@ MIXTRAL_FORMAT = (
 )
 
 
-def wrap_prompt(prompt: str, style: str) -> str:
+PROMPT_STYLES = ("pandalm", "mixtral", chat_judge.PROMPT_STYLE)
+
+
+def wrap_prompt(prompt: str, style: str, tokenizer=None) -> str:
     """``pandalm``: as is (PandaLM-7B was trained on it); ``mixtral``: in [INST] ... [/INST] with the
-    answer format spelt out (the tokenizer adds <s>)."""
+    answer format spelt out (the tokenizer adds <s>); ``chat_template``: the same task text as for
+    Mixtral, one user message rendered by the judge ``tokenizer``'s chat template
+    (:mod:`pipeline.eval.chat_judge`)."""
     if style == "pandalm":
         return prompt
+    body = prompt[: -len("### Evaluation:\n")] if prompt.endswith("### Evaluation:\n") else prompt
     if style == "mixtral":
-        body = prompt[: -len("### Evaluation:\n")] if prompt.endswith("### Evaluation:\n") else prompt
         return f"[INST] {body}{MIXTRAL_FORMAT} [/INST]"
-    raise PandaLMError(f"unknown prompt style {style!r} (pandalm | mixtral)")
+    if style == chat_judge.PROMPT_STYLE:
+        if tokenizer is None:
+            raise PandaLMError("prompt style chat_template needs the judge's tokenizer (a judge of kind hf)")
+        return chat_judge.render(tokenizer, [{"role": "user", "content": body + MIXTRAL_FORMAT}], "PandaLM judge")
+    raise PandaLMError(f"unknown prompt style {style!r} ({' | '.join(PROMPT_STYLES)})")
 
 
 def parse_judgment(text: str) -> Optional[int]:
@@ -243,9 +256,15 @@ def judge_config(name: str, model_override: Optional[str] = None) -> Dict[str, A
     with open(path, encoding="utf-8") as f:
         conf = yaml.safe_load(f)
     conf["name"] = name
+    if conf.get("prompt", "pandalm") not in PROMPT_STYLES:
+        raise PandaLMError(f"{path}: prompt {conf.get('prompt')!r} is not one of {' | '.join(PROMPT_STYLES)}")
     if model_override:
         conf["model"] = str(model_override)
         conf["revision"] = None
+    if conf.get("kind") == "hf" and not conf.get("model"):
+        raise PandaLMError(
+            f"PandaLM judge '{name}' ({path}) names no model: set eval.pandalm_judge_model=<hub id or local folder>"
+        )
     return conf
 
 
@@ -300,8 +319,17 @@ class HFJudge:
             batch_size=int(self.conf.get("batch_size", 1)),
             gen_kwargs=dec,
             desc="PandaLM judging",
+            add_special_tokens=self.conf.get("prompt") != chat_judge.PROMPT_STYLE,  # the template wrote them
         )
         return [g.text for g in gens]
+
+
+def judge_key(conf: Dict[str, Any]) -> str:
+    """Short hash of what makes a judge's answers (its cache is per judge: answers of one model are
+    never reused for another given the same prompts)."""
+    return short_hash(
+        {k: conf.get(k) for k in ("kind", "model", "function", "revision", "prompt", "dtype", "decoding")}
+    )
 
 
 def make_judge(conf: Dict[str, Any], device: str = "auto") -> Callable[[Sequence[str]], List[str]]:
@@ -412,14 +440,16 @@ def judge_pairs(
     style: str,
     cache: Path,
     chunk: int = 16,
+    tokenizer=None,
 ) -> Tuple[List[Tuple[Optional[int], Optional[int]]], List[Dict[str, Any]]]:
-    """Judge every item in both orders; answers cached in ``cache`` (JSONL keyed by prompt hash)."""
+    """Judge every item in both orders; answers cached in ``cache`` (JSONL keyed by prompt hash).
+    ``tokenizer``: the judge's, for ``style="chat_template"``."""
     from tqdm.auto import tqdm
 
     prompts = []
     for it, m, c in zip(items, model_out, comp_out):
-        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], m, c), style))  # model first
-        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], c, m), style))  # model second
+        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], m, c), style, tokenizer))  # model 1st
+        prompts.append(wrap_prompt(build_prompt(it["instruction"], it["input"], c, m), style, tokenizer))  # model 2nd
     keys = [_sha(p.encode())[:24] for p in prompts]
     done = {r["key"]: r["answer"] for r in read_jsonl(cache) if "key" in r}
     todo = [i for i, k in enumerate(keys) if k not in done]
@@ -628,7 +658,8 @@ class PandaLMRunner(Runner):
                         model_out,
                         comp,
                         style=conf.get("prompt", "pandalm"),
-                        cache=ev.eval_dir / "pandalm" / f"judgments-{e.pandalm_judge}.jsonl",
+                        cache=ev.eval_dir / "pandalm" / f"judgments-{e.pandalm_judge}-{judge_key(conf)}.jsonl",
+                        tokenizer=getattr(judge, "tok", None),
                     )
                 finally:
                     del judge

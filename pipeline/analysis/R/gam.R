@@ -56,9 +56,11 @@ plw_gam_surface <- function(fit, w, r) {
 # What a saved GAM file holds (written with saveRDS by the Python caller): the fitted model and
 # the facts needed to use it later (subset, score range, R_g range, datasets).
 plw_gam_bundle <- function(fit, subset, score_min, score_max, r_min, r_max, w_min, w_max,
-                           datasets, benchmarks, scaling) {
+                           datasets, benchmarks, scaling, models = "", test_double_benchmarks = "",
+                           scratch_models = "") {
   list(gam = fit, subset = subset, score_range = c(score_min, score_max),
        r_range = c(r_min, r_max), w_range = c(w_min, w_max), datasets = datasets,
        benchmarks = benchmarks, scaling = scaling, created = format(Sys.time(), "%Y-%m-%dT%H:%M:%S"),
-       mgcv_version = as.character(utils::packageVersion("mgcv")))
+       mgcv_version = as.character(utils::packageVersion("mgcv")), models = models,
+       test_double_benchmarks = test_double_benchmarks, scratch_models = scratch_models)
 }

@@ -1,0 +1,1 @@
+"""The project's prompt loss weight where users already train (``pipeline.integrations.hf``)."""

@@ -1,0 +1,151 @@
+"""PLW inside transformers' ``Trainer``: the project's token weights and its ``weight_sum`` normaliser.
+
+For practitioners who train with ``transformers.Trainer`` and want the study's loss without the rest
+of the pipeline (docs/study.md section 1: every prompt target weighted by PLW, every completion
+target by ``completion_weight``, the weighted sum divided by the sum of weights over the whole
+optimizer step)::
+
+    from transformers import Trainer, TrainingArguments
+    from pipeline.integrations.hf import PLWCollator, count_weights, plw_compute_loss
+
+    args = TrainingArguments("out", per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                             remove_unused_columns=False)          # the collator reads the text fields
+    trainer = Trainer(model=model, args=args, train_dataset=records,  # Alpaca records or prompt/completion
+                      data_collator=PLWCollator(tokenizer, plw=0.1),
+                      compute_loss_func=plw_compute_loss())
+    count_weights(trainer)   # num_items_in_batch = sum of weights of the step (all micro-batches, all ranks)
+    trainer.train()
+
+Pieces:
+
+- :class:`PLWCollator` tokenizes each feature exactly as the project does
+  (:mod:`pipeline.preprocess`: Alpaca's template and tokenization for Alpaca records
+  ``instruction``/``input``/``output``; for TRL-style ``prompt``/``completion`` pairs the prompt is
+  the source and ``completion + EOS`` the target), weights it with :func:`pipeline.loss.token_weights`
+  and pads. The batch's ``labels`` is a dict ``{"labels": ids, "weights": w}``: Trainer pops
+  ``labels`` before the forward pass and hands it, moved to the device, to ``compute_loss_func``; the
+  model never sees the weights.
+- :func:`plw_compute_loss` is that ``compute_loss_func``: ``sum(w * CE) / num_items_in_batch`` from
+  the model's logits (:func:`pipeline.loss.naive_weighted_loss`, the formula the project's chunked
+  loss is tested against; the logits are the model's own, so nothing is gained by chunking here).
+- :func:`count_weights` makes Trainer's ``num_items_in_batch`` the sum of weights over the
+  accumulation window (and over all processes when ``average_tokens_across_devices``, the default):
+  Trainer counts ``labels != -100`` otherwise, a token count, not the study's normaliser. It replaces
+  the trainer's counting hook ``_get_num_items_in_batch`` on that instance (transformers 4.57).
+
+With these, the step gradient equals the project's trainer's on the same examples, whatever the
+gradient accumulation (tests/test_integrations_hf.py, float64).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import torch
+
+from pipeline.loss import IGNORE_INDEX, naive_weighted_loss
+from pipeline.preprocess import Collator, _finish_instance, _ids, build_example, render
+
+TEXT_FIELDS = "Alpaca records (instruction, input, output) or prompt/completion pairs"
+
+
+class PLWInputError(ValueError):
+    """A feature the collator cannot read (the message names the feature and the fields)."""
+
+
+@dataclass
+class PLWCollator:
+    """Tokenize, weight and pad a list of features (see the module docstring)."""
+
+    tokenizer: Any
+    plw: float
+    completion_weight: float = 1.0
+    model_max_length: int = 512
+    truncation: str = "keep"
+    pad_to_multiple_of: Optional[int] = None
+
+    def example(self, feature: Mapping[str, Any], index: int = 0) -> Dict[str, torch.Tensor]:
+        """One feature -> ``input_ids``, ``labels``, ``weights``, ``prompt_mask`` (unpadded)."""
+        tok = self.tokenizer
+        if "output" in feature and "instruction" in feature:
+            source, target = render(feature, tok.eos_token)
+        elif "prompt" in feature and "completion" in feature:
+            source, target = str(feature["prompt"]), str(feature["completion"]) + tok.eos_token
+        else:
+            raise PLWInputError(
+                f"feature {index}: fields {sorted(feature)}: expected {TEXT_FIELDS} (with Trainer, set "
+                f"TrainingArguments(remove_unused_columns=False) so that the text fields reach the collator)"
+            )
+        full = _ids(tok, source + target, self.model_max_length)
+        n_src = len(_ids(tok, source, self.model_max_length))
+        inst = _finish_instance(source, target, full, n_src, tok, self.model_max_length, self.truncation)
+        if inst is None:
+            raise PLWInputError(
+                f"feature {index}: no completion token left after truncation to {self.model_max_length}"
+            )
+        return build_example(inst.input_ids, inst.n_prompt, self.plw, self.completion_weight)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        batch = Collator(int(pad), self.pad_to_multiple_of)([self.example(f, i) for i, f in enumerate(features)])
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "labels": {"labels": batch["labels"], "weights": batch["weights"]},
+        }
+
+
+def plw_compute_loss(label_smoothing: float = 0.0):
+    """``compute_loss_func`` for ``transformers.Trainer``: the weighted causal-LM loss of one
+    micro-batch divided by ``num_items_in_batch`` (the step's weight sum, with :func:`count_weights`;
+    without it, this micro-batch's own weight sum)."""
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        if not isinstance(labels, Mapping) or "weights" not in labels:
+            raise PLWInputError("labels must come from PLWCollator (a dict with 'labels' and 'weights')")
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if num_items_in_batch is None:
+            warnings.warn(
+                "num_items_in_batch is None: each micro-batch is divided by its own weight sum (right for "
+                "evaluation and for one micro-batch per step); for training, call count_weights(trainer)",
+                stacklevel=2,
+            )
+        return naive_weighted_loss(
+            logits,
+            labels["labels"],
+            labels["weights"].to(logits.device),
+            normaliser=num_items_in_batch,
+            label_smoothing=label_smoothing,
+            ignore_index=IGNORE_INDEX,
+        )
+
+    return compute_loss
+
+
+def _weight_sum_items(self, batch_samples: list, device) -> Optional[torch.Tensor]:
+    """Trainer's counting hook, replaced: the sum of the weights of the step's micro-batches (targets
+    only: each example's first weight has no target), gathered over processes like Trainer's count."""
+    if not batch_samples or not isinstance(batch_samples[0].get("labels"), Mapping):
+        return None
+    total = sum(b["labels"]["weights"][:, 1:].sum(dtype=torch.float64) for b in batch_samples)
+    total = total.to(device)
+    if self.args.average_tokens_across_devices and self.args.world_size > 1:
+        total = self.accelerator.gather(total.reshape(1)).sum()
+    return total
+
+
+def count_weights(trainer) -> Any:
+    """Make ``trainer``'s ``num_items_in_batch`` the step's sum of weights (see the module docstring);
+    returns the trainer."""
+    if not hasattr(trainer, "_get_num_items_in_batch"):
+        raise RuntimeError(
+            "this transformers Trainer has no _get_num_items_in_batch hook (transformers >= 4.48 has it): "
+            "pass the step's weight sum another way"
+        )
+    trainer._get_num_items_in_batch = types.MethodType(_weight_sum_items, trainer)
+    return trainer
