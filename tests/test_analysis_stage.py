@@ -307,3 +307,40 @@ def test_a_gam_fitted_on_test_double_judges_is_never_a_recommendation(store, tmp
     mc = tmp_path / "reports" / "analysis" / "gam" / "gam_mc.rds"
     assert main(["suggest", "--r-g", "0.08", "--gam", str(mc), *ov]) == 0
     assert "Recommended PLW" in capsys.readouterr().out
+
+
+def test_the_analysis_tables_go_to_the_tracker(store, tmp_path, capsys):
+    """analysis.report_to=[tensorboard]: GLMM tests, critical PLW and GAM optima as scalars and the report
+    as text in a tracker run "analysis" (read back from the event files); by default (null) the trackers
+    of the analysed runs, none here."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.analysis.__main__ import main
+
+    runs = tmp_path / "runs"
+    shutil.copytree(store / "runs", runs)
+    shutil.rmtree(runs / "broken_run")
+    for run in list(runs.iterdir()):
+        if json.loads((run / "run.json").read_text()).get("dataset") not in GOOD:
+            shutil.rmtree(run)
+    rep = tmp_path / "reports"
+    ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={rep}", "analysis.glmm.n_sim=0"]
+    assert main(["regress", "--no-figures", *ov]) == 0
+    assert not (rep / "analysis" / "tensorboard").exists()  # the simulated runs used no tracker
+    assert main(["regress", "--no-figures", *ov, "analysis.report_to=[tensorboard]"]) == 0
+    capsys.readouterr()
+    results = json.loads((rep / "analysis" / "results.json").read_text())
+    got, texts = {}, {}
+    for folder in sorted({e.parent for e in (rep / "analysis" / "tensorboard").rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+        acc.Reload()
+        got.update({t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]})
+        texts.update({t: acc.Tensors(t) for t in acc.Tags()["tensors"]})
+    for ds in GOOD:
+        assert got[f"glmm/{ds}/p_value"] == pytest.approx(results["glmm"][ds]["p_value"], rel=1e-5, abs=1e-30)
+        assert got[f"glmm/{ds}/p_value_calibrated"] == pytest.approx(
+            results["glmm"][ds]["p_value_calibrated"], rel=1e-5, abs=1e-30
+        )
+    opt = {r["r_g"]: r["optimal_plw"] for r in results["gam"]["all"]["optimum"]}
+    assert got["gam/all/optimal_plw/R_g=0.08"] == pytest.approx(opt[0.08], rel=1e-6)
+    assert any(t.startswith("report") for t in texts)

@@ -468,3 +468,37 @@ def test_folder_lock_refuses_a_second_holder_and_waiting_lock_waits(tmp_path):
         order.append("second")
     t.join()
     assert order == ["held", "released", "second"] and waited == [True]
+
+
+def test_a_run_trained_with_a_tracker_gets_its_results_in_the_same_tracker_run(model_cache, tmp_path, shared_dir):
+    """train.report_to=[tensorboard]: the trainer's metrics and, after `make eval`, the run's results
+    land in <run>/logs/tensorboard (accelerate's TensorBoard tracker), read back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.train import run as train
+
+    cfg = _cfg(
+        model_cache,
+        tmp_path / "runs",
+        "train.report_to=[tensorboard]",
+        "eval.limit=2",
+        "eval.benchmarks=[piqa]",
+        "eval.mechanisms=[mech_loss_rsd]",
+    )
+    rd = train(cfg)
+    rows = read_results(evaluate_run(rd.path, cfg))
+    summary = json.loads((rd.path / "train_summary.json").read_text())
+    got = {}
+    for folder in sorted({e.parent for e in (rd.logs / "tensorboard").rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(folder))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            got.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    losses = [json.loads(x) for x in rd.metrics.read_text().splitlines()]
+    train_loss = [(r["step"], r["loss"]) for r in losses if r.get("kind") == "train"]
+    assert sorted(got["train/loss"]) == [(s, pytest.approx(v, rel=1e-6)) for s, v in train_loss]
+    for r in rows:
+        if r["status"] == "ok":
+            tag = f"results/{r['benchmark']}/{r['metric']}"
+            assert got[tag] == [(summary["steps"], pytest.approx(float(r["value"]), rel=1e-6))], tag
+    assert "results/piqa/acc" in got and any(t.startswith("results/mech_loss_rsd/") for t in got)

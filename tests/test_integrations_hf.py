@@ -145,22 +145,80 @@ def test_without_the_counting_hook_trainer_normalises_by_a_token_count(tok, reco
     assert not torch.allclose(got[n], ref[n], rtol=1e-3, atol=0)
 
 
-def test_the_readme_example_runs_as_written(tok, tmp_path, monkeypatch):
-    """README's "Use PLW in your own training" block, executed with MODEL pointing at a tiny local model
-    (the only change: the hub cannot be reached here)."""
+def test_the_readme_examples_run_as_written(tok, tmp_path, monkeypatch):
+    """README's "Use PLW in your own training" blocks (Trainer, then TRL with the first block's model,
+    tokenizer and records), executed with MODEL pointing at a tiny local model (the only change: the
+    hub cannot be reached here)."""
     import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    block = re.search(r"<!-- readme-example: trainer .*?-->\n```python\n(.*?)```", readme, re.S).group(1)
+    blocks = dict(re.findall(r"<!-- readme-example: (\w+) .*?-->\n```python\n(.*?)```", readme, re.S))
+    assert set(blocks) == {"trainer", "trl"}
     folder = tmp_path / "tiny"
     tiny_llama(len(tok)).to(torch.float32).save_pretrained(folder)
     tok.save_pretrained(folder)
     model_line = 'MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"'
-    assert model_line in block
+    assert model_line in blocks["trainer"]
     monkeypatch.chdir(tmp_path)
     ns: dict = {}
-    exec(compile(block.replace(model_line, f"MODEL = {str(folder)!r}"), "README.md", "exec"), ns)
+    exec(compile(blocks["trainer"].replace(model_line, f"MODEL = {str(folder)!r}"), "README.md", "exec"), ns)
     trainer = ns["trainer"]
     assert trainer.state.global_step == 2 and len(ns["records"]) == 16
     assert trainer._get_num_items_in_batch.__func__.__name__ == "_weight_sum_items"
+    exec(compile(blocks["trl"], "README.md", "exec"), ns)
+    assert ns["trainer"].state.global_step == 2 and type(ns["trainer"]).__name__ == "PLWSFTTrainer"
+
+
+@pytest.mark.parametrize("ga", [1, 4])
+def test_a_trl_sft_trainer_step_has_the_projects_gradient(tok, records, tmp_path, ga):
+    """The same through TRL's SFTTrainer (trl 1.16.0, pinned in the `integrations` extra)."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from pipeline.integrations.hf import sft_trainer_class
+
+    model = tiny_llama(len(tok))
+    collator = PLWCollator(tok, plw=PLW, model_max_length=128)
+    ref = project_gradient(model, collator, records)
+    m = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    args = SFTConfig(
+        output_dir=str(tmp_path / f"sft{ga}"),
+        per_device_train_batch_size=len(records) // ga,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = sft_trainer_class()(
+        model=m,
+        args=args,
+        train_dataset=Dataset.from_list(list(records)),
+        processing_class=tok,
+        data_collator=collator,
+    )
+    trainer.train()
+    after = dict(m.named_parameters())
+    for n in ref:
+        torch.testing.assert_close(before[n] - after[n].detach(), ref[n], rtol=1e-9, atol=1e-13, msg=n)
+
+
+def test_the_sft_trainer_needs_the_plw_collator(tok, tmp_path):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from pipeline.integrations.hf import sft_trainer_class
+
+    args = SFTConfig(output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[])
+    with pytest.raises(PLWInputError, match="data_collator=PLWCollator"):
+        sft_trainer_class()(model=tiny_llama(len(tok)), args=args, train_dataset=Dataset.from_list([{"a": 1}]))

@@ -340,20 +340,43 @@ def test_fp64_gradient_clipping_matches_torch_in_float64():
     assert all(torch.equal(a, b) for a, b in zip(untouched, grads))
 
 
-def test_trackers_are_optional_and_checked(tmp_path, caplog):
-    import importlib.util
-
+def test_trackers_are_checked_before_training(tmp_path):
     from pipeline.trainer.reporting import Trackers
 
-    with pytest.raises(ValueError, match="train.report_to"):
+    with pytest.raises(ValueError, match="train.report_to': unknown tracker 'tensorbord'"):
         Trackers(["tensorbord"], tmp_path, "r", {})
-    t = Trackers(["tensorboard"], tmp_path, "r", {})  # without the package: a warning, no tracker
-    t.log({"kind": "train", "step": 1, "loss": 1.0}, 1)
+    with pytest.raises(RuntimeError, match=r"\['wandb'\] not installed \(pip install wandb"):
+        Trackers(["wandb"], tmp_path, "r", {})
+
+
+def _scalars(folder):
+    """Every scalar TensorBoard event under ``folder``: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for sub in sorted({e.parent for e in folder.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(sub))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, set()).update((e.step, e.value) for e in acc.Scalars(tag))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def test_tensorboard_events_read_back_and_results_join_the_same_run(tmp_path):
+    from pipeline.trainer.reporting import Trackers, log_run_results
+
+    t = Trackers(["tensorboard"], tmp_path, "run-1", {"train": {"learning_rate": 2e-5, "report_to": ["x"]}})
+    t.log({"kind": "train", "step": 1, "loss": 2.5, "lr": 1e-5, "skipped": False}, 1)
+    t.log({"kind": "train", "step": 2, "loss": 2.0, "lr": 2e-5}, 2)
+    t.log({"kind": "eval", "step": 2, "eval_loss": 2.25}, 2)
     t.close()
-    if importlib.util.find_spec("tensorboard") is None:
-        assert "not installed" in caplog.text
-    else:
-        assert any((tmp_path / "tensorboard").iterdir())
+    # the evaluation, later and in another process, logs into the same tracker run
+    log_run_results(["tensorboard"], tmp_path, "run-1", {"results/piqa/acc": 0.625}, 2)
+    got = _scalars(tmp_path / "tensorboard")
+    assert got["train/loss"] == [(1, 2.5), (2, 2.0)]
+    assert got["train/lr"] == [(1, pytest.approx(1e-5)), (2, pytest.approx(2e-5))]
+    assert got["eval/eval_loss"] == [(2, 2.25)] and got["results/piqa/acc"] == [(2, 0.625)]
+    assert "train/skipped" not in got  # booleans are not metrics
 
 
 class _Payload:

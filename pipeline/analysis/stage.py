@@ -30,6 +30,7 @@ from pipeline.analysis.gam import GamResult, fit_gam, optimal_plw_table, prepare
 from pipeline.analysis.glmm import GlmmResult, fit_glmm, prepare_glmm_data, residual_tests_row, skipped
 from pipeline.analysis.rbridge import r_unavailable_reason
 from pipeline.analysis.report import write_report
+from pipeline.trainer.reporting import log_run_results
 
 
 @dataclass
@@ -202,7 +203,55 @@ def run_analysis(
     if report:
         files["report"] = [write_report(outp, acfg)]
     _write_json(outp)
+    _log_to_trackers(outp, acfg)
     return outp
+
+
+def analysis_trackers(acfg, tidy: pd.DataFrame) -> List[str]:
+    """``analysis.report_to``, or (null) the trackers the analysed runs were trained with."""
+    chosen = OmegaConf.select(OmegaConf.structured(acfg) if not OmegaConf.is_config(acfg) else acfg, "report_to")
+    if chosen is not None:
+        return [str(x) for x in chosen]
+    names: List[str] = []
+    for run_dir in sorted(set(tidy["run_dir"].astype(str))) if len(tidy) else []:
+        try:
+            run_cfg = OmegaConf.load(Path(run_dir) / "config.yaml")
+        except Exception:  # no or unreadable config: no trackers from that run
+            continue
+        names += [str(x) for x in (OmegaConf.select(run_cfg, "train.report_to", default=None) or [])]
+    return list(dict.fromkeys(names))
+
+
+def analysis_tracker_values(o: AnalysisOutput) -> Dict[str, Any]:
+    """What the analysis logs to a tracker: the GLMM tests and critical PLW per dataset, the GAM optima
+    per R_g (numbers), and the report (text)."""
+    v: Dict[str, Any] = {}
+    for ds, r in o.glmm.items():
+        if r.status != "fitted":
+            continue
+        v[f"glmm/{ds}/p_value"] = float(r.p_value)
+        v[f"glmm/{ds}/p_value_calibrated"] = float(r.p_value_calibrated)
+        if r.critical is not None and r.critical.plw is not None:
+            v[f"glmm/{ds}/critical_plw"] = float(r.critical.plw)
+    for subset, g in o.gam.items():
+        if g.optimum is None:
+            continue
+        for row in g.optimum.itertuples(index=False):
+            v[f"gam/{subset}/optimal_plw/R_g={row.r_g:g}"] = float(row.optimal_plw)
+    v = {k: x for k, x in v.items() if isinstance(x, float) and np.isfinite(x)}
+    for p in o.files.get("report") or []:
+        v["report"] = Path(p).read_text(encoding="utf-8")
+    return v
+
+
+def _log_to_trackers(o: AnalysisOutput, acfg) -> None:
+    names = analysis_trackers(acfg, o.tidy)
+    if not names:
+        return
+    try:
+        log_run_results(names, o.out_dir, "analysis", analysis_tracker_values(o), 0)
+    except Exception as e:  # the tables are on disk whatever the tracker does
+        o.issues.add("trackers", "analysis", f"not logged to {names}: {type(e).__name__}: {e}", level="warning")
 
 
 def _plain(acfg) -> Dict[str, Any]:

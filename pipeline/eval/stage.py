@@ -37,6 +37,7 @@ Python's own full collections) no longer traverse the ~0.5 M objects of torch/tr
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 import logging
@@ -67,6 +68,7 @@ from pipeline.eval.runner import (
     runner_for,
 )
 from pipeline.runs import CORRUPT, RunDir, atomic_write_json, file_lock
+from pipeline.trainer.reporting import log_run_results
 
 log = logging.getLogger("pipeline.eval")
 
@@ -294,7 +296,34 @@ def evaluate_run(run_dir, cfg: DictConfig) -> Path:
         raise EvalError(f"run {rd.path.name} is '{state}', not 'done' (status.json): train it before evaluating")
     target = _run_target(rd, cfg)
     with folder_lock(rd.path):
-        return Evaluation(target, cfg).run()
+        csv_path = Evaluation(target, cfg).run()
+    log_results_to_trackers(rd, target.run_cfg, csv_path)
+    return csv_path
+
+
+def log_results_to_trackers(rd: RunDir, run_cfg, csv_path: Path) -> Dict[str, float]:
+    """When the run was trained with ``train.report_to``, its results (status ok) go to the same
+    tracker runs as ``results/<benchmark>/<metric>`` at the run's last step. A tracker failing does not
+    fail the evaluation (a warning says so). Returns what was logged."""
+    report_to = list(OmegaConf.select(run_cfg, "train.report_to", default=None) or []) if run_cfg is not None else []
+    if not report_to:
+        return {}
+    values: Dict[str, float] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("status") == "ok" and row.get("value") not in (None, ""):
+                values[f"results/{row['benchmark']}/{row['metric']}"] = float(row["value"])
+    try:
+        summary = json.loads((rd.path / "train_summary.json").read_text(encoding="utf-8"))
+        step = int(summary.get("steps") or summary.get("total_steps") or 0)
+    except (OSError, ValueError, TypeError):
+        step = 0
+    try:
+        log_run_results(report_to, rd.logs, rd.path.name, values, step)
+    except Exception as ex:  # the results are in results.csv whatever the tracker does
+        log.warning("results of %s not logged to %s: %s: %s", rd.path.name, report_to, type(ex).__name__, ex)
+        return {}
+    return values
 
 
 def pending_benchmarks(run_dir, cfg: DictConfig) -> List[str]:

@@ -35,6 +35,13 @@ Pieces:
 
 With these, the step gradient equals the project's trainer's on the same examples, whatever the
 gradient accumulation (tests/test_integrations_hf.py, float64).
+
+TRL (the ``integrations`` extra, trl 1.16.0): :func:`sft_trainer_class` returns ``PLWSFTTrainer``,
+TRL's ``SFTTrainer`` with this loss and normaliser. TRL 1.16 deprecates ``compute_loss_func`` for
+``SFTTrainer`` (and feeds ``labels`` to its fused-head metrics, which a weights dict would break), so
+the subclass overrides ``compute_loss`` and the counting hook instead; TRL's own dataset preparation
+is skipped (``dataset_kwargs={"skip_prepare_dataset": True}``, ``remove_unused_columns=False``,
+set by the subclass): the collator tokenizes. TRL's entropy/token-accuracy metrics are not computed.
 """
 
 from __future__ import annotations
@@ -149,3 +156,40 @@ def count_weights(trainer) -> Any:
         )
     trainer._get_num_items_in_batch = types.MethodType(_weight_sum_items, trainer)
     return trainer
+
+
+def _step_loss(trainer, model, inputs, return_outputs: bool, num_items_in_batch):
+    """Trainer.compute_loss with the PLW loss: forward without the labels, weighted loss, and the same
+    rescaling Trainer applies when it averages tokens across devices."""
+    labels = inputs.pop("labels")
+    outputs = model(**{**inputs, "use_cache": False})
+    loss = plw_compute_loss()(outputs, labels, num_items_in_batch=num_items_in_batch)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes
+    return (loss, outputs) if return_outputs else loss
+
+
+def sft_trainer_class():
+    """``PLWSFTTrainer``: TRL's ``SFTTrainer`` with the project's loss and weight-sum normaliser (see the
+    module docstring). Use it with ``data_collator=PLWCollator(...)``."""
+    try:
+        from trl import SFTTrainer  # lazy: TRL is the optional `integrations` extra
+    except ImportError as e:  # pragma: no cover - the pinned set has it
+        raise ImportError("PLWSFTTrainer needs TRL: pip install 'plw-pipeline[integrations]' (trl==1.16.0)") from e
+
+    class PLWSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            cfg = kwargs.get("args")
+            if cfg is not None:
+                cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
+                cfg.remove_unused_columns = False
+            if not isinstance(kwargs.get("data_collator"), PLWCollator):
+                raise PLWInputError("PLWSFTTrainer needs data_collator=PLWCollator(tokenizer, plw=...)")
+            super().__init__(*args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return _step_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        _get_num_items_in_batch = _weight_sum_items
+
+    return PLWSFTTrainer

@@ -2,88 +2,161 @@
 
 ``metrics.jsonl`` gets one line per optimizer step (``"kind": "train"``) and one per validation
 (``"kind": "eval"``); see :mod:`pipeline.trainer.loop` for the fields. ``train.report_to`` adds
-trackers, each imported only when asked for:
+trackers through accelerate's tracker API (``accelerate.tracking``: tensorboard, wandb, mlflow,
+trackio, aim, comet_ml, clearml, dvclive, swanlab; tensorboard is in the pinned set, the others are
+``pip install <name>``). Each tracker run is named by the run id, so the evaluation and the analysis
+can log to the same one later (:func:`log_run_results`):
 
-* ``tensorboard``: ``torch.utils.tensorboard`` into ``<run>/logs/tensorboard`` -- only if the
-  ``tensorboard`` package is installed (otherwise a warning, and training goes on);
-* ``wandb``: ``wandb.init(project=$WANDB_PROJECT or "plw", name=<run id>, config=<the config>)``;
-* ``mlflow``: ``mlflow.start_run(run_name=<run id>)`` (``MLFLOW_TRACKING_URI`` as usual).
+* ``tensorboard``: ``<run>/logs/tensorboard``;
+* ``wandb``: project ``$WANDB_PROJECT`` or ``plw``, run name and id = the run id (``resume="allow"``);
+* ``mlflow``: experiment ``$MLFLOW_EXPERIMENT_NAME`` or ``plw``, run name = the run id; the MLflow run id
+  is recorded in ``<run>/logs/trackers.json`` and resumed;
+* ``trackio``: project ``plw``, run name = the run id (``resume="allow"``);
+* the others: accelerate's defaults with project ``plw``.
 
-A requested ``wandb``/``mlflow`` that is not installed is an error at start (before any training).
+The flattened config is stored as the run's hyperparameters. An unknown name is a config error and a
+requested tracker that is not installed an error, both before any training. Only the main process
+logs (the caller creates trackers there).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Any, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
+
+from accelerate import PartialState
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
 log = logging.getLogger("pipeline.train")
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+TRACKERS = tuple(LOGGER_TYPE_TO_CLASS)
+IDENTITY_FILE = "trackers.json"  # in <run>/logs: what a later process needs to log to the same tracker runs
+PROJECT = "plw"
+
+
+def check_report_to(report_to: List[str]) -> List[str]:
+    """The requested tracker names, validated: unknown -> ValueError, not installed -> RuntimeError."""
+    names = [str(n) for n in report_to or []]
+    for n in names:
+        if n not in TRACKERS:
+            raise ValueError(f"config key 'train.report_to': unknown tracker {n!r}; one of {list(TRACKERS)}")
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise RuntimeError(
+            f"config key 'train.report_to': {missing} not installed (pip install {' '.join(missing)}; "
+            f"tensorboard is in the pinned set)"
+        )
+    return list(dict.fromkeys(names))
+
+
+def _flat(config: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in config.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flat(v, key + "."))
+        elif v is None or isinstance(v, (bool, int, float, str)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
 
 
 class Trackers:
-    def __init__(self, report_to: List[str], log_dir: Path, run_name: str, config: Mapping[str, Any]):
-        self._tb = self._wandb = self._mlflow = None
-        for name in report_to or []:
-            if name not in TRACKERS:
-                raise ValueError(f"config key 'train.report_to': unknown tracker {name!r}; one of {TRACKERS}")
-        if "tensorboard" in report_to:
-            if importlib.util.find_spec("tensorboard") is None:
-                log.warning(
-                    "train.report_to has 'tensorboard' but the tensorboard package is not "
-                    "installed: not logging to TensorBoard (pip install tensorboard)"
-                )
-            else:
-                from torch.utils.tensorboard import SummaryWriter
+    """The trackers of one run (see the module docstring); ``log_dir`` is ``<run>/logs``."""
 
-                self._tb = SummaryWriter(log_dir=str(Path(log_dir) / "tensorboard"))
-        if "wandb" in report_to:
-            if importlib.util.find_spec("wandb") is None:
-                raise RuntimeError("config key 'train.report_to': 'wandb' is not installed (pip install wandb)")
-            import os
+    def __init__(
+        self,
+        report_to: List[str],
+        log_dir: Path,
+        run_name: str,
+        config: Optional[Mapping[str, Any]] = None,
+    ):
+        self.names = check_report_to(report_to)
+        self.log_dir = Path(log_dir)
+        self.trackers: List[Any] = []
+        if not self.names:
+            return
+        PartialState()  # accelerate's trackers log through accelerate's logger, which needs its state
+        ident_file = self.log_dir / IDENTITY_FILE
+        try:
+            identity = json.loads(ident_file.read_text()) if ident_file.is_file() else {}
+        except (OSError, ValueError):
+            identity = {}
+        for name in self.names:
+            t = self._make(name, run_name, identity.get(name) or {})
+            t.main_process_only = False  # the caller runs on the main process only
+            t.start()
+            self.trackers.append(t)
+        if config:
+            flat = _flat(config)
+            for t in self.trackers:
+                try:
+                    t.store_init_configuration(flat)
+                except Exception as e:  # a tracker refusing some value type must not stop training
+                    log.warning("tracker %s: config not stored (%s)", t.name, e)
+        for t in self.trackers:
+            if t.name == "mlflow" and getattr(t, "active_run", None) is not None:
+                identity["mlflow"] = {"run_id": t.active_run.info.run_id}
+        if identity:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            ident_file.write_text(json.dumps(identity, indent=1, sort_keys=True) + "\n")
 
-            import wandb
-
-            self._wandb = wandb.init(
-                project=os.environ.get("WANDB_PROJECT", "plw"),
-                name=run_name,
-                id=run_name,
-                resume="allow",
-                config=dict(config),
+    def _make(self, name: str, run_name: str, identity: Mapping[str, Any]):
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if name == "tensorboard":
+            return cls("tensorboard", str(self.log_dir))  # accelerate writes to <log_dir>/<run_name>
+        if name == "wandb":
+            return cls(os.environ.get("WANDB_PROJECT", PROJECT), name=run_name, id=run_name, resume="allow")
+        if name == "mlflow":
+            return cls(
+                experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT),
+                run_id=identity.get("run_id"),
+                run_name=run_name,
             )
-        if "mlflow" in report_to:
-            if importlib.util.find_spec("mlflow") is None:
-                raise RuntimeError("config key 'train.report_to': 'mlflow' is not installed (pip install mlflow)")
-            import mlflow
+        if name == "trackio":
+            return cls(PROJECT, name=run_name, resume="allow")
+        if cls.requires_logging_directory:
+            return cls(run_name, str(self.log_dir / name))
+        return cls(PROJECT)
 
-            self._mlflow = mlflow
-            mlflow.start_run(run_name=run_name)
+    def log_values(self, values: Mapping[str, Any], step: Optional[int]) -> None:
+        """Log ``values`` (numbers; strings as text where the tracker has text) at ``step``."""
+        for t in self.trackers:
+            t.log(dict(values), step=step)
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
+        """One metrics.jsonl row: its numbers under ``train/`` or ``eval/``."""
         scalars = {
             k: float(v)
             for k, v in row.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
         }
         prefix = "eval/" if row.get("kind") == "eval" else "train/"
-        if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(prefix + k, v, step)
-        if self._wandb is not None:
-            self._wandb.log({prefix + k: v for k, v in scalars.items()}, step=step)
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({(prefix + k).replace("/", "_"): v for k, v in scalars.items()}, step=step)
+        if scalars:
+            self.log_values({prefix + k: v for k, v in scalars.items()}, step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
+        for t in self.trackers:
+            t.finish()
+        self.trackers = []
+
+
+def log_run_results(
+    report_to: List[str], log_dir: Path, run_name: str, values: Mapping[str, Any], step: Optional[int]
+) -> None:
+    """Log ``values`` (e.g. the run's evaluation results) to the run's own tracker runs."""
+    if not report_to:
+        return
+    t = Trackers(list(report_to), log_dir, run_name)
+    try:
+        t.log_values(values, step)
+    finally:
+        t.close()
 
 
 def _num(x: Optional[float], spec: str) -> str:
