@@ -68,11 +68,14 @@ def project_gradient(model, collator, records):
     return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
-def trainer_gradient(model, collator, records, tmp_path, ga: int, with_hook: bool = True):
-    """One SGD step (lr 1, no clipping, no decay) through transformers.Trainer: gradient = before - after."""
+def trainer_gradient(model, collator, records, tmp_path, ga: int, with_hook: bool = True, head_widths=None):
+    """One SGD step (lr 1, no clipping, no decay) through transformers.Trainer: gradient = before - after.
+    ``head_widths`` collects the sequence length of every LM-head output (the logits built)."""
     from transformers import Trainer, TrainingArguments
 
     m = copy.deepcopy(model)
+    if head_widths is not None:
+        m.lm_head.register_forward_hook(lambda mod, inp, out: head_widths.append(out.shape[1]))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     args = TrainingArguments(
         output_dir=str(tmp_path / f"ga{ga}"),
@@ -92,8 +95,9 @@ def trainer_gradient(model, collator, records, tmp_path, ga: int, with_hook: boo
         disable_tqdm=True,
         seed=0,
     )
+    loss_fn = plw_compute_loss(m) if collator.chunked else plw_compute_loss()
     trainer = Trainer(
-        model=m, args=args, train_dataset=list(records), data_collator=collator, compute_loss_func=plw_compute_loss()
+        model=m, args=args, train_dataset=list(records), data_collator=collator, compute_loss_func=loss_fn
     )
     if with_hook:
         count_weights(trainer)
@@ -115,21 +119,38 @@ def test_the_collator_builds_the_projects_examples(tok, records):
     assert torch.all(pc["weights"][1:n_prompt] == PLW) and torch.all(pc["weights"][n_prompt:] == 1.0)
     batch = collator(records[:3])
     assert set(batch) == {"input_ids", "attention_mask", "labels"} and set(batch["labels"]) == {"labels", "weights"}
+    chunked = PLWCollator(tok, plw=PLW, model_max_length=128, chunked=True)(records[:3])
+    assert chunked["output_hidden_states"] is True and chunked["logits_to_keep"] == 1
     with pytest.raises(PLWInputError, match="remove_unused_columns=False") as e:
         collator([{"input_ids": [1, 2]}])
     assert "feature 0" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked"])
 @pytest.mark.parametrize("ga", [1, 4])
-def test_a_trainer_step_has_the_projects_gradient(tok, records, tmp_path, ga):
+def test_a_trainer_step_has_the_projects_gradient(tok, records, tmp_path, ga, chunked):
     model = tiny_llama(len(tok))
-    collator = PLWCollator(tok, plw=PLW, model_max_length=128)
+    collator = PLWCollator(tok, plw=PLW, model_max_length=128, chunked=chunked)
     ref = project_gradient(model, collator, records)
-    got = trainer_gradient(model, collator, records, tmp_path, ga)
+    widths: list = []
+    got = trainer_gradient(model, collator, records, tmp_path, ga, head_widths=widths)
     assert set(got) == set(ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-9, atol=1e-13, msg=n)
     assert max(g.abs().max().item() for g in ref.values()) > 1e-4  # a gradient that could differ
+    # chunked: the head only ever saw the last position (no tokens x vocab logits); else every position
+    assert widths and (set(widths) == {1} if chunked else min(widths) > 1)
+
+
+def test_a_chunked_collator_without_the_model_is_a_clear_error(tok, records):
+    collator = PLWCollator(tok, plw=PLW, model_max_length=128, chunked=True)
+    model = tiny_llama(len(tok))
+    batch = collator(records[:2])
+    labels = batch.pop("labels")
+    out = model(**batch)
+    assert out.logits.shape[1] == 1
+    with pytest.raises(PLWInputError, match=r"plw_compute_loss\(model\)"):
+        plw_compute_loss()(out, labels, num_items_in_batch=torch.tensor(3.0))
 
 
 def test_without_the_counting_hook_trainer_normalises_by_a_token_count(tok, records, tmp_path):
@@ -183,6 +204,8 @@ def test_a_trl_sft_trainer_step_has_the_projects_gradient(tok, records, tmp_path
     ref = project_gradient(model, collator, records)
     m = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    widths: list = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[1]))
     args = SFTConfig(
         output_dir=str(tmp_path / f"sft{ga}"),
         per_device_train_batch_size=len(records) // ga,
@@ -209,6 +232,7 @@ def test_a_trl_sft_trainer_step_has_the_projects_gradient(tok, records, tmp_path
     )
     trainer.train()
     after = dict(m.named_parameters())
+    assert widths and set(widths) == {1}  # the chunked loss: no tokens x vocab logits
     for n in ref:
         torch.testing.assert_close(before[n] - after[n].detach(), ref[n], rtol=1e-9, atol=1e-13, msg=n)
 

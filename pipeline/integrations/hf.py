@@ -11,8 +11,8 @@ optimizer step)::
     args = TrainingArguments("out", per_device_train_batch_size=4, gradient_accumulation_steps=4,
                              remove_unused_columns=False)          # the collator reads the text fields
     trainer = Trainer(model=model, args=args, train_dataset=records,  # Alpaca records or prompt/completion
-                      data_collator=PLWCollator(tokenizer, plw=0.1),
-                      compute_loss_func=plw_compute_loss())
+                      data_collator=PLWCollator(tokenizer, plw=0.1, chunked=True),
+                      compute_loss_func=plw_compute_loss(model))
     count_weights(trainer)   # num_items_in_batch = sum of weights of the step (all micro-batches, all ranks)
     trainer.train()
 
@@ -25,9 +25,15 @@ Pieces:
   and pads. The batch's ``labels`` is a dict ``{"labels": ids, "weights": w}``: Trainer pops
   ``labels`` before the forward pass and hands it, moved to the device, to ``compute_loss_func``; the
   model never sees the weights.
-- :func:`plw_compute_loss` is that ``compute_loss_func``: ``sum(w * CE) / num_items_in_batch`` from
-  the model's logits (:func:`pipeline.loss.naive_weighted_loss`, the formula the project's chunked
-  loss is tested against; the logits are the model's own, so nothing is gained by chunking here).
+- :func:`plw_compute_loss` is that ``compute_loss_func``: ``sum(w * CE) / num_items_in_batch``.
+  Given the model (``plw_compute_loss(model)``) and a collator made with ``chunked=True``, it is the
+  project's chunked loss (:func:`pipeline.loss.weighted_causal_lm_loss`, the loss owns the LM head):
+  the collator asks the forward pass for the final hidden states and for the logits of the last
+  position only (``output_hidden_states=True, logits_to_keep=1``), so the ``tokens x vocab`` logits
+  are never built; the loss walks the vocabulary in chunks from the hidden states and the head
+  weight. Without them, the same loss from the model's full logits
+  (:func:`pipeline.loss.naive_weighted_loss`, the reference the chunked loss is tested against).
+  The chunked path needs the LM head as one parameter (DDP yes, FSDP's flattened parameters no).
 - :func:`count_weights` makes Trainer's ``num_items_in_batch`` the sum of weights over the
   accumulation window (and over all processes when ``average_tokens_across_devices``, the default):
   Trainer counts ``labels != -100`` otherwise, a token count, not the study's normaliser. It replaces
@@ -41,7 +47,8 @@ TRL's ``SFTTrainer`` with this loss and normaliser. TRL 1.16 deprecates ``comput
 ``SFTTrainer`` (and feeds ``labels`` to its fused-head metrics, which a weights dict would break), so
 the subclass overrides ``compute_loss`` and the counting hook instead; TRL's own dataset preparation
 is skipped (``dataset_kwargs={"skip_prepare_dataset": True}``, ``remove_unused_columns=False``,
-set by the subclass): the collator tokenizes. TRL's entropy/token-accuracy metrics are not computed.
+set by the subclass): the collator tokenizes. Its loss is the chunked one (no full logits). TRL's
+entropy/token-accuracy metrics are not computed.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
-from pipeline.loss import IGNORE_INDEX, naive_weighted_loss
+from pipeline.loss import DEFAULT_CHUNK_SIZE, IGNORE_INDEX, naive_weighted_loss, weighted_causal_lm_loss
 from pipeline.preprocess import Collator, _finish_instance, _ids, build_example, render
 
 TEXT_FIELDS = "Alpaca records (instruction, input, output) or prompt/completion pairs"
@@ -73,6 +80,9 @@ class PLWCollator:
     model_max_length: int = 512
     truncation: str = "keep"
     pad_to_multiple_of: Optional[int] = None
+    # ask the forward pass for hidden states and the last position's logits only (for
+    # plw_compute_loss(model): the chunked loss, no tokens x vocab logits)
+    chunked: bool = False
 
     def example(self, feature: Mapping[str, Any], index: int = 0) -> Dict[str, torch.Tensor]:
         """One feature -> ``input_ids``, ``labels``, ``weights``, ``prompt_mask`` (unpadded)."""
@@ -100,32 +110,59 @@ class PLWCollator:
         if pad is None:
             pad = self.tokenizer.eos_token_id
         batch = Collator(int(pad), self.pad_to_multiple_of)([self.example(f, i) for i, f in enumerate(features)])
-        return {
+        out: Dict[str, Any] = {
             "input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
             "labels": {"labels": batch["labels"], "weights": batch["weights"]},
         }
+        if self.chunked:
+            out.update(output_hidden_states=True, logits_to_keep=1)
+        return out
 
 
-def plw_compute_loss(label_smoothing: float = 0.0):
+def plw_compute_loss(model=None, label_smoothing: float = 0.0, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """``compute_loss_func`` for ``transformers.Trainer``: the weighted causal-LM loss of one
     micro-batch divided by ``num_items_in_batch`` (the step's weight sum, with :func:`count_weights`;
-    without it, this micro-batch's own weight sum)."""
+    without it, this micro-batch's own weight sum). With ``model`` and a ``chunked`` collator: the
+    chunked loss from the final hidden states and ``model``'s LM head (see the module docstring)."""
+    head = model.get_output_embeddings() if model is not None else None
+    if head is not None and getattr(head, "bias", None) is not None:
+        raise PLWInputError("the chunked PLW loss needs an LM head without a bias: use plw_compute_loss()")
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         if not isinstance(labels, Mapping) or "weights" not in labels:
             raise PLWInputError("labels must come from PLWCollator (a dict with 'labels' and 'weights')")
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         if num_items_in_batch is None:
             warnings.warn(
                 "num_items_in_batch is None: each micro-batch is divided by its own weight sum (right for "
                 "evaluation and for one micro-batch per step); for training, call count_weights(trainer)",
                 stacklevel=2,
             )
+        get = outputs.get if isinstance(outputs, Mapping) else (lambda k: getattr(outputs, k, None))
+        hidden = get("hidden_states")
+        ids, w = labels["labels"], labels["weights"]
+        if head is not None and hidden is not None:
+            h = hidden[-1]  # the final norm's output (transformers ties hidden_states[-1] to it)
+            return weighted_causal_lm_loss(
+                h,
+                head.weight,
+                ids,
+                w.to(h.device),
+                num_items_in_batch,
+                label_smoothing=label_smoothing,
+                ignore_index=IGNORE_INDEX,
+                chunk_size=chunk_size,
+            ).loss
+        logits = get("logits")
+        if logits is None or logits.shape[1] != ids.shape[1]:
+            raise PLWInputError(
+                "the model returned no full logits (a PLWCollator with chunked=True asks for hidden states "
+                "only): pass the model, compute_loss_func=plw_compute_loss(model)"
+            )
         return naive_weighted_loss(
             logits,
-            labels["labels"],
-            labels["weights"].to(logits.device),
+            ids,
+            w.to(logits.device),
             normaliser=num_items_in_batch,
             label_smoothing=label_smoothing,
             ignore_index=IGNORE_INDEX,
@@ -159,11 +196,14 @@ def count_weights(trainer) -> Any:
 
 
 def _step_loss(trainer, model, inputs, return_outputs: bool, num_items_in_batch):
-    """Trainer.compute_loss with the PLW loss: forward without the labels, weighted loss, and the same
-    rescaling Trainer applies when it averages tokens across devices."""
+    """Trainer.compute_loss with the PLW loss, the chunked one: the forward pass gives hidden states and
+    the last position's logits only; the same rescaling Trainer applies when it averages tokens across
+    devices."""
     labels = inputs.pop("labels")
-    outputs = model(**{**inputs, "use_cache": False})
-    loss = plw_compute_loss()(outputs, labels, num_items_in_batch=num_items_in_batch)
+    inputs = {**inputs, "use_cache": False, "output_hidden_states": True, "logits_to_keep": 1}
+    outputs = model(**inputs)
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    loss = plw_compute_loss(unwrapped)(outputs, labels, num_items_in_batch=num_items_in_batch)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * trainer.accelerator.num_processes
     return (loss, outputs) if return_outputs else loss
