@@ -41,6 +41,7 @@ CONF_DIR = (PACKAGE_DIR / "conf").resolve()
 PROJECT_ROOT = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else Path.cwd()
 
 # The paper's ten PLW levels (docs/study.md section 2).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")  # model.attn_implementation
 PLW_LEVELS: List[float] = [0.0, 5e-4, 2.236e-3, 1e-2, 2.463e-2, 5e-2, 1e-1, 2.463e-1, 5e-1, 1.0]
 
 
@@ -236,12 +237,17 @@ class ModelConfig:
     fsdp_wrap_class: Optional[str] = field(default=None, metadata=RUNTIME)
     params_billion: float = field(default=0.0, metadata=RUNTIME)  # for FLOP / GPU-hour estimates
     dtype: str = "bfloat16"  # weights' dtype when loaded (float32 for the CPU models)
+    # attention kernel for training and evaluation (transformers' attn_implementation): sdpa (default;
+    # what transformers picks for these models anyway), eager, flash_attention_2 (CUDA and the
+    # flash-attn package), flex_attention. A hardware setting: not part of a run's identity.
+    attn_implementation: str = field(default="sdpa", metadata=RUNTIME)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig, metadata=RUNTIME)
     # source=scratch: pre-train offline first (tokenizer and weights; pipeline/pretrain/); null: none
     pretrain: Optional[PretrainConfig] = None
 
     def __post_init__(self) -> None:
         _one_of(self.source, ["hub", "local", "package_gguf", "scratch"], "model.source")
+        _one_of(self.attn_implementation, list(ATTN_IMPLEMENTATIONS), "model.attn_implementation")
         trained_tok = self.pretrain is not None and self.pretrain.vocab_size > 0
         if self.pretrain is not None:
             _check(self.source == "scratch", "model.pretrain", "only for model.source=scratch")

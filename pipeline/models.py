@@ -48,6 +48,7 @@ import copy
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -490,11 +491,34 @@ def pretrained_dir(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, 
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
+def check_attn_implementation(name: Optional[str]) -> Dict[str, str]:
+    """``{"attn_implementation": name}`` for ``from_pretrained`` (``{}`` for None: transformers'
+    choice), after checking that this machine can run it: ``flash_attention_2`` needs CUDA and the
+    ``flash-attn`` package, ``flex_attention`` torch's flex attention. Raises ConfigError (one line,
+    naming ``model.attn_implementation``) otherwise."""
+    if not name:
+        return {}
+    key = "config key 'model.attn_implementation'"
+    if name == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: flash_attention_2 needs a CUDA GPU (none here): use sdpa")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(f"{key}: flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+    if name == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise ConfigError(f"{key}: flex_attention needs torch >= 2.5 (torch {torch.__version__} here)")
+    return {"attn_implementation": str(name)}
+
+
+def _attn(m: ModelConfig) -> Dict[str, str]:
+    return check_attn_implementation(getattr(m, "attn_implementation", None))
+
+
 def _from_folder(folder: Path, dtype: torch.dtype, m: ModelConfig):
     from transformers import AutoModelForCausalLM
 
+    attn = _attn(m)  # a config problem, not a loading one: raised as such
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **attn)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model config '{_name(m)}': cannot load a model from '{folder}': {e}") from e
 
@@ -512,8 +536,9 @@ def _from_hub(m: ModelConfig, dtype: torch.dtype):
             revision,
             hub_id,
         )
+    attn = _attn(m)
     try:
-        return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype, **attn)
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = (
@@ -540,6 +565,8 @@ def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtyp
     dt = torch_dtype(m, dtype)
     if m.source == "package_gguf" and paths_cfg is None:
         model = _load_gguf_direct(m, dt)
+        if _attn(m):
+            model.set_attn_implementation(m.attn_implementation)
     else:
         folder = pretrained_dir(m, paths_cfg)
         model = _from_hub(m, dt) if folder is None else _from_folder(folder, dt, m)

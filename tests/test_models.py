@@ -370,3 +370,39 @@ def test_tokenizer_fingerprint_still_tells_tokenizers_apart(llama_tokenizer_dir,
     assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(tiny_tok)
     tok.add_tokens(["<new_token>"])
     assert tokenizer_fingerprint(tok) != "5baba13c0f45f94d"
+
+
+# --------------------------------------------------------------------------------------------
+# attention kernels (model.attn_implementation)
+# --------------------------------------------------------------------------------------------
+def test_attention_kernel_is_chosen_by_config_and_checked(cached_paths):
+    from pipeline.runs import run_id
+
+    default = models.load_model(_model_cfg("model=tiny"), cached_paths)
+    assert default.config._attn_implementation == "sdpa"  # also what transformers picks by itself
+    eager = models.load_model(_model_cfg("model=tiny", "model.attn_implementation=eager"), cached_paths)
+    assert eager.config._attn_implementation == "eager"
+    # the same weights and, on these inputs, the same logits: only the kernel differs
+    assert _same_weights(default, eager)
+    ids = torch.randint(0, default.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(default(ids).logits, eager(ids).logits, rtol=1e-4, atol=1e-5)
+    # a hardware setting: the run id does not change
+    base = ["model=tiny", "dataset=shared_alpaca52k", "plw=0.1"]
+    assert run_id(load_config(base)) == run_id(load_config([*base, "model.attn_implementation=eager"]))
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        _model_cfg("model=tiny", "model.attn_implementation=flash")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="model.attn_implementation.*flash_attention_2 needs a CUDA GPU"):
+            models.load_model(_model_cfg("model=tiny", "model.attn_implementation=flash_attention_2"), cached_paths)
+
+
+def test_evaluation_loads_with_the_runs_attention_kernel(cached_paths):
+    from pipeline.eval import generation, harness
+
+    folder = models.pretrained_dir(_model_cfg("model=tiny"), cached_paths)
+    lm = harness.make_lm(folder, batch_size=2, device="cpu", attn_implementation="eager")
+    assert lm.model.config._attn_implementation == "eager"
+    model, _ = generation.load_for_eval(folder, "float32", "cpu", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    assert generation.load_for_eval(folder, "float32", "cpu")[0].config._attn_implementation == "sdpa"

@@ -30,6 +30,8 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 
+from pipeline.models import check_attn_implementation
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,15 +59,19 @@ def check_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def load_for_eval(folder: Path, dtype: Optional[str] = None, device: str = "auto"):
-    """``(model, tokenizer)`` from a saved Hugging Face folder, in eval mode on ``device``."""
+def load_for_eval(
+    folder: Path, dtype: Optional[str] = None, device: str = "auto", attn_implementation: Optional[str] = None
+):
+    """``(model, tokenizer)`` from a saved Hugging Face folder, in eval mode on ``device``
+    (``attn_implementation``: ``model.attn_implementation``, checked by ``models.check_attn_implementation``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = check_checkpoint(folder)
     dt = _DTYPES[dtype] if dtype else "auto"
+    attn = check_attn_implementation(attn_implementation)  # a config error stays one
     try:
         tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dt, **attn)
     except (OSError, ValueError) as e:
         raise ModelMissing(f"cannot load the checkpoint in {folder}: {e}") from e
     model.to(resolve_device(device))

@@ -54,6 +54,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from pipeline.data.records import sha256_file
+from pipeline.models import check_attn_implementation
 from pipeline.eval import benchmarks as B
 from pipeline.eval.results import ResultRow
 from pipeline.eval.runner import EvalPlan, EvalSession, Runner, plain, register
@@ -381,9 +382,11 @@ def make_lm(
     dtype: Optional[str] = None,
     revision: Optional[str] = None,
     add_bos_token: Optional[bool] = None,
+    attn_implementation: Optional[str] = None,
 ):
     """lm-eval's own Hugging Face model class (``HFLM``, batched) on a checkpoint folder (or a hub id
-    with its revision). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps."""
+    with its revision). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps.
+    ``attn_implementation`` (the run's ``model.attn_implementation``) goes to ``from_pretrained``."""
     from lm_eval.models.huggingface import HFLM
 
     kwargs: Dict[str, Any] = {
@@ -396,6 +399,7 @@ def make_lm(
         kwargs["revision"] = str(revision)
     if add_bos_token is not None:
         kwargs["add_bos_token"] = bool(add_bos_token)
+    kwargs.update(check_attn_implementation(attn_implementation))
     return HFLM(**kwargs)
 
 

@@ -179,6 +179,7 @@ class Evaluation(EvalSession):
             dtype=self.dtype,
             revision=revision,
             add_bos_token=self.e.add_bos_token,
+            attn_implementation=plain(model_cfg).get("attn_implementation"),  # None for older runs' configs
         )
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:
