@@ -605,6 +605,9 @@ class LauncherConfig:
     # utilisation; FLOPs = 6 x params x trained tokens.
     gpu_peak_tflops: float = 312.0
     mfu: float = 0.35
+    # evaluation GPU-hour estimate (DRY_RUN): generated tokens per second of one GPU with the HF
+    # backend (greedy, batched; a 7B model in bf16 on an A100: a few hundred)
+    eval_tokens_per_s: float = 250.0
     # slurm: submitit's folder (one subfolder per sweep invocation), requeues after a time limit,
     # seconds between the warning signal and the kill, extra sbatch keys, shell lines run first.
     submitit_dir: Optional[str] = None  # default: <paths.runs_dir>/_submitit

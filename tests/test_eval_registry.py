@@ -55,6 +55,8 @@ def test_one_groups_definition():
         ({"group": "mc", "metrics": ["acc"], "shots": -1}, "benchmark.shots"),
         ({"group": "mc", "metrics": ["acc"], "shot": 5}, "benchmark.shot"),
         ({"group": "mc", "metrics": ["acc"], "hub": "x/y"}, "benchmark.hub"),
+        ({"group": "short_gen", "metrics": ["bleu"], "generations": 0, "new_tokens": 8}, "benchmark.generations"),
+        ({"group": "short_gen", "metrics": ["bleu"], "generations": 10}, "benchmark.new_tokens"),
         (None, "benchmark:"),
     ],
 )

@@ -625,3 +625,32 @@ def test_a_dry_run_writes_nothing_into_the_store(tmp_path, capsys):
     assert main(["status", *ov]) == 0  # the grid without a sweep manifest
     assert "2 runs: 2 pending" in capsys.readouterr().out
     assert _snapshot(tmp_path) == before
+
+
+def test_the_evaluation_estimate_counts_what_the_model_generates():
+    """Generations and new tokens per run from the benchmarks' declared full sizes (AlpacaEval 805, PandaLM
+    170, TruthfulQA-Gen 817, the six WMT directions' validation + test, 10,000 memorization prompts),
+    with eval.limit, max_gen_toks and the training set's size applied; hours at eval_tokens_per_s."""
+    from pipeline.sweep.plan import eval_cost, eval_generations
+
+    full = load_config(["model=llama2_7b", "dataset=alpaca_data"])
+    got = {b: (n, t) for b, n, t in eval_generations(full, None)}
+    wmt = {"wmt14_en_fr": 6003, "wmt14_fr_en": 6003, "wmt16_en_de": 5168, "wmt16_de_en": 5168}
+    wmt.update(wmt16_en_ro=3998, wmt16_ro_en=3998)
+    assert got == {
+        "alpaca_eval": (805, 512),
+        "pandalm": (170, 512),
+        "truthfulqa_gen": (817, 256),
+        **{k: (v, 256) for k, v in wmt.items()},
+        "mech_memorization_bleu": (10_000, 512),
+    }
+    cost = eval_cost(full, None, 250.0)
+    assert cost.generations == 42_130 and cost.new_tokens == 13_594_880
+    assert cost.gpu_hours == pytest.approx(13_594_880 / 250.0 / 3600.0)
+    # a small training set caps the memorization prompts; the demo's limits and short generations
+    small = est.TokenStats(n_records=300, mean_tokens=100.0, source="raw")
+    assert dict((b, n) for b, n, _ in eval_generations(full, small))["mech_memorization_bleu"] == 300
+    demo = eval_generations(load_config(["eval=demo", "dataset=shared_alpaca52k"]), None)
+    assert len(demo) == 10 and all(n == 16 and t == 32 for _, n, t in demo)
+    with pytest.raises(ValueError, match="eval_tokens_per_s"):
+        est.eval_estimate([(1, 1)], 0.0)

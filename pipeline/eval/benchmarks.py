@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -41,7 +41,19 @@ from pipeline.eval.groups import GROUPS, MECHANISM_GROUP
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 EXTRA_DIRS_ENV = "PLW_EVAL_TASKS"
 DECLARATION_KEY = "benchmark"
-_FIELDS = ("kind", "group", "shots", "metrics", "available", "needs_model", "compute", "hub", "description")
+_FIELDS = (
+    "kind",
+    "group",
+    "shots",
+    "metrics",
+    "available",
+    "needs_model",
+    "compute",
+    "hub",
+    "description",
+    "generations",
+    "new_tokens",
+)
 
 
 class BenchmarkDeclarationError(ValueError):
@@ -60,6 +72,11 @@ class Benchmark:
     description: str = ""
     compute: Optional[str] = None  # which computation of its runner (runners with several)
     hub: Optional[Tuple[str, Optional[str], Optional[str]]] = None  # (dataset, config, revision) for fetch-data
+    # what the evaluated model generates at full size, for the evaluation cost estimate (make sweep
+    # DRY_RUN=1): generations per run and new tokens at most each; an int, or the name of an eval
+    # config key holding it (memorization_prompts, max_new_tokens). None: it generates nothing.
+    generations: Optional[Union[int, str]] = None
+    new_tokens: Optional[Union[int, str]] = None
     path: Optional[Path] = None  # its YAML file
 
 
@@ -124,6 +141,18 @@ def parse_declaration(path: Path, doc: Any) -> Benchmark:
             )
         hub = (hub["path"], hub.get("name"), hub.get("revision"))
     compute = d.get("compute")
+    gen = {}
+    for key in ("generations", "new_tokens"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and v <= 0)):
+            raise BenchmarkDeclarationError(
+                f"{path}: field '{DECLARATION_KEY}.{key}' must be a positive integer or an eval config key, got {v!r}"
+            )
+        gen[key] = v
+    if (gen["generations"] is None) != (gen["new_tokens"] is None):
+        raise BenchmarkDeclarationError(
+            f"{path}: fields '{DECLARATION_KEY}.generations' and '{DECLARATION_KEY}.new_tokens' go together"
+        )
     return Benchmark(
         name=path.stem,
         group=group,
@@ -135,6 +164,8 @@ def parse_declaration(path: Path, doc: Any) -> Benchmark:
         description=str(d.get("description") or ""),
         compute=None if compute is None else str(compute),
         hub=hub,
+        generations=gen["generations"],
+        new_tokens=gen["new_tokens"],
         path=path,
     )
 

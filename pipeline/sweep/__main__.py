@@ -92,6 +92,15 @@ def _cost_lines(plan) -> str:
     )
     if missing:
         out += f"\n{missing} run(s) without an estimate (no dataset statistics here): GPU-h '?'"
+    ev = [pr.eval_estimate for pr in plan.runs if pr.eval_estimate is not None]
+    if ev:
+        worst = max(ev, key=lambda x: x.gpu_hours)
+        out += (
+            f"\nevaluation, at most: {sum(x.gpu_hours for x in ev):.4g} GPU-hours in all; per run up to "
+            f"{worst.generations:,} generations, {worst.new_tokens:,} new tokens, {worst.gpu_hours:.3g} GPU-h "
+            f"(at {lc.eval_tokens_per_s:g} generated tokens/s per GPU, launcher.eval_tokens_per_s; generation "
+            f"stops earlier at EOS or a newline; loglikelihood benchmarks and judges not counted)"
+        )
     return out
 
 

@@ -10,13 +10,19 @@ bound to the degree the batches are padded; the MFU (launcher.mfu) absorbs the r
 
 Token statistics come (in :mod:`pipeline.sweep.plan`) from the processed dataset when it is built,
 else from the raw file, else from the paper's Table 1 (:data:`TABLE1`), else they are unknown.
+
+Evaluation: what the evaluated model generates, per run (each benchmark YAML declares its full-size
+``generations`` and ``new_tokens``: AlpacaEval 805, PandaLM 170, TruthfulQA-Gen 817, about 15,000 WMT
+sentences, up to ``eval.memorization_prompts`` training prompts), an upper bound on the tokens
+(generation stops at EOS or a newline), at ``launcher.eval_tokens_per_s`` generated tokens per GPU
+second. Loglikelihood benchmarks (ARC, PIQA, ...) and the judges are not counted.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 # Tokens the Alpaca template adds around instruction/input (LLaMA tokenizer, BOS and EOS included):
 # measured on the template text of docs/study.md section 1 with empty fields (shared/tokenizers/llama).
@@ -121,3 +127,20 @@ def estimate(
     flops = training_flops(params_billion * 1e9, tokens)
     gh = gpu_hours(flops, peak_tflops, mfu)
     return Estimate(examples=ex, tokens=tokens, flops=flops, gpu_hours=gh, wall_hours=gh / gpus if gpus > 0 else None)
+
+
+@dataclass(frozen=True)
+class EvalEstimate:
+    generations: int  # per run
+    new_tokens: int  # per run, at most
+    gpu_hours: float  # per run, at most
+
+
+def eval_estimate(items: Iterable[Tuple[int, int]], tokens_per_s: float) -> EvalEstimate:
+    """The generation cost of one run from ``(generations, new tokens at most)`` per benchmark."""
+    if tokens_per_s <= 0:
+        raise ValueError(f"launcher.eval_tokens_per_s must be positive, got {tokens_per_s}")
+    items = list(items)
+    gens = sum(n for n, _ in items)
+    tokens = sum(n * t for n, t in items)
+    return EvalEstimate(gens, tokens, tokens / tokens_per_s / 3600.0)

@@ -26,6 +26,7 @@ from pipeline.config import ConfigError, load_config, merge_overrides
 from pipeline.data import store as dstore
 from pipeline.data.build import prepare
 from pipeline.data.records import load_records
+from pipeline.eval import benchmarks as B
 from pipeline.runs import RunDir, atomic_write_json, atomic_write_text, create_run, run_id
 from pipeline.sweep import estimate as est
 from pipeline.sweep.grid import GridPoint, enumerate_grid, split_overrides
@@ -46,6 +47,7 @@ class PlannedRun:
     action: str = "launch"
     estimate: Optional[est.Estimate] = None
     stats_source: str = ""
+    eval_estimate: Optional[est.EvalEstimate] = None
 
     @property
     def resources(self) -> Tuple[int, int, int, int, int]:
@@ -149,6 +151,37 @@ def run_estimate(
     )
 
 
+def eval_generations(cfg: DictConfig, stats: Optional[est.TokenStats]) -> List[Tuple[str, int, int]]:
+    """``(benchmark, generations, new tokens at most)`` that ``make eval`` generates for one run of
+    ``cfg`` (``eval.benchmarks`` and ``eval.mechanisms``; ``eval.limit``, ``eval.gen_kwargs.max_gen_toks``
+    for lm-eval tasks, and the training set's size for the memorization prompts applied)."""
+    e = cfg.eval
+    limit = e.get("limit")
+    max_gen = (OmegaConf.to_container(e.gen_kwargs) or {}).get("max_gen_toks") if e.get("gen_kwargs") else None
+    out = []
+    for name in [*list(e.benchmarks or []), *list(e.mechanisms or [])]:
+        try:
+            b = B.get(str(name))
+        except KeyError:
+            continue
+        if b.generations is None:
+            continue
+        n = b.generations if isinstance(b.generations, int) else int(e[b.generations])
+        if b.generations == "memorization_prompts" and stats is not None:
+            n = min(n, int(stats.n_records))
+        if limit:
+            n = min(n, int(limit))
+        t = b.new_tokens if isinstance(b.new_tokens, int) else int(e[b.new_tokens])
+        if b.kind == "harness" and max_gen:
+            t = int(max_gen)
+        out.append((str(name), int(n), int(t)))
+    return out
+
+
+def eval_cost(cfg: DictConfig, stats: Optional[est.TokenStats], tokens_per_s: float) -> est.EvalEstimate:
+    return est.eval_estimate([(n, t) for _, n, t in eval_generations(cfg, stats)], tokens_per_s)
+
+
 # ------------------------------------------------------------------------------------------------
 # the plan
 # ------------------------------------------------------------------------------------------------
@@ -181,6 +214,7 @@ def make_plan(
             stats, src = stats_cache[dkey]
             pr.estimate = run_estimate(cfg, stats, float(lcfg.gpu_peak_tflops), float(lcfg.mfu))
             pr.stats_source = src
+            pr.eval_estimate = eval_cost(cfg, stats, float(lcfg.eval_tokens_per_s))
         runs.append(pr)
     return Plan(root=root, experiment=str(exp["name"]), runs=runs, grid_overrides=grid_ov, run_overrides=run_ov)
 
