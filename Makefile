@@ -56,8 +56,14 @@ suggest: setup ## the PLW for a dataset: the paper's published answer, and your 
 	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(if $(RG),--r-g $(RG)) $(OVERRIDES)
 
 .PHONY: fetch-data eval
+.PHONY: fetch-demo-data
 fetch-data: setup ## the offline benchmark mirror in eval.data_dir (needs internet once; data/benchmarks by default)
 	$(PY) -m pipeline.eval.fetch $(OVERRIDES)
+
+fetch-demo-data: setup ## make demo's inputs from pinned sources into data/shared (or ROOT=<dir>) unless ../shared has them (needs GitHub and the hub once)
+	$(PY) -m pipeline.shared_data $(if $(ROOT),--root "$(ROOT)") $(OVERRIDES)
+
+fetch-data: fetch-demo-data
 
 eval: setup ## evaluate finished runs lacking results (OVERRIDES: eval.run_dir=<run>, eval.pretrained=true model=..., eval=cpu_small)
 	$(PY) -m pipeline.eval $(OVERRIDES)

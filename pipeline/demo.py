@@ -25,6 +25,13 @@ Overrides (Hydra ``key=value``) are routed by key: ``experiment.*`` go to pretra
 ``launcher.*``, ``plw``, ``dataset`` to the sweep only, everything else (``paths.*``, ``seed`` ...)
 to every stage.
 
+Before the stages, the preflight (:func:`preflight`) finds the demo's input data (instruction sets,
+LLaMA tokenizer, benchmark mirror; pipeline/shared_data.py lists them): an explicit
+``paths.shared_dir=`` or ``PLW_SHARED_DIR`` is only checked; else the configured ``../shared`` when
+complete; else ``<paths.data_dir>/shared`` when complete (passed to every stage as
+``paths.shared_dir``); else, when GitHub answers, it is fetched there first (``make fetch-demo-data``,
+with progress). Offline, the demo stops with one message listing what is missing and that command.
+
 The summary is also written atomically to ``<analysis.output_dir>/demo_summary.json``
 (``benchmarks/demo_stages.py`` reads it). Exit status: 0 every stage ok, 1 a stage failed (the
 summary says which; what earlier stages computed stays in the run store), 2 bad arguments.
@@ -38,13 +45,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from pipeline import cli
+from pipeline import cli, shared_data
 from pipeline.config import load_config
 from pipeline.models import pretrained_dir
 from pipeline.runs import RunDir, atomic_write_json
@@ -206,6 +214,72 @@ def _run_stage(cmd: List[str], env: Dict[str, str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+# ----------------------------------------------------------------------------------------------
+# preflight: where the demo's input data is (../shared, data/shared, or fetched into data/shared)
+# ----------------------------------------------------------------------------------------------
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def explicit_shared_dir(overrides: Sequence[str], env: Mapping[str, str]) -> bool:
+    """Whether the user chose the shared folder (``paths.shared_dir=`` or ``PLW_SHARED_DIR``)."""
+    return "PLW_SHARED_DIR" in env or any(o.split("=", 1)[0].lstrip("+~") == "paths.shared_dir" for o in overrides)
+
+
+def reachable(base_url: str, timeout: float = 5.0) -> bool:
+    """A quick probe: does the first pinned source answer at ``base_url``? (GitHub by default.) The
+    Makefile sets HF_HUB_OFFLINE=1 for every demo stage, so that variable cannot say "offline" here."""
+    src = next(f.source for f in shared_data.FILES if f.source is not None)
+    try:
+        with urllib.request.urlopen(urllib.request.Request(src.url(base_url), method="HEAD"), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def missing_message(root: Path, missing: Sequence[str], why: str, command: str) -> str:
+    """The one message of a demo that cannot start: what is missing (grouped) and the command."""
+    lines = [f"make demo: {why}; {len(missing)} of the demo's input files are missing from {root}:"]
+    lines += [f"  {line}" for line in shared_data.summarize(missing)]
+    lines.append(f"Fetch them once, where GitHub and the Hugging Face hub are reachable: {command}")
+    return "\n".join(lines)
+
+
+def fetch_shared(root: Path, base_url: str, python: str = sys.executable) -> int:
+    """``python -m pipeline.shared_data --root ROOT`` with its progress streamed (the hub allowed)."""
+    env = {k: v for k, v in os.environ.items() if k not in OFFLINE_VARS}
+    cmd = [python, "-m", "pipeline.shared_data", "--root", str(root), "--base-url", base_url]
+    print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def preflight(overrides: Sequence[str], env: Mapping[str, str]) -> Tuple[List[str], str]:
+    """(the overrides the stages get, an error message or ""). Reads only, except the fetch."""
+    cfg = load_config(route_overrides(overrides)["regress"])  # paths.* and the other common keys
+    configured = Path(str(cfg.paths.shared_dir)).expanduser().resolve()
+    if explicit_shared_dir(overrides, env):
+        miss = shared_data.missing(configured)
+        cmd = f"{shared_data.FETCH_COMMAND} ROOT={configured}"
+        return list(overrides), missing_message(configured, miss, "paths.shared_dir is incomplete", cmd) if miss else ""
+    fallback = Path(str(cfg.paths.data_dir)).expanduser().resolve() / "shared"
+    chosen = shared_data.choose(configured, fallback)
+    use = list(overrides) + [f"paths.shared_dir={fallback}"]
+    if chosen == configured:
+        return list(overrides), ""
+    if chosen == fallback:
+        print(f"make demo: no complete {configured}; reading the demo's inputs from {fallback}", flush=True)
+        return use, ""
+    base_url = env.get(shared_data.BASE_URL_ENV, shared_data.RAW)
+    if not reachable(base_url):
+        why = f"no complete {configured} and {base_url} is not reachable"
+        return list(overrides), missing_message(fallback, shared_data.missing(fallback), why, shared_data.FETCH_COMMAND)
+    print(f"make demo: no complete {configured}; fetching the demo's inputs into {fallback}", flush=True)
+    rc = fetch_shared(fallback, base_url)
+    miss = shared_data.missing(fallback)
+    if rc != 0 or miss:
+        return list(overrides), missing_message(fallback, miss, "fetching failed (above)", shared_data.FETCH_COMMAND)
+    return use, ""
+
+
 def format_summary(s: Summary) -> str:
     lines = [
         "",
@@ -237,6 +311,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-figures", action="store_true", help="regress without figures")
     ap.add_argument("--force-regress", action="store_true", help="refit even if inputs are unchanged")
     args, overrides = cli.parse(ap, argv)
+    try:
+        overrides, problem = preflight(overrides, os.environ)
+    except cli.CONFIG_ERRORS as e:
+        print(f"make demo: bad configuration: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        ap.error(str(e))
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         cmds = stage_commands(args.experiment, args.eval_config, overrides, no_figures=args.no_figures)
     except ValueError as e:
