@@ -75,6 +75,7 @@ from pipeline.lifecycle import EXIT_BUSY, PREEMPTED_EXIT_CODE, Preempted, RunBus
 from pipeline.models import load_pretrained, pretrained_dir
 from pipeline.runs import RunDir, atomic_write_text, create_run
 from pipeline.trainer.data import prepare_examples
+from pipeline.trainer import lora
 from pipeline.trainer.dist import Backend
 from pipeline.trainer.loop import SUMMARY_FILE, Trainer, TrainerCallback
 
@@ -126,6 +127,10 @@ def train(
                 load_dataset(typed)
             backend.barrier()
         lm, tokenizer = load_pretrained(typed.model, typed.paths, dtype=torch.float32)
+        peft_model = None
+        if typed.train.peft.enabled:  # LoRA: adapters injected into lm, the rest frozen (trainer/lora.py)
+            lora.check(typed.train.peft, backend.mode, backend.distributed)
+            peft_model = lora.apply(lm, typed.train.peft, int(cfg.seed))
         # 2. data
         records, meta = load_dataset(typed)
         t = cfg.train
@@ -143,7 +148,7 @@ def train(
         if backend.is_main:
             log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())
         # 3. trainer, 4. train (resumes from the latest checkpoint)
-        trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks, typed=typed)
+        trainer = Trainer(cfg, run_dir, backend, lm, tokenizer, data, callbacks, typed=typed, peft_model=peft_model)
         trainer.train()
         # 5. save: final model, summary
         return trainer.finalize(
@@ -200,6 +205,8 @@ def run(
     """Train the run defined by ``cfg`` (and ``variant``) to completion; see the module docstring.
     ``typed``: ``cfg`` already validated by the entry point (validated here if not given)."""
     typed = validate(cfg) if typed is None else typed
+    if typed.train.peft.enabled:  # what this machine cannot do fails before a run folder exists
+        lora.check(typed.train.peft, str(typed.train.distributed), resolve_nproc(typed.train) > 1)
     rd = create_run(cfg, variant)
     if rd.status().get("state") == "done":
         log.info("run %s is done: nothing to do", rd.path.name)

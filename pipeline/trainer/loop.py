@@ -91,6 +91,7 @@ from pipeline.regularizers import (
 )
 from pipeline.runs import RunDir, append_jsonl, atomic_write_json, atomic_write_text, dumps_json, read_jsonl
 from pipeline.trainer import checkpoint as ckpt
+from pipeline.trainer import lora
 from pipeline.trainer.data import (
     TrainData,
     batch_tokens,
@@ -147,8 +148,11 @@ class Trainer:
         data: TrainData,
         callbacks: Sequence[TrainerCallback] = (),
         typed: Optional[Config] = None,
+        peft_model: Any = None,
     ):
         self.cfg = cfg
+        # train.peft: the peft model whose adapters sit inside ``lm`` (pipeline/trainer/lora.py)
+        self.peft_model = peft_model
         self.typed = validate(cfg) if typed is None else typed  # validated once, by the entry point
         self.tc = self.typed.train
         self.rd = run_dir
@@ -669,7 +673,14 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
     ``<run>/final/`` (atomically: a temporary folder renamed) and ``<run>/train_summary.json``."""
 
     b = self.backend
-    sd = b.full_state_dict(self.model)
+    adapter_tmp = self.rd.path / ".adapter.tmp"
+    peft_info = None
+    if self.peft_model is not None:  # replicated (single process or DDP): rank 0 merges its copy
+        peft_info = {**OmegaConf.to_container(OmegaConf.structured(self.tc.peft)), **lora.summary(self.peft_model)}
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        sd = lora.finish(self.peft_model, adapter_tmp) if b.is_main else {}
+    else:
+        sd = b.full_state_dict(self.model)
     summary: Dict[str, Any] = {}
     if b.is_main:
         save_dtype = torch_dtype(self.cfg.model, self.tc.save_dtype)
@@ -679,7 +690,8 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         del ref
         for k, v in getattr(self, "_orig_config", {}).items():
             setattr(self.lm.config, k, v)
-        final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype)
+        extras = {"adapter": adapter_tmp} if self.peft_model is not None else {}
+        final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype, extras)
         rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
         # the last step that trained (a skipped step has no loss)
         last = next((r for r in reversed(rows) if r.get("loss") is not None), {})
@@ -728,6 +740,7 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
                 "max_grad_norm": self.tc.max_grad_norm,
             },
             "loss_normaliser": self.tc.loss_normaliser,
+            "peft": peft_info,
             "regularizers": {
                 "weight_decay": self.tc.weight_decay,
                 "minkowski_coef": self.tc.minkowski_coef,
@@ -748,9 +761,15 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
 
 
 def save_final(
-    lm: torch.nn.Module, tokenizer, state_dict: Mapping[str, torch.Tensor], folder: Path, dtype: torch.dtype
+    lm: torch.nn.Module,
+    tokenizer,
+    state_dict: Mapping[str, torch.Tensor],
+    folder: Path,
+    dtype: torch.dtype,
+    extras: Optional[Mapping[str, Path]] = None,
 ) -> Path:
-    """``save_pretrained`` (safetensors) + tokenizer into ``folder`` via a temporary folder and rename."""
+    """``save_pretrained`` (safetensors) + tokenizer into ``folder`` via a temporary folder and rename;
+    ``extras`` (name -> folder) are moved in before the rename (e.g. a LoRA run's ``adapter``)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -758,6 +777,8 @@ def save_final(
     lm.config.dtype = dtype  # recorded in config.json (transformers >= 4.56 name; was torch_dtype)
     lm.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    for name, src in (extras or {}).items():
+        os.rename(src, tmp / name)
     if folder.exists():
         aside = folder.with_name(f".{folder.name}.old")
         shutil.rmtree(aside, ignore_errors=True)

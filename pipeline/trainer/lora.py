@@ -1,0 +1,82 @@
+"""LoRA instead of full fine-tuning (``train.peft.enabled=true``; a departure from the paper, which
+fine-tunes every weight: docs/study.md section 3).
+
+- :func:`apply` injects low-rank adapters (``peft``; rank ``r``, scale ``alpha / r``, dropout) into
+  ``target_modules`` of the loaded model and freezes everything else. The adapters are initialised
+  from the run's seed in a forked RNG (the training RNG stream is untouched): B = 0, so the model
+  starts as the pre-trained one. The trainer keeps training the *base* model object, whose target
+  modules now carry the adapters, so the loss path is the same (:class:`pipeline.loss.WeightedLossModel`;
+  the LM head is frozen, so the chunked loss skips its weight gradient), and checkpoints, resume
+  and the RNG states work as for full fine-tuning (the frozen weights are saved too).
+- At the end, :func:`finish` saves the adapter (``final/adapter/``: safetensors and peft's config)
+  and merges it into the base weights: ``final/`` holds the merged model, so evaluation, the weight
+  distance and every other reader work unchanged (the merged model's outputs equal base + adapter:
+  tests/test_lora.py).
+- QLoRA (``method: qlora``: the base in 4 bits through bitsandbytes) needs CUDA; it is refused here
+  with one line when there is none. LoRA runs single-process or with DDP (FSDP / DeepSpeed: refused).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from pipeline.config import ConfigError, PeftConfig
+
+
+def check(pc: PeftConfig, distributed_mode: str, distributed: bool) -> None:
+    """Refuse what this machine or set-up cannot do (one line naming the key)."""
+    if pc.method == "qlora":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "config key 'train.peft.method': qlora loads the base model in 4 bits with bitsandbytes, "
+                "which needs a CUDA GPU (none here): use method=lora"
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("config key 'train.peft.method': qlora needs bitsandbytes (pip install bitsandbytes)")
+        raise ConfigError(
+            "config key 'train.peft.method': qlora is not wired into this trainer yet (4-bit loading): use lora"
+        )
+    if distributed and distributed_mode in ("fsdp", "deepspeed"):
+        raise ConfigError(
+            f"config key 'train.distributed': LoRA (train.peft) runs single-process or with ddp, "
+            f"not {distributed_mode} (the adapters are small: ddp is enough)"
+        )
+
+
+def apply(lm: torch.nn.Module, pc: PeftConfig, seed: int):
+    """The peft model around ``lm`` (adapters injected into ``lm`` itself; see the module docstring)."""
+    from peft import LoraConfig, get_peft_model  # lazy: peft only when train.peft is enabled
+
+    cfg = LoraConfig(
+        r=int(pc.r),
+        lora_alpha=float(pc.alpha),
+        lora_dropout=float(pc.dropout),
+        target_modules=list(pc.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = get_peft_model(lm, cfg)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n_train == 0:
+        raise ConfigError(f"config key 'train.peft.target_modules': {list(pc.target_modules)} matched no module")
+    return model
+
+
+def summary(peft_model) -> Dict[str, Any]:
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    return {"trainable_parameters": int(trainable), "all_parameters": int(total)}
+
+
+def finish(peft_model, adapter_dir: Path) -> Dict[str, torch.Tensor]:
+    """Save the adapter into ``adapter_dir`` (safetensors), merge it into the base weights in place
+    and return the merged model's state dict (fp32, CPU, the plain model's parameter names)."""
+    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    merged = peft_model.merge_and_unload()
+    return {k: v.detach().to("cpu") for k, v in merged.state_dict().items()}
