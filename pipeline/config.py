@@ -295,7 +295,9 @@ class SourceConfig:
     """Where raw instances come from and how their fields map onto the Alpaca schema."""
 
     kind: str = "local"  # local | url | hf
-    format: str = "alpaca"  # alpaca | dolly | ultrafeedback  (field mapping onto instruction/input/output)
+    # alpaca | dolly | ultrafeedback (field mapping onto instruction/input/output) | messages (chat:
+    # a list of {role, content}, rendered by the model's chat template, pipeline/chat.py)
+    format: str = "alpaca"
     path: Optional[str] = None  # kind=local: a .json (array) or .jsonl file in `format`
     url: Optional[str] = None  # kind=url: a file at a pinned address (e.g. a GitHub commit)
     repo_id: Optional[str] = None  # kind=hf: a Hugging Face dataset repository
@@ -305,7 +307,7 @@ class SourceConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.kind, ["local", "url", "hf"], "dataset.source.kind")
-        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback"], "dataset.source.format")
+        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback", "messages"], "dataset.source.format")
         if self.kind == "local":
             _check(bool(self.path), "dataset.source.path", "required when dataset.source.kind=local")
         if self.kind == "url":

@@ -49,6 +49,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from pipeline import chat
 from pipeline.loss import IGNORE_INDEX, token_weights
 
 # stanford_alpaca train.py @ 761dc5b, verbatim.
@@ -103,9 +104,14 @@ class TokenizedInstance:
     truncated: bool = False  # model_max_length cut something
     lost_completion: bool = False  # truncation removed every completion token (before the policy)
     prompt_tokens_dropped_left: int = 0  # by truncate_prompt_left
+    # chat records: the role of every token (True: a counted assistant turn; pipeline/chat.py); the
+    # prompt is then not a prefix and ``n_prompt`` is the first completion position
+    completion_mask: Optional[List[bool]] = None
 
     @property
     def n_completion(self) -> int:
+        if self.completion_mask is not None:
+            return sum(self.completion_mask)
         return len(self.input_ids) - self.n_prompt
 
 
@@ -212,6 +218,38 @@ def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max
         yield from flush()
 
 
+def chat_instance(
+    record: Mapping[str, Any], tokenizer, model_max_length: int = 512, truncation: str = "keep"
+) -> Optional[TokenizedInstance]:
+    """A chat record (``messages``) rendered by the tokenizer's chat template with the role of every
+    token (:func:`pipeline.chat.render`, every assistant turn counted), cut at ``model_max_length``
+    (right); ``drop`` removes an instance that lost every completion token; ``truncate_prompt_left``
+    is not defined for conversations yet (an error)."""
+    ex = chat.render(tokenizer, record["messages"])
+    ids, mask = ex.input_ids[:model_max_length], ex.completion_mask[:model_max_length]
+    lost = not any(mask[1:])
+    if lost and truncation == "truncate_prompt_left":
+        raise ValueError(
+            "train.truncation=truncate_prompt_left is not supported for chat data (format: messages) yet: "
+            "use keep or drop, or raise train.model_max_length"
+        )
+    if lost and truncation == "drop":
+        return None
+    n_prompt = mask.index(True) if True in mask else len(ids)
+    return TokenizedInstance(
+        ids, n_prompt, truncated=len(ex.input_ids) > model_max_length, lost_completion=lost, completion_mask=mask
+    )
+
+
+def _tokenize_each(records, tokenizer, model_max_length: int, truncation: str):
+    """Yield one instance (or None: dropped) per record: chat records through the chat template."""
+    for r in records:
+        if "messages" in r:
+            yield chat_instance(r, tokenizer, model_max_length, truncation)
+        else:
+            yield tokenize_instance(r, tokenizer, model_max_length, truncation)
+
+
 def tokenize_records(
     records: Iterable[Mapping[str, Any]],
     tokenizer,
@@ -219,16 +257,22 @@ def tokenize_records(
     truncation: str = "keep",
     batch_size: int = 512,
 ) -> Tuple[List[TokenizedInstance], TruncationReport]:
-    """Tokenise many records (batched); returns the kept instances and a :class:`TruncationReport`."""
+    """Tokenise many records (batched; chat records one by one through the chat template); returns
+    the kept instances and a :class:`TruncationReport`."""
     report = TruncationReport(policy=truncation, model_max_length=model_max_length)
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     out: List[TokenizedInstance] = []
-    for i, (source, target, full, n_src) in enumerate(
-        _batched_tokenize(records, tokenizer, model_max_length, batch_size)
-    ):
+    records = list(records)
+    if any("messages" in r for r in records):
+        instances = _tokenize_each(records, tokenizer, model_max_length, truncation)
+    else:
+        instances = (
+            _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
+            for source, target, full, n_src in _batched_tokenize(records, tokenizer, model_max_length, batch_size)
+        )
+    for i, inst in enumerate(instances):
         report.n_instances += 1
-        inst = _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
         if inst is None:
             report.n_truncated += 1
             report.n_lost_completion += 1
@@ -258,18 +302,25 @@ def build_example(
     plw: float,
     completion_weight: float = 1.0,
     mask_zero_weight_labels: bool = True,
+    completion_mask: Optional[Sequence[bool]] = None,
 ) -> Dict[str, torch.Tensor]:
     """``input_ids``, ``labels``, ``weights``, ``prompt_mask`` for one sequence (see module docstring).
 
-    ``n_prompt`` = number of leading prompt positions (BOS included). The weights are
+    ``n_prompt`` = number of leading prompt positions (BOS included); chat data gives the role of
+    every token instead (``completion_mask``; the prompt is everything else). The weights are
     :func:`pipeline.loss.token_weights` of the prompt-target and completion-target masks.
     """
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)
     L = ids.numel()
     n_prompt = max(0, min(int(n_prompt), L))
     pos = torch.arange(L)
-    prompt_mask = (pos < n_prompt) & (pos >= 1)
-    completion_mask = pos >= max(n_prompt, 1)  # position 0 has no target
+    if completion_mask is not None:
+        comp = torch.as_tensor(list(completion_mask), dtype=torch.bool)
+        prompt_mask = (~comp) & (pos >= 1)
+        completion_mask = comp & (pos >= 1)
+    else:
+        prompt_mask = (pos < n_prompt) & (pos >= 1)
+        completion_mask = pos >= max(n_prompt, 1)  # position 0 has no target
     weights = token_weights(prompt_mask, completion_mask, plw, completion_weight)
     labels = ids.clone()
     if L:
@@ -285,7 +336,10 @@ def build_examples(
     completion_weight: float = 1.0,
     mask_zero_weight_labels: bool = True,
 ) -> List[Dict[str, torch.Tensor]]:
-    return [build_example(t.input_ids, t.n_prompt, plw, completion_weight, mask_zero_weight_labels) for t in instances]
+    return [
+        build_example(t.input_ids, t.n_prompt, plw, completion_weight, mask_zero_weight_labels, t.completion_mask)
+        for t in instances
+    ]
 
 
 def preprocess_records(

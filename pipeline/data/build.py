@@ -172,6 +172,10 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     loaded = load_records(p.raw.path, ds.source.format, ds.empty_output, ds.max_records)
     recs = loaded.records
     transform_meta: Dict[str, Any] = {"kind": ds.transform.kind}
+    if ds.transform.kind == "invert" and any("messages" in r for r in recs):
+        raise inversion.InversionError(
+            f"dataset {ds.name}: prompt inversion of chat-format data (format: messages) is not supported yet"
+        )
     if ds.transform.kind == "invert":
         lf = length_fn(p.tokenizer, desc=f"{ds.name}: token lengths")
         new, lengths, sel = inversion.transform(
@@ -201,6 +205,7 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
                 "output": r["output"],
                 "inverted": False,
                 "source_index": i,
+                **({"messages": r["messages"]} if "messages" in r else {}),  # chat data (format: messages)
             }
             for r, i in zip(recs, loaded.source_index)
         ]

@@ -81,11 +81,24 @@ def ratio(completion: float, prompt: float) -> float:
 
 
 def measure(records: Sequence[Record], length: LengthFn) -> List[Lengths]:
-    """Token lengths of each field of each record (one batched call per field)."""
+    """Token lengths of each field of each record (one batched call per field).
+
+    Chat records (``messages``): each message's content alone; the assistant contents are the
+    completion, every other content the prompt (``instruction``; ``input`` 0), the template excluded
+    as for Alpaca (docs/study.md section 1)."""
+    if any("messages" in r for r in records):
+        return [_chat_lengths(r, length) if "messages" in r else measure([r], length)[0] for r in records]
     ins = length([r["instruction"] for r in records])
     inp = length([r.get("input", "") for r in records])
     out = length([r["output"] for r in records])
     return [Lengths(a, b, c) for a, b, c in zip(ins, inp, out)]
+
+
+def _chat_lengths(record: Record, length: LengthFn) -> Lengths:
+    msgs = record["messages"]
+    n = length([m["content"] for m in msgs])
+    completion = sum(k for k, m in zip(n, msgs) if m["role"] == "assistant")
+    return Lengths(sum(n) - completion, 0, completion)
 
 
 def inverted_lengths(records: Sequence[Record], orig: Sequence[Lengths], length: LengthFn) -> List[Lengths]:

@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from pipeline import chat
+
 # Bump when parsing, field mapping or validation changes what records come out of a raw file
 # (it is part of the processed-dataset hash, see store.py).
 RECORDS_VERSION = 1
 
-FORMATS = ("alpaca", "dolly", "ultrafeedback")
+FORMATS = ("alpaca", "dolly", "ultrafeedback", "messages")
 EMPTY_OUTPUT_POLICIES = ("error", "drop", "keep")
 FIELDS = ("instruction", "input", "output")
 MAX_SHOWN = 10
@@ -273,6 +275,22 @@ def _ultrafeedback_output(file: str, item: RawItem, obj: dict, problems: List[Pr
     return content
 
 
+def _chat_record(file: str, item: RawItem, obj: dict, problems: List[Problem]) -> Optional[Record]:
+    """A chat record: ``messages`` checked (pipeline/chat.py; each problem names the message index
+    and field); ``instruction``/``output`` repeat the first user and the last assistant content for
+    display and de-duplication only (tokenization renders the messages)."""
+    msgs = obj.get("messages")
+    found = chat.check_messages(msgs) if "messages" in obj else ["missing"]
+    for why in found:
+        problems.append(Problem(file, item.index, "messages", why, line=item.line))
+    if found:
+        return None
+    messages = [{"role": m["role"], "content": m["content"]} for m in msgs]
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    last = [m["content"] for m in messages if m["role"] == "assistant"][-1]
+    return {"instruction": user, "input": "", "output": last, "messages": messages}
+
+
 def map_record(file: str, item: RawItem, fmt: str, problems: List[Problem]) -> Optional[Record]:
     """One raw object -> an Alpaca record, or None (problems appended)."""
     obj = item.obj
@@ -287,6 +305,8 @@ def map_record(file: str, item: RawItem, fmt: str, problems: List[Problem]) -> O
         ins = _string(file, item, obj, k_ins, False, problems)
         inp = _string(file, item, obj, k_inp, True, problems)
         out = _string(file, item, obj, k_out, False, problems)
+    elif fmt == "messages":
+        return _chat_record(file, item, obj, problems)
     elif fmt == "ultrafeedback":
         k_ins, k_out = "prompt", "chosen"
         ins = _string(file, item, obj, "prompt", False, problems)
@@ -331,7 +351,7 @@ def records_from_items(
     considered = items if max_records is None else items[:max_records]
     problems: List[Problem] = []
     res = LoadResult([], [], n_raw=n_raw, n_considered=len(considered))
-    out_key = {"alpaca": "output", "dolly": "response", "ultrafeedback": "chosen"}[fmt]
+    out_key = {"alpaca": "output", "dolly": "response", "ultrafeedback": "chosen", "messages": "messages"}[fmt]
     seen: set = set()
     for item in considered:
         rec = map_record(file, item, fmt, problems)
@@ -353,7 +373,7 @@ def records_from_items(
                 res.dropped_empty_output.append(item.index)
                 continue
             res.kept_empty_output.append(item.index)
-        key = (rec["instruction"], rec["input"], rec["output"])
+        key = (rec["instruction"], rec["input"], rec["output"], json.dumps(rec.get("messages"), ensure_ascii=False))
         if key in seen:
             res.duplicates.append(item.index)
         seen.add(key)
