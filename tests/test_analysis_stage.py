@@ -233,16 +233,21 @@ def test_cli_regress_collect_and_suggest(store, tmp_path, capsys):
     assert main(["regress", "analysis.incomplete=sometimes"]) == 2
 
 
-def test_cli_regress_exits_0_only_when_every_dataset_is_analysed(store, tmp_path, capsys):
-    from pipeline.analysis.__main__ import main
-
+def _good_runs(store, tmp_path):
+    """A copy of the store's run folders of the good datasets only (every one of them analysable)."""
     runs = tmp_path / "runs"
     shutil.copytree(store / "runs", runs)
     shutil.rmtree(runs / "broken_run")
-    for run in list(runs.iterdir()):  # keep the good datasets' runs only
-        meta = json.loads((run / "run.json").read_text())
-        if meta.get("dataset") not in GOOD:
+    for run in list(runs.iterdir()):
+        if json.loads((run / "run.json").read_text()).get("dataset") not in GOOD:
             shutil.rmtree(run)
+    return runs
+
+
+def test_cli_regress_exits_0_only_when_every_dataset_is_analysed(store, tmp_path, capsys):
+    from pipeline.analysis.__main__ import main
+
+    runs = _good_runs(store, tmp_path)
     ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={tmp_path / 'reports'}", "analysis.glmm.n_sim=0"]
     assert main(["regress", "--no-figures", *ov]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "all 3 dataset(s) analysed"
@@ -282,13 +287,8 @@ def test_a_gam_fitted_on_test_double_judges_is_never_a_recommendation(store, tmp
     from pipeline.analysis.__main__ import main
     from pipeline.analysis.collect import TEST_DOUBLE_MARK
 
-    runs = tmp_path / "runs"
-    shutil.copytree(store / "runs", runs)
-    shutil.rmtree(runs / "broken_run")
-    for run in list(runs.iterdir()):
-        if json.loads((run / "run.json").read_text()).get("dataset") not in GOOD:
-            shutil.rmtree(run)
-            continue
+    runs = _good_runs(store, tmp_path)
+    for run in runs.iterdir():
         res = pd.read_csv(run / "results.csv")
         res["message"] = ""
         res.loc[res["benchmark"] == "alpaca_eval", "message"] = (
@@ -317,12 +317,7 @@ def test_the_analysis_tables_go_to_the_tracker(store, tmp_path, capsys):
 
     from pipeline.analysis.__main__ import main
 
-    runs = tmp_path / "runs"
-    shutil.copytree(store / "runs", runs)
-    shutil.rmtree(runs / "broken_run")
-    for run in list(runs.iterdir()):
-        if json.loads((run / "run.json").read_text()).get("dataset") not in GOOD:
-            shutil.rmtree(run)
+    runs = _good_runs(store, tmp_path)
     rep = tmp_path / "reports"
     ov = [f"paths.runs_dir={runs}", f"paths.reports_dir={rep}", "analysis.glmm.n_sim=0"]
     assert main(["regress", "--no-figures", *ov]) == 0

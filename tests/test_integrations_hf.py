@@ -68,6 +68,28 @@ def project_gradient(model, collator, records):
     return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
+def sgd_step(out_dir, n_records: int, ga: int) -> dict:
+    """Trainer arguments for one SGD step over all ``n_records`` (lr 1, no clipping, no decay), so that
+    the gradient is ``before - after``; the same for transformers' Trainer and TRL's SFTConfig."""
+    return dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=n_records // ga,
+        gradient_accumulation_steps=ga,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+
+
 def trainer_gradient(model, collator, records, tmp_path, ga: int, with_hook: bool = True, head_widths=None):
     """One SGD step (lr 1, no clipping, no decay) through transformers.Trainer: gradient = before - after.
     ``head_widths`` collects the sequence length of every LM-head output (the logits built)."""
@@ -77,24 +99,7 @@ def trainer_gradient(model, collator, records, tmp_path, ga: int, with_hook: boo
     if head_widths is not None:
         m.lm_head.register_forward_hook(lambda mod, inp, out: head_widths.append(out.shape[1]))
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / f"ga{ga}"),
-        per_device_train_batch_size=len(records) // ga,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        remove_unused_columns=False,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = TrainingArguments(**sgd_step(tmp_path / f"ga{ga}", len(records), ga), remove_unused_columns=False)
     loss_fn = plw_compute_loss(m) if collator.chunked else plw_compute_loss()
     trainer = Trainer(
         model=m, args=args, train_dataset=list(records), data_collator=collator, compute_loss_func=loss_fn
@@ -206,23 +211,7 @@ def test_a_trl_sft_trainer_step_has_the_projects_gradient(tok, records, tmp_path
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     widths: list = []
     m.lm_head.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[1]))
-    args = SFTConfig(
-        output_dir=str(tmp_path / f"sft{ga}"),
-        per_device_train_batch_size=len(records) // ga,
-        gradient_accumulation_steps=ga,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    args = SFTConfig(**sgd_step(tmp_path / f"sft{ga}", len(records), ga))
     trainer = sft_trainer_class()(
         model=m,
         args=args,

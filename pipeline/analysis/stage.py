@@ -209,7 +209,7 @@ def run_analysis(
 
 def analysis_trackers(acfg, tidy: pd.DataFrame) -> List[str]:
     """``analysis.report_to``, or (null) the trackers the analysed runs were trained with."""
-    chosen = OmegaConf.select(OmegaConf.structured(acfg) if not OmegaConf.is_config(acfg) else acfg, "report_to")
+    chosen = acfg.report_to
     if chosen is not None:
         return [str(x) for x in chosen]
     names: List[str] = []
