@@ -353,6 +353,10 @@ class TransformConfig:
         _check(0 < self.tolerance < 1, "dataset.transform.tolerance", "must be in (0, 1)")
 
 
+def _is_chat(dataset: Any) -> bool:
+    return dataset.source.format == "messages"
+
+
 @dataclass
 class DatasetConfig:
     name: str = MISSING
@@ -365,9 +369,20 @@ class DatasetConfig:
     max_records: Optional[int] = None  # keep the first N records (quick runs); null = all
     # the paper's Table 1 R_g, shown beside ours
     paper_rg: Optional[float] = field(default=None, metadata=RUNTIME)
+    # Chat data (source.format=messages): which assistant turns are the completion (weight
+    # completion_weight): `all` of them, or only the `last` (earlier answers are then prompt, PLW).
+    # Part of a run's identity for chat data only (pipeline/chat.py).
+    completion_turns: str = field(default="all", metadata={IDENTITY: _is_chat})
 
     def __post_init__(self) -> None:
         _one_of(self.empty_output, ["error", "drop", "keep"], "dataset.empty_output")
+        _one_of(self.completion_turns, ["all", "last"], "dataset.completion_turns")
+        if self.completion_turns != "all":
+            _check(
+                self.source.format == "messages",
+                "dataset.completion_turns",
+                "only for chat data (dataset.source.format=messages)",
+            )
         if self.max_records is not None:
             _check(self.max_records >= 1, "dataset.max_records", "must be >= 1 or null")
 
@@ -777,12 +792,14 @@ class SuggestConfig:
 
     gam_file: str = MISSING  # a bundle written by `make regress` (saveRDS)
     data: Optional[str] = None  # the dataset (.json / .jsonl / .parquet)
-    format: str = "alpaca"  # alpaca | dolly | ultrafeedback
+    format: str = "alpaca"  # alpaca | dolly | ultrafeedback | messages (chat)
+    completion_turns: str = "all"  # chat data: which assistant turns are the completion (all | last)
     tokenizer: Optional[str] = None  # default: paths.llama_tokenizer
     r_g: Optional[float] = None  # skip tokenisation and use this R_g
 
     def __post_init__(self) -> None:
-        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback"], "analysis.suggest.format")
+        _one_of(self.format, ["alpaca", "dolly", "ultrafeedback", "messages"], "analysis.suggest.format")
+        _one_of(self.completion_turns, ["all", "last"], "analysis.suggest.completion_turns")
         if self.r_g is not None:
             _check(self.r_g > 0 and math.isfinite(self.r_g), "analysis.suggest.r_g", "must be > 0")
 

@@ -38,7 +38,8 @@ alone fills the budget) is counted in :class:`TruncationReport`; the policy deci
 ``keep`` (Alpaca: keep it, all its targets are prompt targets), ``drop`` (remove it),
 ``truncate_prompt_left`` (drop prompt tokens from the left, right after BOS, until the whole
 completion fits; if the completion alone is longer than ``model_max_length - 1`` the prompt is
-reduced to BOS and the completion is right-truncated).
+reduced to BOS and the completion is right-truncated). Chat records (``messages``) under
+``truncate_prompt_left`` first lose whole oldest exchanges (:func:`chat_instance`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class TokenizedInstance:
     # chat records: the role of every token (True: a counted assistant turn; pipeline/chat.py); the
     # prompt is then not a prefix and ``n_prompt`` is the first completion position
     completion_mask: Optional[List[bool]] = None
+    turns_dropped: int = 0  # chat records: oldest exchanges dropped by truncate_prompt_left
 
     @property
     def n_completion(self) -> int:
@@ -125,6 +127,7 @@ class TruncationReport:
     n_dropped: int = 0  # removed by policy "drop"
     n_prompt_left_truncated: int = 0  # rescued by policy "truncate_prompt_left"
     n_kept_without_completion: int = 0  # kept with zero completion tokens (policy "keep")
+    n_turns_dropped: int = 0  # chat: conversations whose oldest exchanges "truncate_prompt_left" dropped
     examples_lost_completion: List[int] = field(default_factory=list)  # indices (first 20)
 
     def summary(self) -> str:
@@ -133,6 +136,7 @@ class TruncationReport:
             f"{self.n_truncated} truncated, {self.n_lost_completion} lost every completion token "
             f"(policy {self.policy}: {self.n_dropped} dropped, {self.n_prompt_left_truncated} "
             f"prompt-left-truncated, {self.n_kept_without_completion} kept without completion)"
+            + (f"; {self.n_turns_dropped} conversations lost their oldest turns" if self.n_turns_dropped else "")
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -219,33 +223,78 @@ def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max
 
 
 def chat_instance(
-    record: Mapping[str, Any], tokenizer, model_max_length: int = 512, truncation: str = "keep"
+    record: Mapping[str, Any],
+    tokenizer,
+    model_max_length: int = 512,
+    truncation: str = "keep",
+    completion_turns: str = "all",
 ) -> Optional[TokenizedInstance]:
     """A chat record (``messages``) rendered by the tokenizer's chat template with the role of every
-    token (:func:`pipeline.chat.render`, every assistant turn counted), cut at ``model_max_length``
-    (right); ``drop`` removes an instance that lost every completion token; ``truncate_prompt_left``
-    is not defined for conversations yet (an error)."""
-    ex = chat.render(tokenizer, record["messages"])
+    token (:func:`pipeline.chat.render`; ``completion_turns``: which assistant turns are the
+    completion), then fitted into ``model_max_length``:
+
+    - ``keep`` / ``drop``: cut on the right, as for Alpaca records; ``drop`` removes an instance
+      that lost every completion token.
+    - ``truncate_prompt_left``: the prompt is cut from the left, by whole turns first: the oldest
+      exchanges (a user message and its answer; a system message stays) are dropped until the
+      conversation fits or only the last exchange is left, so the final answer is not cut while
+      older turns could go. If the last exchange alone still loses its whole answer, its prompt
+      tokens are cut from the left after BOS as for Alpaca records.
+    """
+    msgs = list(record["messages"])
+    ex = chat.render(tokenizer, msgs, completion_turns)
+    dropped_turns = dropped_tokens = 0
+    if truncation == "truncate_prompt_left" and len(ex.input_ids) > model_max_length:
+        head = msgs[:1] if msgs[0]["role"] == "system" else []
+        turns = msgs[len(head) :]
+        n_before = len(ex.input_ids)
+        while len(ex.input_ids) > model_max_length and len(turns) > 2:
+            turns = turns[2:]  # the oldest user message and its answer
+            dropped_turns += 1
+            ex = chat.render(tokenizer, head + turns, completion_turns)
+        dropped_tokens = n_before - len(ex.input_ids) if dropped_turns else 0
     ids, mask = ex.input_ids[:model_max_length], ex.completion_mask[:model_max_length]
+    truncated = len(ex.input_ids) > model_max_length or dropped_turns > 0
     lost = not any(mask[1:])
-    if lost and truncation == "truncate_prompt_left":
-        raise ValueError(
-            "train.truncation=truncate_prompt_left is not supported for chat data (format: messages) yet: "
-            "use keep or drop, or raise train.model_max_length"
-        )
     if lost and truncation == "drop":
         return None
+    if lost and truncation == "truncate_prompt_left":
+        ids, mask, cut = _chat_cut_prompt_left(ex, tokenizer, model_max_length)
+        dropped_tokens += cut
     n_prompt = mask.index(True) if True in mask else len(ids)
     return TokenizedInstance(
-        ids, n_prompt, truncated=len(ex.input_ids) > model_max_length, lost_completion=lost, completion_mask=mask
+        ids,
+        n_prompt,
+        truncated=truncated,
+        lost_completion=lost,
+        prompt_tokens_dropped_left=dropped_tokens,
+        completion_mask=mask,
+        turns_dropped=dropped_turns,
     )
 
 
-def _tokenize_each(records, tokenizer, model_max_length: int, truncation: str):
+def _chat_cut_prompt_left(
+    ex: "chat.ChatExample", tokenizer, model_max_length: int
+) -> Tuple[List[int], List[bool], int]:
+    """The last exchange with its prompt tokens cut from the left (after BOS) so its answer fits
+    (Alpaca's ``truncate_prompt_left`` at token level); returns ids, mask, tokens removed."""
+    ids, mask = ex.input_ids, ex.completion_mask
+    first = mask.index(True)
+    keep_bos = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+    head = 1 if keep_bos else 0
+    body = first - head
+    budget = max(model_max_length - head - (len(ids) - first), 0)
+    kept = min(body, budget)
+    new_ids = ids[:head] + ids[first - kept :]
+    new_mask = mask[:head] + mask[first - kept :]
+    return new_ids[:model_max_length], new_mask[:model_max_length], body - kept
+
+
+def _tokenize_each(records, tokenizer, model_max_length: int, truncation: str, completion_turns: str = "all"):
     """Yield one instance (or None: dropped) per record: chat records through the chat template."""
     for r in records:
         if "messages" in r:
-            yield chat_instance(r, tokenizer, model_max_length, truncation)
+            yield chat_instance(r, tokenizer, model_max_length, truncation, completion_turns)
         else:
             yield tokenize_instance(r, tokenizer, model_max_length, truncation)
 
@@ -256,16 +305,18 @@ def tokenize_records(
     model_max_length: int = 512,
     truncation: str = "keep",
     batch_size: int = 512,
+    completion_turns: str = "all",
 ) -> Tuple[List[TokenizedInstance], TruncationReport]:
-    """Tokenise many records (batched; chat records one by one through the chat template); returns
-    the kept instances and a :class:`TruncationReport`."""
+    """Tokenise many records (batched; chat records one by one through the chat template, with
+    ``completion_turns`` of their assistant turns as the completion); returns the kept instances
+    and a :class:`TruncationReport`."""
     report = TruncationReport(policy=truncation, model_max_length=model_max_length)
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation policy must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
     out: List[TokenizedInstance] = []
     records = list(records)
     if any("messages" in r for r in records):
-        instances = _tokenize_each(records, tokenizer, model_max_length, truncation)
+        instances = _tokenize_each(records, tokenizer, model_max_length, truncation, completion_turns)
     else:
         instances = (
             _finish_instance(source, target, full, n_src, tokenizer, model_max_length, truncation)
@@ -281,6 +332,7 @@ def tokenize_records(
                 report.examples_lost_completion.append(i)
             continue
         report.n_truncated += int(inst.truncated)
+        report.n_turns_dropped += int(inst.turns_dropped > 0)
         if inst.lost_completion:
             report.n_lost_completion += 1
             if len(report.examples_lost_completion) < 20:
@@ -351,9 +403,12 @@ def preprocess_records(
     model_max_length: int = 512,
     truncation: str = "keep",
     mask_zero_weight_labels: bool = True,
+    completion_turns: str = "all",
 ) -> Tuple[List[Dict[str, torch.Tensor]], TruncationReport]:
     """Render, tokenise, truncate and weight records in one go (``tokenize_records`` + ``build_examples``)."""
-    instances, report = tokenize_records(records, tokenizer, model_max_length, truncation)
+    instances, report = tokenize_records(
+        records, tokenizer, model_max_length, truncation, completion_turns=completion_turns
+    )
     return build_examples(instances, plw, completion_weight, mask_zero_weight_labels), report
 
 

@@ -144,6 +144,7 @@ def train(
             eval_fraction=float(t.eval_fraction),
             seed=int(cfg.seed),
             dataset=str(cfg.dataset.name),
+            completion_turns=typed.dataset.completion_turns,
         )
         if backend.is_main:
             log.info("data %s (%s): %s", cfg.dataset.name, meta.get("dir"), data.truncation.summary())

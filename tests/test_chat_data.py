@@ -123,22 +123,3 @@ def test_a_multi_turn_chat_dataset_trains_with_the_chat_weights(base, tmp_path, 
         want = chat.weights(chat.render(tok, c["messages"]), plw=0.1)[:128]
         assert torch.equal(ex["weights"], want)
         assert set(ex["weights"][1:].tolist()) == {torch.tensor(0.1).item(), 1.0}  # prompt and completion
-
-
-def test_what_chat_data_cannot_do_yet_says_so(tmp_path, base):
-    from pipeline.data.build import build
-    from pipeline.data.inversion import InversionError
-    from pipeline.preprocess import tokenize_records
-
-    src = tmp_path / "c.jsonl"
-    src.write_text(json.dumps(_as_chat({"instruction": "q " * 50, "input": "", "output": "a " * 50})) + "\n")
-    with pytest.raises(InversionError, match="chat-format data"):
-        build(_cfg(src, tmp_path, "dataset.transform.kind=invert", f"dataset.transform.tokenizer={base['tokenizer']}"))
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base["tokenizer"]))
-    recs = [json.loads(src.read_text())]
-    with pytest.raises(ValueError, match="truncate_prompt_left is not supported for chat data"):
-        tokenize_records(recs, tok, model_max_length=20, truncation="truncate_prompt_left")
-    kept, rep = tokenize_records(recs, tok, model_max_length=20, truncation="drop")
-    assert kept == [] and rep.n_dropped == 1

@@ -93,6 +93,7 @@ def prepare(cfg) -> Prepared:
         ds.transform.tolerance,
         ds.transform.seed,
         fp,
+        ds.completion_turns,
     )
     digest = store.content_hash(defn)
     return Prepared(cfg, raw, defn, digest, store.dataset_dir(cfg.paths.processed_dir, ds.name, digest), tok, spec, fp)
@@ -163,7 +164,11 @@ def measure_rg(cfg, records: List[Dict[str, Any]], meta: Optional[Dict[str, Any]
                 "error": msg,
             },
         }
-    lengths = inversion.measure(records, length_fn(tok, desc=f"{cfg.dataset.name}: token lengths (R_g)"))
+    lengths = inversion.measure(
+        records,
+        length_fn(tok, desc=f"{cfg.dataset.name}: token lengths (R_g)"),
+        cfg.dataset.completion_turns,
+    )
     return _rg_meta(lengths, spec, fp)
 
 
@@ -172,14 +177,10 @@ def _make(p: Prepared) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     loaded = load_records(p.raw.path, ds.source.format, ds.empty_output, ds.max_records)
     recs = loaded.records
     transform_meta: Dict[str, Any] = {"kind": ds.transform.kind}
-    if ds.transform.kind == "invert" and any("messages" in r for r in recs):
-        raise inversion.InversionError(
-            f"dataset {ds.name}: prompt inversion of chat-format data (format: messages) is not supported yet"
-        )
     if ds.transform.kind == "invert":
         lf = length_fn(p.tokenizer, desc=f"{ds.name}: token lengths")
         new, lengths, sel = inversion.transform(
-            recs, lf, ds.transform.target_rg, ds.transform.tolerance, ds.transform.seed
+            recs, lf, ds.transform.target_rg, ds.transform.tolerance, ds.transform.seed, None, ds.completion_turns
         )
         for r, src_i, ln in zip(new, loaded.source_index, lengths):
             r["source_index"] = src_i

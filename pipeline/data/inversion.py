@@ -47,8 +47,36 @@ def per_text(fn: Callable[[str], int]) -> LengthFn:
     return lambda texts: [int(fn(t)) for t in texts]
 
 
+def invertible(record: Record) -> bool:
+    """Alpaca records always; chat records when single-turn (one user message and its answer, a
+    system message allowed): a multi-turn conversation has no single prompt to predict."""
+    if "messages" not in record:
+        return True
+    return [m["role"] for m in record["messages"] if m["role"] != "system"] == ["user", "assistant"]
+
+
 def invert(record: Record) -> Record:
-    """The prompt-inverted record (``inverted: True``); other keys of ``record`` are not kept."""
+    """The prompt-inverted record (``inverted: True``); other keys of ``record`` are not kept.
+
+    A single-turn chat record becomes the conversation asking for the prompt: the user message is
+    the fixed instruction, a blank line and the original answer; the answer is the original user
+    message (a chat record's user message holds instruction and input together, so the instruction
+    without context is used); a system message stays."""
+    if "messages" in record:
+        if not invertible(record):
+            raise InversionError("only single-turn conversations can be prompt-inverted")
+        msgs = record["messages"]
+        system = [m for m in msgs if m["role"] == "system"]
+        user = next(m["content"] for m in msgs if m["role"] == "user")
+        answer = next(m["content"] for m in msgs if m["role"] == "assistant")
+        ask = f"{INSTRUCTION_NO_INPUT}\n\n{answer}"
+        return {
+            "instruction": ask,
+            "input": "",
+            "output": user,
+            "inverted": True,
+            "messages": [*system, {"role": "user", "content": ask}, {"role": "assistant", "content": user}],
+        }
     ins, inp, out = record["instruction"], record.get("input", ""), record["output"]
     new_ins = INSTRUCTION_NO_INPUT if inp == "" else INSTRUCTION_WITH_INPUT.format(input=inp)
     return {"instruction": new_ins, "input": out, "output": ins, "inverted": True}
@@ -80,24 +108,28 @@ def ratio(completion: float, prompt: float) -> float:
     return completion / prompt
 
 
-def measure(records: Sequence[Record], length: LengthFn) -> List[Lengths]:
+def measure(records: Sequence[Record], length: LengthFn, completion_turns: str = "all") -> List[Lengths]:
     """Token lengths of each field of each record (one batched call per field).
 
-    Chat records (``messages``): each message's content alone; the assistant contents are the
-    completion, every other content the prompt (``instruction``; ``input`` 0), the template excluded
-    as for Alpaca (docs/study.md section 1)."""
+    Chat records (``messages``): each message's content alone; the counted assistant contents
+    (``completion_turns``: all of them, or the last) are the completion, every other content the
+    prompt (``instruction``; ``input`` 0), the template excluded as for Alpaca (docs/study.md
+    section 1)."""
     if any("messages" in r for r in records):
-        return [_chat_lengths(r, length) if "messages" in r else measure([r], length)[0] for r in records]
+        return [
+            _chat_lengths(r, length, completion_turns) if "messages" in r else measure([r], length)[0] for r in records
+        ]
     ins = length([r["instruction"] for r in records])
     inp = length([r.get("input", "") for r in records])
     out = length([r["output"] for r in records])
     return [Lengths(a, b, c) for a, b, c in zip(ins, inp, out)]
 
 
-def _chat_lengths(record: Record, length: LengthFn) -> Lengths:
+def _chat_lengths(record: Record, length: LengthFn, completion_turns: str = "all") -> Lengths:
     msgs = record["messages"]
     n = length([m["content"] for m in msgs])
-    completion = sum(k for k, m in zip(n, msgs) if m["role"] == "assistant")
+    answers = [k for k, m in zip(n, msgs) if m["role"] == "assistant"]
+    completion = sum(answers) if completion_turns == "all" else answers[-1]
     return Lengths(sum(n) - completion, 0, completion)
 
 
@@ -105,8 +137,17 @@ def inverted_lengths(records: Sequence[Record], orig: Sequence[Lengths], length:
     """Token lengths of every record's inverted version, reusing the original fields' counts.
 
     Only the new instruction is measured (the new input is the old output, the new output the old
-    instruction; each field is measured on its own, so their counts carry over exactly).
+    instruction; each field is measured on its own, so their counts carry over exactly). Chat
+    records are measured whole (their new user message holds the old answer); a multi-turn one
+    cannot be inverted and keeps its lengths (it is never chosen).
     """
+    if any("messages" in r for r in records):
+        return [
+            (_chat_lengths(invert(r), length) if invertible(r) else o)
+            if "messages" in r
+            else inverted_lengths([r], [o], length)[0]
+            for r, o in zip(records, orig)
+        ]
     new_ins = length([invert(r)["instruction"] for r in records])
     return [Lengths(a, o.output, o.instruction) for a, o in zip(new_ins, orig)]
 
@@ -117,13 +158,18 @@ def dataset_rg(lengths: Sequence[Lengths]) -> float:
 
 def order_key(record: Record, seed: int) -> str:
     """The candidate order for target selection: sha256 of the seed and the record's content."""
-    content = json.dumps([record["instruction"], record.get("input", ""), record["output"]], ensure_ascii=False)
+    fields = [record["instruction"], record.get("input", ""), record["output"]]
+    if "messages" in record:  # chat: the whole conversation
+        fields.append(record["messages"])
+    content = json.dumps(fields, ensure_ascii=False)
     return hashlib.sha256(f"{int(seed)}\n{content}".encode("utf-8")).hexdigest()
 
 
-def select_short(orig: Sequence[Lengths]) -> List[bool]:
-    """Short datasets: invert every instance whose R_g > 1 (completion > prompt tokens)."""
-    return [x.completion > x.prompt for x in orig]
+def select_short(orig: Sequence[Lengths], records: Optional[Sequence[Record]] = None) -> List[bool]:
+    """Short datasets: invert every instance whose R_g > 1 (completion > prompt tokens) and that
+    can be inverted (:func:`invertible`; ``records`` omitted: all can)."""
+    ok = [True] * len(orig) if records is None else [invertible(r) for r in records]
+    return [x.completion > x.prompt and o for x, o in zip(orig, ok)]
 
 
 def _totals(orig: Sequence[Lengths], inv: Sequence[Lengths], choice: Sequence[bool]) -> Tuple[int, int]:
@@ -259,9 +305,15 @@ def apply_selection(records: Sequence[Record], choice: Sequence[bool]) -> List[R
         if ch:
             out.append(invert(r))
         else:
-            out.append(
-                {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"], "inverted": False}
-            )
+            keep = {
+                "instruction": r["instruction"],
+                "input": r.get("input", ""),
+                "output": r["output"],
+                "inverted": False,
+            }
+            if "messages" in r:
+                keep["messages"] = r["messages"]
+            out.append(keep)
     return out
 
 
@@ -272,16 +324,18 @@ def transform(
     tolerance: float = 0.01,
     seed: int = 0,
     orig: Optional[Sequence[Lengths]] = None,
+    completion_turns: str = "all",
 ) -> Tuple[List[Record], List[Lengths], Selection]:
     """Prompt-invert a dataset: Short (``target_rg=None``) or to a target R_g.
 
     Returns the new records (with ``inverted`` flags), their token lengths, and the selection.
-    ``orig`` may pass precomputed lengths of ``records``.
+    ``orig`` may pass precomputed lengths of ``records``. Chat records: single-turn ones can be
+    inverted (:func:`invert`); ``completion_turns`` defines the completion of multi-turn ones.
     """
-    orig = list(orig) if orig is not None else measure(records, length)
+    orig = list(orig) if orig is not None else measure(records, length, completion_turns)
     inv = inverted_lengths(records, orig, length)
     if target_rg is None:
-        choice = select_short(orig)
+        choice = select_short(orig, records)
         c, p = _totals(orig, inv, choice)
         sel = Selection(choice, dataset_rg(orig), ratio(c, p), None, None, sum(choice))
     else:

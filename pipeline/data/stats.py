@@ -135,13 +135,16 @@ def compute_stats(
     )
 
 
-def record_lengths(records, tok, fingerprint: Optional[str], meta, desc: str = "") -> List[Lengths]:
+def record_lengths(
+    records, tok, fingerprint: Optional[str], meta, desc: str = "", completion_turns: str = "all"
+) -> List[Lengths]:
     """Token lengths of processed records; reuses the counts stored by the transform when they were
-    made with the same tokenizer (same fingerprint), otherwise tokenizes."""
+    made with the same tokenizer (same fingerprint), otherwise tokenizes (chat records: the
+    ``completion_turns`` assistant turns are the completion)."""
     stored = (meta.get("tokenizer") or {}).get("fingerprint")
     if stored is not None and stored == fingerprint and all("tokens" in r for r in records):
         return [Lengths(r["tokens"]["instruction"], r["tokens"]["input"], r["tokens"]["output"]) for r in records]
-    return measure(records, length_fn(tok, desc=desc or "token lengths"))
+    return measure(records, length_fn(tok, desc=desc or "token lengths"), completion_turns)
 
 
 def dataset_stats(cfg) -> DatasetStats:
@@ -150,7 +153,9 @@ def dataset_stats(cfg) -> DatasetStats:
     records, meta = load_dataset(cfg)
     spec = resolve_tokenizer_spec(cfg)
     tok, fp = get_tokenizer(spec)
-    lengths = record_lengths(records, tok, fp, meta, desc=f"{cfg.dataset.name}: token lengths")
+    lengths = record_lengths(
+        records, tok, fp, meta, desc=f"{cfg.dataset.name}: token lengths", completion_turns=cfg.dataset.completion_turns
+    )
     c = meta["counts"]
     return compute_stats(
         cfg.dataset.name,

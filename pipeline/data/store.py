@@ -50,6 +50,7 @@ def definition(
     tolerance: Optional[float] = None,
     seed: Optional[int] = None,
     tokenizer_fingerprint: Optional[str] = None,
+    completion_turns: str = "all",
 ) -> Dict[str, Any]:
     """The canonical description of a processed dataset's content (what the hash covers).
 
@@ -71,7 +72,7 @@ def definition(
             tr.update(tolerance=float(tolerance), seed=int(seed))
     else:
         raise ValueError(f"unknown transform kind {transform_kind!r}")
-    return {
+    out = {
         "store_version": STORE_VERSION,
         "records_version": records_mod.RECORDS_VERSION,
         "raw_sha256": raw_sha256,
@@ -80,6 +81,9 @@ def definition(
         "max_records": max_records,
         "transform": tr,
     }
+    if fmt == "messages":  # chat data: the counted assistant turns define R_g (and the inversion)
+        out["completion_turns"] = completion_turns
+    return out
 
 
 def content_hash(defn: Dict[str, Any]) -> str:

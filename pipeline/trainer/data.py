@@ -146,13 +146,16 @@ def prepare_examples(
     eval_fraction: float,
     seed: int,
     dataset: str = "?",
+    completion_turns: str = "all",
 ) -> TrainData:
     """Tokenise and weight ``records`` (see the module docstring) and split off the validation set.
 
     :class:`ZeroWeightError` when the training examples carry no loss weight at all (e.g. PLW 0 and
     every completion cut by truncation): such a run would train nothing. ``dataset`` names the data
-    in that message."""
-    instances, report = tokenize_records(records, tokenizer, model_max_length, truncation)
+    in that message. ``completion_turns``: chat records' counted assistant turns (pipeline/chat.py)."""
+    instances, report = tokenize_records(
+        records, tokenizer, model_max_length, truncation, completion_turns=completion_turns
+    )
     examples = build_examples(instances, plw, completion_weight, mask_zero_weight_labels=False)
     if not examples:
         raise ValueError(f"no training examples left of {len(records)} records ({report.summary()})")
