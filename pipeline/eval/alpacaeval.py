@@ -6,7 +6,8 @@ Steps (driven by :class:`AlpacaEvalRunner`):
    (``eval.alpaca_eval_reference``; else ``<eval.data_dir>/alpaca_eval/alpaca_eval_v1.jsonl`` from
    `make fetch-data`; else the hub file ``alpaca_eval.json`` of the dataset ``tatsu-lab/alpaca_eval``).
 2. :func:`generate_outputs` -- the model's outputs: each instruction rendered in the Alpaca template
-   (:func:`pipeline.preprocess.render_source`, no input), greedy, ``eval.max_new_tokens``, batched
+   (:func:`pipeline.preprocess.render_source`, no input; a run trained on chat data: its model's
+   chat template, :mod:`pipeline.eval.prompting`), greedy, ``eval.max_new_tokens``, batched
    with left padding; cached in ``<eval_dir>/alpaca_eval/model_outputs.json`` (reused when the
    generation settings and instructions are the same).
 3. :func:`annotate` -- ``alpaca_eval.main.evaluate`` with the evaluator config ``eval.judge``
@@ -45,7 +46,7 @@ from pipeline.eval import generation
 from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
 from pipeline.eval.results import ResultRow
 from pipeline.eval.runner import EvalPlan, EvalSession, Runner, register
-from pipeline.preprocess import render_source
+from pipeline.eval import prompting
 from pipeline.runs import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -144,16 +145,20 @@ def load_reference(path: Path) -> List[Dict[str, str]]:
     return out
 
 
-def prompts_for(reference: Sequence[Dict[str, str]]) -> List[str]:
-    return [render_source({"instruction": r["instruction"], "input": ""}) for r in reference]
+def prompts_for(reference: Sequence[Dict[str, str]], style: str = prompting.ALPACA, tokenizer=None) -> List[str]:
+    """The instructions in the run's prompt style (:mod:`pipeline.eval.prompting`; Alpaca: no input)."""
+    return [prompting.render(style, tokenizer, r["instruction"]) for r in reference]
 
 
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
-def generation_settings(max_new_tokens: int, limit: Optional[int]) -> Dict[str, Any]:
+def generation_settings(max_new_tokens: int, limit: Optional[int], style: str = prompting.ALPACA) -> Dict[str, Any]:
+    template = "alpaca (pipeline.preprocess.render_source, no input)"
+    if style != prompting.ALPACA:
+        template = f"{style} (the evaluated model's, pipeline.eval.prompting)"
     return {
-        "template": "alpaca (pipeline.preprocess.render_source, no input)",
+        "template": template,
         "decoding": "greedy",
         "max_new_tokens": int(max_new_tokens),
         "limit": limit,
@@ -170,10 +175,12 @@ def generate_outputs(
     max_new_tokens: int,
     batch_size: int,
     limit: Optional[int],
+    style: str = prompting.ALPACA,
 ) -> List[Dict[str, Any]]:
-    """The model's outputs for the (first ``limit``) instructions; cached in ``out_file``."""
+    """The model's outputs for the (first ``limit``) instructions, asked in ``style``
+    (:mod:`pipeline.eval.prompting`); cached in ``out_file``."""
     ref = list(reference[:limit] if limit else reference)
-    settings = generation_settings(max_new_tokens, limit)
+    settings = generation_settings(max_new_tokens, limit, style)
     key = _sha(json.dumps([settings, [r["instruction"] for r in ref]], sort_keys=True).encode())
     if out_file.is_file():
         try:
@@ -185,10 +192,11 @@ def generate_outputs(
     gens = generation.generate(
         model,
         tokenizer,
-        prompts_for(ref),
+        prompts_for(ref, style, tokenizer),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         desc="AlpacaEval generation",
+        add_special_tokens=prompting.add_special_tokens(style),
     )
     outputs = [
         {
@@ -244,7 +252,13 @@ def annotator_config(judge: str, judge_model: Optional[str] = None) -> Tuple[str
 
 
 def evaluator_info(
-    judge: str, judge_model: Optional[str], reference_file: Path, *, max_new_tokens: int, limit: Optional[int]
+    judge: str,
+    judge_model: Optional[str],
+    reference_file: Path,
+    *,
+    max_new_tokens: int,
+    limit: Optional[int],
+    style: str = prompting.ALPACA,
 ) -> Dict[str, Any]:
     """The exact evaluator config recorded in results.csv (and compared on resume)."""
     name, conf = annotator_config(judge, judge_model)
@@ -261,7 +275,7 @@ def evaluator_info(
         "parser": conf.get("completion_parser_kwargs"),
         "metric": "get_winrate (draws count half)",
         "reference": {"file": reference_file.name, "sha256": _sha(reference_file.read_bytes())[:16]},
-        "generation": generation_settings(max_new_tokens, limit),
+        "generation": generation_settings(max_new_tokens, limit, style),
     }
 
 
@@ -428,7 +442,8 @@ class AlpacaEvalRunner(Runner):
                 f"{bench.path}: field 'benchmark.compute' must be one of {list(COMPUTATIONS)} for "
                 f"kind alpaca_eval, got {bench.compute!r}"
             )
-        gen = generation_settings(e.max_new_tokens, e.limit)
+        style = prompting.style_of(ev.t.run_cfg)
+        gen = generation_settings(e.max_new_tokens, e.limit, style)
         try:
             ref = reference_path(e.alpaca_eval_reference, e.data_dir)
         except DataUnavailable as ex:
@@ -444,7 +459,8 @@ class AlpacaEvalRunner(Runner):
                 },
             )
         return EvalPlan(
-            bench.name, evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens, limit=e.limit)
+            bench.name,
+            evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens, limit=e.limit, style=style),
         )
 
     def prepare(self, ev: EvalSession) -> None:
@@ -472,6 +488,7 @@ class AlpacaEvalRunner(Runner):
                 max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size,
                 limit=e.limit,
+                style=prompting.style_of(ev.t.run_cfg),
             )
         except Exception as ex:
             log.error("AlpacaEval generation failed:\n%s", traceback.format_exc())

@@ -8,8 +8,9 @@ Pure functions (tested against independent computations):
   sample standard deviation (ddof 1) / mean; the metric is the mean over windows.
 - :func:`corpus_bleu` -- sacreBLEU corpus BLEU with the paper's signature
   ``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp`` (sacreBLEU's defaults).
-- :func:`select_prompts` -- up to N unique training prompts (the rendered Alpaca source), a seeded
-  sample when there are more.
+- :func:`select_prompts` -- up to N unique training prompts (the rendered Alpaca source; chat
+  records: the conversation before its last answer in the model's chat template), a seeded sample
+  when there are more.
 - :func:`weight_distance` -- distance between the fine-tuned and the pre-trained weights with the
   trainer's definitions (:mod:`pipeline.trainer.distance`, one implementation): ``l1_mean`` =
   sum|w - w0| / number of elements, ``l2`` = sqrt(sum (w - w0)^2), ``l1_sum_per_tensor`` = mean over
@@ -40,7 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pipeline.data.build import load_dataset
 from pipeline.eval import benchmarks as B
-from pipeline.eval import generation
+from pipeline.eval import generation, prompting
 from pipeline.eval.results import ResultRow
 from pipeline.eval.runner import EvalPlan, EvalSession, Runner, model_identity, register, short_hash
 from pipeline.preprocess import render_source
@@ -134,16 +135,26 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> Tuple[f
     return float(score.score), bleu.get_signature().format()
 
 
-def select_prompts(records: Sequence[Mapping[str, Any]], n: int, seed: int = 0) -> List[Tuple[str, str]]:
+def select_prompts(
+    records: Sequence[Mapping[str, Any]], n: int, seed: int = 0, tokenizer=None
+) -> List[Tuple[str, str]]:
     """Up to ``n`` (prompt, output) pairs with unique prompts (first occurrence's output), in record
-    order; a seeded sample of the unique prompts when there are more than ``n``."""
+    order; a seeded sample of the unique prompts when there are more than ``n``.
+
+    Chat records (``messages``): the prompt is the conversation up to its last answer in
+    ``tokenizer``'s chat template with the assistant turn opened (as it was trained), the output
+    that last answer."""
     seen: Dict[str, str] = {}
     for i, r in enumerate(records):
-        if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+        if "messages" in r:
+            msgs = list(r["messages"])
+            src, out = prompting.chat_context(tokenizer, msgs[:-1]), msgs[-1]["content"]
+        elif not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
             raise MechanismError(f"training record {i}: fields 'instruction'/'output' must be strings")
-        src = render_source(r)
+        else:
+            src, out = render_source(r), r["output"]
         if src not in seen:
-            seen[src] = r["output"]
+            seen[src] = out
     items = list(seen.items())
     if n >= len(items):
         return items
@@ -356,11 +367,17 @@ def rows_memorization(ev: EvalSession, name: str, model, tok) -> List[ResultRow]
     if ev.t.run_cfg is None:
         raise MechanismError("no run config (config.yaml): cannot find the training data")
     records, _meta = load_dataset(ev.t.run_cfg)
-    pairs = select_prompts(records, int(e.memorization_prompts), int(e.memorization_seed))
+    pairs = select_prompts(records, int(e.memorization_prompts), int(e.memorization_seed), tok)
     if not pairs:
         raise MechanismError(f"dataset {ev.t.run_cfg.dataset.name}: no training prompts")
     gens = generation.generate(
-        model, tok, [p for p, _ in pairs], max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, desc="memorization"
+        model,
+        tok,
+        [p for p, _ in pairs],
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        desc="memorization",
+        add_special_tokens=not any("messages" in r for r in records),  # a chat template wrote them
     )
     hyps = [g.text for g in gens]
     atomic_write_json(

@@ -12,7 +12,8 @@ each model was compared with; here the comparator is a config value (``eval.pand
 Steps:
 
 1. candidates: each item (instruction, input) rendered in the Alpaca template the models were
-   trained with (:func:`pipeline.preprocess.render_source`), greedy, ``eval.max_new_tokens``,
+   trained with (:func:`pipeline.preprocess.render_source`; a run trained on chat data, and its
+   comparator: the model's chat template, :mod:`pipeline.eval.prompting`), greedy, ``eval.max_new_tokens``,
    batched; cached.
 2. judging: :func:`build_prompt` is PandaLM's ``build_pandalm_prompt`` (special tokens removed from
    the responses, ``### Evaluation:`` at the end); every item is judged in BOTH orders (model as
@@ -62,7 +63,7 @@ from pipeline.eval.judges import TEST_DOUBLE, TEST_DOUBLE_NOTE
 from pipeline.eval.results import ResultRow
 from pipeline.eval.runner import BASELINES_DIR, EvalPlan, EvalSession, Runner, model_identity, register, short_hash
 from pipeline.models import ensure_pad_token
-from pipeline.preprocess import render_source
+from pipeline.eval import prompting
 from pipeline.runs import append_jsonl, atomic_write_json, file_lock, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,9 @@ def load_testset(path: Path) -> List[Dict[str, str]]:
     return out
 
 
-def candidate_prompts(items: Sequence[Dict[str, str]]) -> List[str]:
-    return [render_source({"instruction": it["instruction"], "input": it["input"]}) for it in items]
+def candidate_prompts(items: Sequence[Dict[str, str]], style: str = prompting.ALPACA, tokenizer=None) -> List[str]:
+    """The items in the run's prompt style (:mod:`pipeline.eval.prompting`)."""
+    return [prompting.render(style, tokenizer, it["instruction"], it["input"]) for it in items]
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,8 +354,12 @@ def evaluator_info(
     max_new_tokens: int,
     limit: Optional[int],
     unparsable: str,
+    style: str = prompting.ALPACA,
 ) -> Dict[str, Any]:
     conf = judge_config(judge_name, judge_model)
+    template = "alpaca (pipeline.preprocess.render_source)"
+    if style != prompting.ALPACA:
+        template = f"{style} (the evaluated model's, pipeline.eval.prompting)"
     return {
         "framework": "pandalm (reimplemented prompt/parser of WeOpenML/PandaLM eb758c4)",
         "judge": conf.get("model") or conf.get("function"),
@@ -367,7 +373,7 @@ def evaluator_info(
         "testset": {"file": testset.name, "sha256": _sha(testset.read_bytes())[:16]},
         "limit": limit,
         "generation": {
-            "template": "alpaca (pipeline.preprocess.render_source)",
+            "template": template,
             "decoding": "greedy",
             "max_new_tokens": int(max_new_tokens),
         },
@@ -378,13 +384,22 @@ def evaluator_info(
 # candidates (cached) and judging (cached)
 # --------------------------------------------------------------------------------------------
 def generate_candidates(
-    model, tokenizer, items: Sequence[Dict[str, str]], *, out_file: Path, who: str, max_new_tokens: int, batch_size: int
+    model,
+    tokenizer,
+    items: Sequence[Dict[str, str]],
+    *,
+    out_file: Path,
+    who: str,
+    max_new_tokens: int,
+    batch_size: int,
+    style: str = prompting.ALPACA,
 ) -> List[str]:
+    prompts = candidate_prompts(items, style, tokenizer)
     settings = {
         "who": who,
         "max_new_tokens": int(max_new_tokens),
         "decoding": "greedy",
-        "prompts": _sha(json.dumps(candidate_prompts(items)).encode()),
+        "prompts": _sha(json.dumps(prompts).encode()),
     }
     if out_file.is_file():
         try:
@@ -396,10 +411,11 @@ def generate_candidates(
     gens = generation.generate(
         model,
         tokenizer,
-        candidate_prompts(items),
+        prompts,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         desc=f"PandaLM candidates ({who})",
+        add_special_tokens=prompting.add_special_tokens(style),
     )
     outputs = [g.text for g in gens]
     atomic_write_json(out_file, {"settings": settings, "outputs": outputs})
@@ -544,12 +560,16 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
     pre-trained model, cached under ``<runs_dir>/_baselines/<model>/``), a model folder, or a file."""
     e = ev.e
     c = str(e.pandalm_comparator)
+    style = prompting.style_of(ev.t.run_cfg)  # the comparator is asked as the evaluated model is
+    tail = "" if style == prompting.ALPACA else f"-{style}"
     if c == "pretrained":
         if not ev.t.is_run:
             raise PandaLMError("the comparator (pretrained) is the evaluated model itself")
         name = str(getattr(ev.t.model_cfg, "name", "model"))
         ident = short_hash(model_identity(ev.t.model_cfg))
-        cache = Path(ev.cfg.paths.runs_dir) / BASELINES_DIR / name / "eval" / "pandalm" / f"candidates-{ident}.json"
+        cache = (
+            Path(ev.cfg.paths.runs_dir) / BASELINES_DIR / name / "eval" / "pandalm" / f"candidates-{ident}{tail}.json"
+        )
         who = f"pretrained {name} {ident}"
         folder, mcfg = ev.pretrained_source()
     else:
@@ -561,12 +581,12 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
                 f"config key 'eval.pandalm_comparator': {c!r} is neither 'pretrained', a model folder nor "
                 f"a JSON/JSONL file of outputs"
             )
-        cache = ev.eval_dir / "pandalm" / f"comparator-{short_hash(str(p.resolve()))}.json"
+        cache = ev.eval_dir / "pandalm" / f"comparator-{short_hash(str(p.resolve()))}{tail}.json"
         who, folder, mcfg = str(p.resolve()), p, None
     # one process generates a shared cache, the others wait for it (parallel workers)
     lock = cache.parent / f".{cache.name}.lock"
     with file_lock(lock, wait=True, on_wait=lambda: log.info("waiting for %s (another process holds it)", lock)):
-        if cache.is_file():  # cheap check before loading a model
+        if cache.is_file() and style == prompting.ALPACA:  # cheap check before loading a model
             try:
                 got = json.loads(cache.read_text(encoding="utf-8"))
                 if (
@@ -588,6 +608,7 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
                 who=who,
                 max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size,
+                style=style,
             )
         finally:
             del lm
@@ -614,6 +635,7 @@ class PandaLMRunner(Runner):
             max_new_tokens=e.max_new_tokens,
             limit=e.limit,
             unparsable=e.pandalm_unparsable,
+            style=prompting.style_of(ev.t.run_cfg),
         )
         if comp.startswith("pretrained") and not ev.t.is_run:
             return EvalPlan(
@@ -635,6 +657,7 @@ class PandaLMRunner(Runner):
                 who=ev.t.run_id,
                 max_new_tokens=e.max_new_tokens,
                 batch_size=e.batch_size,
+                style=prompting.style_of(ev.t.run_cfg),
             )
         except Exception as ex:
             log.error("PandaLM candidates failed:\n%s", traceback.format_exc())
