@@ -408,6 +408,9 @@ class PeftConfig:
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    # final/: the merged model (true; every reader works unchanged) or the adapter alone (false:
+    # evaluation loads the pre-trained model and the adapter). The same weights either way.
+    merge: bool = field(default=True, metadata=RUNTIME)
 
     def __post_init__(self) -> None:
         _one_of(self.method, ["lora", "qlora"], "train.peft.method")

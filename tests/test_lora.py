@@ -123,6 +123,10 @@ def test_the_merged_model_equals_base_plus_adapter(lora_run, pretrained):
 
 
 def test_lora_resume_after_an_interruption_is_exact(lora_run, base, tmp_path):
+    """Adapter-only checkpoints (the frozen weights come from the pre-trained model again) resume
+    to the same losses and the same final and adapter weights, bit for bit."""
+    from safetensors.torch import load_file
+
     from pipeline.runs import create_run
     from pipeline.train import Preempted, TrainerCallback, run
 
@@ -134,14 +138,24 @@ def test_lora_resume_after_an_interruption_is_exact(lora_run, base, tmp_path):
     cfg = _cfg(base, tmp_path)
     with pytest.raises(Preempted):
         run(cfg, callbacks=[Term()])
+    # the checkpoint holds the adapters (and their optimizer state), not the frozen pre-trained weights
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from pipeline.trainer import checkpoint as ckpt
+
+    latest = ckpt.latest_checkpoint(create_run(cfg).checkpoints)
+    saved = [k for k in FileSystemReader(str(latest / "model_optim")).read_metadata().state_dict_metadata]
+    weights = [k for k in saved if k.startswith("model.")]
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights), weights[:5]
+    assert sorted(load_file(str(latest / "adapter" / "adapter_model.safetensors"))) == sorted(
+        load_file(str(lora_run.final / "adapter" / "adapter_model.safetensors"))
+    )
     run(cfg)
     rd = create_run(cfg)
     assert summary(rd)["resumed_from"] == [1]
     assert [comparable(r) for r in rows(rd)] == [comparable(r) for r in rows(lora_run)]
     got, want = final_weights(rd), final_weights(lora_run)
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
-    from safetensors.torch import load_file
-
     a = load_file(str(rd.final / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(lora_run.final / "adapter" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -164,3 +178,37 @@ def test_what_cannot_run_here_is_refused_before_a_run_folder_exists(base, tmp_pa
     plain = load_config(overrides(base, tmp_path, recipe=SMALL))
     off = load_config(overrides(base, tmp_path, "train.peft.r=64", recipe=SMALL))
     assert run_id(plain) == run_id(off) != run_id(_cfg(base, tmp_path))
+
+
+def test_an_adapter_only_final_is_evaluated_as_base_plus_adapter(lora_run, base, tmp_path):
+    """``train.peft.merge=false``: final/ holds the adapter and the tokenizer only; evaluation loads
+    the pre-trained model as training did and the adapter over it, and gets the merged run's
+    numbers (lm-eval log-likelihoods and greedy generations)."""
+    from pipeline.eval.results import read_results
+    from pipeline.eval.stage import evaluate_run
+    from pipeline.train import run
+
+    cfg = _cfg(base, tmp_path, "train.peft.merge=false")
+    rd = run(cfg)
+    assert rd.path.name == lora_run.path.name  # merge is not part of the run's identity
+    assert (rd.final / "adapter_config.json").is_file() and not (rd.final / "config.json").is_file()
+    assert summary(rd)["weight_distance"] == summary(lora_run)["weight_distance"]  # on the merged weights
+    ev = [
+        "eval=cpu_small",
+        "eval.limit=2",
+        "eval.max_new_tokens=8",
+        "eval.benchmarks=[piqa,alpaca_eval]",
+        "eval.mechanisms=[mech_alpacaeval_length]",
+    ]
+    from pipeline.config import load_config
+
+    merged_cfg = load_config(overrides(base, lora_run.path.parent, *LORA, *ev, recipe=SMALL))
+    adapter_cfg = load_config(overrides(base, tmp_path, *LORA, "train.peft.merge=false", *ev, recipe=SMALL))
+    a = read_results(evaluate_run(rd.path, adapter_cfg))
+    m = read_results(evaluate_run(lora_run.path, merged_cfg))
+    key = lambda r: (r["benchmark"], r["metric"])  # noqa: E731
+    assert [r["status"] for r in a] == ["ok"] * len(a)
+    got, want = {key(r): r["value"] for r in a}, {key(r): r["value"] for r in m}
+    assert got.keys() == want.keys()
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k

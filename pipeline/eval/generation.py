@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """``float32`` / ``bfloat16`` / ``float16`` as a torch dtype (None: None)."""
+    return _DTYPES[name] if name else None
+
+
 class ModelMissing(RuntimeError):
     """The checkpoint to evaluate does not exist or cannot be loaded."""
 

@@ -383,12 +383,22 @@ def make_lm(
     revision: Optional[str] = None,
     add_bos_token: Optional[bool] = None,
     attn_implementation: Optional[str] = None,
+    tokenizer=None,
 ):
     """lm-eval's own Hugging Face model class (``HFLM``, batched) on a checkpoint folder (or a hub id
-    with its revision). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps.
+    with its revision, or a loaded model with its ``tokenizer``). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps.
     ``attn_implementation`` (the run's ``model.attn_implementation``) goes to ``from_pretrained``."""
     from lm_eval.models.huggingface import HFLM
 
+    if not isinstance(pretrained, (str, Path)):  # a loaded model (a LoRA adapter merged over its base)
+        kw: Dict[str, Any] = {
+            "pretrained": pretrained.to(device),
+            "tokenizer": tokenizer,
+            "batch_size": int(batch_size),
+        }
+        if add_bos_token is not None:
+            kw["add_bos_token"] = bool(add_bos_token)
+        return HFLM(**kw)
     kwargs: Dict[str, Any] = {
         "pretrained": str(pretrained),
         "batch_size": int(batch_size),

@@ -53,7 +53,15 @@ from pipeline import models
 from pipeline.config import ConfigError
 from pipeline.eval import alpacaeval, harness, mechanisms, pandalm  # noqa: F401  (they register the runners)
 from pipeline.eval import benchmarks as B
-from pipeline.eval.generation import ModelMissing, check_checkpoint, fast_causal_masks, release, resolve_device
+from pipeline.trainer import lora
+from pipeline.eval.generation import (
+    ModelMissing,
+    check_checkpoint,
+    fast_causal_masks,
+    release,
+    resolve_device,
+    torch_dtype,
+)
 from pipeline.eval.pool import evaluate_parallel
 from pipeline.eval.runner import (
     BASELINES_DIR,
@@ -160,8 +168,13 @@ class Evaluation(EvalSession):
 
     # ---------------------------------------------------------------- model loading
     def load_model(self, model_dir: Optional[Path], model_cfg: Any):
-        """lm-eval's HFLM on the checkpoint folder (a hub model: its hub id and pinned revision)."""
-        if model_dir is not None:
+        """lm-eval's HFLM on the checkpoint folder (a hub model: its hub id and pinned revision; a
+        LoRA run's adapter-only ``final/``: the pre-trained model with the adapter merged in)."""
+        tokenizer = None
+        if model_dir is not None and lora.is_adapter_folder(model_dir):
+            pretrained, tokenizer = lora.load_for_eval(model_dir, model_cfg, self.cfg.paths, torch_dtype(self.dtype))
+            revision = None
+        elif model_dir is not None:
             pretrained, revision = check_checkpoint(model_dir), None
         else:
             hub_id = plain(model_cfg).get("hub_id")
@@ -180,6 +193,7 @@ class Evaluation(EvalSession):
             revision=revision,
             add_bos_token=self.e.add_bos_token,
             attn_implementation=plain(model_cfg).get("attn_implementation"),  # None for older runs' configs
+            tokenizer=tokenizer,
         )
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:

@@ -284,17 +284,21 @@ class Backend:
         )
 
     # ------------------------------------------------------------------ state
-    def save(self, folder: Path, model: nn.Module, optimizer, scheduler) -> None:
-        """Every rank calls this (collective). Writes model_optim/, scheduler.pt, rng/rank<r>.pt."""
+    def save(self, folder: Path, model: nn.Module, optimizer, scheduler, trainable_only: bool = False) -> None:
+        """Every rank calls this (collective). Writes model_optim/, scheduler.pt, rng/rank<r>.pt.
+
+        ``trainable_only`` (LoRA): the frozen weights are left out (they are the pre-trained model,
+        loaded again on resume), so a checkpoint holds the adapters and their optimizer state."""
         folder = Path(folder)
         (folder / "rng").mkdir(parents=True, exist_ok=True)
         if self.engine is not None:
             self.engine.save_checkpoint(str(folder / "engine"), tag="state")
         else:
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            msd, osd = get_state_dict(model, optimizer)
+            opts = StateDictOptions(ignore_frozen_params=trainable_only)
+            msd, osd = get_state_dict(model, optimizer, options=opts)
             with _single_process_dcp(not self.distributed):
                 dcp.save(
                     {"model": msd, "optim": osd},
@@ -305,19 +309,22 @@ class Backend:
                 torch.save(scheduler.state_dict(), folder / "scheduler.pt")
         torch.save(rng_state(), folder / "rng" / f"rank{self.rank}.pt")
 
-    def load(self, folder: Path, model: nn.Module, optimizer, scheduler) -> None:
+    def load(self, folder: Path, model: nn.Module, optimizer, scheduler, trainable_only: bool = False) -> None:
         folder = Path(folder)
         if self.engine is not None:
             self.engine.load_checkpoint(str(folder / "engine"), tag="state")
         else:
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-            msd, osd = get_state_dict(model, optimizer)
+            opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+            msd, osd = get_state_dict(model, optimizer, options=opts)
             state = {"model": msd, "optim": osd}
             with _single_process_dcp(not self.distributed):
                 dcp.load(state, checkpoint_id=str(folder / "model_optim"), no_dist=not self.distributed)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            set_state_dict(
+                model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=opts
+            )
             scheduler.load_state_dict(load_plain(folder / "scheduler.pt"))
         rng = folder / "rng" / f"rank{self.rank}.pt"
         if rng.is_file():

@@ -265,7 +265,7 @@ class Trainer:
             return None
         try:
             state = ckpt.read_state(latest)
-            b.load(latest, self.model, self.optimizer, self.scheduler)
+            b.load(latest, self.model, self.optimizer, self.scheduler, trainable_only=self.peft_model is not None)
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             # DCP's message carries each rank's traceback: its last line says what failed
             lines = [x for x in str(e).splitlines() if x.strip() and x.strip() != "."]
@@ -530,7 +530,9 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         b.barrier()
-        b.save(tmp, self.model, self.optimizer, self.scheduler)
+        b.save(tmp, self.model, self.optimizer, self.scheduler, trainable_only=self.peft_model is not None)
+        if b.is_main and self.peft_model is not None:  # LoRA: the adapter alone, loadable with peft
+            self.peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
         if b.is_main:
             atomic_write_json(
                 tmp / ckpt.STATE_FILE,
@@ -690,8 +692,11 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         del ref
         for k, v in getattr(self, "_orig_config", {}).items():
             setattr(self.lm.config, k, v)
-        extras = {"adapter": adapter_tmp} if self.peft_model is not None else {}
-        final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype, extras)
+        if self.peft_model is not None and not self.tc.peft.merge:  # final/ = the adapter (+ tokenizer)
+            final = lora.save_adapter_final(adapter_tmp, self.tokenizer, self.rd.final)
+        else:
+            extras = {"adapter": adapter_tmp} if self.peft_model is not None else {}
+            final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype, extras)
         rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
         # the last step that trained (a skipped step has no loss)
         last = next((r for r in reversed(rows) if r.get("loss") is not None), {})

@@ -8,10 +8,15 @@ fine-tunes every weight: docs/study.md section 3).
   modules now carry the adapters, so the loss path is the same (:class:`pipeline.loss.WeightedLossModel`;
   the LM head is frozen, so the chunked loss skips its weight gradient), and checkpoints, resume
   and the RNG states work as for full fine-tuning (the frozen weights are saved too).
+- Checkpoints hold the adapters and their optimizer state only (the frozen weights are the
+  pre-trained model, loaded again on resume), and the adapter as peft saves it
+  (``checkpoint-N/adapter/``, safetensors).
 - At the end, :func:`finish` saves the adapter (``final/adapter/``: safetensors and peft's config)
-  and merges it into the base weights: ``final/`` holds the merged model, so evaluation, the weight
-  distance and every other reader work unchanged (the merged model's outputs equal base + adapter:
-  tests/test_lora.py).
+  and merges it into the base weights: ``final/`` holds the merged model, so evaluation and every
+  other reader work unchanged (the merged model's outputs equal base + adapter: tests/test_lora.py).
+  With ``merge: false`` ``final/`` holds the adapter alone (:func:`save_adapter_final`) and
+  evaluation loads the pre-trained model as training did and the adapter over it
+  (:func:`load_for_eval`). The weight distance is computed on the merged weights either way.
 - QLoRA (``method: qlora``: the base in 4 bits through bitsandbytes) needs CUDA; it is refused here
   with one line when there is none. LoRA runs single-process or with DDP (FSDP / DeepSpeed: refused).
 """
@@ -19,12 +24,16 @@ fine-tunes every weight: docs/study.md section 3).
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
+from transformers import AutoTokenizer
 
 from pipeline.config import ConfigError, PeftConfig
+from pipeline.models import load_pretrained
 
 
 def check(pc: PeftConfig, distributed_mode: str, distributed: bool) -> None:
@@ -80,3 +89,38 @@ def finish(peft_model, adapter_dir: Path) -> Dict[str, torch.Tensor]:
     peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
     merged = peft_model.merge_and_unload()
     return {k: v.detach().to("cpu") for k, v in merged.state_dict().items()}
+
+
+def save_adapter_final(adapter_dir: Path, tokenizer, folder: Path) -> Path:
+    """``folder`` = the adapter saved by :func:`finish` and the tokenizer, through a temporary
+    folder and a rename (an earlier ``folder`` is replaced)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.rename(adapter_dir, tmp)
+    tokenizer.save_pretrained(str(tmp))
+    if folder.exists():
+        aside = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    """A saved adapter without a model of its own (a LoRA run's ``final/`` with ``merge: false``)."""
+    folder = Path(folder)
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def load_for_eval(folder: Path, model_cfg: Any, paths_cfg: Any, dtype: Optional[torch.dtype] = None):
+    """``(model, tokenizer)``: the pre-trained model exactly as training loaded it (pad token
+    included), the adapter in ``folder`` over it, merged (the same weights as a merged ``final/``)."""
+    from peft import PeftModel  # lazy: peft only for LoRA runs
+
+    base, _ = load_pretrained(model_cfg, paths_cfg, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(str(folder))
