@@ -15,7 +15,9 @@ Rows (each PASS, MISS against its target, or n/a with the reason):
 3. ``resume``: a run stopped by SIGTERM after step 1 and resumed ends with the uninterrupted run's
    final loss (exactly on CPU; within 1e-5 relative on a GPU, where kernels may not be bit-stable).
 4. ``deepspeed``: one ZeRO-3 step through the trainer when deepspeed is installed (n/a otherwise).
-5. ``generation``: greedy HF ``generate`` tokens/s (batch 8, 64 new tokens); vLLM's when installed
+5. ``qlora``: 8 steps of QLoRA (4-bit base through bitsandbytes) on a small model: the loss falls
+   and final/ holds the merged model and the adapter (n/a without CUDA or bitsandbytes).
+6. ``generation``: greedy HF ``generate`` tokens/s (batch 8, 64 new tokens); vLLM's when installed
    (n/a otherwise; the pipeline's generation backend is HF).
 
 Where no GPU was lent, run ``--dry`` (tests/test_gpu_acceptance.py does) and say so; record GPU tables
@@ -211,6 +213,26 @@ def check_deepspeed(tmp, data, tok, dry):
     return ("deepspeed", f"1 step, loss {loss:.4f}", "one ZeRO-3 step", "PASS" if math.isfinite(loss) else "MISS")
 
 
+def check_qlora(tmp, data, tok, dry):
+    """QLoRA (4-bit base, bitsandbytes): a few steps lower the loss; the merged final exists."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("qlora", "n/a: no CUDA (refused on CPU)", "loss falls", "n/a")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return ("qlora", "n/a: bitsandbytes not installed", "loss falls", "n/a")
+    from pipeline.config import load_config
+    from pipeline.train import run
+
+    small = ["model.architecture.hidden_size=256", "model.architecture.num_hidden_layers=2"]
+    qlora = ["train.peft.enabled=true", "train.peft.method=qlora", "train.peft.r=8", "train.learning_rate=2e-3"]
+    rd = run(load_config(run_overrides(tmp / "qlora", data, tok, dry, *small, *qlora, "train.max_steps=8")))
+    losses = [json.loads(x).get("loss") for x in (rd.path / "metrics.jsonl").read_text().splitlines()]
+    losses = [x for x in losses if x is not None]
+    ok = len(losses) >= 2 and losses[-1] < losses[0] and (rd.path / "final" / "adapter").is_dir()
+    return ("qlora", f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", "loss falls", "PASS" if ok else "MISS")
+
+
 def check_generation(tmp, tok, dry):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -256,6 +278,7 @@ def main(argv=None) -> int:
             check_bf16,
             lambda: check_resume(tmp / "resume", data, tok, args.dry),
             lambda: check_deepspeed(tmp, data, tok, args.dry),
+            lambda: check_qlora(tmp, data, tok, args.dry),
             lambda: check_generation(tmp, tok, args.dry),
         ):
             t0 = time.perf_counter()

@@ -513,17 +513,17 @@ def _attn(m: ModelConfig) -> Dict[str, str]:
     return check_attn_implementation(getattr(m, "attn_implementation", None))
 
 
-def _from_folder(folder: Path, dtype: torch.dtype, m: ModelConfig):
+def _from_folder(folder: Path, dtype: torch.dtype, m: ModelConfig, extra: Optional[Dict[str, Any]] = None):
     from transformers import AutoModelForCausalLM
 
     attn = _attn(m)  # a config problem, not a loading one: raised as such
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **attn)
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **attn, **(extra or {}))
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"model config '{_name(m)}': cannot load a model from '{folder}': {e}") from e
 
 
-def _from_hub(m: ModelConfig, dtype: torch.dtype):
+def _from_hub(m: ModelConfig, dtype: torch.dtype, extra: Optional[Dict[str, Any]] = None):
     from transformers import AutoModelForCausalLM
 
     hub_id = str(m.hub_id)
@@ -538,7 +538,7 @@ def _from_hub(m: ModelConfig, dtype: torch.dtype):
         )
     attn = _attn(m)
     try:
-        return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype, **attn)
+        return AutoModelForCausalLM.from_pretrained(hub_id, revision=revision, dtype=dtype, **attn, **(extra or {}))
     except OSError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = (
@@ -555,11 +555,17 @@ def _from_hub(m: ModelConfig, dtype: torch.dtype):
         ) from e
 
 
-def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None):
+def load_model(
+    model_cfg: ModelLike,
+    paths_cfg: Optional[PathsLike] = None,
+    dtype: DtypeLike = None,
+    load_kwargs: Optional[Dict[str, Any]] = None,
+):
     """The pre-trained causal LM of ``model_cfg`` in eval mode, weights in :func:`torch_dtype`.
 
     ``paths_cfg`` is required for ``source=scratch`` (the checkpoint lives in ``paths.data_dir/models/``)
     and optional for ``package_gguf`` (without it the GGUF is dequantised on every call).
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. QLoRA's ``quantization_config``).
     """
     m = model_config(model_cfg)
     dt = torch_dtype(m, dtype)
@@ -569,18 +575,22 @@ def load_model(model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtyp
             model.set_attn_implementation(m.attn_implementation)
     else:
         folder = pretrained_dir(m, paths_cfg)
-        model = _from_hub(m, dt) if folder is None else _from_folder(folder, dt, m)
+        model = _from_hub(m, dt, load_kwargs) if folder is None else _from_folder(folder, dt, m, load_kwargs)
     return model.eval()
 
 
 def load_pretrained(
-    model_cfg: ModelLike, paths_cfg: Optional[PathsLike] = None, dtype: DtypeLike = None, add_pad_token: bool = True
+    model_cfg: ModelLike,
+    paths_cfg: Optional[PathsLike] = None,
+    dtype: DtypeLike = None,
+    add_pad_token: bool = True,
+    load_kwargs: Optional[Dict[str, Any]] = None,
 ):
     """``(model, tokenizer)`` for training: :func:`load_model`, :func:`load_tokenizer_for` and, with
     ``add_pad_token``, :func:`ensure_pad_token`. Checks that the vocabularies agree."""
     m = model_config(model_cfg)
     tokenizer = load_tokenizer_for(m)
-    model = load_model(m, paths_cfg, dtype)
+    model = load_model(m, paths_cfg, dtype, load_kwargs)
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:
         raise ModelLoadError(

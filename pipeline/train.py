@@ -126,11 +126,15 @@ def train(
                 pretrained_dir(typed.model, typed.paths)
                 load_dataset(typed)
             backend.barrier()
-        lm, tokenizer = load_pretrained(typed.model, typed.paths, dtype=torch.float32)
+        pc = typed.train.peft
+        if pc.enabled:
+            lora.check(pc, backend.mode, backend.distributed)
+        lm, tokenizer = load_pretrained(
+            typed.model, typed.paths, dtype=torch.float32, load_kwargs=lora.load_kwargs(pc) if pc.enabled else None
+        )
         peft_model = None
-        if typed.train.peft.enabled:  # LoRA: adapters injected into lm, the rest frozen (trainer/lora.py)
-            lora.check(typed.train.peft, backend.mode, backend.distributed)
-            peft_model = lora.apply(lm, typed.train.peft, int(cfg.seed))
+        if pc.enabled:  # LoRA: adapters injected into lm, the rest frozen (trainer/lora.py)
+            peft_model = lora.apply(lm, pc, int(cfg.seed), bool(typed.train.gradient_checkpointing))
         # 2. data
         records, meta = load_dataset(typed)
         t = cfg.train

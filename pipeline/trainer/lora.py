@@ -17,8 +17,11 @@ fine-tunes every weight: docs/study.md section 3).
   With ``merge: false`` ``final/`` holds the adapter alone (:func:`save_adapter_final`) and
   evaluation loads the pre-trained model as training did and the adapter over it
   (:func:`load_for_eval`). The weight distance is computed on the merged weights either way.
-- QLoRA (``method: qlora``: the base in 4 bits through bitsandbytes) needs CUDA; it is refused here
-  with one line when there is none. LoRA runs single-process or with DDP (FSDP / DeepSpeed: refused).
+- QLoRA (``method: qlora``): the base loaded in 4 bits (NF4, double quantization, bf16 compute;
+  :func:`load_kwargs`) through bitsandbytes, prepared with peft's ``prepare_model_for_kbit_training``;
+  single process, CUDA only (refused with one line elsewhere). Its merged weights are the adapter
+  merged into the full-precision pre-trained model. LoRA runs single-process or with DDP (FSDP /
+  DeepSpeed: refused).
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ def check(pc: PeftConfig, distributed_mode: str, distributed: bool) -> None:
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("config key 'train.peft.method': qlora needs bitsandbytes (pip install bitsandbytes)")
-        raise ConfigError(
-            "config key 'train.peft.method': qlora is not wired into this trainer yet (4-bit loading): use lora"
-        )
+        if distributed:
+            raise ConfigError(
+                "config key 'train.distributed': QLoRA (train.peft.method=qlora) runs in a single process "
+                "here (one 4-bit base per GPU): set train.nproc=1"
+            )
     if distributed and distributed_mode in ("fsdp", "deepspeed"):
         raise ConfigError(
             f"config key 'train.distributed': LoRA (train.peft) runs single-process or with ddp, "
@@ -56,9 +61,30 @@ def check(pc: PeftConfig, distributed_mode: str, distributed: bool) -> None:
         )
 
 
-def apply(lm: torch.nn.Module, pc: PeftConfig, seed: int):
-    """The peft model around ``lm`` (adapters injected into ``lm`` itself; see the module docstring)."""
-    from peft import LoraConfig, get_peft_model  # lazy: peft only when train.peft is enabled
+def load_kwargs(pc: PeftConfig) -> Dict[str, Any]:
+    """``from_pretrained`` arguments of the base model: QLoRA's 4-bit NF4 quantization (double
+    quantization, bf16 compute) on this process's GPU; nothing for LoRA."""
+    if pc.method != "qlora":
+        return {}
+    from transformers import BitsAndBytesConfig  # lazy: only for qlora
+
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": q, "device_map": {"": torch.cuda.current_device()}}
+
+
+def apply(lm: torch.nn.Module, pc: PeftConfig, seed: int, gradient_checkpointing: bool = False):
+    """The peft model around ``lm`` (adapters injected into ``lm`` itself; see the module docstring).
+    A 4-bit base (QLoRA) is first prepared for training (peft's ``prepare_model_for_kbit_training``:
+    norms in fp32, input gradients for checkpointing)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # lazy: peft only when enabled
+
+    if pc.method == "qlora":
+        lm = prepare_model_for_kbit_training(lm, use_gradient_checkpointing=gradient_checkpointing)
 
     cfg = LoraConfig(
         r=int(pc.r),
@@ -83,11 +109,16 @@ def summary(peft_model) -> Dict[str, Any]:
     return {"trainable_parameters": int(trainable), "all_parameters": int(total)}
 
 
-def finish(peft_model, adapter_dir: Path) -> Dict[str, torch.Tensor]:
-    """Save the adapter into ``adapter_dir`` (safetensors), merge it into the base weights in place
-    and return the merged model's state dict (fp32, CPU, the plain model's parameter names)."""
+def finish(peft_model, adapter_dir: Path, pc: PeftConfig, model_cfg: Any, paths_cfg: Any) -> Dict[str, torch.Tensor]:
+    """Save the adapter into ``adapter_dir`` (safetensors) and return the merged model's state dict
+    (fp32, CPU, the plain model's parameter names). LoRA merges in place; QLoRA merges the adapter
+    into the full-precision pre-trained model (:func:`load_for_eval`), not into its 4-bit copy, so
+    the merged weights (and the weight distance) hold the adapter's change alone."""
     peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    merged = peft_model.merge_and_unload()
+    if pc.method == "qlora":
+        merged, _ = load_for_eval(adapter_dir, model_cfg, paths_cfg, torch.float32)
+    else:
+        merged = peft_model.merge_and_unload()
     return {k: v.detach().to("cpu") for k, v in merged.state_dict().items()}
 
 
