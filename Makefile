@@ -52,8 +52,8 @@ clean-processed: ## delete processed datasets (downloads in data/raw are kept)
 regress: setup ## GLMM per dataset, GAMs, figures and report from paths.runs_dir (-> paths.reports_dir/analysis)
 	$(PY) -m pipeline.analysis regress $(OVERRIDES)
 
-suggest: setup ## the PLW for a dataset: the paper's published answer, and your study's GAM once `make regress` fitted one: make suggest DATA=my.jsonl TOKENIZER=<folder|hub id> [FORMAT=alpaca] (or RG=<R_g>)
-	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(if $(RG),--r-g $(RG)) $(OVERRIDES)
+suggest: setup ## the PLW for a dataset: the paper's published answer, and your study's GAM once `make regress` fitted one: make suggest DATA=my.jsonl TOKENIZER=<folder|hub id> [FORMAT=alpaca|dolly|ultrafeedback|messages] [TURNS=all|last (chat)] (or RG=<R_g>)
+	$(PY) -m pipeline.analysis suggest $(if $(DATA),--data "$(DATA)") $(if $(TOKENIZER),--tokenizer "$(TOKENIZER)") $(if $(FORMAT),--format "$(FORMAT)") $(if $(RG),--r-g $(RG)) $(if $(TURNS),analysis.suggest.completion_turns=$(TURNS)) $(OVERRIDES)
 
 .PHONY: fetch-data eval
 .PHONY: fetch-demo-data
@@ -73,7 +73,7 @@ train: setup ## one training run: make train OVERRIDES="plw=0.1 model=tiny datas
 	$(PY) -m pipeline.train $(OVERRIDES)
 
 .PHONY: inspect-data
-inspect-data: setup ## show how instances are tokenized and weighted: make inspect-data OVERRIDES="dataset=shared_alpaca52k model=tiny plw=0.1 n=3"
+inspect-data: setup ## show how instances are tokenized and weighted: make inspect-data OVERRIDES="dataset=shared_alpaca52k model=tiny plw=0.1 n=3" (chat data: dataset.source.format=messages [dataset.completion_turns=last])
 	$(PY) -m pipeline.inspect_data $(OVERRIDES)
 
 .PHONY: sweep status slurm-up slurm-down

@@ -10,7 +10,7 @@ For ``n`` instances (from record ``offset`` of the processed dataset) it prints
 
 * the rendered text, prompt and completion in different colours (or labelled ``PROMPT``/``COMPLETION``
   without colour), with the per-token weight each part gets;
-* a token table: position, token, id, role (prompt / completion), weight and label, with the
+* a token table: position, token, id, role (prompt / completion), weight and label, with every
   prompt/completion boundary marked by a line (``format_rows`` of :mod:`pipeline.preprocess`);
 
 then the truncation report of the whole dataset at ``train.model_max_length`` under
@@ -19,6 +19,11 @@ policy did with them). The same token rows (``inspect_examples``: ``example, pos
 token_id, role, weight, label, is_target`` plus ``record`` and ``source_index``) go to a JSONL file
 (``out=``; default ``<paths.reports_dir>/inspect_data/<dataset>__<model>__plw<plw>.jsonl``) and the
 report and per-instance summaries to ``<out>.meta.json``.
+
+Chat data (``dataset.source.format=messages``) is rendered by the model's chat template with the role
+of every token (:mod:`pipeline.chat`): the counted assistant turns (``dataset.completion_turns``: all,
+or the last) are completion, everything else (system, user, earlier answers under ``last``, template
+tokens) prompt, so a conversation shows several prompt and completion parts in order.
 
 Weights are the training weights (docs/study.md section 1): :func:`pipeline.preprocess.build_example`,
 i.e. the weight rule :func:`pipeline.loss.token_weights`. The weight on a row is the weight of the loss
@@ -29,8 +34,8 @@ tokenizer is available offline (``model.tokenizer=/path/to/folder``).
 The pad token a training run may add (Alpaca's ``[PAD]``) never occurs in rendered text, so it
 changes no id shown here.
 
-Exit status: 0 ok; 1 data or tokenizer problem (the message names file, record and field); 2 bad
-arguments or config.
+Exit status: 0 ok; 1 data, tokenizer or chat-template problem (one line; for data it names file, record
+and field); 2 bad arguments or config.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import logging
 import os
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -47,6 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline import cli
+from pipeline.chat import ChatError
 from pipeline.config import load_config
 from pipeline.data.build import load_dataset
 from pipeline.data.inversion import InversionError
@@ -56,12 +63,12 @@ from pipeline.models import ModelLoadError, load_tokenizer_for
 from pipeline.preprocess import (
     ROLE_COMPLETION,
     ROLE_PROMPT,
+    TokenizedInstance,
     TruncationReport,
     build_example,
     format_rows,
     inspect_examples,
     rows_to_jsonl,
-    tokenize_instance,
     tokenize_records,
 )
 from pipeline.runs import atomic_write_text
@@ -71,6 +78,8 @@ log = logging.getLogger(__name__)
 
 EXTRA_KEYS = ("n", "offset", "out", "table", "color")
 SCAN_BATCH = 1024
+# the counters of a TruncationReport, summed over the batches of a scan
+_COUNTS = tuple(f.name for f in fields(TruncationReport) if f.name.startswith("n_"))
 
 _ANSI = {
     "prompt": "\033[36m",
@@ -132,9 +141,15 @@ def default_out(cfg) -> Path:
 # Pure pieces
 # --------------------------------------------------------------------------------------------
 def scan_truncation(
-    records: Sequence[Mapping[str, Any]], tokenizer, model_max_length: int, truncation: str, progress: bool = True
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    model_max_length: int,
+    truncation: str,
+    progress: bool = True,
+    completion_turns: str = "all",
 ):
-    """The :class:`~pipeline.preprocess.TruncationReport` of all ``records`` (batched, with progress)."""
+    """The :class:`~pipeline.preprocess.TruncationReport` of all ``records`` (batched, with progress;
+    chat records with ``completion_turns`` of their assistant turns as the completion)."""
     total = TruncationReport(policy=truncation, model_max_length=model_max_length)
     bar = tqdm(
         total=len(records),
@@ -146,15 +161,8 @@ def scan_truncation(
     )
     for start in range(0, len(records), SCAN_BATCH):
         chunk = records[start : start + SCAN_BATCH]
-        _, rep = tokenize_records(chunk, tokenizer, model_max_length, truncation)
-        for k in (
-            "n_instances",
-            "n_truncated",
-            "n_lost_completion",
-            "n_dropped",
-            "n_prompt_left_truncated",
-            "n_kept_without_completion",
-        ):
+        _, rep = tokenize_records(chunk, tokenizer, model_max_length, truncation, completion_turns=completion_turns)
+        for k in _COUNTS:
             setattr(total, k, getattr(total, k) + getattr(rep, k))
         room = 20 - len(total.examples_lost_completion)
         total.examples_lost_completion += [start + i for i in rep.examples_lost_completion[: max(room, 0)]]
@@ -172,13 +180,17 @@ def inspect_instances(
     completion_weight: float,
     model_max_length: int,
     truncation: str,
+    completion_turns: str = "all",
 ) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Token rows (``inspect_examples`` + ``record``/``source_index``) and one summary per instance."""
+    """Token rows (``inspect_examples`` + ``record``/``source_index``) and one summary per instance,
+    tokenized as training tokenizes them (:func:`pipeline.preprocess.tokenize_records`: chat records
+    through the chat template, ``completion_turns`` of their assistant turns the completion)."""
     rows: List[Dict[str, Any]] = []
     summaries: List[Dict[str, Any]] = []
     for k, idx in enumerate(indices):
         rec = records[idx]
-        inst = tokenize_instance(rec, tokenizer, model_max_length, truncation)
+        kept, _ = tokenize_records([rec], tokenizer, model_max_length, truncation, completion_turns=completion_turns)
+        inst = kept[0] if kept else None
         summ: Dict[str, Any] = {
             "example": k,
             "record": idx,
@@ -189,9 +201,10 @@ def inspect_instances(
             summ.update(dropped=True, tokens=0)
             summaries.append(summ)
             continue
-        ex = build_example(inst.input_ids, inst.n_prompt, plw, completion_weight)
+        ex = build_example(inst.input_ids, inst.n_prompt, plw, completion_weight, completion_mask=inst.completion_mask)
         ex_rows = inspect_examples([ex], tokenizer)
         for r in ex_rows:
+            r["role"] = _role(r, inst)
             r["weight"] = _shortest(r["weight"])
             r["example"] = k
             r["record"] = idx
@@ -200,7 +213,7 @@ def inspect_instances(
         summ.update(
             dropped=False,
             tokens=len(inst.input_ids),
-            prompt_tokens=inst.n_prompt,
+            prompt_tokens=len(inst.input_ids) - inst.n_completion,
             completion_tokens=inst.n_completion,
             truncated=inst.truncated,
             lost_completion=inst.lost_completion,
@@ -211,6 +224,33 @@ def inspect_instances(
         )
         summaries.append(summ)
     return rows, summaries
+
+
+def _role(row: Mapping[str, Any], inst: TokenizedInstance) -> str:
+    """The role of a row's token: Alpaca instances as ``inspect_examples`` says (the prompt is a
+    prefix); chat instances from their completion mask (prompt and completion alternate)."""
+    if inst.completion_mask is None:
+        return row["role"]
+    return ROLE_COMPLETION if inst.completion_mask[row["position"]] else ROLE_PROMPT
+
+
+def _runs(rows: Sequence[Mapping[str, Any]]) -> List[Tuple[str, List[Mapping[str, Any]]]]:
+    """The rows split into runs of one role, in order; an instance without completion tokens ends
+    with an empty completion run (its boundary is still shown, after the prompt)."""
+    runs: List[Tuple[str, List[Mapping[str, Any]]]] = []
+    for r in rows:
+        if runs and runs[-1][0] == r["role"]:
+            runs[-1][1].append(r)
+        else:
+            runs.append((r["role"], [r]))
+    if not any(role == ROLE_COMPLETION for role, _ in runs):
+        runs.append((ROLE_COMPLETION, []))
+    return runs
+
+
+def _boundary(before: str, after: str, width: int) -> str:
+    mark = f" {before} \u25b2 | \u25bc {after} "
+    return "=" * 4 + mark + "=" * max(0, width - 4 - len(mark))
 
 
 def _shortest(w: float) -> float:
@@ -256,36 +296,26 @@ def format_instance(
         f"{summary['completion_targets']} completion targets x {completion_weight:g}; "
         f"sum of weights {summary['weight_sum']:.6g}",
     ]
-    p_ids = [r["token_id"] for r in rows if r["role"] == ROLE_PROMPT]
-    c_ids = [r["token_id"] for r in rows if r["role"] == ROLE_COMPLETION]
-    p_txt = tokenizer.decode(p_ids, skip_special_tokens=False)
-    c_txt = tokenizer.decode(c_ids, skip_special_tokens=False)
+    runs = _runs(rows)
+    weight = {ROLE_PROMPT: plw, ROLE_COMPLETION: completion_weight}
+    texts = [(role, tokenizer.decode([r["token_id"] for r in run], skip_special_tokens=False)) for role, run in runs]
     if color:
         lines.append(
             f"  text ({_paint('prompt, weight ' + format(plw, 'g'), 'prompt', True)} | "
             f"{_paint('completion, weight ' + format(completion_weight, 'g'), 'completion', True)}):"
         )
-        lines.append(
-            _paint(p_txt, "prompt", True) + _paint("\u2016", "boundary", True) + _paint(c_txt, "completion", True)
-        )
+        lines.append(_paint("\u2016", "boundary", True).join(_paint(t, role, True) for role, t in texts))
     else:
-        lines.append(f"  PROMPT (targets weighted {plw:g}):")
-        lines.append(p_txt)
-        lines.append(f"  COMPLETION (targets weighted {completion_weight:g}):")
-        lines.append(c_txt)
+        for role, t in texts:
+            lines.append(f"  {role.upper()} (targets weighted {weight[role]:g}):")
+            lines.append(t)
     if table:
-        prompt_rows = [r for r in rows if r["role"] == ROLE_PROMPT]
-        comp_rows = [r for r in rows if r["role"] == ROLE_COMPLETION]
-        body = format_rows(prompt_rows).splitlines() if prompt_rows else format_rows([]).splitlines()
+        body = format_rows([]).splitlines()
         width = len(body[0])
-        mark = " prompt \u25b2 | \u25bc completion "
-        boundary = "=" * 4 + mark + "=" * max(0, width - 4 - len(mark))
-        if color:
-            body = body[:2] + [_paint(x, "prompt", True) for x in body[2:]]
-        body.append(_paint(boundary, "boundary", color))
-        if comp_rows:
-            comp = format_rows(comp_rows).splitlines()[2:]
-            body += [_paint(x, "completion", color) for x in comp]
+        for i, (role, run) in enumerate(runs):
+            if i:
+                body.append(_paint(_boundary(runs[i - 1][0], role, width), "boundary", color))
+            body += [_paint(x, role, color) for x in format_rows(run).splitlines()[2:]]
         lines += ["  " + x for x in body]
     return "\n".join(lines)
 
@@ -309,10 +339,18 @@ def run(opts: Mapping[str, Any], overrides: Sequence[str], stream=None) -> Path:
             f"argument 'offset': {opts['offset']} but dataset '{cfg.dataset.name}' has {len(records)} records"
         )
     indices = list(range(opts["offset"], min(opts["offset"] + opts["n"], len(records))))
+    turns = str(cfg.dataset.completion_turns)
     rows, summaries = inspect_instances(
-        records, indices, tokenizer, plw=plw, completion_weight=cw, model_max_length=max_len, truncation=policy
+        records,
+        indices,
+        tokenizer,
+        plw=plw,
+        completion_weight=cw,
+        model_max_length=max_len,
+        truncation=policy,
+        completion_turns=turns,
     )
-    report = scan_truncation(records, tokenizer, max_len, policy, progress=True)
+    report = scan_truncation(records, tokenizer, max_len, policy, progress=True, completion_turns=turns)
 
     w = stream.write
     w(f"dataset {cfg.dataset.name}: {len(records)} records ({meta.get('dir', '?')})\n")
@@ -320,7 +358,12 @@ def run(opts: Mapping[str, Any], overrides: Sequence[str], stream=None) -> Path:
         f"model {cfg.model.name}: tokenizer {type(tokenizer).__name__}, bos={tokenizer.bos_token!r} "
         f"eos={tokenizer.eos_token!r}\n"
     )
-    w(f"plw={plw:g} completion_weight={cw:g} model_max_length={max_len} truncation={policy}\n\n")
+    chat = any("messages" in r for r in records)
+    w(
+        f"plw={plw:g} completion_weight={cw:g} model_max_length={max_len} truncation={policy}"
+        + (f" completion_turns={turns} (chat data)" if chat else "")
+        + "\n\n"
+    )
     for s in summaries:
         w(
             format_instance(
@@ -356,6 +399,7 @@ def run(opts: Mapping[str, Any], overrides: Sequence[str], stream=None) -> Path:
                 "plw": plw,
                 "completion_weight": cw,
                 "model_max_length": max_len,
+                "completion_turns": turns if chat else None,
                 "truncation": report.to_dict(),
                 "instances": summaries,
             },
@@ -376,7 +420,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         run(opts, overrides)
         return 0
 
-    return cli.run(body, user_errors=(SourceError, DataError, InversionError, TokenizerError, ModelLoadError))
+    return cli.run(
+        body, user_errors=(SourceError, DataError, InversionError, TokenizerError, ModelLoadError, ChatError)
+    )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Commands:
             (``make regress``); output in ``analysis.output_dir``. The run store is only read.
   collect   only collect the run store into collected.csv / collected.parquet.
   suggest   recommended PLW for a dataset from a fitted GAM (``make suggest DATA=... TOKENIZER=...``):
-            --data FILE [--format alpaca|dolly|ultrafeedback] [--tokenizer SPEC] [--r-g X] [--gam FILE]
+            --data FILE [--format alpaca|dolly|ultrafeedback|messages] [--tokenizer SPEC] [--r-g X] [--gam FILE]
+            (chat data, format messages: ``analysis.suggest.completion_turns=all|last``)
 
 Overrides are Hydra-style (e.g. ``paths.runs_dir=/scratch/runs analysis.incomplete=intersect``).
 Exit status: 0 done, 1 failed (regress: also when any dataset could not be analysed, said in the
@@ -34,7 +35,7 @@ def unanalysed_datasets(out) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = cli.parser("python -m pipeline.analysis", __doc__, commands=["regress", "collect", "suggest"])
     ap.add_argument("--data", help="suggest: dataset file (.json/.jsonl/.parquet)")
-    ap.add_argument("--format", help="suggest: field mapping (alpaca | dolly | ultrafeedback)")
+    ap.add_argument("--format", help="suggest: field mapping (alpaca | dolly | ultrafeedback | messages)")
     ap.add_argument("--tokenizer", help="suggest: tokenizer spec (default paths.llama_tokenizer)")
     ap.add_argument("--r-g", type=float, dest="r_g", help="suggest: use this R_g (no tokenisation)")
     ap.add_argument("--gam", help="suggest: fitted GAM bundle (default analysis.suggest.gam_file)")
@@ -113,11 +114,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 return 2
             tok = args.tokenizer or s.tokenizer or cfg.paths.llama_tokenizer
             fmt = args.format or s.format
-            stats = dataset_rg(Path(data), tok, fmt)
+            stats = dataset_rg(Path(data), tok, fmt, s.completion_turns)
             r_g = stats["r_g"]
+            turns = "every assistant turn" if s.completion_turns == "all" else "the last assistant turn"
+            what = f"message contents alone, {turns} the completion" if fmt == "messages" else "fields alone"
             print(
                 f"{data}: {stats['n']} instances, {stats['prompt_tokens']} prompt tokens, "
-                f"{stats['completion_tokens']} completion tokens (tokenizer {tok}, fields alone, "
+                f"{stats['completion_tokens']} completion tokens (tokenizer {tok}, {what}, "
                 f"no special tokens)"
             )
             print(

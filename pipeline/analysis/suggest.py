@@ -2,7 +2,10 @@
 
 1. R_g of the dataset = total completion tokens / total prompt tokens, every field tokenized on
    its own without special tokens (prompt = instruction + input; the template is excluded), as in
-   docs/study.md section 1.
+   docs/study.md section 1. Chat data (``analysis.suggest.format=messages``): every message content
+   alone, the counted assistant contents (``analysis.suggest.completion_turns``: all, or the last)
+   the completion, every other content the prompt. One implementation with the data stage:
+   :func:`pipeline.data.inversion.measure`, so ``make suggest`` and ``make data`` agree exactly.
 2. The fitted GAM written by ``make regress`` (an R saveRDS bundle, ``analysis.suggest.gam_file``)
    is evaluated over PLW in [0, 1] at that R_g; the recommendation is the PLW maximising the
    fitted te(w, r) term, with the near-optimal range (within ``analysis.gam.tolerance`` x score
@@ -23,26 +26,23 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from pipeline.analysis.gam import load_bundle, optimal_plw_table, surface
+from pipeline.chat import COMPLETION_TURNS
+from pipeline.data.inversion import measure
 from pipeline.data.records import load_records
+from pipeline.data.tokens import length_fn
 from pipeline.tokenizer import load_tokenizer
 
 
-def token_counts(records: Sequence[dict], tokenizer, batch: int = 1000) -> Dict[str, np.ndarray]:
-    """Per-instance prompt (instruction + input) and completion (output) token counts; each field
-    tokenized alone, no special tokens."""
-
-    def lens(texts: List[str]) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch):
-            chunk = texts[i : i + batch]
-            ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-            out += [len(x) if t else 0 for x, t in zip(ids, chunk)]
-        return np.asarray(out, dtype=np.int64)
-
-    ins = lens([r.get("instruction") or "" for r in records])
-    inp = lens([r.get("input") or "" for r in records])
-    comp = lens([r.get("output") or "" for r in records])
-    return {"prompt": ins + inp, "completion": comp}
+def token_counts(records: Sequence[dict], tokenizer, completion_turns: str = "all") -> Dict[str, np.ndarray]:
+    """Per-instance prompt and completion token counts, as the data stage measures them
+    (:func:`pipeline.data.inversion.measure`): Alpaca records instruction + input / output, chat
+    records their message contents (``completion_turns`` of the assistant turns the completion);
+    every text tokenized alone, no special tokens."""
+    lengths = measure(records, length_fn(tokenizer, desc="suggest: token lengths"), completion_turns)
+    return {
+        "prompt": np.asarray([x.prompt for x in lengths], dtype=np.int64),
+        "completion": np.asarray([x.completion for x in lengths], dtype=np.int64),
+    }
 
 
 def generation_ratio(prompt: np.ndarray, completion: np.ndarray) -> Dict[str, float]:
@@ -65,10 +65,21 @@ def generation_ratio(prompt: np.ndarray, completion: np.ndarray) -> Dict[str, fl
     }
 
 
-def dataset_rg(path: Path, tokenizer_spec: str, fmt: str = "alpaca") -> Dict[str, float]:
+def dataset_rg(path: Path, tokenizer_spec: str, fmt: str = "alpaca", completion_turns: str = "all") -> Dict[str, float]:
+    """:func:`generation_ratio` of a dataset file (``fmt``: its field mapping; ``completion_turns``:
+    which assistant turns of chat data are the completion, ``all`` or ``last``)."""
+    if completion_turns not in COMPLETION_TURNS:
+        raise ValueError(
+            f"analysis.suggest.completion_turns: must be one of {', '.join(COMPLETION_TURNS)}, got {completion_turns!r}"
+        )
+    if completion_turns != "all" and fmt != "messages":
+        raise ValueError(
+            f"analysis.suggest.completion_turns={completion_turns} is only for chat data "
+            f"(analysis.suggest.format=messages), not format {fmt}"
+        )
     res = load_records(Path(path), fmt=fmt, empty_output="keep")
     tok = load_tokenizer(tokenizer_spec)
-    c = token_counts(res.records, tok)
+    c = token_counts(res.records, tok, completion_turns)
     return generation_ratio(c["prompt"], c["completion"])
 
 
