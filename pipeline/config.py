@@ -446,6 +446,15 @@ class TrainConfig:
     truncation: str = "keep"  # keep | drop | truncate_prompt_left  (instances losing all completion tokens)
     loss_normaliser: str = "weight_sum"  # weight_sum | token_count | micro_batch
     packing: bool = False
+    # With packing: `step` packs all examples of each optimizer step into padding-free rows of
+    # packing_tokens tokens, one row per micro-batch, examples kept apart by position_ids alone (no
+    # dense mask; sdpa and flash varlen); `micro_batch` packs each micro-batch's examples into rows
+    # with a 4-D block mask (pipeline/packing.py).
+    # Like per_device_batch_size, how the step is laid out, not what it computes: not part of the identity.
+    packing_scope: str = field(default="step", metadata=RUNTIME)
+    # Tokens per packed row (step scope); null: per_device_batch_size x model_max_length. How the
+    # step is split, not what it computes (the step's loss and gradient are the unpacked ones).
+    packing_tokens: Optional[int] = field(default=None, metadata=RUNTIME)
     bf16: bool = True
     tf32: bool = True
     distributed: str = field(default="fsdp", metadata=RUNTIME)  # none | ddp | fsdp | deepspeed
@@ -496,6 +505,20 @@ class TrainConfig:
         _one_of(self.lr_scheduler, ["cosine", "linear", "constant", "constant_with_warmup"], "train.lr_scheduler")
         _one_of(self.truncation, TRUNCATION_POLICIES, "train.truncation")
         _one_of(self.loss_normaliser, NORMALISERS, "train.loss_normaliser")
+        _one_of(self.packing_scope, ["step", "micro_batch"], "train.packing_scope")
+        if self.packing_tokens is not None:
+            _check(
+                self.packing_tokens >= self.model_max_length,
+                "train.packing_tokens",
+                f"must be >= train.model_max_length ({self.model_max_length}) or null",
+            )
+        if self.packing and self.packing_scope == "step":
+            _check(
+                self.loss_normaliser != "micro_batch",
+                "train.packing_scope",
+                "step packing re-splits the step into micro-batches, so it needs a normaliser over the "
+                "whole step (loss_normaliser weight_sum or token_count), or packing_scope=micro_batch",
+            )
         _one_of(self.distributed, ["none", "ddp", "fsdp", "deepspeed"], "train.distributed")
         _check(self.minkowski_coef >= 0, "train.minkowski_coef", "must be >= 0")
         _check(0 <= self.attention_dropout < 1, "train.attention_dropout", "must be in [0, 1)")

@@ -54,8 +54,23 @@ Attention paths (which is used where)
     ``model.config._attn_implementation``.
     Not exercised here (no GPU / flash-attn on the development machine): verify on the cluster.
 
-Where: this machine (CPU) and GPUs with the default ``sdpa`` use ``mask4d``; ``pipeline.trainer``
-builds ``PackedCollator.for_model(tokenizer, train.model_max_length, model)``.
+Where: with ``train.packing_scope=micro_batch`` this machine (CPU) and GPUs with the default ``sdpa``
+use ``mask4d``; ``pipeline.trainer`` builds ``PackedCollator.for_model(tokenizer,
+train.model_max_length, model)``.
+
+Step scope (``train.packing_scope=step``, the default with ``train.packing=true``)
+--------------------------------------------------------------------------------
+:func:`plan_step` packs *all* examples of an optimizer step (every rank's) into rows of
+``train.packing_tokens`` tokens (default ``per_device_batch_size x model_max_length``) by
+first-fit decreasing; each row is one padding-free micro-batch in the ``position_ids`` layout (one
+row, no mask of ours, for every attention implementation: transformers >= 4.53 reads the example
+boundaries from the restarting positions when no attention mask and no KV cache are given, which
+training guarantees with ``use_cache=False``). Rows go to ranks so that every rank has the same
+number of micro-batches (fillers without loss terms where short) and the ranks' token counts are
+balanced. The step's examples, hence its ``weight_sum`` / ``token_count`` normaliser, are
+unchanged, so the step's loss and gradient are the unpacked ones (tests/test_packing_step.py);
+the plan is a function of the step's example lengths, so a resumed run packs identically. The
+per-micro-batch normaliser (``loss_normaliser=micro_batch``) is refused with step packing.
 
 Either way the forward must receive ``position_ids`` (with ``attention="position_ids"`` they are the
 only isolation): :class:`pipeline.loss.WeightedLossModel`, the one path from a model to the loss,
@@ -70,6 +85,7 @@ Count real tokens with ``segment_ids >= 0`` (not ``attention_mask.sum()``, which
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -124,6 +140,59 @@ def pack_bins(lengths: Sequence[int], max_length: int, balance: bool = True) -> 
         if max(load) < max_length - min(room):  # FFD's longest row is max_length - min(room)
             rows = lpt
     return [sorted(r) for r in rows]
+
+
+def first_fit_decreasing(lengths: Sequence[int], budget: int) -> List[List[int]]:
+    """Rows of at most ``budget`` tokens by first-fit decreasing (longest first, ties by index, into
+    the first row with room); within a row, indices ascending. Deterministic. Raises ``ValueError``
+    naming the example when one is longer than ``budget``."""
+    for i, n in enumerate(lengths):
+        if n > budget:
+            raise ValueError(
+                f"packing: example {i} of the step has {n} tokens > train.packing_tokens {budget} "
+                f"(packing_tokens must be >= train.model_max_length)"
+            )
+    rows: List[List[int]] = []
+    room: List[int] = []
+    for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(budget - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def plan_step(lengths: Sequence[int], budget: int, world: int = 1) -> List[List[List[int]]]:
+    """The micro-batches of one optimizer step with ``train.packing_scope=step``, per rank.
+
+    ``lengths``: token counts of the step's examples (all ranks' together, in step order). The
+    examples are packed into rows of at most ``budget`` tokens (:func:`first_fit_decreasing`); each
+    row is one padding-free micro-batch. Every rank gets the same number of micro-batches,
+    ``ceil(rows / world)`` (a rank short of rows gets an empty one: a filler with no loss term, so
+    collective calls stay matched), and rows go longest first to the rank with the fewest tokens
+    among those with room (ties: lowest rank), which balances the ranks' token counts. A function
+    of the lengths alone: the same step always packs the same way (resume stays bit-exact).
+    Returns ``plan[rank] = [row, ...]``, each row a list of positions into ``lengths``.
+    """
+    if world < 1:
+        raise ValueError(f"world must be >= 1, got {world}")
+    rows = first_fit_decreasing(lengths, budget)
+    per_rank = max(1, math.ceil(len(rows) / world))
+    plan: List[List[List[int]]] = [[] for _ in range(world)]
+    load = [0] * world
+    size = [sum(lengths[i] for i in r) for r in rows]
+    for r in sorted(range(len(rows)), key=lambda r: (-size[r], r)):
+        k = min((k for k in range(world) if len(plan[k]) < per_rank), key=lambda k: (load[k], k))
+        plan[k].append(rows[r])
+        load[k] += size[r]
+    for k in range(world):
+        plan[k].sort(key=lambda row: row[0])  # step order within a rank
+        plan[k] += [[] for _ in range(per_rank - len(plan[k]))]
+    return plan
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -80,7 +80,7 @@ import pipeline
 from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
-from pipeline.packing import PackedCollator
+from pipeline.packing import PackedCollator, plan_step
 from pipeline.preprocess import Collator
 from pipeline.regularizers import (
     MinkowskiPenalty,
@@ -177,7 +177,13 @@ class Trainer:
         self.last_eval: Optional[Dict[str, Any]] = None
         self.penalty: Optional[MinkowskiPenalty] = None
         self.model = self.optimizer = self.scheduler = None
-        if self.tc.packing:
+        self.pack_step = bool(self.tc.packing) and self.tc.packing_scope == "step"
+        self.packing_tokens = int(self.tc.packing_tokens or self.tc.per_device_batch_size * self.tc.model_max_length)
+        if self.pack_step:
+            # pipeline/packing.py: each step's examples in padding-free rows of packing_tokens tokens,
+            # one row per micro-batch, positions restarting per example (isolation by position_ids).
+            self.collate = PackedCollator(tokenizer, self.packing_tokens, attention="position_ids")
+        elif self.tc.packing:
             # pipeline/packing.py: rows of up to model_max_length tokens, per-example position_ids and
             # attention isolation (a 4-D mask, or position_ids alone for flash attention), weights kept.
             self.collate = PackedCollator.for_model(tokenizer, self.tc.model_max_length, lm)
@@ -351,6 +357,10 @@ class Trainer:
     def step_batches(self, step: int) -> List[Dict[str, torch.Tensor]]:
         """This rank's collated micro-batches of optimizer step ``step``."""
         idx = step_examples(self.n_train, self.global_batch, self.seed, step)
+        if self.pack_step:  # the whole step packed, rows balanced over the ranks (pipeline/packing.py)
+            lengths = [int(self.data.train[i]["input_ids"].numel()) for i in idx]
+            plan = plan_step(lengths, self.packing_tokens, self.backend.world)[self.backend.rank]
+            return [self._collate([self.data.train[idx[p]] for p in row]) for row in plan]
         mbs = rank_micro_batches(
             idx, self.backend.world, self.backend.rank, self.tc.per_device_batch_size, self.accumulation
         )
@@ -680,7 +690,9 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
     if self.peft_model is not None:  # replicated (single process or DDP): rank 0 merges its copy
         peft_info = {**OmegaConf.to_container(OmegaConf.structured(self.tc.peft)), **lora.summary(self.peft_model)}
         shutil.rmtree(adapter_tmp, ignore_errors=True)
-        sd = lora.finish(self.peft_model, adapter_tmp) if b.is_main else {}
+        sd = (
+            lora.finish(self.peft_model, adapter_tmp, self.tc.peft, self.cfg.model, self.cfg.paths) if b.is_main else {}
+        )
     else:
         sd = b.full_state_dict(self.model)
     summary: Dict[str, Any] = {}
