@@ -452,7 +452,8 @@ class TrainConfig:
     # with a 4-D block mask (pipeline/packing.py).
     # Like per_device_batch_size, how the step is laid out, not what it computes: not part of the identity.
     packing_scope: str = field(default="step", metadata=RUNTIME)
-    # Tokens per packed row (step scope); null: per_device_batch_size x model_max_length. How the
+    # Tokens per packed row (step scope); null: per_device_batch_size x model_max_length with flash
+    # attention, model_max_length with sdpa/eager (pipeline.packing.default_packing_tokens). How the
     # step is split, not what it computes (the step's loss and gradient are the unpacked ones).
     packing_tokens: Optional[int] = field(default=None, metadata=RUNTIME)
     bf16: bool = True

@@ -131,6 +131,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
 
+def _chunk_softmax_ce(h, weight_h, t, eps: float, cdt, V: int):
+    """One chunk: its (smoothed) CE and, in the logits' own buffer, its softmax. The logits are the
+    only vocab-sized buffer: the max, the target logit and (with smoothing) the mean are read first,
+    then ``exp(logits - max)`` is taken in place and normalised in place."""
+    logits = (h @ weight_h.t()).to(cdt)  # (c, V)
+    target_logit = logits.gather(1, t).squeeze(1)
+    mean = logits.mean(dim=-1) if eps > 0 else None
+    m = logits.amax(dim=1, keepdim=True)
+    p = logits.sub_(m).exp_()
+    se = p.sum(dim=1, keepdim=True)
+    lse = (m + se.log()).squeeze(1)
+    nll = lse - target_logit
+    ce = (1.0 - eps) * nll + eps * (lse - mean) if eps > 0 else nll
+    return ce, p.div_(se)
+
+
 def _chunked_linear_ce(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -147,50 +163,55 @@ def _chunked_linear_ce(
     hidden (N, H), weight (V, H), targets (N,), token_weights (N,). Returns
     ``(weighted_sum, ce, grad_hidden, grad_weight)``: ``ce`` (N,) is the (smoothed) per-token CE in the
     compute dtype, 0 at ignored targets; the gradients are those of ``weighted_sum`` (or None).
+
+    Only what is needed is computed. Ignored targets (padding, each sequence's last position) enter
+    no matmul. With gradients, the targets that carry weight are taken first, in chunks of
+    ``chunk_size`` (forward and both gradient matmuls); then the targets of weight 0 (prompt tokens
+    at PLW 0), whose CE is still computed (it is logged) but which enter neither gradient matmul
+    (their rows of ``grad_hidden`` are 0). Peak extra memory: one ``chunk_size x V`` buffer (the
+    logits, turned into the softmax and the gradient in place) and the ``V x H`` head gradient.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     cdt = _compute_dtype(hidden.dtype)
     valid = targets != ignore_index
     w = torch.where(valid, token_weights.to(cdt), torch.zeros((), dtype=cdt, device=hidden.device))
-    safe_t = torch.where(valid, targets, torch.zeros_like(targets))
     ce = torch.zeros(N, dtype=cdt, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else None
+    need_grad = need_grad_hidden or need_grad_weight
+    grad_hidden = torch.zeros_like(hidden) if need_grad_hidden else None
     grad_weight = (
         torch.zeros((V, H), dtype=_compute_dtype(weight.dtype), device=weight.device) if need_grad_weight else None
     )
     eps = float(label_smoothing)
     chunk_size = max(1, int(chunk_size))
     weight_h = weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
-    for s in range(0, N, chunk_size):
-        e = min(s + chunk_size, N)
-        h = hidden[s:e]
-        logits = (h @ weight_h.t()).to(cdt)  # (c, V): the only vocab-sized buffer (plus its softmax)
-        lse = torch.logsumexp(logits, dim=-1)
-        t = safe_t[s:e].unsqueeze(1)
-        nll = lse - logits.gather(1, t).squeeze(1)
-        if eps > 0:
-            ce_c = (1.0 - eps) * nll + eps * (lse - logits.mean(dim=-1))
-        else:
-            ce_c = nll
-        ce[s:e] = torch.where(valid[s:e], ce_c, torch.zeros_like(ce_c))
-        if need_grad_hidden or need_grad_weight:
-            # d(sum w*CE)/d logits = w * (softmax - (1 - eps) * onehot - eps / V), in place on logits.
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            if eps > 0:
-                g.sub_(eps / V)
-            g.scatter_add_(1, t, torch.full_like(t, -(1.0 - eps), dtype=cdt))
-            g.mul_(w[s:e].unsqueeze(1))  # zero rows for ignored / zero-weight targets
-            g_lp = g.to(hidden.dtype)
-            if need_grad_hidden:
-                grad_hidden[s:e] = g_lp @ weight_h
-            if need_grad_weight:
-                if h.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(g.t(), h)
-                else:  # low-precision matmul as autograd would do, accumulated in fp32
-                    grad_weight.add_(g_lp.t() @ h)
-            del g, g_lp
-        del logits
+    if need_grad:  # weighted targets (forward + gradients), then weight-0 ones (forward only)
+        passes = [((valid & (w != 0)).nonzero().squeeze(1), True), ((valid & (w == 0)).nonzero().squeeze(1), False)]
+    else:
+        passes = [(valid.nonzero().squeeze(1), False)]
+    for rows, with_grad in passes:
+        for s in range(0, rows.numel(), chunk_size):
+            idx = rows[s : s + chunk_size]
+            h = hidden.index_select(0, idx)
+            t = targets.index_select(0, idx).unsqueeze(1)
+            ce_c, g = _chunk_softmax_ce(h, weight_h, t, eps, cdt, V)
+            ce.index_copy_(0, idx, ce_c)
+            if with_grad:
+                # d(sum w*CE)/d logits = w * (softmax - (1 - eps) * onehot - eps / V), in place.
+                if eps > 0:
+                    g.sub_(eps / V)
+                g.scatter_add_(1, t, torch.full_like(t, -(1.0 - eps), dtype=cdt))
+                g.mul_(w.index_select(0, idx).unsqueeze(1))
+                g_lp = g.to(hidden.dtype)
+                if need_grad_hidden:
+                    grad_hidden.index_copy_(0, idx, g_lp @ weight_h)
+                if need_grad_weight:
+                    if h.dtype == grad_weight.dtype:
+                        grad_weight.addmm_(g.t(), h)
+                    else:  # low-precision matmul as autograd would do, accumulated in fp32
+                        grad_weight.add_(g_lp.t() @ h)
+                del g_lp
+            del g
     weighted_sum = (w * ce).sum()
     return weighted_sum, ce, grad_hidden, grad_weight
 
@@ -237,10 +258,12 @@ class ChunkedLinearWeightedCE(torch.autograd.Function):
         saved = list(ctx.saved_tensors)
         gh = saved.pop(0) if ctx.has_gh else None
         gw = saved.pop(0) if ctx.has_gw else None
+        # in place: the saved gradients are this Function's own buffers, used once (no second
+        # (V, H) buffer at the peak)
         if gh is not None:
-            gh = gh * grad_sum.to(gh.dtype)
+            gh = gh.mul_(grad_sum.to(gh.dtype))
         if gw is not None:
-            gw = (gw * grad_sum.to(gw.dtype)).to(ctx.weight_dtype)
+            gw = gw.mul_(grad_sum.to(gw.dtype)).to(ctx.weight_dtype)
         return gh, gw, None, None, None, None, None, None, None
 
 

@@ -61,8 +61,7 @@ train.model_max_length, model)``.
 Step scope (``train.packing_scope=step``, the default with ``train.packing=true``)
 --------------------------------------------------------------------------------
 :func:`plan_step` packs *all* examples of an optimizer step (every rank's) into rows of
-``train.packing_tokens`` tokens (default ``per_device_batch_size x model_max_length``) by
-first-fit decreasing; each row is one padding-free micro-batch in the ``position_ids`` layout (one
+``train.packing_tokens`` tokens (default: :func:`default_packing_tokens`) by first-fit decreasing; each row is one padding-free micro-batch in the ``position_ids`` layout (one
 row, no mask of ours, for every attention implementation: transformers >= 4.53 reads the example
 boundaries from the restarting positions when no attention mask and no KV cache are given, which
 training guarantees with ``use_cache=False``). Rows go to ranks so that every rank has the same
@@ -289,6 +288,17 @@ def attention_mode_for(model) -> str:
     """``position_ids`` for flash-attention models, else ``mask4d`` (sdpa, eager)."""
     impl = str(getattr(getattr(model, "config", None), "_attn_implementation", "") or "")
     return "position_ids" if "flash" in impl else "mask4d"
+
+
+def default_packing_tokens(train_cfg: Any, model) -> int:
+    """``train.packing_tokens`` when null: ``per_device_batch_size x model_max_length`` for flash
+    attention (varlen kernels: each example costs its own length squared, so long rows are free),
+    ``model_max_length`` otherwise (sdpa / eager attend densely within a row under the block mask:
+    shorter rows cost less; benchmarks/packing_throughput.py measured 1.65x for 512-token rows and
+    1.05x for 2,048-token rows against dynamic padding, SmolLM2-135M on CPU)."""
+    if attention_mode_for(model) == "position_ids":
+        return int(train_cfg.per_device_batch_size) * int(train_cfg.model_max_length)
+    return int(train_cfg.model_max_length)
 
 
 @dataclass

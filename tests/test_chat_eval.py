@@ -67,7 +67,9 @@ def test_memorization_prompts_of_chat_records_are_the_trained_context(tok):
     assert tok.apply_chat_template(conv, tokenize=False).startswith(prompt + "Hello again.")
 
 
-def test_a_chat_run_trains_and_is_evaluated_through_its_chat_template(base, tmp_path, instructions_dir):
+def test_a_chat_run_trains_and_is_evaluated_through_its_chat_template(
+    base, tmp_path, instructions_dir, llama_tokenizer_dir
+):
     from pipeline.eval.results import read_results
     from pipeline.eval.stage import evaluate_run
     from pipeline.train import run
@@ -78,6 +80,7 @@ def test_a_chat_run_trains_and_is_evaluated_through_its_chat_template(base, tmp_
     ov = overrides(base, tmp_path / "runs", "dataset=local_jsonl", "dataset.source.format=messages", recipe=SMALL)
     ov = [o for o in ov if not o.startswith("dataset.max_records")] + [
         f"dataset.source.path={src}",
+        f"paths.llama_tokenizer={llama_tokenizer_dir}",  # R_g, as the analysis needs it
         "eval=cpu_small",
         "eval.limit=2",
         "eval.max_new_tokens=8",
@@ -105,3 +108,11 @@ def test_a_chat_run_trains_and_is_evaluated_through_its_chat_template(base, tmp_
     items = pandalm.load_testset(pandalm.testset_path(cfg.eval.pandalm_testset, cfg.eval.data_dir))[:2]
     want = hashlib.sha256(json.dumps(pandalm.candidate_prompts(items, prompting.CHAT, tok)).encode()).hexdigest()
     assert cand["settings"]["prompts"] == want
+    # ...and it enters the analysis like any run: collected with its scores and the chat data's R_g
+    from pipeline.analysis.collect import collect_runs
+
+    df, _log = collect_runs(rd.path.parent)
+    mine = df[df["run_id"] == rd.path.name]
+    assert set(mine["benchmark"]) >= {"alpaca_eval", "pandalm"}
+    rg = json.loads((rd.path / "train_summary.json").read_text())["data"]["dataset_rg"]
+    assert rg and (mine["r_g"] == rg).all()

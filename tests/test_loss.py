@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pipeline import loss as L
 from pipeline.loss import IGNORE_INDEX
@@ -443,3 +444,56 @@ def test_step_normaliser_arguments():
     assert float(L.step_normalisers([mb], "token_count")[0]) == 2
     assert float(L.step_normalisers([mb, mb], "micro_batch")[0]) == pytest.approx(5.0)
     assert float(L.step_normalisers([mb], "weight_sum", grad_reduction="sum")[0]) == pytest.approx(2.5)
+
+
+class _MatmulRows(TorchDispatchMode):
+    """Records the rows (tokens) entering the chunked loss's three matmuls (aten level)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.V, self.forward, self.grad_weight, self.grad_hidden = vocab, 0, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.addmm_.default:  # grad_weight += g.T @ h: g.T is (V, rows)
+            self.grad_weight += args[1].shape[1]
+        elif func is torch.ops.aten.mm.default:
+            a, b = args[0], args[1]
+            if b.shape[-1] == self.V:  # h @ W.T: the logits
+                self.forward += a.shape[0]
+            elif a.shape[-1] == self.V:  # g @ W: grad_hidden
+                self.grad_hidden += a.shape[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("plw", [0.0, 0.1])
+def test_ignored_and_zero_weight_targets_skip_the_matmuls(plw):
+    """Padding and each row's last position enter no matmul; at PLW 0 the prompt targets enter the
+    forward (their CE is logged) but neither gradient matmul; values and gradients stay exact."""
+    B, T, H, V = 3, 20, 8, 97
+    hidden, weight, _, _ = _random_problem(B=B, T=T, H=H, V=V, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, 0] = IGNORE_INDEX
+    labels[2, 12:] = IGNORE_INDEX  # padding
+    prompt = torch.zeros(B, T, dtype=torch.bool)
+    prompt[:, 1:8] = True
+    weights = torch.where(prompt, torch.tensor(plw), torch.tensor(1.0))
+    weights[labels == IGNORE_INDEX] = 0
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with _MatmulRows(V) as seen:
+        out = L.weighted_causal_lm_loss(h, w, labels, weights, prompt_mask=prompt, chunk_size=7)
+        out.loss.backward()
+    targets, tw, _ = L.shift_targets(labels, weights, prompt)
+    valid = targets != IGNORE_INDEX
+    assert seen.forward == int(valid.sum()) < B * T
+    live = int((valid & (tw != 0)).sum())
+    assert seen.grad_weight == seen.grad_hidden == live
+    if plw == 0:
+        assert live < int(valid.sum())  # the prompt targets were skipped...
+        assert float(out.prompt_tokens) > 0 and float(out.prompt_ce_sum) > 0  # ...yet their CE is logged
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = L.naive_weighted_loss(h2 @ w2.t(), labels, weights)
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(h.grad, h2.grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-8)

@@ -164,3 +164,14 @@ def test_step_packing_refuses_a_per_micro_batch_normaliser(tmp_path):
     with pytest.raises(ConfigError, match="train.packing_tokens"):
         load_config(["train.packing=true", "train.packing_tokens=8"])
     load_config(["train.packing=true", "train.packing_scope=micro_batch", "train.loss_normaliser=micro_batch"])
+
+
+def test_the_default_row_length_follows_the_attention_kernel():
+    from types import SimpleNamespace
+
+    from pipeline.packing import default_packing_tokens
+
+    tc = SimpleNamespace(per_device_batch_size=4, model_max_length=512)
+    assert default_packing_tokens(tc, tiny_model("sdpa")) == 512  # dense within a row: short rows
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert default_packing_tokens(tc, flash) == 2048  # varlen: long rows cost nothing extra

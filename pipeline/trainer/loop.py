@@ -80,7 +80,7 @@ import pipeline
 from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
-from pipeline.packing import PackedCollator, plan_step
+from pipeline.packing import PackedCollator, default_packing_tokens, plan_step
 from pipeline.preprocess import Collator
 from pipeline.regularizers import (
     MinkowskiPenalty,
@@ -178,7 +178,7 @@ class Trainer:
         self.penalty: Optional[MinkowskiPenalty] = None
         self.model = self.optimizer = self.scheduler = None
         self.pack_step = bool(self.tc.packing) and self.tc.packing_scope == "step"
-        self.packing_tokens = int(self.tc.packing_tokens or self.tc.per_device_batch_size * self.tc.model_max_length)
+        self.packing_tokens = int(self.tc.packing_tokens or default_packing_tokens(self.tc, lm))
         if self.pack_step:
             # pipeline/packing.py: each step's examples in padding-free rows of packing_tokens tokens,
             # one row per micro-batch, positions restarting per example (isolation by position_ids).
