@@ -17,8 +17,9 @@ Rows (each PASS, MISS against its target, or n/a with the reason):
 4. ``deepspeed``: one ZeRO-3 step through the trainer when deepspeed is installed (n/a otherwise).
 5. ``qlora``: 8 steps of QLoRA (4-bit base through bitsandbytes) on a small model: the loss falls
    and final/ holds the merged model and the adapter (n/a without CUDA or bitsandbytes).
-6. ``generation``: greedy HF ``generate`` tokens/s (batch 8, 64 new tokens); vLLM's when installed
-   (n/a otherwise; the pipeline's generation backend is HF).
+6. ``generation``: greedy tokens/s (batch 8, 64 new tokens) through ``pipeline.eval.generation``:
+   HF ``generate``, and the vLLM engine (``eval.backend=vllm``) when vllm is installed, with how
+   many greedy texts agree (bf16: a few may differ by kernel rounding).
 
 Where no GPU was lent, run ``--dry`` (tests/test_gpu_acceptance.py does) and say so; record GPU tables
 with the card and date in benchmarks/README.md.
@@ -250,10 +251,22 @@ def check_generation(tmp, tok, dry):
     gens = generate(model, tokenizer, prompts, max_new_tokens=64, batch_size=8, show_progress=False)
     dt = time.perf_counter() - t0
     hf = sum(g.n_tokens for g in gens) / dt
-    vllm = (
-        "n/a (vllm not installed)" if importlib.util.find_spec("vllm") is None else "installed: not wired (HF backend)"
-    )
-    return ("generation", f"HF {hf:,.0f} tok/s; vLLM {vllm}", "reported", "PASS" if hf > 0 else "MISS")
+    if importlib.util.find_spec("vllm") is None or dev != "cuda":
+        return ("generation", f"HF {hf:,.0f} tok/s; vLLM n/a (not installed or no CUDA)", "reported", "PASS")
+    from vllm import LLM  # eval.backend=vllm: the same greedy settings through pipeline.eval.generation
+
+    folder = Path(tmp) / "gen_model"
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    del model
+    torch.cuda.empty_cache()
+    llm = LLM(model=str(folder), dtype="bfloat16", seed=0, gpu_memory_utilization=0.5)
+    t0 = time.perf_counter()
+    vgens = generate(llm, tokenizer, prompts, max_new_tokens=64, batch_size=8, show_progress=False)
+    vl = sum(g.n_tokens for g in vgens) / (time.perf_counter() - t0)
+    same = sum(a.text == b.text for a, b in zip(gens, vgens))
+    value = f"HF {hf:,.0f} tok/s; vLLM {vl:,.0f} tok/s ({vl / hf:.1f}x); same greedy text {same}/{len(gens)} (bf16)"
+    return ("generation", value, "reported", "PASS" if vl > 0 else "MISS")
 
 
 def main(argv=None) -> int:

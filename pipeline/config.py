@@ -617,6 +617,12 @@ class EvalConfig:
     output_dir: Optional[str] = None  # pretrained=true: where results go (default runs_dir/_baselines/<model>)
     force: bool = False  # recompute benchmarks that already have results
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # What generates (AlpacaEval / PandaLM candidates, memorization, lm-eval's tasks): `hf`
+    # (transformers, the default and the only one on CPU) or `vllm` (CUDA and the vllm package;
+    # lm-eval's vllm model; the same greedy settings). vllm_args go to vllm's LLM (e.g.
+    # gpu_memory_utilization, max_model_len, tensor_parallel_size).
+    backend: str = "hf"
+    vllm_args: Dict[str, Any] = field(default_factory=dict)
     dtype: Optional[str] = None  # weights' dtype for evaluation; null: model.dtype
     # local `python -m pipeline.eval` over the runs: evaluate that many runs at a time in worker
     # processes (cpu_count // workers torch threads each); 1: one after the other in this process
@@ -627,6 +633,7 @@ class EvalConfig:
             _check(self.limit >= 1, "eval.limit", "must be >= 1 or null")
         _check(self.workers >= 1, "eval.workers", "must be >= 1")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _one_of(self.backend, ["hf", "vllm"], "eval.backend")
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         _check(self.memorization_prompts >= 0, "eval.memorization_prompts", "must be >= 0")
         _check(self.rsd_window >= 2, "eval.rsd_window", "must be >= 2")
@@ -687,6 +694,8 @@ class LauncherConfig:
     # evaluation GPU-hour estimate (DRY_RUN): generated tokens per second of one GPU with the HF
     # backend (greedy, batched; a 7B model in bf16 on an A100: a few hundred)
     eval_tokens_per_s: float = 250.0
+    # the same with eval.backend=vllm (continuous batching; a 7B model on an A100: a few thousand)
+    eval_tokens_per_s_vllm: float = 2500.0
     # slurm: submitit's folder (one subfolder per sweep invocation), requeues after a time limit,
     # seconds between the warning signal and the kill, extra sbatch keys, shell lines run first.
     submitit_dir: Optional[str] = None  # default: <paths.runs_dir>/_submitit

@@ -195,7 +195,7 @@ def _chunked_linear_ce(
             h = hidden.index_select(0, idx)
             t = targets.index_select(0, idx).unsqueeze(1)
             ce_c, g = _chunk_softmax_ce(h, weight_h, t, eps, cdt, V)
-            ce.index_copy_(0, idx, ce_c)
+            ce.index_copy_(0, idx, ce_c.to(ce.dtype))
             if with_grad:
                 # d(sum w*CE)/d logits = w * (softmax - (1 - eps) * onehot - eps / V), in place.
                 if eps > 0:
@@ -204,7 +204,7 @@ def _chunked_linear_ce(
                 g.mul_(w.index_select(0, idx).unsqueeze(1))
                 g_lp = g.to(hidden.dtype)
                 if need_grad_hidden:
-                    grad_hidden.index_copy_(0, idx, g_lp @ weight_h)
+                    grad_hidden.index_copy_(0, idx, (g_lp @ weight_h).to(grad_hidden.dtype))  # autocast: bf16
                 if need_grad_weight:
                     if h.dtype == grad_weight.dtype:
                         grad_weight.addmm_(g.t(), h)

@@ -654,3 +654,15 @@ def test_the_evaluation_estimate_counts_what_the_model_generates():
     assert len(demo) == 10 and all(n == 16 and t == 32 for _, n, t in demo)
     with pytest.raises(ValueError, match="eval_tokens_per_s"):
         est.eval_estimate([(1, 1)], 0.0)
+
+
+def test_the_evaluation_estimate_uses_the_backends_throughput(tmp_path):
+    """DRY_RUN: eval.backend=vllm estimates at launcher.eval_tokens_per_s_vllm, hf at eval_tokens_per_s."""
+    from pipeline.sweep.plan import make_plan
+
+    base = ["experiment=demo", f"paths.runs_dir={tmp_path}", "experiment.plw=[0.1]"]
+    hf = make_plan(base, estimates=True).runs[0].eval_estimate
+    vl = make_plan([*base, "eval.backend=vllm"], estimates=True).runs[0].eval_estimate
+    assert vl.new_tokens == hf.new_tokens
+    lc = load_config([]).launcher
+    assert vl.gpu_hours == pytest.approx(hf.gpu_hours * lc.eval_tokens_per_s / lc.eval_tokens_per_s_vllm)

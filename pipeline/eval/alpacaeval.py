@@ -153,16 +153,21 @@ def prompts_for(reference: Sequence[Dict[str, str]], style: str = prompting.ALPA
 # --------------------------------------------------------------------------------------------
 # generation
 # --------------------------------------------------------------------------------------------
-def generation_settings(max_new_tokens: int, limit: Optional[int], style: str = prompting.ALPACA) -> Dict[str, Any]:
+def generation_settings(
+    max_new_tokens: int, limit: Optional[int], style: str = prompting.ALPACA, backend: str = "hf"
+) -> Dict[str, Any]:
     template = "alpaca (pipeline.preprocess.render_source, no input)"
     if style != prompting.ALPACA:
         template = f"{style} (the evaluated model's, pipeline.eval.prompting)"
-    return {
+    out = {
         "template": template,
         "decoding": "greedy",
         "max_new_tokens": int(max_new_tokens),
         "limit": limit,
     }
+    if backend != "hf":  # vllm outputs are never mixed with (or cached as) HF ones
+        out["backend"] = backend
+    return out
 
 
 def generate_outputs(
@@ -180,7 +185,7 @@ def generate_outputs(
     """The model's outputs for the (first ``limit``) instructions, asked in ``style``
     (:mod:`pipeline.eval.prompting`); cached in ``out_file``."""
     ref = list(reference[:limit] if limit else reference)
-    settings = generation_settings(max_new_tokens, limit, style)
+    settings = generation_settings(max_new_tokens, limit, style, "vllm" if generation.is_vllm(model) else "hf")
     key = _sha(json.dumps([settings, [r["instruction"] for r in ref]], sort_keys=True).encode())
     if out_file.is_file():
         try:
@@ -259,6 +264,7 @@ def evaluator_info(
     max_new_tokens: int,
     limit: Optional[int],
     style: str = prompting.ALPACA,
+    backend: str = "hf",
 ) -> Dict[str, Any]:
     """The exact evaluator config recorded in results.csv (and compared on resume)."""
     name, conf = annotator_config(judge, judge_model)
@@ -275,7 +281,7 @@ def evaluator_info(
         "parser": conf.get("completion_parser_kwargs"),
         "metric": "get_winrate (draws count half)",
         "reference": {"file": reference_file.name, "sha256": _sha(reference_file.read_bytes())[:16]},
-        "generation": generation_settings(max_new_tokens, limit, style),
+        "generation": generation_settings(max_new_tokens, limit, style, backend),
     }
 
 
@@ -443,7 +449,7 @@ class AlpacaEvalRunner(Runner):
                 f"kind alpaca_eval, got {bench.compute!r}"
             )
         style = prompting.style_of(ev.t.run_cfg)
-        gen = generation_settings(e.max_new_tokens, e.limit, style)
+        gen = generation_settings(e.max_new_tokens, e.limit, style, str(e.backend))
         try:
             ref = reference_path(e.alpaca_eval_reference, e.data_dir)
         except DataUnavailable as ex:
@@ -460,7 +466,15 @@ class AlpacaEvalRunner(Runner):
             )
         return EvalPlan(
             bench.name,
-            evaluator_info(e.judge, e.judge_model, ref, max_new_tokens=e.max_new_tokens, limit=e.limit, style=style),
+            evaluator_info(
+                e.judge,
+                e.judge_model,
+                ref,
+                max_new_tokens=e.max_new_tokens,
+                limit=e.limit,
+                style=style,
+                backend=str(e.backend),
+            ),
         )
 
     def prepare(self, ev: EvalSession) -> None:

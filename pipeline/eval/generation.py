@@ -188,6 +188,47 @@ def _eos_ids(model, tokenizer) -> List[int]:
     return sorted(ids)
 
 
+def is_vllm(model) -> bool:
+    """A vllm ``LLM`` engine (``eval.backend=vllm``) rather than a transformers model."""
+    return type(model).__module__.split(".")[0] == "vllm"
+
+
+def _vllm_eos_ids(llm, tokenizer) -> List[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    hf = getattr(getattr(getattr(llm, "llm_engine", None), "model_config", None), "hf_config", None)
+    v = getattr(hf, "eos_token_id", None)
+    if v is not None:
+        ids.update(v if isinstance(v, (list, tuple)) else [v])
+    return sorted(ids)
+
+
+def _context(model) -> Optional[int]:
+    if is_vllm(model):
+        mc = getattr(getattr(model, "llm_engine", None), "model_config", None)
+        return getattr(mc, "max_model_len", None)
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def _finish(toks: Sequence[int], eos: Sequence[int], tok) -> Generation:
+    """New tokens up to (not counting) the first EOS, decoded as the HF path decodes them."""
+    n, finished = len(toks), False
+    for j, t in enumerate(toks):
+        if t in eos:
+            n, finished = j, True
+            break
+    return Generation(text=tok.decode(list(toks[:n]), skip_special_tokens=True).strip(), n_tokens=n, finished=finished)
+
+
+def _generate_vllm(llm, tok, encoded: List[List[int]], eos: List[int], max_new_tokens: int, show_progress: bool):
+    """Greedy generation through a vllm engine from the same token ids (temperature 0, one
+    sequence, stop at the same EOS ids, ``max_new_tokens``): the HF path's settings."""
+    from vllm import SamplingParams  # lazy: only with eval.backend=vllm (CUDA machines)
+
+    params = SamplingParams(temperature=0.0, n=1, max_tokens=int(max_new_tokens), stop_token_ids=eos, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=show_progress)
+    return [_finish(list(o.outputs[0].token_ids), eos, tok) for o in outs]
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -209,17 +250,34 @@ def generate(
     ``max_prompt_tokens`` left-truncates prompts (keeping the end, next to the answer) so that
     prompt + ``max_new_tokens`` fits the model's context; by default the model's
     ``max_position_embeddings`` minus ``max_new_tokens``.
+
+    ``model`` may be a vllm engine (``eval.backend=vllm``): the same prompt ids, greedy, the same
+    stop ids and decoding (``gen_kwargs`` other than greedy are not supported there).
     """
     from tqdm.auto import tqdm
 
     if not prompts:
         return []
     tok = tokenizer
-    device = next(model.parameters()).device
     limit = max_prompt_tokens
     if limit is None:
-        ctx = getattr(model.config, "max_position_embeddings", None)
+        ctx = _context(model)
         limit = max(1, ctx - max_new_tokens) if ctx else None
+    encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    truncated = 0
+    if limit is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) > limit:
+                keep_bos = ids[:1] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
+                encoded[i] = keep_bos + ids[len(ids) - (limit - len(keep_bos)) :]
+                truncated += 1
+    if truncated:
+        log.warning("%s: %d prompt(s) longer than %d tokens were left-truncated", desc, truncated, limit)
+    if is_vllm(model):
+        if gen_kwargs and gen_kwargs.get("do_sample"):
+            raise ValueError(f"{desc}: sampling is not supported with eval.backend=vllm here (greedy only)")
+        return _generate_vllm(model, tok, encoded, _vllm_eos_ids(model, tok), max_new_tokens, show_progress)
+    device = next(model.parameters()).device
     eos = _eos_ids(model, tok)
     kwargs: Dict[str, Any] = {
         "do_sample": False,
@@ -232,16 +290,6 @@ def generate(
     if not kwargs.get("do_sample"):
         for k in ("temperature", "top_p", "top_k"):
             kwargs.pop(k, None)
-    encoded = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
-    truncated = 0
-    if limit is not None:
-        for i, ids in enumerate(encoded):
-            if len(ids) > limit:
-                keep_bos = ids[:1] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
-                encoded[i] = keep_bos + ids[len(ids) - (limit - len(keep_bos)) :]
-                truncated += 1
-    if truncated:
-        log.warning("%s: %d prompt(s) longer than %d tokens were left-truncated", desc, truncated, limit)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: List[Optional[Generation]] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not show_progress, leave=False)
@@ -259,14 +307,7 @@ def generate(
             seqs = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
             new = seqs[:, width:].tolist()
             for r, i in enumerate(idx):
-                toks = new[r]
-                n, finished = len(toks), False
-                for j, t in enumerate(toks):
-                    if t in eos:
-                        n, finished = j, True
-                        break
-                text = tok.decode(toks[:n], skip_special_tokens=True).strip()
-                out[i] = Generation(text=text, n_tokens=n, finished=finished)
+                out[i] = _finish(new[r], eos, tok)
             bar.update(len(idx))
     bar.close()
     return [g for g in out if g is not None]

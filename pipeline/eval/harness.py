@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -51,8 +52,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.data.records import sha256_file
 from pipeline.models import check_attn_implementation
 from pipeline.eval import benchmarks as B
@@ -368,6 +371,16 @@ def install_env_info_cache() -> None:
         ev.add_env_info = cached_add_env_info
 
 
+def check_backend(backend: str) -> None:
+    """``eval.backend`` can run on this machine: vllm needs the package and a CUDA GPU (one line)."""
+    if backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("config key 'eval.backend': vllm is not installed (pip install vllm): use eval.backend=hf")
+    if not torch.cuda.is_available():
+        raise ConfigError("config key 'eval.backend': vllm needs a CUDA GPU (none here): use eval.backend=hf")
+
+
 def import_model_class() -> None:
     """Import what evaluating a model with lm-eval needs (HFLM, the evaluator; ~5-8 s, once)."""
     import lm_eval.evaluator  # noqa: F401
@@ -384,10 +397,24 @@ def make_lm(
     add_bos_token: Optional[bool] = None,
     attn_implementation: Optional[str] = None,
     tokenizer=None,
+    backend: str = "hf",
+    vllm_args: Optional[Dict[str, Any]] = None,
 ):
     """lm-eval's own Hugging Face model class (``HFLM``, batched) on a checkpoint folder (or a hub id
-    with its revision, or a loaded model with its ``tokenizer``). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps.
+    with its revision, or a loaded model with its ``tokenizer``); with ``backend="vllm"`` lm-eval's
+    vllm model on the folder (``vllm_args`` to vllm's ``LLM``). Its ``.model`` / ``.tokenizer`` also serve the stage's generation steps.
     ``attn_implementation`` (the run's ``model.attn_implementation``) goes to ``from_pretrained``."""
+    if backend == "vllm":  # lm-eval's vllm model: its .model is the engine, .tokenizer HF's
+        from lm_eval.models.vllm_causallms import VLLM  # lazy: only with eval.backend=vllm
+
+        if not isinstance(pretrained, (str, Path)):
+            raise ValueError("eval.backend=vllm loads saved model folders only (not an adapter over its base)")
+        kw = {"pretrained": str(pretrained), "dtype": dtype or "auto", "batch_size": "auto", "seed": 0}
+        if revision:
+            kw["revision"] = str(revision)
+        if add_bos_token is not None:
+            kw["add_bos_token"] = bool(add_bos_token)
+        return VLLM(**kw, **dict(vllm_args or {}))
     from lm_eval.models.huggingface import HFLM
 
     if not isinstance(pretrained, (str, Path)):  # a loaded model (a LoRA adapter merged over its base)
@@ -534,6 +561,8 @@ class HarnessRunner(Runner):
         evaluator = dict(spec.evaluator)
         if plain(e.gen_kwargs) and bench.group == "short_gen":  # generate_until tasks only
             evaluator["gen_kwargs"] = plain(e.gen_kwargs)
+        if e.backend != "hf" and evaluator:
+            evaluator["backend"] = str(e.backend)  # lm-eval's vllm model (HF: recorded as before)
         return EvalPlan(bench.name, evaluator or {"framework": "lm-eval", "task": spec.task}, spec.skip, spec)
 
     def model_phase(self, ev: EvalSession, plans: Dict[str, EvalPlan], names: List[str], lm) -> None:

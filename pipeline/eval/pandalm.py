@@ -355,6 +355,7 @@ def evaluator_info(
     limit: Optional[int],
     unparsable: str,
     style: str = prompting.ALPACA,
+    backend: str = "hf",
 ) -> Dict[str, Any]:
     conf = judge_config(judge_name, judge_model)
     template = "alpaca (pipeline.preprocess.render_source)"
@@ -374,6 +375,7 @@ def evaluator_info(
         "limit": limit,
         "generation": {
             "template": template,
+            **({"backend": backend} if backend != "hf" else {}),
             "decoding": "greedy",
             "max_new_tokens": int(max_new_tokens),
         },
@@ -400,6 +402,7 @@ def generate_candidates(
         "max_new_tokens": int(max_new_tokens),
         "decoding": "greedy",
         "prompts": _sha(json.dumps(prompts).encode()),
+        **({"backend": "vllm"} if generation.is_vllm(model) else {}),  # never mixed with HF outputs
     }
     if out_file.is_file():
         try:
@@ -593,6 +596,7 @@ def comparator_outputs(ev: EvalSession, items: Sequence[Dict[str, str]]) -> List
                     got.get("settings", {}).get("who") == who
                     and len(got.get("outputs", [])) >= len(items)
                     and got["settings"].get("max_new_tokens") == int(e.max_new_tokens)
+                    and got["settings"].get("backend", "hf") == str(e.backend)
                 ):
                     if got["settings"].get("prompts") == _sha(json.dumps(candidate_prompts(items)).encode()):
                         return got["outputs"]
@@ -636,6 +640,7 @@ class PandaLMRunner(Runner):
             limit=e.limit,
             unparsable=e.pandalm_unparsable,
             style=prompting.style_of(ev.t.run_cfg),
+            backend=str(e.backend),
         )
         if comp.startswith("pretrained") and not ev.t.is_run:
             return EvalPlan(

@@ -171,6 +171,11 @@ class Evaluation(EvalSession):
         """lm-eval's HFLM on the checkpoint folder (a hub model: its hub id and pinned revision; a
         LoRA run's adapter-only ``final/``: the pre-trained model with the adapter merged in)."""
         tokenizer = None
+        if model_dir is not None and lora.is_adapter_folder(model_dir) and self.e.backend == "vllm":
+            raise ModelMissing(
+                f"{model_dir} holds a LoRA adapter alone (train.peft.merge=false): eval.backend=vllm loads "
+                f"merged models only; use eval.backend=hf"
+            )
         if model_dir is not None and lora.is_adapter_folder(model_dir):
             pretrained, tokenizer = lora.load_for_eval(model_dir, model_cfg, self.cfg.paths, torch_dtype(self.dtype))
             revision = None
@@ -194,6 +199,8 @@ class Evaluation(EvalSession):
             add_bos_token=self.e.add_bos_token,
             attn_implementation=plain(model_cfg).get("attn_implementation"),  # None for older runs' configs
             tokenizer=tokenizer,
+            backend=str(self.e.backend),
+            vllm_args=plain(self.e.vllm_args),
         )
 
     def pretrained_source(self) -> Tuple[Optional[Path], Any]:
@@ -304,6 +311,7 @@ def evaluate_run(run_dir, cfg: DictConfig) -> Path:
     everything that goes wrong inside a benchmark is recorded in results.csv instead.
     """
     check_names(cfg)
+    harness.check_backend(str(cfg.eval.backend))
     rd = RunDir(Path(run_dir).expanduser().resolve())
     _run_json(rd.path)
     state = rd.status().get("state")
@@ -346,6 +354,7 @@ def pending_benchmarks(run_dir, cfg: DictConfig) -> List[str]:
     finished with this evaluator setting (all of them with ``eval.force``); benchmarks planned as
     skipped (nothing to run) do not count. Empty: the results are complete."""
     check_names(cfg)
+    harness.check_backend(str(cfg.eval.backend))
     rd = RunDir(Path(run_dir).expanduser().resolve())
     ev = Evaluation(_run_target(rd, cfg), cfg)
     out = []
@@ -371,6 +380,7 @@ def baseline_folder(cfg: DictConfig) -> Path:
 def evaluate_pretrained(cfg: DictConfig) -> Path:
     """Evaluate the pre-trained model of ``cfg.model`` (a baseline); returns its results.csv."""
     check_names(cfg)
+    harness.check_backend(str(cfg.eval.backend))
     folder = baseline_folder(cfg).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     model_dir = models.pretrained_dir(cfg.model, cfg.paths)
@@ -422,6 +432,7 @@ def evaluate_all(cfg: DictConfig) -> List[Tuple[str, Optional[Path], Optional[st
     Returns ``(run folder name, results.csv or None, error or None)`` per run, in name order.
     """
     check_names(cfg)
+    harness.check_backend(str(cfg.eval.backend))
     runs = finished_runs(Path(str(cfg.paths.runs_dir)))
     log.info("%d finished run(s) in %s", len(runs), cfg.paths.runs_dir)
     workers = int(cfg.eval.get("workers") or 1)

@@ -98,7 +98,8 @@ def _cost_lines(plan) -> str:
         out += (
             f"\nevaluation, at most: {sum(x.gpu_hours for x in ev):.4g} GPU-hours in all; per run up to "
             f"{worst.generations:,} generations, {worst.new_tokens:,} new tokens, {worst.gpu_hours:.3g} GPU-h "
-            f"(at {lc.eval_tokens_per_s:g} generated tokens/s per GPU, launcher.eval_tokens_per_s; generation "
+            f"(at {lc.eval_tokens_per_s:g} generated tokens/s per GPU with eval.backend=hf, "
+            f"{lc.eval_tokens_per_s_vllm:g} with vllm, launcher.eval_tokens_per_s[_vllm]; generation "
             f"stops earlier at EOS or a newline; loglikelihood benchmarks and judges not counted)"
         )
     return out

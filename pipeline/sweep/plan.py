@@ -214,7 +214,9 @@ def make_plan(
             stats, src = stats_cache[dkey]
             pr.estimate = run_estimate(cfg, stats, float(lcfg.gpu_peak_tflops), float(lcfg.mfu))
             pr.stats_source = src
-            pr.eval_estimate = eval_cost(cfg, stats, float(lcfg.eval_tokens_per_s))
+            vllm = str(OmegaConf.select(cfg, "eval.backend", default="hf")) == "vllm"
+            rate = lcfg.eval_tokens_per_s_vllm if vllm else lcfg.eval_tokens_per_s
+            pr.eval_estimate = eval_cost(cfg, stats, float(rate))
         runs.append(pr)
     return Plan(root=root, experiment=str(exp["name"]), runs=runs, grid_overrides=grid_ov, run_overrides=run_ov)
 
