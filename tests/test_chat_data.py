@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from _chat_common import as_chat
 from _train_common import SMALL, overrides, rows, tokenizer_dir
 from pipeline.config import load_config
 
@@ -21,9 +22,7 @@ def _alpaca_rows(instructions_dir, n=None):
     return rows_[:n] if n else rows_
 
 
-def _as_chat(r):
-    user = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
-    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": r["output"]}]}
+_as_chat = as_chat  # an Alpaca row as a single-turn conversation (tests/_chat_common.py)
 
 
 def _cfg(path, data_dir, *extra):

@@ -5,6 +5,7 @@ loss (the trainer's)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -279,8 +280,16 @@ def test_weight_sum_grads_match_under_torchrun(tmp_path):
         try:
             stdout, stderr = p.communicate(timeout=240)
         except subprocess.TimeoutExpired:
+            # torchrun starts its workers in sessions of their own: kill the whole tree, or an orphaned
+            # worker keeps the pipes open and communicate() waits forever
+            import psutil  # accelerate's dependency
+
+            tree = psutil.Process(p.pid).children(recursive=True)
             os.killpg(p.pid, signal.SIGKILL)
-            stdout, stderr = p.communicate()
+            for child in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 0, f"torchrun failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     res = torch.load(out, weights_only=False)
     assert res["world"] == 2

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.analysis.suggest import dataset_rg
-from test_chat_data import _alpaca_rows, _as_chat
+from _chat_common import as_chat as _as_chat
+from test_chat_data import _alpaca_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
