@@ -84,6 +84,20 @@ def publish(tmp: Path, final: Path, done: Done, replace: bool = False) -> bool:
     return True
 
 
+def swap_in(tmp: Path, final: Path) -> Path:
+    """Rename the finished folder ``tmp`` to ``final`` without a ``DONE`` marker (a run's
+    ``final/`` model folder): an existing ``final`` is first renamed aside and deleted after, so
+    ``final`` is never half-written."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        aside = final.with_name(f".{final.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    os.rename(tmp, final)
+    return final
+
+
 @contextlib.contextmanager
 def building(
     final: Path,

@@ -101,56 +101,45 @@ ATTENTION_MODES = ("mask4d", "position_ids")
 def pack_bins(lengths: Sequence[int], max_length: int, balance: bool = True) -> List[List[int]]:
     """Assign example indices to rows of at most ``max_length`` tokens.
 
-    The number of rows ``R`` is that of first-fit decreasing (longest first, ties by index, into the
-    first row with room). With ``balance`` the examples are then spread over those ``R`` rows
-    longest-first into the least-filled row (LPT), which is kept when its longest row is shorter (the
-    batch is padded to its longest row, so this cuts padding and attention cost); otherwise the FFD
-    rows are used. Deterministic; within a row, examples keep their original order. Zero-length
-    examples are left out. Raises ``ValueError`` naming the example when one is longer than ``max_length``.
+    The number of rows ``R`` is that of first-fit decreasing (:func:`first_fit_decreasing`). With
+    ``balance`` the examples are then spread over those ``R`` rows longest-first into the
+    least-filled row (LPT), which is kept when its longest row is shorter (the batch is padded to its
+    longest row, so this cuts padding and attention cost); otherwise the FFD rows are used.
+    Deterministic; within a row, examples keep their original order. Zero-length examples are left
+    out. Raises ``ValueError`` naming the example when one is longer than ``max_length``.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    for i, n in enumerate(lengths):
-        if n > max_length:
-            raise ValueError(
-                f"packing: example {i} of the micro-batch has {n} tokens > max_length "
-                f"{max_length} (preprocess with model_max_length <= max_length)"
-            )
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
-    rows: List[List[int]] = []
-    room: List[int] = []
-    for i in order:
-        n = lengths[i]
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(max_length - n)
+    rows = first_fit_decreasing(
+        lengths, max_length, "micro-batch", f"max_length {max_length} (preprocess with model_max_length <= max_length)"
+    )
     if balance and len(rows) > 1:
+        order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
         lpt: List[List[int]] = [[] for _ in rows]
         load = [0] * len(rows)
         for i in order:
             r = min(range(len(load)), key=lambda k: (load[k], k))
             lpt[r].append(i)
             load[r] += lengths[i]
-        if max(load) < max_length - min(room):  # FFD's longest row is max_length - min(room)
-            rows = lpt
-    return [sorted(r) for r in rows]
+        if max(load) < max(sum(lengths[i] for i in row) for row in rows):
+            rows = [sorted(r) for r in lpt]
+    return rows
 
 
-def first_fit_decreasing(lengths: Sequence[int], budget: int) -> List[List[int]]:
+def first_fit_decreasing(
+    lengths: Sequence[int],
+    budget: int,
+    where: str = "step",
+    limit: str = "",
+) -> List[List[int]]:
     """Rows of at most ``budget`` tokens by first-fit decreasing (longest first, ties by index, into
-    the first row with room); within a row, indices ascending. Deterministic. Raises ``ValueError``
-    naming the example when one is longer than ``budget``."""
+    the first row with room); within a row, indices ascending; zero-length examples left out.
+    Deterministic. Raises ``ValueError`` naming the example (``where``: of the step / micro-batch)
+    and the ``limit`` when one is longer than ``budget``."""
+    limit = limit or f"train.packing_tokens {budget} (packing_tokens must be >= train.model_max_length)"
     for i, n in enumerate(lengths):
         if n > budget:
-            raise ValueError(
-                f"packing: example {i} of the step has {n} tokens > train.packing_tokens {budget} "
-                f"(packing_tokens must be >= train.model_max_length)"
-            )
+            raise ValueError(f"packing: example {i} of the {where} has {n} tokens > {limit}")
     rows: List[List[int]] = []
     room: List[int] = []
     for i in sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i)):

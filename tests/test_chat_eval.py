@@ -26,14 +26,8 @@ def base(request, tmp_path_factory, shared_dir):
     return {"data_dir": tmp_path_factory.mktemp("chat_eval_data"), "tokenizer": tokenizer_dir(cache)}
 
 
-@pytest.fixture(scope="module")
-def tok(base):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(base["tokenizer"]))
-
-
-def test_the_prompt_style_follows_the_training_data(tmp_path, tok):
+def test_the_prompt_style_follows_the_training_data(tmp_path, tiny_tok):
+    tok = tiny_tok
     chat_cfg = load_config(["dataset=local_jsonl", "dataset.source.format=messages", f"dataset.source.path={tmp_path}"])
     assert prompting.style_of(chat_cfg) == prompting.CHAT
     assert prompting.style_of(load_config([])) == prompting.ALPACA and prompting.style_of(None) == prompting.ALPACA
@@ -52,7 +46,8 @@ def test_the_prompt_style_follows_the_training_data(tmp_path, tok):
     assert not prompting.add_special_tokens(prompting.CHAT) and prompting.add_special_tokens(prompting.ALPACA)
 
 
-def test_memorization_prompts_of_chat_records_are_the_trained_context(tok):
+def test_memorization_prompts_of_chat_records_are_the_trained_context(tiny_tok):
+    tok = tiny_tok
     conv = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},

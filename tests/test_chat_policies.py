@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from _chat_common import alpaca_like_template, as_chat
-from _train_common import tokenizer_dir
 from pipeline import chat
 from pipeline.config import ConfigError, load_config
 from pipeline.preprocess import (
@@ -38,15 +37,6 @@ THREE_TURNS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_tok(request, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    cache = getattr(request.config, "cache", None)
-    cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir(cache)))
-
-
-@pytest.fixture(scope="module")
 def alpaca_chat_tok(llama_tokenizer_dir):
     from transformers import AutoTokenizer
 
@@ -63,8 +53,8 @@ def _rows(instructions_dir, no_input=True):
 # ------------------------------------------------------------------------------------------------
 # completion_turns
 # ------------------------------------------------------------------------------------------------
-def test_last_turn_only_puts_earlier_answers_in_the_prompt(smollm2_tok):
-    tok = smollm2_tok
+def test_last_turn_only_puts_earlier_answers_in_the_prompt(tiny_tok):
+    tok = tiny_tok
     every = chat.render(tok, THREE_TURNS, "all")
     last = chat.render(tok, THREE_TURNS, "last")
     assert every.input_ids == last.input_ids
@@ -122,8 +112,8 @@ def test_the_data_stage_measures_rg_over_the_counted_turns(tmp_path, llama_token
 # ------------------------------------------------------------------------------------------------
 # truncation by turns
 # ------------------------------------------------------------------------------------------------
-def test_truncate_prompt_left_drops_the_oldest_exchanges_first(smollm2_tok):
-    tok = smollm2_tok
+def test_truncate_prompt_left_drops_the_oldest_exchanges_first(tiny_tok):
+    tok = tiny_tok
     kept_conv = [THREE_TURNS[0], *THREE_TURNS[-2:]]  # the system message and the last exchange
     want = chat.render(tok, kept_conv)
     full = chat.render(tok, THREE_TURNS)

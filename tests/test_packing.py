@@ -73,10 +73,11 @@ def full_logits(model, batch, normaliser=None):
     return SimpleNamespace(loss=L.naive_weighted_loss(logits, batch["labels"], batch["weights"], normaliser))
 
 
-def loss_and_grads(model, batches, fn=one_path):
-    """Sum of micro-batch losses with weight_sum step normalisers, backward; (loss, grads)."""
+def loss_and_grads(model, batches, fn=one_path, dens=None):
+    """Sum of micro-batch losses with weight_sum step normalisers (or the given ``dens``, one per
+    micro-batch), backward; (loss, grads)."""
     model.zero_grad(set_to_none=True)
-    dens = L.step_normalisers(batches, "weight_sum")
+    dens = L.step_normalisers(batches, "weight_sum") if dens is None else dens
     total = 0.0
     for b, d in zip(batches, dens):
         out = fn(model, b, d)

@@ -17,7 +17,7 @@ from _train_common import SMALL, comparable, final_weights, overrides, rows, sum
 from pipeline import loss as L
 from pipeline.packing import PackedCollator, first_fit_decreasing, plan_step
 from pipeline.preprocess import Collator
-from test_packing import grads, make_examples, one_path, tiny_model
+from test_packing import loss_and_grads, make_examples, tiny_model
 
 LENGTHS = [7, 12, 5, 20, 9, 3, 16, 11, 30, 2, 14, 8]  # 137 tokens
 
@@ -43,16 +43,6 @@ def test_plan_step_places_every_example_once_within_the_budget_and_balances_rank
         plan_step([3, 40], 32)
 
 
-def _step_loss_and_grads(model, batches, dens):
-    model.zero_grad(set_to_none=True)
-    total = 0.0
-    for b, d in zip(batches, dens):
-        out = one_path(model, b, d)
-        out.loss.backward()
-        total += float(out.loss.detach())
-    return total, grads(model)
-
-
 @pytest.mark.parametrize("plw", [0.0, 0.1, 1.0])
 def test_a_packed_step_has_the_unpacked_steps_loss_and_gradient(plw):
     model = tiny_model("sdpa")
@@ -62,8 +52,8 @@ def test_a_packed_step_has_the_unpacked_steps_loss_and_gradient(plw):
     packed = [PackedCollator(0, 48, attention="position_ids")([exs[i] for i in row]) for row in rows_]
     assert len(packed) < len(unpacked) and all(p["input_ids"].shape[0] == 1 for p in packed)
     assert all("attention_mask" not in p for p in packed)  # padding-free: isolation by position_ids
-    lu, gu = _step_loss_and_grads(model, unpacked, L.step_normalisers(unpacked, "weight_sum"))
-    lp, gp = _step_loss_and_grads(model, packed, L.step_normalisers(packed, "weight_sum"))
+    lu, gu = loss_and_grads(model, unpacked)
+    lp, gp = loss_and_grads(model, packed)
     assert lp == pytest.approx(lu, rel=1e-12)
     for n in gu:
         torch.testing.assert_close(gp[n], gu[n], rtol=1e-9, atol=1e-12, msg=lambda m, n=n: f"{n}: {m}")
@@ -75,7 +65,7 @@ def test_two_ranks_average_to_the_single_process_step():
     model = tiny_model("sdpa")
     exs = make_examples(LENGTHS, plw=0.1, mask=False)
     unpacked = [Collator(0)(exs)]
-    lu, gu = _step_loss_and_grads(model, unpacked, L.step_normalisers(unpacked, "weight_sum"))
+    lu, gu = loss_and_grads(model, unpacked)
     plan = plan_step([int(e["input_ids"].numel()) for e in exs], 40, 2)
     filler = {k: v[:2] for k, v in exs[0].items()}
     filler["weights"] = torch.zeros(2)
@@ -88,7 +78,7 @@ def test_two_ranks_average_to_the_single_process_step():
     losses, gs = [], []
     for batches in per_rank:
         d = torch.tensor(total_w / 2, dtype=torch.float64).to(torch.float32)
-        loss, g = _step_loss_and_grads(model, batches, [d] * len(batches))
+        loss, g = loss_and_grads(model, batches, dens=[d] * len(batches))
         losses.append(loss)
         gs.append(g)
     assert sum(losses) / 2 == pytest.approx(lu, rel=1e-6)

@@ -77,6 +77,7 @@ except ImportError:  # a torch build without torch.distributed
 
 
 import pipeline
+from pipeline.atomic_dir import swap_in
 from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
@@ -796,13 +797,7 @@ def save_final(
     tokenizer.save_pretrained(tmp)
     for name, src in (extras or {}).items():
         os.rename(src, tmp / name)
-    if folder.exists():
-        aside = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.rename(tmp, folder)
-    return folder
+    return swap_in(tmp, folder)
 
 
 def _versions() -> Dict[str, str]:

@@ -35,6 +35,7 @@ from typing import Any, Dict, Optional
 import torch
 from transformers import AutoTokenizer
 
+from pipeline.atomic_dir import swap_in
 from pipeline.config import ConfigError, PeftConfig
 from pipeline.models import load_pretrained
 
@@ -130,13 +131,7 @@ def save_adapter_final(adapter_dir: Path, tokenizer, folder: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     os.rename(adapter_dir, tmp)
     tokenizer.save_pretrained(str(tmp))
-    if folder.exists():
-        aside = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(aside, ignore_errors=True)
-        os.rename(folder, aside)
-        shutil.rmtree(aside, ignore_errors=True)
-    os.rename(tmp, folder)
-    return folder
+    return swap_in(tmp, folder)
 
 
 def is_adapter_folder(folder: Path) -> bool:
