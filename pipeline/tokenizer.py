@@ -78,7 +78,7 @@ def load_tokenizer(spec: str, revision: Optional[str] = None):
 
 
 # Bump when the conversion below changes (the disk cache is keyed by it).
-GGUF_TOKENIZER_VERSION = 1
+GGUF_TOKENIZER_VERSION = 2  # 2: the saved folder no longer holds a copy of the GGUF file
 
 
 def gguf_tokenizer_cache_dir() -> Path:
@@ -105,12 +105,27 @@ def _load_gguf_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(folder))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tok = _apply_gguf_special_tokens(tok, path)
+    _forget_vocab_file(tok)
     try:
         with building(folder, done=str(path) + "\n") as tmp:  # a folder published meanwhile wins
             tok.save_pretrained(str(tmp))
     except OSError:
         pass  # read-only home: no cache, the converted tokenizer is still returned
     return tok
+
+
+def _forget_vocab_file(tok) -> None:
+    """Make ``save_pretrained`` write ``tokenizer.json`` alone.
+
+    A tokenizer converted from a GGUF file keeps the GGUF file as its ``vocab_file``, and saving it
+    copied the whole model file (94 MB for SmolLM2-135M) as ``tokenizer.model`` into every folder
+    the tokenizer was saved to (the cache, each run's ``final/``): not a sentencepiece model (a slow
+    tokenizer could not read it) and the bulk of a tiny run's disk. The fast tokenizer is complete
+    without it.
+    """
+    if getattr(tok, "vocab_file", None) is not None:
+        tok.vocab_file = None
+    tok.init_kwargs.pop("vocab_file", None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def tokenizer_dir(cache_root: Path) -> Path:
     from pipeline.tokenizer import load_tokenizer, package_file, parse_package_gguf
 
     gguf = package_file(*parse_package_gguf(GGUF_SPEC))
-    folder = Path(cache_root) / f"smollm2-tokenizer-{_sha256(gguf)[:16]}"
+    folder = Path(cache_root) / f"smollm2-tokenizer-v2-{_sha256(gguf)[:16]}"  # v2: no tokenizer.model
     if (folder / "DONE").is_file():
         return folder
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")

@@ -42,6 +42,27 @@ def instructions_dir(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """``module_tmp(name)``: a folder for a module-scoped fixture's runs, removed when the module's
+    tests are done and none of them failed (a failure keeps it, as pytest keeps a failed test's
+    tmp_path). Runs of the tiny model take tens of MB each; kept to the session's end, the suite
+    needed over 10 GB of disk."""
+    import shutil
+
+    made = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module (use with ``pytestmark = pytest.mark.usefixtures(
     "one_thread")``): on a shared 2-core machine two threads are several times slower."""

@@ -83,10 +83,10 @@ def test_bad_conversations_name_file_record_and_message(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def base(request, tmp_path_factory, shared_dir):
+def base(request, tmp_path_factory, module_tmp, shared_dir):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return {"data_dir": tmp_path_factory.mktemp("chat_data"), "tokenizer": tokenizer_dir(cache)}
+    return {"data_dir": module_tmp("chat_data"), "tokenizer": tokenizer_dir(cache)}
 
 
 def test_a_multi_turn_chat_dataset_trains_with_the_chat_weights(base, tmp_path, instructions_dir):

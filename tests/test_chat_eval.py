@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def base(request, tmp_path_factory, shared_dir):
+def base(request, tmp_path_factory, module_tmp, shared_dir):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return {"data_dir": tmp_path_factory.mktemp("chat_eval_data"), "tokenizer": tokenizer_dir(cache)}
+    return {"data_dir": module_tmp("chat_eval_data"), "tokenizer": tokenizer_dir(cache)}
 
 
 def test_the_prompt_style_follows_the_training_data(tmp_path, tiny_tok):

@@ -75,10 +75,10 @@ def make_run(cfg, *, checkpoint: bool = True, state: str = "done", copy_from=Non
 
 
 @pytest.fixture(scope="module")
-def tiny_eval(model_cache, tmp_path_factory, shared_dir):
+def tiny_eval(model_cache, module_tmp, shared_dir):
     from pipeline.train import run as train
 
-    runs = tmp_path_factory.mktemp("runs")
+    runs = module_tmp("runs")
     cfg = _cfg(model_cache, runs, "eval.limit=2")
     rd = train(cfg)  # the real trainer: final/, metrics.jsonl, train_summary.json, status done
     assert rd.status()["state"] == "done"

@@ -16,10 +16,10 @@ LORA = ["train.peft.enabled=true", "train.peft.r=4", "train.learning_rate=5e-3"]
 
 
 @pytest.fixture(scope="module")
-def base(request, tmp_path_factory, shared_dir):
+def base(request, tmp_path_factory, module_tmp, shared_dir):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return {"data_dir": tmp_path_factory.mktemp("lora_data"), "tokenizer": tokenizer_dir(cache)}
+    return {"data_dir": module_tmp("lora_data"), "tokenizer": tokenizer_dir(cache)}
 
 
 def _cfg(base, runs_dir, *extra):
@@ -29,10 +29,10 @@ def _cfg(base, runs_dir, *extra):
 
 
 @pytest.fixture(scope="module")
-def lora_run(base, tmp_path_factory):
+def lora_run(base, module_tmp):
     from pipeline.train import run
 
-    return run(_cfg(base, tmp_path_factory.mktemp("lora_runs")))
+    return run(_cfg(base, module_tmp("lora_runs")))
 
 
 @pytest.fixture(scope="module")

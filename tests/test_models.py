@@ -372,6 +372,25 @@ def test_tokenizer_fingerprint_still_tells_tokenizers_apart(llama_tokenizer_dir,
     assert tokenizer_fingerprint(tok) != "5baba13c0f45f94d"
 
 
+def test_a_gguf_tokenizer_saves_without_a_copy_of_the_gguf_file(smollm2, tmp_path):
+    """Saving a tokenizer converted from a GGUF file writes tokenizer.json, not the 94 MB model
+    file renamed tokenizer.model (it went into every run's final/ and filled CI's disk)."""
+    from transformers import AutoTokenizer
+
+    from _train_common import GGUF_SPEC
+
+    tok = load_tokenizer(GGUF_SPEC)
+    tok.save_pretrained(str(tmp_path))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "tokenizer.json" in names and "tokenizer.model" not in names, names
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 8 * 2**20
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "### Instruction:\nName the capital of France.\n\n### Response: Paris</s> <|im_end|>"
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
+    assert tokenizer_fingerprint(again) == tokenizer_fingerprint(tok)
+    assert (again.eos_token, again.bos_token, again.pad_token) == (tok.eos_token, tok.bos_token, tok.pad_token)
+
+
 # --------------------------------------------------------------------------------------------
 # attention kernels (model.attn_implementation)
 # --------------------------------------------------------------------------------------------

@@ -106,10 +106,10 @@ def test_no_example_attends_to_another():
 # through the trainer
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def base(request, tmp_path_factory, shared_dir):
+def base(request, tmp_path_factory, module_tmp, shared_dir):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return {"data_dir": tmp_path_factory.mktemp("pack_data"), "tokenizer": tokenizer_dir(cache)}
+    return {"data_dir": module_tmp("pack_data"), "tokenizer": tokenizer_dir(cache)}
 
 
 PACK = ["train.packing=true", "train.packing_tokens=256"]

@@ -62,10 +62,10 @@ needs_slurm = pytest.mark.skipif(_slurm_reason() is not None, reason=str(_slurm_
 
 
 @pytest.fixture(scope="module")
-def env_base(request, tmp_path_factory, shared_dir):
+def env_base(request, tmp_path_factory, module_tmp, shared_dir):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
-    return {"data_dir": tmp_path_factory.mktemp("sweep_data"), "tokenizer": tokenizer_dir(cache)}
+    return {"data_dir": module_tmp("sweep_data"), "tokenizer": tokenizer_dir(cache)}
 
 
 def grid(base, runs_dir: Path, plw: str = "[0.1]", *extra: str) -> List[str]:
@@ -121,9 +121,9 @@ def assert_resumed_like(rd: RunDir, ref: RunDir):
 # launcher=local
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def local_sweep(env_base, tmp_path_factory):
+def local_sweep(env_base, module_tmp):
     """One local sweep over a good run and a broken one (its dataset file is missing)."""
-    runs = tmp_path_factory.mktemp("local_runs")
+    runs = module_tmp("local_runs")
     t0 = time.time()
     out = sweep(grid(env_base, runs, "[0.1]", BROKEN, "launcher.max_parallel=2"))
     return {"runs": runs, "out": out, "seconds": time.time() - t0}

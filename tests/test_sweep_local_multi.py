@@ -102,15 +102,15 @@ def test_runs_per_worker_is_checked():
 # the sweep: 3 runs in one worker vs one worker per run
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def one_per_worker(env_base, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("one_per_worker")
+def one_per_worker(env_base, module_tmp):
+    runs = module_tmp("one_per_worker")
     out = sweep(grid(env_base, runs, PLWS))
     return {"runs": runs, "out": out}
 
 
 @pytest.fixture(scope="module")
-def three_in_one(env_base, tmp_path_factory):
-    runs = tmp_path_factory.mktemp("three_in_one")
+def three_in_one(env_base, module_tmp):
+    runs = module_tmp("three_in_one")
     out = sweep(grid(env_base, runs, PLWS, "launcher.runs_per_worker=3"))
     return {"runs": runs, "out": out}
 

@@ -43,11 +43,11 @@ def _cfg(base, runs_dir, *extra, recipe=SMALL):
 
 
 @pytest.fixture(scope="module")
-def reference(base, tmp_path_factory):
+def reference(base, module_tmp):
     """The small recipe trained once, uninterrupted, in this process."""
     from pipeline.train import run
 
-    return run(_cfg(base, tmp_path_factory.mktemp("ref_runs")))
+    return run(_cfg(base, module_tmp("ref_runs")))
 
 
 def _assert_same_training(rd, ref, exact=True, rtol=0.0, atol=0.0):
@@ -163,13 +163,13 @@ class _Grads(TrainerCallback):
 
 
 @pytest.fixture(scope="module")
-def plw_runs(base, tmp_path_factory):
+def plw_runs(base, module_tmp):
     from pipeline.train import run
 
     out = {}
     for plw in (0.0, 0.3, 1.0):
         cb = _Grads()
-        rd = run(_cfg(base, tmp_path_factory.mktemp(f"plw{plw}"), f"plw={plw}", recipe=PLW_RECIPE), callbacks=[cb])
+        rd = run(_cfg(base, module_tmp(f"plw{plw}"), f"plw={plw}", recipe=PLW_RECIPE), callbacks=[cb])
         out[plw] = (rd, cb.grads)
     return out
 
