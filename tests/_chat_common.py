@@ -4,7 +4,9 @@ path's exact ids), and the conversion of Alpaca-schema rows into conversations."
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
 
 from pipeline.preprocess import PROMPT_DICT
 
@@ -26,3 +28,10 @@ def as_chat(row: Mapping[str, Any]) -> Dict[str, Any]:
     """An Alpaca-schema row as a single-turn conversation (the input after the instruction)."""
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]}
+
+
+def alpaca_rows(instructions_dir: Path, n: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The shared Alpaca-schema sample (``alpaca52k_torchtune_tiny.jsonl``), its first ``n`` rows."""
+    lines = (Path(instructions_dir) / "alpaca52k_torchtune_tiny.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    return rows[:n] if n else rows

@@ -10,18 +10,14 @@ import json
 import pytest
 import torch
 
-from _chat_common import as_chat
+from _chat_common import alpaca_rows, as_chat
 from _train_common import SMALL, overrides, rows, tokenizer_dir
 from pipeline.config import load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _alpaca_rows(instructions_dir, n=None):
-    rows_ = [json.loads(x) for x in (instructions_dir / "alpaca52k_torchtune_tiny.jsonl").read_text().splitlines()]
-    return rows_[:n] if n else rows_
-
-
+_alpaca_rows = alpaca_rows  # the shared Alpaca-schema sample (tests/_chat_common.py)
 _as_chat = as_chat  # an Alpaca row as a single-turn conversation (tests/_chat_common.py)
 
 

@@ -168,3 +168,14 @@ def test_alpaca_eval_completions_render_the_chatml_prompt_in_the_judges_template
     assert prompt_to_chatml(template) == [{"role": "user", "content": task}]
     with pytest.raises(C.ChatTemplateError, match="eval.judge_model"):
         C.alpaca_eval_completions(prompts)
+
+
+def test_a_judge_that_cannot_be_loaded_is_one_line_naming_it(tmp_path):
+    """Both judges load through generation.load_judge; a missing model is the caller's one-line error."""
+    missing = str(tmp_path / "no_such_judge")
+    with pytest.raises(C.ChatTemplateError, match=r"^AlpacaEval judge: cannot load .*no_such_judge") as e:
+        C.load(missing, None, "float32", "cpu", "AlpacaEval judge")
+    assert "\n" not in str(e.value)
+    conf = {**P.judge_config("pandalm_7b", missing), "dtype": "float32"}
+    with pytest.raises(P.PandaLMError, match=r"PandaLM judge 'pandalm_7b': cannot load .*eval.pandalm_judge_model"):
+        P.make_judge(conf, device="cpu")

@@ -12,6 +12,7 @@ targets, choices) must be identical, few-shot ones included. No model is needed.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -438,3 +439,27 @@ def test_wmt_prompts_are_the_builtin_translation_tasks_with_the_papers_instructi
     assert {m["metric"] for m in ours.config.metric_list} == {m["metric"] for m in ref.config.metric_list}
     for key in ("output_type", "generation_kwargs", "repeats", "target_delimiter", "fewshot_delimiter"):
         assert getattr(ours.config, key) == getattr(ref.config, key), key
+
+
+def test_bootstrap_in_process_gives_lm_evals_pool_values(monkeypatch):
+    """Below 2,000 iterations the in-process bootstrap draws the pool's one chunk with the same seed:
+    equal standard errors (BLEU's corpus statistic and a mean), DISABLE_MULTIPROC restored after."""
+    from lm_eval.api import metrics as M
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    refs = ["the cat sat on the mat", "a dog ran in the park", "it is raining today", "we like green tea"]
+    hyps = ["the cat is on the mat", "a dog runs in a park", "it rains today", "we like tea"]
+    pairs = list(zip(refs, hyps)) * 5
+    scores = [0.1, 0.7, 0.3, 0.9, 0.4, 0.2, 0.8] * 3
+    pooled = [M.bootstrap_stderr(M.bleu, pairs, 1000), M.bootstrap_stderr(M.mean, scores, 1000)]
+    with harness.bootstrap_in_process(1000):
+        assert os.environ.get("DISABLE_MULTIPROC") == "1"
+        here = [M.bootstrap_stderr(M.bleu, pairs, 1000), M.bootstrap_stderr(M.mean, scores, 1000)]
+    assert "DISABLE_MULTIPROC" not in os.environ
+    assert here == pooled and pooled[0] > 0 and pooled[1] > 0
+    with harness.bootstrap_in_process(2000):  # more than one chunk: lm-eval's pool stays
+        assert "DISABLE_MULTIPROC" not in os.environ
+    monkeypatch.setenv("DISABLE_MULTIPROC", "1")
+    with harness.bootstrap_in_process(1000):  # the user's own setting is left alone
+        pass
+    assert os.environ.get("DISABLE_MULTIPROC") == "1"

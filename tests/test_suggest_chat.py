@@ -17,7 +17,7 @@ import pytest
 
 from pipeline.analysis.suggest import dataset_rg
 from _chat_common import as_chat as _as_chat
-from test_chat_data import _alpaca_rows
+from _chat_common import alpaca_rows as _alpaca_rows
 
 REPO = Path(__file__).resolve().parent.parent
 

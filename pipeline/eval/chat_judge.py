@@ -24,7 +24,6 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-import torch
 
 from pipeline.eval import generation
 
@@ -46,25 +45,12 @@ def render(tokenizer, messages: Sequence[Mapping[str, str]], who: str) -> str:
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def load(model_id: str, revision: Optional[str], dtype: str, device: str, who: str) -> Tuple[Any, Any]:
     """``(model, tokenizer)`` of a judge, on ``device`` (``auto``: CUDA when present), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dev = generation.resolve_device(device)
-    kw: Dict[str, Any] = {"dtype": DTYPES[dtype]}
-    if dev.startswith("cuda"):
-        kw["device_map"] = "auto"
     try:
-        tok = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, **kw)
+        return generation.load_judge(model_id, revision, dtype, device)
     except OSError as e:
         raise ChatTemplateError(f"{who}: cannot load {model_id} (revision {revision}): {str(e).splitlines()[0]}") from e
-    if "device_map" not in kw:
-        model.to(dev)
-    return model.eval(), tok
 
 
 def alpaca_eval_completions(

@@ -83,6 +83,35 @@ def load_for_eval(
     return model.eval(), tok
 
 
+def load_judge(
+    model_id: str, revision: Optional[str], dtype: str = "bfloat16", device: str = "auto", slow_fallback=False
+):
+    """``(model, tokenizer)`` of a judge (a hub id or local folder) in eval mode: ``dtype``, spread over
+    the GPUs (``device_map=auto``) on CUDA, else on ``device``. ``slow_fallback``: the slow tokenizer
+    when the fast one cannot be built (PandaLM's LLaMA tokenizer). An ``OSError`` (not downloaded, no
+    such folder) is the caller's to name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model_id.startswith(("/", "./", "../", "~")):  # a folder, not a hub id (that would fail less clearly)
+        if not Path(model_id).expanduser().is_dir():
+            raise OSError(f"no such folder {model_id}")
+        model_id = str(Path(model_id).expanduser())
+    dev = resolve_device(device)
+    kw: Dict[str, Any] = {"dtype": _DTYPES[dtype]}
+    if dev.startswith("cuda"):
+        kw["device_map"] = "auto"
+    try:
+        tok = AutoTokenizer.from_pretrained(model_id, revision=revision)
+    except Exception:
+        if not slow_fallback:
+            raise
+        tok = AutoTokenizer.from_pretrained(model_id, revision=revision, use_fast=False)
+    model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, **kw)
+    if "device_map" not in kw:
+        model.to(dev)
+    return model.eval(), tok
+
+
 def release() -> None:
     """Collect garbage and free cached accelerator memory (after ``del`` of the last references)."""
     gc.collect()

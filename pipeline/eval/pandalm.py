@@ -274,27 +274,12 @@ class HFJudge:
     """A causal LM judge (PandaLM-7B, Mixtral) generating with pipeline.eval.generation."""
 
     def __init__(self, conf: Dict[str, Any], device: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.conf = conf
         model_id, rev = conf["model"], conf.get("revision")
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
-            conf.get("dtype", "bfloat16")
-        ]
-        dev = generation.resolve_device(device)
-        kw: Dict[str, Any] = {"dtype": dtype}
-        if dev.startswith("cuda"):
-            kw["device_map"] = "auto"
         try:
-            if conf.get("tokenizer") == "pandalm":
-                try:
-                    tok = AutoTokenizer.from_pretrained(model_id, revision=rev)
-                except Exception:
-                    tok = AutoTokenizer.from_pretrained(model_id, revision=rev, use_fast=False)
-            else:
-                tok = AutoTokenizer.from_pretrained(model_id, revision=rev)
-            model = AutoModelForCausalLM.from_pretrained(model_id, revision=rev, **kw)
+            model, tok = generation.load_judge(
+                model_id, rev, conf.get("dtype", "bfloat16"), device, slow_fallback=conf.get("tokenizer") == "pandalm"
+            )
         except OSError as e:
             raise PandaLMError(
                 f"PandaLM judge '{conf['name']}': cannot load {model_id} (revision {rev}): "
@@ -306,9 +291,7 @@ class HFJudge:
             tok.add_special_tokens({"eos_token": "</s>", "bos_token": "</s>", "unk_token": "</s>"})
             model.config.pad_token_id = tok.pad_token_id = 0
             model.config.bos_token_id, model.config.eos_token_id = 1, 2
-        if "device_map" not in kw:
-            model.to(dev)
-        self.model, self.tok = model.eval(), tok
+        self.model, self.tok = model, tok
 
     def __call__(self, prompts: Sequence[str]) -> List[str]:
         dec = dict(self.conf.get("decoding") or {})
