@@ -306,6 +306,56 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(reference, base, tmp_path
     _assert_same_training(rd, reference, exact=True)
 
 
+def test_resuming_with_another_layout_says_so_and_continues(reference, base, tmp_path, caplog):
+    """Each checkpoint records the step layout (runtime settings); resuming with another one (here
+    half the micro-batch, twice the accumulation) warns that the run is no longer bit-identical and
+    trains on to the uninterrupted run's losses up to rounding. The same layout resumes silently."""
+    from pipeline.runs import create_run
+    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.trainer.checkpoint import checkpoint_name, read_state
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, trainer, step, row):
+            return step == 1
+
+    cfg = _cfg(base, tmp_path)
+    with pytest.raises(Preempted):
+        run(cfg, callbacks=[Stop()])
+    state = read_state(create_run(cfg).checkpoints / checkpoint_name(1))
+    assert state["layout"] == {
+        "world_size": 1,
+        "per_device_batch_size": 2,
+        "accumulation_steps": 2,
+        "packing": False,
+        "packing_scope": None,
+        "packing_tokens": None,
+    }
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        rd = run(_cfg(base, tmp_path, "train.per_device_batch_size=1"))
+    [msg] = [r.getMessage() for r in caplog.records if "different layout" in r.getMessage()]
+    assert "train.per_device_batch_size: 2 -> 1" in msg and "accumulation steps: 2 -> 4" in msg
+    assert "processes" not in msg and "packing" not in msg
+    assert summary(rd)["resumed_from"] == [1]
+    _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_layout_changes_of_checkpoints_written_before_layouts_were_recorded():
+    from pipeline.trainer.loop import layout_changes
+
+    now = {"world_size": 2, "per_device_batch_size": 4, "accumulation_steps": 1, "packing": False}
+    assert layout_changes({"world_size": 2, "accumulation_steps": 1}, now) == []
+    assert layout_changes({"world_size": 1, "accumulation_steps": 2}, now) == [
+        "processes: 1 -> 2",
+        "accumulation steps: 2 -> 1",
+    ]
+    # packing is part of the run's identity; before step packing it packed per micro-batch
+    packed = {**now, "packing": True, "packing_scope": "step", "packing_tokens": 512}
+    assert layout_changes({"world_size": 2, "accumulation_steps": 1}, packed) == [
+        "train.packing_scope: micro_batch -> step"
+    ]
+    assert layout_changes({"layout": packed}, packed) == []
+
+
 def test_a_truncated_checkpoint_shard_falls_back_to_the_previous_checkpoint(reference, base, tmp_path, caplog):
     """The latest checkpoint's DONE marker is intact but a shard lost its tail: resume sets it aside
     (kept, renamed), says so, resumes from the previous one and ends as the uninterrupted run."""

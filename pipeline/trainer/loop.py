@@ -293,7 +293,28 @@ class Trainer:
         if b.is_main:
             self._truncate_metrics(self.step)
             log.info("resumed from %s (step %d of %d)", latest, self.step, self.total_steps)
+            changed = layout_changes(state, self.layout())
+            if changed:
+                log.warning(
+                    "resuming %s with a different layout (%s): the steps compute the same loss and "
+                    "gradients up to floating-point rounding, but the run will not be bit-identical to "
+                    "an uninterrupted one; set these back to resume exactly",
+                    self.rd.path.name,
+                    "; ".join(changed),
+                )
         return latest
+
+    def layout(self) -> Dict[str, Any]:
+        """How the steps are laid out over processes, micro-batches and rows (runtime settings, not the
+        run's identity): recorded in each checkpoint and compared on resume (:func:`layout_changes`)."""
+        return {
+            "world_size": self.backend.world,
+            "per_device_batch_size": int(self.tc.per_device_batch_size),
+            "accumulation_steps": self.accumulation,
+            "packing": bool(self.tc.packing),
+            "packing_scope": self.tc.packing_scope if self.tc.packing else None,
+            "packing_tokens": self.packing_tokens if self.pack_step else None,
+        }
 
     def _set_aside_damaged_checkpoints(self) -> None:
         """Rank 0, before resuming: newest first, a complete checkpoint whose files do not match the
@@ -555,6 +576,7 @@ class Trainer:
                     "world_size": b.world,
                     "accumulation_steps": self.accumulation,
                     "distributed": b.mode,
+                    "layout": self.layout(),
                     "resumed_from": self.resumed_from,
                     "run_id": self.rd.path.name,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -811,3 +833,16 @@ def _versions() -> Dict[str, str]:
         "transformers": transformers.__version__,
         "pipeline": getattr(pipeline, "__version__", "?"),
     }
+
+
+def layout_changes(state: Mapping[str, Any], now: Mapping[str, Any]) -> List[str]:
+    """``key: was -> now`` for each layout setting that differs between a checkpoint's state and this
+    process. A checkpoint written before layouts were recorded has world size and accumulation
+    only; with ``train.packing`` it packed per micro-batch (``packing_scope=micro_batch``)."""
+    was = dict(state.get("layout") or {})
+    if not was:
+        was = {k: state[k] for k in ("world_size", "accumulation_steps") if k in state}
+        if now.get("packing"):
+            was.update(packing=True, packing_scope="micro_batch")
+    named = {"world_size": "processes", "accumulation_steps": "accumulation steps"}
+    return [f"{named.get(k, 'train.' + k)}: {was[k]} -> {now.get(k)}" for k in was if was[k] != now.get(k)]
