@@ -50,6 +50,21 @@ def reference(base, module_tmp):
     return run(_cfg(base, module_tmp("ref_runs")))
 
 
+def _stopped_at(cfg, stop_step: int):
+    """Train ``cfg`` until ``stop_step``, where a callback asks to stop (a checkpoint is written on the
+    way out and Preempted raised); returns the run folder."""
+    from pipeline.runs import create_run
+    from pipeline.train import Preempted, TrainerCallback, run
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, trainer, step, row):
+            return step == stop_step
+
+    with pytest.raises(Preempted):
+        run(cfg, callbacks=[Stop()])
+    return create_run(cfg)
+
+
 def _assert_same_training(rd, ref, exact=True, rtol=0.0, atol=0.0):
     got, want = rows(rd), rows(ref)
     assert [r["step"] for r in got] == list(range(1, 5)) == [r["step"] for r in want]
@@ -310,18 +325,11 @@ def test_resuming_with_another_layout_says_so_and_continues(reference, base, tmp
     """Each checkpoint records the step layout (runtime settings); resuming with another one (here
     half the micro-batch, twice the accumulation) warns that the run is no longer bit-identical and
     trains on to the uninterrupted run's losses up to rounding. The same layout resumes silently."""
-    from pipeline.runs import create_run
-    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.train import run
     from pipeline.trainer.checkpoint import checkpoint_name, read_state
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, trainer, step, row):
-            return step == 1
-
     cfg = _cfg(base, tmp_path)
-    with pytest.raises(Preempted):
-        run(cfg, callbacks=[Stop()])
-    state = read_state(create_run(cfg).checkpoints / checkpoint_name(1))
+    state = read_state(_stopped_at(cfg, 1).checkpoints / checkpoint_name(1))
     assert state["layout"] == {
         "world_size": 1,
         "per_device_batch_size": 2,
@@ -359,18 +367,11 @@ def test_layout_changes_of_checkpoints_written_before_layouts_were_recorded():
 def test_a_truncated_checkpoint_shard_falls_back_to_the_previous_checkpoint(reference, base, tmp_path, caplog):
     """The latest checkpoint's DONE marker is intact but a shard lost its tail: resume sets it aside
     (kept, renamed), says so, resumes from the previous one and ends as the uninterrupted run."""
-    from pipeline.runs import create_run
-    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.train import run
     from pipeline.trainer.checkpoint import checkpoint_name
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, trainer, step, row):
-            return step == 3  # checkpoint at 3 on the way out, beside the regular one at 2
-
     cfg = _cfg(base, tmp_path)
-    with pytest.raises(Preempted):
-        run(cfg, callbacks=[Stop()])
-    rd = create_run(cfg)
+    rd = _stopped_at(cfg, 3)  # checkpoint at 3 on the way out, beside the regular one at 2
     bad = rd.checkpoints / checkpoint_name(3)
     assert sorted(p.name for p in rd.checkpoints.iterdir()) == [checkpoint_name(2), checkpoint_name(3)]
     shard = max((p for p in (bad / "model_optim").iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
@@ -387,18 +388,11 @@ def test_a_truncated_checkpoint_shard_falls_back_to_the_previous_checkpoint(refe
 def test_a_damaged_checkpoint_with_an_old_marker_fails_with_the_hint(base, tmp_path):
     """A marker from before checksums (no file list) cannot be verified: DCP's CheckpointException
     (a BaseException) on load becomes the one-paragraph error that names the folder."""
-    from pipeline.runs import create_run
-    from pipeline.train import Preempted, TrainerCallback, run
+    from pipeline.train import run
     from pipeline.trainer.checkpoint import checkpoint_name
 
-    class Stop(TrainerCallback):
-        def on_step_end(self, trainer, step, row):
-            return step == 1
-
     cfg = _cfg(base, tmp_path)
-    with pytest.raises(Preempted):
-        run(cfg, callbacks=[Stop()])
-    bad = create_run(cfg).checkpoints / checkpoint_name(1)
+    bad = _stopped_at(cfg, 1).checkpoints / checkpoint_name(1)
     (bad / "DONE").write_text(json.dumps({"step": 1}))
     for shard in (bad / "model_optim").glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
