@@ -93,3 +93,31 @@ def tiny_tok(request, tmp_path_factory):
     cache = getattr(request.config, "cache", None)
     cache = cache.mkdir("plw_train") if cache is not None else tmp_path_factory.mktemp("plw_train")
     return AutoTokenizer.from_pretrained(str(tokenizer_dir(cache)))
+
+
+# --------------------------------------------------------------------------------------------
+# free disk, said at the end of the run (where CI's log tail shows it): a full disk shows up as
+# fixture errors in whatever test writes next
+# --------------------------------------------------------------------------------------------
+def _free_gib() -> float:
+    import shutil
+    import tempfile
+
+    return shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+
+
+def pytest_sessionstart(session):
+    session.config._plw_free_start = _free_gib()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import tempfile
+
+    start = getattr(config, "_plw_free_start", None)
+    if start is None:
+        return
+    now = _free_gib()
+    line = f"free disk in {tempfile.gettempdir()}: {start:.1f} GiB at the start, {now:.1f} GiB now"
+    if min(start, now) < 2:
+        line += " (LOW: the suite needs about 2 GiB of temporary space; errors above may be a full disk)"
+    terminalreporter.write_line(line)
