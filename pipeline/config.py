@@ -488,6 +488,10 @@ class TrainConfig:
     eval_steps: int = field(default=0, metadata=RUNTIME)  # validation every N optimizer steps (0: only at the end)
     # complete checkpoints kept in <run>/checkpoints (older ones deleted)
     save_total_limit: int = field(default=2, metadata=RUNTIME)
+    # keep the step checkpoints once the run is done (final/ written)? They hold weights and optimizer
+    # state (about 12 bytes per parameter: 2 x 84 GB for a 7B model, 10 TB over the paper's grid), and
+    # only resuming reads them: removed by default
+    keep_checkpoints: bool = field(default=False, metadata=RUNTIME)
     resume: bool = field(default=True, metadata=RUNTIME)  # resume from the latest complete checkpoint
     # tokens per chunk of the fused LM-head + loss (memory vs speed)
     loss_chunk_size: int = field(default=1024, metadata=RUNTIME)

@@ -75,6 +75,7 @@ from pipeline.lifecycle import EXIT_BUSY, PREEMPTED_EXIT_CODE, Preempted, RunBus
 from pipeline.models import load_pretrained, pretrained_dir
 from pipeline.runs import RunDir, atomic_write_text, create_run
 from pipeline.trainer.data import prepare_examples
+from pipeline.trainer import checkpoint as ckpt
 from pipeline.trainer import lora
 from pipeline.trainer.dist import Backend
 from pipeline.trainer.loop import SUMMARY_FILE, Trainer, TrainerCallback
@@ -204,6 +205,27 @@ def _finished(rd: RunDir) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _drop_checkpoints(rd: RunDir, keep: bool) -> None:
+    """A done run's step checkpoints (weights + optimizer state, read only to resume) are removed unless
+    ``train.keep_checkpoints``; checkpoints moved aside as damaged stay. Never fails the run."""
+    if keep or not rd.checkpoints.is_dir():
+        return
+    found = ckpt.complete_checkpoints(rd.checkpoints)
+    size = sum(f.stat().st_size for p in found for f in p.rglob("*") if f.is_file())
+    try:
+        gone = ckpt.prune(rd.checkpoints, 0) + ckpt.remove_debris(rd.checkpoints)
+    except OSError as e:
+        log.warning("run %s is done, but its checkpoints could not be removed: %s", rd.path.name, e)
+        return
+    if gone:
+        log.info(
+            "run %s is done: removed its checkpoints %s (%.1f MB; train.keep_checkpoints=true keeps them)",
+            rd.path.name,
+            ", ".join(sorted(gone)),
+            size / 1e6,
+        )
+
+
 def run(
     cfg: DictConfig, variant: str = "none", callbacks: Sequence[TrainerCallback] = (), typed: Optional[Config] = None
 ) -> RunDir:
@@ -229,12 +251,14 @@ def run(
         done = _finished(rd)
         if done is not None:
             lifecycle.mark_done(rd, done)
+            _drop_checkpoints(rd, typed.train.keep_checkpoints)
             return rd
         try:
             summary = lifecycle.execute(rd, work)
         except Preempted as e:
             log.warning("%s", e)
             raise
+        _drop_checkpoints(rd, typed.train.keep_checkpoints)
     loss = summary.get("final_loss")
     log.info(
         "run %s done: %d steps, final loss %s -> %s",

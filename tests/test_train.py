@@ -102,6 +102,7 @@ def test_run_writes_metrics_model_summary_and_status(reference, base):
     rd = reference
     st = rd.status()
     assert st["state"] == "done" and st["attempts"] == 1 and st["steps"] == 4
+    assert list(rd.checkpoints.iterdir()) == []  # done: the step checkpoints are removed (keep_checkpoints)
     train = rows(rd)
     assert [r["step"] for r in train] == list(range(1, 5))
     for r in train:
@@ -345,6 +346,20 @@ def test_resuming_with_another_layout_says_so_and_continues(reference, base, tmp
     assert "processes" not in msg and "packing" not in msg
     assert summary(rd)["resumed_from"] == [1]
     _assert_same_training(rd, reference, exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_keep_checkpoints_keeps_a_done_runs_checkpoints(base, tmp_path, caplog):
+    """train.keep_checkpoints=true: the run's checkpoints stay after it is done
+    (by default they go: see the reference run); a rerun of the done run leaves them alone."""
+    from pipeline.train import run
+    from pipeline.trainer.checkpoint import checkpoint_name, complete_checkpoints
+
+    rd = run(_cfg(base, tmp_path, "train.keep_checkpoints=true"))
+    assert [p.name for p in complete_checkpoints(rd.checkpoints)] == [checkpoint_name(2)]  # the end saves final/
+    with caplog.at_level("INFO", logger="pipeline.train"):
+        assert run(_cfg(base, tmp_path)).path == rd.path  # a runtime setting: the same run, done
+    assert "nothing to do" in caplog.text
+    assert len(complete_checkpoints(rd.checkpoints)) == 1
 
 
 def test_layout_changes_of_checkpoints_written_before_layouts_were_recorded():
