@@ -428,6 +428,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except RunBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
+    except ckpt.StorageFull as e:  # not a bug: one line (status.json keeps the traceback)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # status.json keeps the traceback too
         log.error("run failed", exc_info=True)
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -362,6 +362,93 @@ def test_keep_checkpoints_keeps_a_done_runs_checkpoints(base, tmp_path, caplog):
     assert len(complete_checkpoints(rd.checkpoints)) == 1
 
 
+def test_a_full_disk_while_checkpointing_is_one_clear_error_and_the_rerun_is_exact(
+    reference, base, tmp_path, monkeypatch
+):
+    """ENOSPC while writing checkpoint 2: the partial folder is removed, the run fails with one line
+    naming the checkpoint, the free space and where a rerun starts; the metrics so far stay; the rerun
+    (disk freed) ends as the uninterrupted run, bit for bit."""
+    import errno
+
+    from pipeline.runs import create_run
+    from pipeline.train import run
+    from pipeline.trainer.checkpoint import StorageFull
+
+    real_save = torch.save
+
+    def full(obj, f, *a, **k):
+        if "rng" in str(f):
+            real_save(obj, f, *a, **k)  # a partial file, as a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *a, **k)
+
+    cfg = _cfg(base, tmp_path)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(StorageFull) as e:
+        run(cfg)
+    monkeypatch.setattr(torch, "save", real_save)
+    msg = str(e.value)
+    assert "\n" not in msg and "checkpoint step-00000002" in msg and "GB free there now" in msg, msg
+    assert "it starts over (no checkpoint yet)" in msg
+    rd = create_run(cfg)
+    assert list(rd.checkpoints.iterdir()) == []  # the partial checkpoint is gone
+    st = rd.status()
+    assert st["state"] == "failed" and st["error"].splitlines()[0] == f"StorageFull: {msg}"
+    assert [r["step"] for r in rows(rd)] == [1, 2]  # what was computed is kept
+    run(cfg)
+    _assert_same_training(rd, reference, exact=True)
+
+
+def test_a_full_disk_while_saving_the_final_model_resumes_from_the_last_checkpoint(
+    reference, base, tmp_path, monkeypatch
+):
+    import errno
+
+    from pipeline.runs import create_run
+    from pipeline.train import run
+    from pipeline.trainer import loop
+    from pipeline.trainer.checkpoint import StorageFull
+
+    def full(lm, tokenizer, sd, folder, dtype, extras=None):
+        partial = folder.with_name(f".{folder.name}.tmp")
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    cfg = _cfg(base, tmp_path)
+    monkeypatch.setattr(loop, "save_final", full)
+    with pytest.raises(StorageFull, match="while writing the final model .* it resumes from step-00000002"):
+        run(cfg)
+    monkeypatch.undo()
+    rd = create_run(cfg)
+    assert not rd.final.exists() and not rd.final.with_name(".final.tmp").exists()
+    run(cfg)
+    assert summary(rd)["resumed_from"] == [2]
+    _assert_same_training(rd, reference, exact=True)
+
+
+def test_storage_full_is_told_apart_from_other_errors():
+    import errno
+
+    from pipeline.trainer.checkpoint import is_storage_full
+
+    assert is_storage_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_storage_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_storage_full(OSError(errno.ENOENT, "No such file"))
+    assert not is_storage_full(ValueError("no space left"))  # the errno decides, not the words
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("writing failed") from inner
+    except RuntimeError as outer:
+        assert is_storage_full(outer)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    assert is_storage_full(CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "full"), None)}))
+    assert not is_storage_full(CheckpointException("save failed", {0: (KeyError("x"), None)}))
+
+
 def test_layout_changes_of_checkpoints_written_before_layouts_were_recorded():
     from pipeline.trainer.loop import layout_changes
 

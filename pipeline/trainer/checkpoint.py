@@ -32,13 +32,15 @@ still accepted (its sizes, where recorded, are checked).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from pipeline.atomic_dir import DONE, is_complete, publish
 
@@ -201,3 +203,52 @@ def move_aside(path: Path) -> Path:
         target = path.with_name(f"{DAMAGED_PREFIX}{path.name}-{n}")
     os.rename(path, target)
     return target
+
+
+# --------------------------------------------------------------------------------------------
+# a full disk (or an exceeded quota) while writing
+# --------------------------------------------------------------------------------------------
+class StorageFull(RuntimeError):
+    """The device (or the user's quota) filled up while the run wrote a checkpoint or its final model;
+    the partial write was removed and the message says how to go on."""
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """``exc`` (or what caused it, or a failure inside DCP's CheckpointException) is ENOSPC / EDQUOT."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+@contextlib.contextmanager
+def storage_full_is_clear(what: str, partial: Path, resume: str) -> Iterator[None]:
+    """Writing ``what`` into ``partial``: a full disk or quota becomes :class:`StorageFull` (one line
+    naming the folder, the free space once ``partial`` is removed, and ``resume``: where a rerun
+    starts); any other error passes unchanged."""
+    try:
+        yield
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if not is_storage_full(e):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        where = next((p for p in [Path(partial), *Path(partial).parents] if p.exists()), Path("/"))
+        free = shutil.disk_usage(where).free / 1e9
+        raise StorageFull(
+            f"no space left on the device (or the disk quota is exceeded) while writing {what} in "
+            f"{Path(partial).parent} ({free:.1f} GB free there now, the partial write removed); free some "
+            f"space (or lower train.save_total_limit) and run it again: {resume}"
+        ) from e

@@ -562,30 +562,34 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         b.barrier()
-        b.save(tmp, self.model, self.optimizer, self.scheduler, trainable_only=self.peft_model is not None)
-        if b.is_main and self.peft_model is not None:  # LoRA: the adapter alone, loadable with peft
-            self.peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
-        if b.is_main:
-            atomic_write_json(
-                tmp / ckpt.STATE_FILE,
-                {
-                    "step": step,
-                    "total_steps": self.total_steps,
-                    "counters": self.counters,
-                    "epoch": step_epoch(step, self.n_train, self.global_batch),
-                    "world_size": b.world,
-                    "accumulation_steps": self.accumulation,
-                    "distributed": b.mode,
-                    "layout": self.layout(),
-                    "resumed_from": self.resumed_from,
-                    "run_id": self.rd.path.name,
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                },
-            )
+        latest = ckpt.latest_checkpoint(self.rd.checkpoints)
+        resume = f"it resumes from {latest.name}" if latest is not None else "it starts over (no checkpoint yet)"
+        with ckpt.storage_full_is_clear(f"checkpoint {ckpt.checkpoint_name(step)}", tmp, resume):
+            b.save(tmp, self.model, self.optimizer, self.scheduler, trainable_only=self.peft_model is not None)
+            if b.is_main and self.peft_model is not None:  # LoRA: the adapter alone, loadable with peft
+                self.peft_model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
+            if b.is_main:
+                atomic_write_json(
+                    tmp / ckpt.STATE_FILE,
+                    {
+                        "step": step,
+                        "total_steps": self.total_steps,
+                        "counters": self.counters,
+                        "epoch": step_epoch(step, self.n_train, self.global_batch),
+                        "world_size": b.world,
+                        "accumulation_steps": self.accumulation,
+                        "distributed": b.mode,
+                        "layout": self.layout(),
+                        "resumed_from": self.resumed_from,
+                        "run_id": self.rd.path.name,
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
         b.barrier()
         final = self.rd.checkpoints / ckpt.checkpoint_name(step)
         if b.is_main:
-            final = ckpt.commit(tmp, step)
+            with ckpt.storage_full_is_clear(f"checkpoint {ckpt.checkpoint_name(step)}", tmp, resume):
+                final = ckpt.commit(tmp, step)
             ckpt.prune(self.rd.checkpoints, self.tc.save_total_limit)
             log.info("checkpoint %s", final)
         b.barrier()
@@ -727,11 +731,15 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         del ref
         for k, v in getattr(self, "_orig_config", {}).items():
             setattr(self.lm.config, k, v)
-        if self.peft_model is not None and not self.tc.peft.merge:  # final/ = the adapter (+ tokenizer)
-            final = lora.save_adapter_final(adapter_tmp, self.tokenizer, self.rd.final)
-        else:
-            extras = {"adapter": adapter_tmp} if self.peft_model is not None else {}
-            final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype, extras)
+        latest = ckpt.latest_checkpoint(self.rd.checkpoints)
+        resume = f"it resumes from {latest.name}" if latest is not None else "it starts over (no checkpoint)"
+        partial = self.rd.final.with_name(f".{self.rd.final.name}.tmp")  # save_final's and swap_in's
+        with ckpt.storage_full_is_clear("the final model", partial, resume):
+            if self.peft_model is not None and not self.tc.peft.merge:  # final/ = the adapter (+ tokenizer)
+                final = lora.save_adapter_final(adapter_tmp, self.tokenizer, self.rd.final)
+            else:
+                extras = {"adapter": adapter_tmp} if self.peft_model is not None else {}
+                final = save_final(self.lm, self.tokenizer, sd, self.rd.final, save_dtype, extras)
         rows = [r for r in read_jsonl(self.rd.metrics) if r.get("kind") == "train"]
         # the last step that trained (a skipped step has no loss)
         last = next((r for r in reversed(rows) if r.get("loss") is not None), {})
