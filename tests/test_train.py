@@ -427,6 +427,19 @@ def test_a_full_disk_while_saving_the_final_model_resumes_from_the_last_checkpoi
     _assert_same_training(rd, reference, exact=True)
 
 
+def test_the_command_says_a_full_disk_in_one_line(base, tmp_path, monkeypatch, capsys):
+    from pipeline import train
+    from pipeline.trainer.checkpoint import StorageFull
+
+    def full(*a, **k):
+        raise StorageFull("no space left on the device while writing checkpoint step-00000002 in /x")
+
+    monkeypatch.setattr(train, "run", full)
+    assert train.main(overrides(base, tmp_path)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "error: no space left on the device while writing checkpoint step-00000002 in /x"
+
+
 def test_storage_full_is_told_apart_from_other_errors():
     import errno
 
