@@ -84,6 +84,12 @@ def publish(tmp: Path, final: Path, done: Done, replace: bool = False) -> bool:
     return True
 
 
+def staging(final: Path) -> Path:
+    """Where a folder swapped in by :func:`swap_in` is written first: ``.<name>.tmp`` beside it."""
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp")
+
+
 def swap_in(tmp: Path, final: Path) -> Path:
     """Rename the finished folder ``tmp`` to ``final`` without a ``DONE`` marker (a run's
     ``final/`` model folder): an existing ``final`` is first renamed aside and deleted after, so

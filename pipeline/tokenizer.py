@@ -123,7 +123,7 @@ def _forget_vocab_file(tok) -> None:
     tokenizer could not read it) and the bulk of a tiny run's disk. The fast tokenizer is complete
     without it.
     """
-    if getattr(tok, "vocab_file", None) is not None:
+    if hasattr(tok, "vocab_file"):
         tok.vocab_file = None
     tok.init_kwargs.pop("vocab_file", None)
 

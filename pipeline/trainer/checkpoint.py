@@ -234,6 +234,12 @@ def is_storage_full(exc: BaseException) -> bool:
     return False
 
 
+def resume_hint(ckpt_dir: Path) -> str:
+    """Where a rerun would start, as a message ends: the latest complete checkpoint, or over."""
+    latest = latest_checkpoint(ckpt_dir)
+    return f"it resumes from {latest.name}" if latest is not None else "it starts over (no checkpoint yet)"
+
+
 @contextlib.contextmanager
 def storage_full_is_clear(what: str, partial: Path, resume: str) -> Iterator[None]:
     """Writing ``what`` into ``partial``: a full disk or quota becomes :class:`StorageFull` (one line

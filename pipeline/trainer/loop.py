@@ -77,7 +77,7 @@ except ImportError:  # a torch build without torch.distributed
 
 
 import pipeline
-from pipeline.atomic_dir import swap_in
+from pipeline.atomic_dir import staging, swap_in
 from pipeline.config import Config, validate
 from pipeline.lifecycle import PREEMPTED_EXIT_CODE, Preempted
 from pipeline.loss import WeightedLossModel, step_normalisers
@@ -562,8 +562,7 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         b.barrier()
-        latest = ckpt.latest_checkpoint(self.rd.checkpoints)
-        resume = f"it resumes from {latest.name}" if latest is not None else "it starts over (no checkpoint yet)"
+        resume = ckpt.resume_hint(self.rd.checkpoints)
         with ckpt.storage_full_is_clear(f"checkpoint {ckpt.checkpoint_name(step)}", tmp, resume):
             b.save(tmp, self.model, self.optimizer, self.scheduler, trainable_only=self.peft_model is not None)
             if b.is_main and self.peft_model is not None:  # LoRA: the adapter alone, loadable with peft
@@ -731,10 +730,8 @@ def _finalize(self: Trainer, data_summary: Mapping[str, Any], variant: str = "no
         del ref
         for k, v in getattr(self, "_orig_config", {}).items():
             setattr(self.lm.config, k, v)
-        latest = ckpt.latest_checkpoint(self.rd.checkpoints)
-        resume = f"it resumes from {latest.name}" if latest is not None else "it starts over (no checkpoint)"
-        partial = self.rd.final.with_name(f".{self.rd.final.name}.tmp")  # save_final's and swap_in's
-        with ckpt.storage_full_is_clear("the final model", partial, resume):
+        resume = ckpt.resume_hint(self.rd.checkpoints)
+        with ckpt.storage_full_is_clear("the final model", staging(self.rd.final), resume):
             if self.peft_model is not None and not self.tc.peft.merge:  # final/ = the adapter (+ tokenizer)
                 final = lora.save_adapter_final(adapter_tmp, self.tokenizer, self.rd.final)
             else:
@@ -819,7 +816,7 @@ def save_final(
     """``save_pretrained`` (safetensors) + tokenizer into ``folder`` via a temporary folder and rename;
     ``extras`` (name -> folder) are moved in before the rename (e.g. a LoRA run's ``adapter``)."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     sd = {k: v.to(dtype) for k, v in state_dict.items()}
     lm.config.dtype = dtype  # recorded in config.json (transformers >= 4.56 name; was torch_dtype)

@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.atomic_dir import swap_in
+from pipeline.atomic_dir import staging, swap_in
 from pipeline.config import ConfigError, PeftConfig
 from pipeline.models import load_pretrained
 
@@ -127,7 +127,7 @@ def save_adapter_final(adapter_dir: Path, tokenizer, folder: Path) -> Path:
     """``folder`` = the adapter saved by :func:`finish` and the tokenizer, through a temporary
     folder and a rename (an earlier ``folder`` is replaced)."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
+    tmp = staging(folder)
     shutil.rmtree(tmp, ignore_errors=True)
     os.rename(adapter_dir, tmp)
     tokenizer.save_pretrained(str(tmp))
